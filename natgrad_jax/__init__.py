@@ -1,0 +1,38 @@
+"""natgrad_jax: natural gradient descent for JAX and optax.
+
+Fisher information matrices of probabilistic models (exact, Monte-Carlo, empirical,
+matrix-free) and optax transforms that precondition gradients by the damped inverse
+Fisher.
+"""
+
+from natgrad_jax._fisher import empirical_fisher as empirical_fisher
+from natgrad_jax._fisher import fisher as fisher
+from natgrad_jax._fisher import fisher_hessian as fisher_hessian
+from natgrad_jax._fisher import fisher_vector_product as fisher_vector_product
+from natgrad_jax._fisher import kl_divergence as kl_divergence
+from natgrad_jax._fisher import monte_carlo_fisher as monte_carlo_fisher
+from natgrad_jax._fisher import per_example_scores as per_example_scores
+from natgrad_jax._likelihoods import Bernoulli as Bernoulli
+from natgrad_jax._likelihoods import Categorical as Categorical
+from natgrad_jax._likelihoods import Gaussian as Gaussian
+from natgrad_jax._likelihoods import Likelihood as Likelihood
+from natgrad_jax._likelihoods import Poisson as Poisson
+from natgrad_jax._model import Model as Model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bernoulli",
+    "Categorical",
+    "Gaussian",
+    "Likelihood",
+    "Model",
+    "Poisson",
+    "empirical_fisher",
+    "fisher",
+    "fisher_hessian",
+    "fisher_vector_product",
+    "kl_divergence",
+    "monte_carlo_fisher",
+    "per_example_scores",
+]

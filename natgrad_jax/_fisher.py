@@ -1,0 +1,373 @@
+r"""Fisher information matrices of a ``Model``: dense, per-example and matrix-free.
+
+Every Fisher here is the **mean over the examples of a batch** (it matches the loss
+``model.nll``, the mean negative log-likelihood) and dense matrices are laid out in
+``jax.flatten_util.ravel_pytree(params)`` order. Three matrices are named apart:
+
+* exact Fisher  F = 1/N Σᵢ E_{y~p(·|xᵢ,θ)}[sᵢ sᵢᵀ] = 1/N Σᵢ Jᵢᵀ F_out(xᵢ) Jᵢ,
+* Monte-Carlo Fisher: the same expectation estimated with labels sampled from the
+  model (an unbiased estimate of the exact one),
+* empirical Fisher 1/N Σᵢ sᵢ sᵢᵀ with the labels of the data — a different matrix
+  (Kunstner, Hennig & Balles 2019), not an approximation of the exact one,
+
+where sᵢ = ∇θ log p(yᵢ | xᵢ, θ) is the score of example i.
+
+All three are written as F = SᵀS / N for a matrix S of "score rows" (``score_rows``),
+which is what dense, low-rank and factorised representations are built from.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from natgrad_jax._model import Model, check_model, per_example_sum
+
+PyTree = Any
+FisherKind = Literal["exact", "monte_carlo", "empirical"]
+FISHER_KINDS: tuple[str, ...] = ("exact", "monte_carlo", "empirical")
+
+
+def batch_size(inputs: PyTree) -> int:
+    """The number of examples N: the common leading axis of every leaf of ``inputs``."""
+    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(inputs)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "inputs must be a batch: every leaf needs the same leading (example) axis, got "
+            f"leading sizes {sorted(map(str, sizes))}."
+        )
+    return sizes.pop()
+
+
+def check_same_batch(inputs: PyTree, targets: PyTree) -> int:
+    """N, after checking that ``inputs`` and ``targets`` hold the same number of examples."""
+    num_inputs, num_targets = batch_size(inputs), batch_size(targets)
+    if num_inputs != num_targets:
+        raise ValueError(
+            f"inputs hold {num_inputs} examples but targets hold {num_targets}: pass one "
+            "target per example (the leading axis of both is the batch)."
+        )
+    return num_inputs
+
+
+def check_num_samples(num_samples: Any) -> int:
+    """Returns ``num_samples`` as a Python int ≥ 1, or raises a ValueError saying why."""
+    try:
+        value = operator.index(num_samples)
+    except TypeError:
+        raise ValueError(
+            f"num_samples must be a Python int ≥ 1 (it fixes array shapes), got "
+            f"{num_samples!r}; with optax.inject_hyperparams list it in static_args."
+        ) from None
+    if value < 1:
+        raise ValueError(f"num_samples must be ≥ 1, got {value}.")
+    return value
+
+
+def _map_examples(fn, *batches):
+    """vmap ``fn`` over the examples of ``batches``, each example kept as a batch of one."""
+    return jax.vmap(lambda *example: fn(*jax.tree.map(lambda a: a[None], example)))(*batches)
+
+
+def per_example_scores(model: Model, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
+    r"""Per-example scores sᵢ = ∇θ log p(yᵢ | xᵢ, θ), as an (N, P) matrix.
+
+    Rows are in ``ravel_pytree(params)`` order; computed with ``jax.vmap`` of
+    ``jax.grad`` over the examples. Note the sign: this is the gradient of the
+    log-likelihood, so the mean of the rows is −∇ ``model.nll``.
+
+    Args:
+      model: the ``Model``.
+      params: the parameter pytree θ.
+      inputs: a batch of N inputs (pytree with leading axis N).
+      targets: the N targets yᵢ.
+
+    Returns:
+      An (N, P) array.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+      >>> x, y = jnp.array([[1.0], [2.0]]), jnp.array([[1.0], [1.0]])
+      >>> ng.per_example_scores(model, jnp.zeros((1, 1)), x, y)   # xᵢ (yᵢ − 0)
+      Array([[1.],
+             [2.]], dtype=float32)
+    """
+    model = check_model(model)
+    check_same_batch(inputs, targets)
+    flat, unravel = ravel_pytree(params)
+
+    def score(x, y):
+        return jax.grad(lambda f: model.log_likelihood(unravel(f), x, y)[0])(flat)
+
+    return _map_examples(score, inputs, targets)
+
+
+def _exact_score_rows(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
+    """Rows Jᵢᵀ c_{i,r} with F_out(xᵢ) = Σ_r c_{i,r} c_{i,r}ᵀ; shape (N·R, P)."""
+    flat, unravel = ravel_pytree(params)
+
+    def rows(x):
+        outputs, pullback = jax.vjp(lambda f: model.apply_fn(unravel(f), x), flat)
+        cotangents = model.likelihood.fisher_sqrt(outputs)
+        return jax.vmap(lambda c: pullback(c)[0])(cotangents)
+
+    per_example = _map_examples(rows, inputs)  # (N, R, P)
+    return per_example.reshape(-1, flat.shape[0])
+
+
+def sample_targets(model: Model, params: PyTree, inputs: PyTree, key: jax.Array, num_samples: int):
+    """``num_samples`` draws of the targets from the model's predictive distribution."""
+    outputs = jax.lax.stop_gradient(model.apply_fn(params, inputs))
+    keys = jax.random.split(key, num_samples)
+    return jax.vmap(lambda k: model.likelihood.sample(k, outputs))(keys)
+
+
+def _monte_carlo_score_rows(model, params, inputs, key, num_samples):
+    """Scores at sampled labels, scaled by 1/√S so that SᵀS/N is the MC mean."""
+    sampled = sample_targets(model, params, inputs, key, num_samples)
+    scores = jax.vmap(lambda y: per_example_scores(model, params, inputs, y))(sampled)
+    return scores.reshape(-1, scores.shape[-1]) / jnp.sqrt(jnp.asarray(num_samples, scores.dtype))
+
+
+def score_rows(
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    kind: FisherKind = "exact",
+    targets: PyTree | None = None,
+    key: jax.Array | None = None,
+    num_samples: int = 1,
+) -> jax.Array:
+    r"""A matrix S of score rows with F = SᵀS / N for the Fisher named by ``kind``.
+
+    * ``"exact"``: N·R rows Jᵢᵀ c_{i,r}, the square root of the output Fisher pulled
+      back through the network (R = rows of ``likelihood.fisher_sqrt``);
+    * ``"monte_carlo"``: N·S rows sᵢ(ỹ)/√S at labels ỹ sampled from the model;
+    * ``"empirical"``: the N rows sᵢ of ``per_example_scores`` at the data's targets.
+    """
+    if kind == "exact":
+        return _exact_score_rows(model, params, inputs)
+    if kind == "monte_carlo":
+        if key is None:
+            raise ValueError("The Monte-Carlo Fisher needs a PRNG key: pass key=...")
+        return _monte_carlo_score_rows(model, params, inputs, key, check_num_samples(num_samples))
+    if kind == "empirical":
+        if targets is None:
+            raise ValueError(
+                "The empirical Fisher uses the data's labels: pass targets=... "
+                '(or use fisher="exact" or "monte_carlo", which need none).'
+            )
+        return per_example_scores(model, params, inputs, targets)
+    raise ValueError(f"Unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
+
+
+def _gram(rows: jax.Array, num_examples: int) -> jax.Array:
+    return rows.T @ rows / num_examples
+
+
+def fisher(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
+    r"""The exact Fisher information matrix, (P, P), mean over the batch.
+
+    .. math::
+      F = \frac1N \sum_i J_i^\top F_{\text{out}}(x_i) J_i,
+      \qquad J_i = \partial \text{outputs}(x_i) / \partial θ,
+
+    the generalised Gauss–Newton form, equal to E_{y~p}[s sᵀ] for every likelihood here
+    (each is an exponential family in its outputs). Computed from per-example pullbacks
+    of the square root of the output Fisher, without forming Jᵢ.
+
+    Args:
+      model: the ``Model``.
+      params: the parameter pytree θ.
+      inputs: a batch of N inputs.
+
+    Returns:
+      A symmetric positive semi-definite (P, P) array in ``ravel_pytree`` order.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=2.0))
+      >>> x = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+      >>> ng.fisher(model, jnp.zeros((2, 1)), x)          # XᵀX / (N σ²)
+      Array([[0.25 , 0.125],
+             [0.125, 0.125]], dtype=float32)
+
+    References:
+      Amari, 1998, Natural gradient works efficiently in learning.
+      Martens, 2020, New insights and perspectives on the natural gradient method.
+    """
+    model = check_model(model)
+    num_examples = batch_size(inputs)
+    return _gram(_exact_score_rows(model, params, inputs), num_examples)
+
+
+def fisher_hessian(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
+    r"""The exact Fisher as ``jax.hessian`` of the expected negative log-likelihood.
+
+    .. math::
+      F(θ) = ∇²_{θ'} \frac1N \sum_i \mathbb E_{y\sim p(\cdot|x_i,θ)}
+      [-\log p(y | x_i, θ')] \Big|_{θ'=θ}
+      = ∇²_{θ'} \frac1N \sum_i \mathrm{KL}(p_θ(\cdot|x_i) \,\|\, p_{θ'}(\cdot|x_i))\Big|_{θ'=θ},
+
+    the expectation taken under the fixed (stop-gradient) predictive distribution. The
+    cross-entropy and the KL differ by the entropy of p_θ, which does not depend on θ',
+    so the closed-form ``likelihood.kl`` is differentiated. An independent route to the
+    matrix of ``fisher`` (costlier: use it for checks and small models).
+
+    Args:
+      model: the ``Model``.
+      params: the parameter pytree θ.
+      inputs: a batch of N inputs.
+
+    Returns:
+      A (P, P) array in ``ravel_pytree`` order.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+      >>> ng.fisher_hessian(model, jnp.zeros(1), jnp.ones((3, 1)))   # σ(0)(1−σ(0))
+      Array([[0.25]], dtype=float32)
+    """
+    model = check_model(model)
+    batch_size(inputs)
+    flat, unravel = ravel_pytree(params)
+    fixed = jax.lax.stop_gradient(params)
+    return jax.hessian(lambda f: kl_divergence(model, fixed, unravel(f), inputs))(flat)
+
+
+def monte_carlo_fisher(
+    model: Model, params: PyTree, inputs: PyTree, key: jax.Array, num_samples: int = 1
+) -> jax.Array:
+    r"""Monte-Carlo estimate of the exact Fisher from labels sampled from the model.
+
+    .. math::
+      \hat F = \frac1{NS} \sum_i \sum_{s=1}^S s_i(\tilde y_{is}) s_i(\tilde y_{is})^\top,
+      \qquad \tilde y_{is} \sim p(\cdot | x_i, θ),
+
+    an unbiased estimate of ``fisher`` (rank ≤ N·S). Deterministic given ``key``.
+
+    Args:
+      model: the ``Model``.
+      params: the parameter pytree θ.
+      inputs: a batch of N inputs.
+      key: a ``jax.random`` key for the sampled labels.
+      num_samples: S, labels drawn per example (a Python int ≥ 1).
+
+    Returns:
+      A (P, P) array in ``ravel_pytree`` order.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+      >>> f = ng.monte_carlo_fisher(model, jnp.zeros((1, 1)), jnp.ones((4, 1)),
+      ...                           jax.random.key(0), num_samples=2)
+      >>> f.shape
+      (1, 1)
+    """
+    model = check_model(model)
+    num_examples = batch_size(inputs)
+    rows = score_rows(model, params, inputs, kind="monte_carlo", key=key, num_samples=num_samples)
+    return _gram(rows, num_examples)
+
+
+def empirical_fisher(model: Model, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
+    r"""The empirical Fisher 1/N Σᵢ sᵢ sᵢᵀ, scores at the data's own labels.
+
+    Not an estimate of the exact Fisher: away from a well-specified optimum the two
+    differ, and preconditioning by the empirical one can distort the step badly
+    (Kunstner, Hennig & Balles 2019). Named apart for that reason.
+
+    Args:
+      model: the ``Model``.
+      params: the parameter pytree θ.
+      inputs: a batch of N inputs.
+      targets: the N observed targets.
+
+    Returns:
+      A (P, P) array in ``ravel_pytree`` order.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+      >>> x, y = jnp.array([[1.0], [2.0]]), jnp.array([[1.0], [1.0]])
+      >>> ng.empirical_fisher(model, jnp.zeros((1, 1)), x, y)   # (1² + 2²) / 2
+      Array([[2.5]], dtype=float32)
+
+    References:
+      Kunstner, Hennig & Balles, 2019, Limitations of the empirical Fisher approximation
+      for natural gradient descent.
+    """
+    model = check_model(model)
+    num_examples = batch_size(inputs)
+    return _gram(per_example_scores(model, params, inputs, targets), num_examples)
+
+
+def fisher_vector_product(model: Model, params: PyTree, inputs: PyTree, vector: PyTree) -> PyTree:
+    r"""The exact Fisher times a vector, matrix-free: F v = 1/N Jᵀ F_out J v.
+
+    One ``jax.linearize`` of ``apply_fn`` (the J v), the output Fisher applied per
+    example, and the transpose of the linearisation (the Jᵀ); no P×P matrix is formed.
+
+    Args:
+      model: the ``Model``.
+      params: the parameter pytree θ.
+      inputs: a batch of N inputs.
+      vector: a pytree with the structure of ``params``.
+
+    Returns:
+      F v as a pytree with the structure of ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+      >>> x = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+      >>> v = jnp.array([[1.0], [0.0]])
+      >>> ng.fisher_vector_product(model, jnp.zeros((2, 1)), x, v)     # XᵀX v / N
+      Array([[1. ],
+             [0.5]], dtype=float32)
+    """
+    model = check_model(model)
+    num_examples = batch_size(inputs)
+    outputs, forward = jax.linearize(lambda p: model.apply_fn(p, inputs), params)
+    backward = jax.linear_transpose(forward, params)
+    cotangents = model.likelihood.fisher_product(outputs, forward(vector))
+    (product,) = backward(cotangents)
+    return jax.tree.map(lambda leaf: leaf / num_examples, product)
+
+
+def kl_divergence(model: Model, params_p: PyTree, params_q: PyTree, inputs: PyTree) -> jax.Array:
+    r"""Mean KL divergence between the model's predictions at two parameters.
+
+    .. math::
+      \frac1N \sum_i \mathrm{KL}\big(p(\cdot|x_i,θ_p) \,\|\, p(\cdot|x_i,θ_q)\big)
+      = \tfrac12 δ^\top F(θ_p) δ + O(\|δ\|^3), \quad δ = θ_q - θ_p,
+
+    in closed form from ``likelihood.kl``.
+
+    Args:
+      model: the ``Model``.
+      params_p: parameters of the first distribution.
+      params_q: parameters of the second distribution.
+      inputs: a batch of N inputs.
+
+    Returns:
+      A scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+      >>> w_p, w_q = jnp.zeros((1, 1)), jnp.ones((1, 1))
+      >>> float(ng.kl_divergence(model, w_p, w_q, jnp.ones((3, 1))))   # (1 − 0)² / 2
+      0.5
+    """
+    model = check_model(model)
+    batch_size(inputs)
+    outputs_p = model.apply_fn(params_p, inputs)
+    outputs_q = model.apply_fn(params_q, inputs)
+    return jnp.mean(per_example_sum(model.likelihood.kl(outputs_p, outputs_q)))

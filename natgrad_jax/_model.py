@@ -1,0 +1,84 @@
+"""A probabilistic model: a network's ``apply_fn`` followed by a likelihood."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from natgrad_jax._likelihoods import Likelihood
+
+PyTree = Any
+
+
+def per_example_sum(values: jax.Array) -> jax.Array:
+    """Sums every axis after the first: one number per example of the batch.
+
+    The batch of a model is the leading axis of ``inputs``. A likelihood may describe
+    several distributions per example (a sequence of tokens, a multi-label target);
+    their log-likelihoods add up to the example's.
+    """
+    if jnp.ndim(values) == 0:
+        raise ValueError(
+            "The likelihood returned a scalar: outputs need a leading batch axis "
+            "(apply_fn maps a batch of inputs to a batch of outputs)."
+        )
+    return jnp.sum(jnp.reshape(values, (values.shape[0], -1)), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """p(y | x, θ): ``apply_fn(params, inputs)`` gives the outputs of ``likelihood``.
+
+    ``apply_fn`` maps a batch of inputs (leading axis N, any pytree) to a batch of
+    outputs. Models are immutable and hashable, so they can be static arguments of
+    ``jax.jit`` and ``optax.inject_hyperparams`` (``static_args=("model",)``).
+
+    Example:
+        >>> import jax.numpy as jnp, natgrad_jax as ng
+        >>> model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())   # logistic regression
+        >>> x, y = jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.array([1.0, 0.0])
+        >>> float(model.nll(jnp.zeros(2), x, y))                    # log 2
+        0.6931471...
+    """
+
+    apply_fn: Callable[[PyTree, PyTree], PyTree]
+    likelihood: Likelihood
+
+    def __post_init__(self):
+        if not callable(self.apply_fn):
+            raise TypeError(
+                f"Model's apply_fn must be callable as apply_fn(params, inputs), got "
+                f"{type(self.apply_fn).__name__}."
+            )
+        if not isinstance(self.likelihood, Likelihood):
+            raise TypeError(
+                "Model's likelihood must be a natgrad_jax likelihood such as "
+                f"ng.Categorical() or ng.Gaussian(scale=1.0), got {self.likelihood!r}."
+            )
+
+    def apply(self, params: PyTree, inputs: PyTree) -> PyTree:
+        """The likelihood's outputs for a batch of inputs."""
+        return self.apply_fn(params, inputs)
+
+    def log_likelihood(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
+        """Per-example log p(targets_i | inputs_i, params), shape (N,)."""
+        outputs = self.apply_fn(params, inputs)
+        return per_example_sum(self.likelihood.log_prob(outputs, targets))
+
+    def nll(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
+        """The mean negative log-likelihood over the batch: the usual training loss."""
+        return -jnp.mean(self.log_likelihood(params, inputs, targets))
+
+
+def check_model(model: Any) -> Model:
+    """Returns ``model`` if it is a ``Model``; raises a TypeError naming the fix otherwise."""
+    if not isinstance(model, Model):
+        raise TypeError(
+            f"Expected a natgrad_jax Model, got {type(model).__name__}; wrap your network "
+            "as ng.Model(apply_fn, likelihood)."
+        )
+    return model

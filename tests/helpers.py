@@ -1,0 +1,72 @@
+"""Small models shared by the tests, written as plain JAX pytrees."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+
+
+def init_mlp(key, sizes, dtype=jnp.float64):
+    """Parameters of a tanh MLP as a list of {"w", "b"} dicts."""
+    params = []
+    keys = jax.random.split(key, len(sizes) - 1)
+    for k, (fan_in, fan_out) in zip(keys, itertools.pairwise(sizes), strict=True):
+        w = jax.random.normal(k, (fan_in, fan_out), dtype) / jnp.sqrt(fan_in)
+        b = 0.1 * jnp.ones((fan_out,), dtype)
+        params.append({"w": w, "b": b})
+    return params
+
+
+def dense_output_fisher(likelihood, outputs):
+    """F_out as a dense matrix: ``fisher_product`` applied to every basis vector."""
+    flat, unravel = ravel_pytree(outputs)
+
+    def column(e):
+        return ravel_pytree(likelihood.fisher_product(outputs, unravel(e)))[0]
+
+    return jax.vmap(column)(jnp.eye(flat.size, dtype=flat.dtype))
+
+
+def mlp(params, x):
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def heteroscedastic_mlp(params, x):
+    """Outputs (mean, log_scale) for ng.Gaussian(): the last layer is split in two."""
+    out = mlp(params, x)
+    half = out.shape[-1] // 2
+    return out[:, :half], 0.3 * out[:, half:]
+
+
+def squeeze_mlp(params, x):
+    """A scalar output per example, for Bernoulli and Poisson likelihoods."""
+    return mlp(params, x)[:, 0]
+
+
+def mlp_models():
+    """(name, model, output size) for every likelihood family, on a small MLP."""
+    return [
+        ("categorical", ng.Model(mlp, ng.Categorical()), 3),
+        ("bernoulli", ng.Model(squeeze_mlp, ng.Bernoulli()), 1),
+        ("gaussian", ng.Model(mlp, ng.Gaussian(scale=0.7)), 2),
+        ("heteroscedastic", ng.Model(heteroscedastic_mlp, ng.Gaussian()), 4),
+        ("poisson", ng.Model(squeeze_mlp, ng.Poisson()), 1),
+    ]
+
+
+def mlp_problem(name, num_examples=6, in_size=3, hidden=4, seed=0):
+    """(model, params, inputs, targets) with targets sampled from the model itself."""
+    model, out_size = {n: (m, k) for n, m, k in mlp_models()}[name]
+    k_params, k_inputs, k_targets = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = init_mlp(k_params, [in_size, hidden, out_size])
+    inputs = jax.random.normal(k_inputs, (num_examples, in_size))
+    targets = model.likelihood.sample(k_targets, model.apply_fn(params, inputs))
+    return model, params, inputs, targets
+
+
+MLP_NAMES = [name for name, _, _ in mlp_models()]
