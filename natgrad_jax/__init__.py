@@ -18,6 +18,9 @@ from natgrad_jax._likelihoods import Gaussian as Gaussian
 from natgrad_jax._likelihoods import Likelihood as Likelihood
 from natgrad_jax._likelihoods import Poisson as Poisson
 from natgrad_jax._model import Model as Model
+from natgrad_jax._transform import NaturalGradientState as NaturalGradientState
+from natgrad_jax._transform import natural_gradient as natural_gradient
+from natgrad_jax._transform import scale_by_natural_gradient as scale_by_natural_gradient
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,7 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "Model",
+    "NaturalGradientState",
     "Poisson",
     "empirical_fisher",
     "fisher",
@@ -34,5 +38,7 @@ __all__ = [
     "fisher_vector_product",
     "kl_divergence",
     "monte_carlo_fisher",
+    "natural_gradient",
     "per_example_scores",
+    "scale_by_natural_gradient",
 ]

@@ -1,0 +1,1 @@
+"""Curvature representations: how a Fisher is stored, averaged over steps and solved against."""

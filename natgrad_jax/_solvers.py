@@ -1,0 +1,62 @@
+r"""Damped solves against a symmetric positive semi-definite curvature matrix.
+
+Cholesky of A = F + λI is the fast path. A Fisher is PSD in exact arithmetic but can be
+numerically indefinite (rank-deficient batches, float32, λ = 0), in which case Cholesky
+returns NaN; the fallback is an eigendecomposition with the spectrum clipped at zero and
+pseudo-inverted, so a PSD input never produces NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:
+    """Pseudo-inverse of a symmetric matrix, treating eigenvalues ≤ tol as zero."""
+    eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
+    eps = jnp.finfo(matrix.dtype).eps
+    tol = matrix.shape[-1] * eps * jnp.maximum(jnp.max(jnp.abs(eigenvalues)), eps)
+    inverse_eigenvalues = jnp.where(
+        eigenvalues > tol, 1.0 / jnp.where(eigenvalues > tol, eigenvalues, 1.0), 0.0
+    )
+    return (eigenvectors * inverse_eigenvalues) @ eigenvectors.T
+
+
+def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
+    r"""(M + λI)⁻¹ for a symmetric PSD matrix M, never NaN.
+
+    Cholesky when M + λI is numerically positive definite; otherwise (Cholesky produced
+    non-finite entries) the eigendecomposition pseudo-inverse. The choice is made with
+    ``lax.cond``, so only one branch runs.
+
+    Args:
+      matrix: a symmetric (P, P) matrix, PSD up to round-off.
+      damping: λ ≥ 0, a scalar.
+
+    Returns:
+      The (P, P) inverse (pseudo-inverse on the null space when λ = 0).
+    """
+    matrix = 0.5 * (matrix + matrix.T)
+    damped = matrix + jnp.asarray(damping, matrix.dtype) * jnp.eye(
+        matrix.shape[-1], dtype=matrix.dtype
+    )
+    factor = jnp.linalg.cholesky(damped)
+    identity = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+    return jax.lax.cond(
+        jnp.all(jnp.isfinite(factor)),
+        lambda: jax.scipy.linalg.cho_solve((factor, True), identity),
+        lambda: _eigh_pseudo_inverse(damped),
+    )
+
+
+def trust_region_scale(gradient: jax.Array, direction: jax.Array, max_kl) -> jax.Array:
+    r"""The factor c ∈ (0, 1] that makes ½ (c d)ᵀ A (c d) ≤ ε for d = A⁻¹ g.
+
+    Because d = A⁻¹ g, the quadratic KL of the step is ½ dᵀ A d = ½ gᵀ d, so
+    c = min(1, √(2ε / gᵀd)) needs no extra product with A (Schulman et al. 2015).
+    """
+    quadratic = jnp.vdot(gradient, direction).real
+    max_kl = jnp.asarray(max_kl, quadratic.dtype)
+    active = quadratic > 2.0 * max_kl
+    return jnp.where(active, jnp.sqrt(2.0 * max_kl / jnp.where(active, quadratic, 1.0)), 1.0)

@@ -1,0 +1,53 @@
+"""Damped inverse with Cholesky and its eigendecomposition fallback; the trust-region factor."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from natgrad_jax._solvers import damped_inverse, trust_region_scale
+
+
+def _random_psd(size, rank, seed=0):
+    factor = np.random.default_rng(seed).normal(size=(size, rank))
+    return factor @ factor.T
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1.0])
+def test_damped_inverse_of_positive_definite_matrix(damping):
+    matrix = _random_psd(6, 6)
+    got = jax.jit(damped_inverse)(matrix, damping)
+    np.testing.assert_allclose(got, np.linalg.inv(matrix + damping * np.eye(6)), rtol=1e-9)
+
+
+def test_singular_undamped_matrix_falls_back_to_pseudo_inverse():
+    matrix = _random_psd(6, 2)
+    got = jax.jit(damped_inverse)(matrix, 0.0)
+    assert jnp.all(jnp.isfinite(got))
+    np.testing.assert_allclose(got, np.linalg.pinv(matrix, hermitian=True), rtol=1e-6, atol=1e-9)
+
+
+def test_numerically_indefinite_float32_matrix_never_gives_nan():
+    # Rank 1 in exact arithmetic; float32 round-off makes tiny negative eigenvalues.
+    v = jnp.linspace(-3.0, 5.0, 40, dtype=jnp.float32)
+    matrix = jnp.outer(v, v) + 1e-9 * jnp.eye(40, dtype=jnp.float32)
+    assert jnp.linalg.eigvalsh(matrix).min() < 0 or not jnp.all(
+        jnp.isfinite(jnp.linalg.cholesky(matrix))
+    )
+    got = damped_inverse(matrix, 0.0)
+    assert got.dtype == jnp.float32 and jnp.all(jnp.isfinite(got))
+    # On the range of the matrix it still inverts: M M⁺ v = v.
+    np.testing.assert_allclose(matrix @ (got @ v), v, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("max_kl, active", [(1e-3, True), (100.0, False)])
+def test_trust_region_scale(max_kl, active):
+    a = _random_psd(4, 4)
+    g = np.array([1.0, -2.0, 0.5, 3.0])
+    d = np.linalg.solve(a, g)
+    c = float(trust_region_scale(jnp.asarray(g), jnp.asarray(d), max_kl))
+    if active:
+        assert 0.5 * (c * d) @ a @ (c * d) == pytest.approx(max_kl, rel=1e-10)
+    else:
+        assert c == 1.0
+    assert float(trust_region_scale(jnp.zeros(4), jnp.zeros(4), max_kl)) == 1.0
