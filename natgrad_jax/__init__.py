@@ -5,9 +5,16 @@ matrix-free) and optax transforms that precondition gradients by the damped inve
 Fisher.
 """
 
+from natgrad_jax._curvature.auto import choose_solver as choose_solver
+from natgrad_jax._curvature.block import BlockDiagonal as BlockDiagonal
+from natgrad_jax._curvature.dense import Dense as Dense
+from natgrad_jax._curvature.diagonal import Diagonal as Diagonal
+from natgrad_jax._curvature.implicit import ConjugateGradient as ConjugateGradient
+from natgrad_jax._curvature.low_rank import Woodbury as Woodbury
 from natgrad_jax._fisher import empirical_fisher as empirical_fisher
 from natgrad_jax._fisher import fisher as fisher
 from natgrad_jax._fisher import fisher_hessian as fisher_hessian
+from natgrad_jax._fisher import fisher_operator as fisher_operator
 from natgrad_jax._fisher import fisher_vector_product as fisher_vector_product
 from natgrad_jax._fisher import kl_divergence as kl_divergence
 from natgrad_jax._fisher import monte_carlo_fisher as monte_carlo_fisher
@@ -26,15 +33,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Bernoulli",
+    "BlockDiagonal",
     "Categorical",
+    "ConjugateGradient",
+    "Dense",
+    "Diagonal",
     "Gaussian",
     "Likelihood",
     "Model",
     "NaturalGradientState",
     "Poisson",
+    "Woodbury",
+    "choose_solver",
     "empirical_fisher",
     "fisher",
     "fisher_hessian",
+    "fisher_operator",
     "fisher_vector_product",
     "kl_divergence",
     "monte_carlo_fisher",

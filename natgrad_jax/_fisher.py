@@ -308,11 +308,70 @@ def empirical_fisher(model: Model, params: PyTree, inputs: PyTree, targets: PyTr
     return _gram(per_example_scores(model, params, inputs, targets), num_examples)
 
 
+def fisher_operator(
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    kind: FisherKind = "exact",
+    targets: PyTree | None = None,
+    key: jax.Array | None = None,
+    num_samples: int = 1,
+):
+    r"""v ↦ F v for the Fisher named by ``kind``, matrix-free, linearised once.
+
+    The network is linearised at ``params`` once; every call then costs one forward
+    (jvp) and one backward (transpose) pass, which suits iterative solvers.
+
+    * ``"exact"``: F v = 1/N Jᵀ F_out J v with the likelihood's output Fisher;
+    * ``"empirical"`` / ``"monte_carlo"``: F v = 1/N Sᵀ(S v) where S v is the jvp of the
+      per-example log-likelihoods (at the data's or at sampled labels) and Sᵀu its vjp,
+      so no per-example gradient is ever formed.
+
+    Returns a function from pytrees shaped like ``params`` to the same.
+    """
+    model = check_model(model)
+    num_examples = batch_size(inputs)
+    if kind == "exact":
+        outputs, forward = jax.linearize(lambda p: model.apply_fn(p, inputs), params)
+        backward = jax.linear_transpose(forward, params)
+
+        def product(vector):
+            (result,) = backward(model.likelihood.fisher_product(outputs, forward(vector)))
+            return jax.tree.map(lambda leaf: leaf / num_examples, result)
+
+        return product
+    if kind == "empirical":
+        if targets is None:
+            raise ValueError("The empirical Fisher uses the data's labels: pass targets=...")
+        labels = jax.tree.map(lambda t: t[None], targets)
+    elif kind == "monte_carlo":
+        if key is None:
+            raise ValueError("The Monte-Carlo Fisher needs a PRNG key: pass key=...")
+        labels = sample_targets(model, params, inputs, key, check_num_samples(num_samples))
+    else:
+        raise ValueError(f"Unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
+    num_rows = num_examples * jax.tree.leaves(labels)[0].shape[0]
+
+    def log_likelihoods(p):
+        return jax.vmap(lambda y: model.log_likelihood(p, inputs, y))(labels)
+
+    _, forward = jax.linearize(log_likelihoods, params)
+    backward = jax.linear_transpose(forward, params)
+
+    def product(vector):
+        (result,) = backward(forward(vector))
+        return jax.tree.map(lambda leaf: leaf / num_rows, result)
+
+    return product
+
+
 def fisher_vector_product(model: Model, params: PyTree, inputs: PyTree, vector: PyTree) -> PyTree:
     r"""The exact Fisher times a vector, matrix-free: F v = 1/N Jᵀ F_out J v.
 
     One ``jax.linearize`` of ``apply_fn`` (the J v), the output Fisher applied per
     example, and the transpose of the linearisation (the Jᵀ); no P×P matrix is formed.
+    ``fisher_operator`` gives the same product for the Monte-Carlo and empirical Fishers.
 
     Args:
       model: the ``Model``.
@@ -332,13 +391,7 @@ def fisher_vector_product(model: Model, params: PyTree, inputs: PyTree, vector: 
       Array([[1. ],
              [0.5]], dtype=float32)
     """
-    model = check_model(model)
-    num_examples = batch_size(inputs)
-    outputs, forward = jax.linearize(lambda p: model.apply_fn(p, inputs), params)
-    backward = jax.linear_transpose(forward, params)
-    cotangents = model.likelihood.fisher_product(outputs, forward(vector))
-    (product,) = backward(cotangents)
-    return jax.tree.map(lambda leaf: leaf / num_examples, product)
+    return fisher_operator(model, params, inputs, kind="exact")(vector)
 
 
 def kl_divergence(model: Model, params_p: PyTree, params_q: PyTree, inputs: PyTree) -> jax.Array:

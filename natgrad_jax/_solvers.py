@@ -60,3 +60,9 @@ def trust_region_scale(gradient: jax.Array, direction: jax.Array, max_kl) -> jax
     max_kl = jnp.asarray(max_kl, quadratic.dtype)
     active = quadratic > 2.0 * max_kl
     return jnp.where(active, jnp.sqrt(2.0 * max_kl / jnp.where(active, quadratic, 1.0)), 1.0)
+
+
+def moving_average(average, new, decay, is_first):
+    """decay·average + (1 − decay)·new, or ``new`` itself at the first measurement."""
+    decay = jnp.asarray(decay, new.dtype)
+    return jnp.where(is_first, new, decay * average + (1 - decay) * new)

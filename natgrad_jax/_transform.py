@@ -11,8 +11,13 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from natgrad_jax._curvature.auto import Auto
 from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.block import BlockDiagonal
 from natgrad_jax._curvature.dense import Dense
+from natgrad_jax._curvature.diagonal import Diagonal
+from natgrad_jax._curvature.implicit import ConjugateGradient
+from natgrad_jax._curvature.low_rank import Woodbury
 from natgrad_jax._fisher import FISHER_KINDS, check_num_samples, check_same_batch
 from natgrad_jax._model import check_model
 from natgrad_jax._solvers import trust_region_scale
@@ -20,8 +25,16 @@ from natgrad_jax._solvers import trust_region_scale
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
-SOLVERS = {"dense": Dense}
-AUTO_SOLVER = "dense"
+SOLVERS = {
+    "auto": Auto,
+    "dense": Dense,
+    "woodbury": Woodbury,
+    "cg": ConjugateGradient,
+    "diagonal": Diagonal,
+    "block_diagonal": BlockDiagonal,
+}
+CHEAP_SOLVERS = ("cg", "diagonal", "block_diagonal")
+DEFAULT_MAX_CURVATURE_BYTES = 4 * 2**30
 
 NO_PARAMS_MSG = (
     "scale_by_natural_gradient needs the current parameters to measure the Fisher: "
@@ -82,18 +95,58 @@ def _check_refresh_every(refresh_every) -> None:
 
 def _resolve_solver(solver):
     if isinstance(solver, str):
-        name = AUTO_SOLVER if solver == "auto" else solver
-        if name not in SOLVERS:
-            raise ValueError(
-                f"Unknown solver {solver!r}; choose 'auto' or one of {tuple(SOLVERS)}."
-            )
-        return SOLVERS[name]()
-    if all(hasattr(solver, method) for method in ("init", "refresh", "solve")):
+        if solver not in SOLVERS:
+            raise ValueError(f"Unknown solver {solver!r}; choose one of {tuple(SOLVERS)}.")
+        return SOLVERS[solver]()
+    if all(hasattr(solver, method) for method in ("init", "refresh", "solve", "memory")):
         return solver
     raise TypeError(
-        f"solver must be a name ('auto', {', '.join(map(repr, SOLVERS))}) or an object "
-        f"with init/refresh/solve methods, got {solver!r}."
+        f"solver must be one of {tuple(SOLVERS)} or an object with init/refresh/solve/"
+        f"memory methods, got {solver!r}."
     )
+
+
+def _averages(curvature, params) -> bool:
+    """Whether the representation keeps a curvature that decay/refresh_every act on."""
+    if hasattr(curvature, "averages_for"):
+        return curvature.averages_for(params)
+    return curvature.averages
+
+
+def _check_averaging(curvature, params, decay, refresh_every) -> None:
+    uses_averaging = not (
+        _is_python_number(decay)
+        and decay == 0
+        and _is_python_number(refresh_every)
+        and refresh_every == 1
+    )
+    if uses_averaging and not _averages(curvature, params):
+        raise ValueError(
+            f"solver {curvature.name!r} keeps no curvature across steps, so decay and "
+            "refresh_every do not apply to it; use solver='dense', 'diagonal' or "
+            "'block_diagonal' (or leave decay=0, refresh_every=1)."
+        )
+
+
+def _check_memory(curvature, params, num_rows, dtype, max_bytes) -> None:
+    """Raises before anything is allocated if the representation would exceed the budget.
+
+    Only a Python-number budget is checked (under ``optax.inject_hyperparams`` list
+    ``max_curvature_bytes`` in ``static_args`` to keep the check).
+    """
+    if not _is_python_number(max_bytes):
+        return
+    leaf_sizes = tuple(leaf.size for leaf in jax.tree.leaves(params))
+    needed = curvature.memory(sum(leaf_sizes), num_rows, leaf_sizes) * jnp.dtype(dtype).itemsize
+    if needed > max_bytes:
+        cheaper = [name for name in CHEAP_SOLVERS if name != curvature.name]
+        raise ValueError(
+            f"solver {curvature.name!r} would hold about {needed / 2**30:.2f} GiB of curvature "
+            f"(P = {sum(leaf_sizes)}, {num_rows} score rows), over max_curvature_bytes = "
+            f"{max_bytes / 2**30:.2f} GiB. Use a cheaper solver ({', '.join(cheaper)}), a "
+            "smaller batch or fisher='monte_carlo'/'empirical' (fewer rows), or raise "
+            "max_curvature_bytes."
+        )
 
 
 def _value_at(hyperparameter: ScalarOrSchedule, count: jax.Array):
@@ -122,6 +175,7 @@ def scale_by_natural_gradient(
     refresh_every: int | jax.Array = 1,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
+    max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by the damped inverse Fisher of ``model``: d = (F + λI)⁻¹ g.
 
@@ -152,9 +206,13 @@ def scale_by_natural_gradient(
         from the model, keys held in the state) or ``"empirical"`` (the batch's own
         labels; needs ``targets``). See ``ng.fisher`` for the differences.
       damping: λ ≥ 0 added to the diagonal, a number or an optax schedule of the step.
-      solver: ``"auto"`` (currently always ``"dense"``), ``"dense"`` (full P×P matrix,
-        Cholesky with eigendecomposition fallback), or a solver object with
-        ``init``/``refresh``/``solve`` methods.
+      solver: how F is represented and solved against (see ``ng.choose_solver``):
+        ``"auto"`` (dense for P ≤ 4096, else Woodbury when the batch has few score
+        rows, else CG), ``"dense"`` (P×P, Cholesky with eigendecomposition fallback),
+        ``"woodbury"`` (exact, through the M×M kernel of the M score rows),
+        ``"cg"`` (matrix-free conjugate gradients, warm-started), ``"diagonal"``
+        (exact diagonal of F), ``"block_diagonal"`` (a dense block per pytree leaf),
+        or a representation object such as ``ng.ConjugateGradient(tol=1e-6)``.
       max_kl: optional ε > 0 (number or schedule) bounding ½ dᵀ(F + λI)d.
       decay: in [0, 1): exponential moving average of the Fisher across refreshes,
         F ← decay·F + (1 − decay)·F_batch (the first refresh takes F_batch).
@@ -164,6 +222,9 @@ def scale_by_natural_gradient(
         ``None`` means 1). It fixes array shapes, so with ``optax.inject_hyperparams``
         list it in ``static_args``.
       seed: seed of the PRNG key held in the state for Monte-Carlo labels.
+      max_curvature_bytes: memory budget of the curvature representation; a solver
+        that would need more raises a ValueError at trace time, before allocating,
+        naming cheaper ones. ``None`` disables the check.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` is
@@ -202,11 +263,13 @@ def scale_by_natural_gradient(
     curvature = _resolve_solver(solver)
 
     def init_fn(params):
-        flat, _ = ravel_pytree(params)
+        dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
+        _check_averaging(curvature, params, decay, refresh_every)
+        _check_memory(curvature, params, 0, dtype, max_curvature_bytes)
         return NaturalGradientState(
             count=jnp.zeros([], jnp.int32),
             key=jax.random.PRNGKey(seed),
-            curvature=curvature.init(flat.size, _solve_dtype(flat.dtype)),
+            curvature=curvature.init(params, dtype),
         )
 
     def update_fn(updates, state, params=None, *, inputs=None, targets=None, **extra_args):
@@ -235,6 +298,9 @@ def scale_by_natural_gradient(
         batch = CurvatureBatch(
             model, params, inputs, fisher, targets=targets, key=step_key, num_samples=num_samples
         )
+        flat_updates, unravel = ravel_pytree(updates)
+        gradient = flat_updates.astype(_solve_dtype(flat_updates.dtype))
+        _check_memory(curvature, params, batch.num_rows, gradient.dtype, max_curvature_bytes)
 
         def refresh(curvature_state):
             return curvature.refresh(
@@ -248,9 +314,7 @@ def scale_by_natural_gradient(
                 state.count % refresh_every == 0, refresh, lambda c: c, state.curvature
             )
 
-        flat_updates, unravel = ravel_pytree(updates)
-        gradient = flat_updates.astype(_solve_dtype(flat_updates.dtype))
-        direction = curvature.solve(curvature_state, gradient)
+        direction, curvature_state = curvature.solve(curvature_state, batch, gradient, damping_now)
         if max_kl is not None:
             max_kl_now = _value_at(max_kl, state.count)
             direction = direction * trust_region_scale(gradient, direction, max_kl_now)
@@ -289,6 +353,7 @@ def natural_gradient(
     refresh_every: int | jax.Array = 1,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
+    max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Natural gradient descent: θ ← θ − η (F + λI)⁻¹ ∇L, as an optax optimizer.
 
@@ -303,12 +368,14 @@ def natural_gradient(
       learning_rate: η, a number or an optax schedule.
       fisher: ``"exact"``, ``"monte_carlo"`` or ``"empirical"``.
       damping: λ ≥ 0, a number or a schedule.
-      solver: ``"auto"``, ``"dense"`` or a solver object.
+      solver: ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"diagonal"``,
+        ``"block_diagonal"`` or a representation object.
       max_kl: optional ε > 0 bounding the KL of each step.
       decay: EMA factor of the Fisher across refreshes, in [0, 1).
       refresh_every: recompute the curvature every this many steps.
       num_samples: Monte-Carlo labels per example (``None`` means 1).
       seed: seed of the Monte-Carlo PRNG key held in the state.
+      max_curvature_bytes: memory budget of the curvature (``None``: unchecked).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``inputs=`` (and ``targets=``)
@@ -343,6 +410,7 @@ def natural_gradient(
             refresh_every=refresh_every,
             num_samples=num_samples,
             seed=seed,
+            max_curvature_bytes=max_curvature_bytes,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

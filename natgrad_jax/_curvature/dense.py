@@ -1,6 +1,6 @@
 r"""The dense representation: the full P×P Fisher and its damped inverse.
 
-Exact, simple and O(P²) memory, O(P³) per refresh: the right choice up to a few
+Exact, simple, O(P²) memory and O(P³) per refresh: the right choice up to a few
 thousand parameters and the reference every other representation is tested against.
 """
 
@@ -12,8 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._solvers import damped_inverse
+from natgrad_jax._curvature.batch import CurvatureBatch, parameter_count
+from natgrad_jax._solvers import damped_inverse, moving_average
 
 
 class DenseState(NamedTuple):
@@ -25,26 +25,28 @@ class DenseState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Dense:
-    """Dense P×P Fisher; solves with Cholesky of F + λI (eigh fallback)."""
+    """Dense P×P Fisher; solves with Cholesky of F + λI (eigendecomposition fallback)."""
 
     name = "dense"
+    averages = True  # supports decay (EMA) and refresh_every
 
-    def init(self, num_params: int, dtype: jnp.dtype) -> DenseState:
+    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+        """Floats held at once, for the memory guard: two P×P matrices and the rows."""
+        del leaf_sizes
+        return 2 * num_params**2 + num_rows * num_params
+
+    def init(self, params, dtype) -> DenseState:
+        num_params = parameter_count(params)
         zeros = jnp.zeros((num_params, num_params), dtype)
         return DenseState(fisher=zeros, inverse=zeros)
 
-    def refresh(
-        self, state: DenseState, batch: CurvatureBatch, damping, decay, is_first
-    ) -> DenseState:
+    def refresh(self, state: DenseState, batch: CurvatureBatch, damping, decay, is_first):
         """Measures F on ``batch``, averages it into the state and refactorises F + λI."""
         rows = batch.score_rows().astype(state.fisher.dtype)
-        batch_fisher = rows.T @ rows / batch.num_examples
-        decay = jnp.asarray(decay, state.fisher.dtype)
-        fisher = jnp.where(
-            is_first, batch_fisher, decay * state.fisher + (1 - decay) * batch_fisher
-        )
+        fisher = moving_average(state.fisher, rows.T @ rows / batch.num_examples, decay, is_first)
         return DenseState(fisher=fisher, inverse=damped_inverse(fisher, damping))
 
-    def solve(self, state: DenseState, vector: jax.Array) -> jax.Array:
+    def solve(self, state: DenseState, batch: CurvatureBatch, vector, damping):
         """(F + λI)⁻¹ v with the factorisation of the last refresh."""
-        return state.inverse @ vector
+        del batch, damping
+        return state.inverse @ vector, state

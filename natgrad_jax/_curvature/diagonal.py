@@ -1,0 +1,50 @@
+r"""The diagonal representation: the exact diagonal of the chosen Fisher.
+
+diag(F)ⱼ = 1/N Σ_rows S_{rj}², the mean squared *per-row* score — not the square of the
+batch gradient, which is what optax's deprecated ``fisher_diag`` computed. O(P) memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from natgrad_jax._curvature.batch import CurvatureBatch, parameter_count
+from natgrad_jax._solvers import moving_average
+
+
+class DiagonalState(NamedTuple):
+    """Arrays of the diagonal representation."""
+
+    diagonal: jax.Array  # (P,) float: the (averaged) diagonal of F
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagonal:
+    """diag(F) + λ, inverted elementwise (zero where both vanish: pseudo-inverse)."""
+
+    name = "diagonal"
+    averages = True
+
+    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+        """Floats held at once, for the memory guard."""
+        del leaf_sizes
+        return num_params + num_rows * num_params
+
+    def init(self, params, dtype) -> DiagonalState:
+        return DiagonalState(diagonal=jnp.zeros((parameter_count(params),), dtype))
+
+    def refresh(self, state: DiagonalState, batch: CurvatureBatch, damping, decay, is_first):
+        del damping
+        rows = batch.score_rows().astype(state.diagonal.dtype)
+        diagonal = jnp.sum(rows**2, axis=0) / batch.num_examples
+        return DiagonalState(moving_average(state.diagonal, diagonal, decay, is_first))
+
+    def solve(self, state: DiagonalState, batch: CurvatureBatch, vector, damping):
+        del batch
+        damped = state.diagonal + jnp.asarray(damping, state.diagonal.dtype)
+        safe = jnp.where(damped > 0, damped, 1.0)
+        return jnp.where(damped > 0, vector / safe, 0.0), state

@@ -1,0 +1,102 @@
+r"""The implicit representation: conjugate gradients on Fisher-vector products.
+
+Never forms F: each CG iteration costs one forward and one backward pass through the
+linearised network (``fisher_operator``). Solves (F + λI) x = g to a relative residual
+``tol`` or ``max_iters`` iterations, warm-started from the previous step's solution
+(Martens 2010), as truncated-Newton and TRPO do (Schulman et al. 2015).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from natgrad_jax._curvature.batch import CurvatureBatch, parameter_count
+
+
+class ConjugateGradientState(NamedTuple):
+    """Arrays of the CG representation."""
+
+    solution: jax.Array  # (P,) float: last solution, the next warm start
+    iterations: jax.Array  # int32 []: CG iterations used at the last step
+
+
+def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters):
+    """Solves A x = rhs for a symmetric PSD A; returns (x, iterations used)."""
+    threshold = (tol * jnp.linalg.norm(rhs)) ** 2
+
+    def cond(carry):
+        _, residual, _, residual_norm, it = carry
+        del residual
+        return (residual_norm > threshold) & (it < max_iters)
+
+    def body(carry):
+        x, residual, direction, residual_norm, it = carry
+        product = matvec(direction)
+        curvature = jnp.vdot(direction, product)
+        step = residual_norm / jnp.where(curvature > 0, curvature, 1.0)
+        step = jnp.where(curvature > 0, step, 0.0)  # a null direction: stop moving along it
+        x = x + step * direction
+        residual = residual - step * product
+        new_norm = jnp.vdot(residual, residual)
+        direction = (
+            residual + (new_norm / jnp.where(residual_norm > 0, residual_norm, 1.0)) * direction
+        )
+        it = jnp.where(curvature > 0, it + 1, max_iters)
+        return x, residual, direction, new_norm, it
+
+    residual = rhs - matvec(initial)
+    norm = jnp.vdot(residual, residual)
+    carry = (initial, residual, residual, norm, jnp.zeros([], jnp.int32))
+    x, *_, iterations = jax.lax.while_loop(cond, body, carry)
+    return x, iterations
+
+
+@dataclasses.dataclass(frozen=True)
+class ConjugateGradient:
+    """CG on (F + λI) x = g with matrix-free Fisher products."""
+
+    tol: float = 1e-5
+    max_iters: int = 100
+    warm_start: bool = True
+    name = "cg"
+    averages = False  # nothing is stored to average or reuse
+
+    def __post_init__(self):
+        if not self.tol > 0:
+            raise ValueError(f"ConjugateGradient tol must be > 0, got {self.tol}.")
+        if not (isinstance(self.max_iters, int) and self.max_iters >= 1):
+            raise ValueError(
+                f"ConjugateGradient max_iters must be an int ≥ 1, got {self.max_iters!r}."
+            )
+
+    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+        """Floats held at once, for the memory guard."""
+        del num_rows, leaf_sizes
+        return 6 * num_params
+
+    def init(self, params, dtype) -> ConjugateGradientState:
+        return ConjugateGradientState(
+            solution=jnp.zeros((parameter_count(params),), dtype),
+            iterations=jnp.zeros([], jnp.int32),
+        )
+
+    def refresh(self, state, batch, damping, decay, is_first):
+        del batch, damping, decay, is_first
+        return state
+
+    def solve(self, state, batch: CurvatureBatch, vector, damping):
+        damping = jnp.asarray(damping, vector.dtype)
+        matvec = batch.matvec
+
+        def damped(v):
+            return matvec(v) + damping * v
+
+        initial = state.solution if self.warm_start else jnp.zeros_like(vector)
+        solution, iterations = conjugate_gradient(
+            damped, vector, initial.astype(vector.dtype), tol=self.tol, max_iters=self.max_iters
+        )
+        return solution, ConjugateGradientState(solution.astype(state.solution.dtype), iterations)
