@@ -1,0 +1,220 @@
+"""Every curvature representation against the dense reference (issue: scale)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+from natgrad_jax._curvature.low_rank import woodbury_solve
+from tests.helpers import init_mlp, mlp, mlp_problem
+
+KINDS = ["exact", "monte_carlo", "empirical"]
+SEED = 5
+
+
+def _reference_fisher(model, params, x, y, kind, num_samples=1):
+    step_key = jax.random.split(jax.random.PRNGKey(SEED))[1]
+    if kind == "exact":
+        return ng.fisher(model, params, x)
+    if kind == "empirical":
+        return ng.empirical_fisher(model, params, x, y)
+    return ng.monte_carlo_fisher(model, params, x, step_key, num_samples)
+
+
+def _update(model, params, x, y, kind, solver, damping, **kwargs):
+    tx = ng.scale_by_natural_gradient(
+        model, fisher=kind, damping=damping, solver=solver, seed=SEED, **kwargs
+    )
+    g = jax.grad(model.nll)(params, x, y)
+    updates, state = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
+    return ravel_pytree(g)[0], ravel_pytree(updates)[0], state
+
+
+def _blocks_of(matrix, params):
+    sizes = [leaf.size for leaf in jax.tree.leaves(params)]
+    edges = np.cumsum([0, *sizes])
+    out = np.zeros_like(matrix)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        out[lo:hi, lo:hi] = matrix[lo:hi, lo:hi]
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_examples", [2, 20], ids=["rows<P", "rows>P"])
+@pytest.mark.parametrize("solver", ["woodbury", "cg", "dense"])
+def test_exact_solvers_match_dense_solve(kind, num_examples, solver):
+    model, params, x, y = mlp_problem("categorical", num_examples=num_examples)
+    damping = 1e-2
+    if solver == "cg":
+        solver = ng.ConjugateGradient(tol=1e-12, max_iters=200)
+    g, d, _ = _update(model, params, x, y, kind, solver, damping)
+    f = _reference_fisher(model, params, x, y, kind)
+    np.testing.assert_allclose(
+        d, np.linalg.solve(f + damping * np.eye(len(f)), g), rtol=1e-6, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_diagonal_solver_uses_the_exact_diagonal(kind):
+    model, params, x, y = mlp_problem("heteroscedastic")
+    g, d, state = _update(model, params, x, y, kind, "diagonal", 0.1)
+    f = _reference_fisher(model, params, x, y, kind)
+    np.testing.assert_allclose(state.curvature.diagonal, np.diag(f), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(d, g / (np.diag(f) + 0.1), rtol=1e-10)
+    # Not the squared batch gradient (optax's deprecated fisher_diag).
+    assert not np.allclose(state.curvature.diagonal, g**2, rtol=0.1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_diagonal_solver_uses_the_per_leaf_blocks(kind):
+    model, params, x, y = mlp_problem("categorical", num_examples=8)
+    g, d, _ = _update(model, params, x, y, kind, "block_diagonal", 0.05)
+    blocks = _blocks_of(np.asarray(_reference_fisher(model, params, x, y, kind)), params)
+    np.testing.assert_allclose(
+        d, np.linalg.solve(blocks + 0.05 * np.eye(len(blocks)), g), rtol=1e-8
+    )
+
+
+def test_woodbury_keeps_the_component_outside_the_rows_span():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(3, 10))
+    v = rng.normal(size=10)  # not in the span of the three rows
+    damping = 0.3
+    expected = np.linalg.solve(rows.T @ rows / 3 + damping * np.eye(10), v)
+    np.testing.assert_allclose(
+        woodbury_solve(jnp.asarray(rows), 3, jnp.asarray(v), damping), expected, rtol=1e-10
+    )
+    # With λ = 0 it is the pseudo-inverse.
+    pinv = np.linalg.pinv(rows.T @ rows / 3, hermitian=True) @ v
+    np.testing.assert_allclose(
+        woodbury_solve(jnp.asarray(rows), 3, jnp.asarray(v), 0.0), pinv, rtol=1e-7, atol=1e-9
+    )
+
+
+def test_woodbury_in_float32_is_stable():
+    model, params, x, y = mlp_problem("categorical", num_examples=4)
+    params32, x32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x))
+    g64, d64, _ = _update(model, params, x, y, "exact", "woodbury", 1e-3)
+    _, d32, _ = _update(model, params32, x32, y, "exact", "woodbury", 1e-3)
+    assert d32.dtype == jnp.float32
+    np.testing.assert_allclose(d32, d64, rtol=2e-2, atol=2e-3 * np.abs(d64).max())
+
+
+def test_cg_converges_within_p_iterations_and_stops_at_tolerance():
+    # Linear regression, P = 12: in exact arithmetic CG terminates in ≤ P iterations.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 12)), rng.normal(size=(50, 1))
+    model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+    params = jnp.asarray(rng.normal(size=(12, 1)))
+    cg = ng.ConjugateGradient(tol=1e-10, max_iters=1000)
+    g, d, state = _update(model, params, x, y, "exact", cg, 0.0)
+    assert 0 < int(state.curvature.iterations) <= 12
+    f = x.T @ x / 50
+    np.testing.assert_allclose(d, np.linalg.solve(f, g), rtol=1e-8)
+    # A loose tolerance stops early, with the residual at the tolerance.
+    _, loose, loose_state = _update(
+        model, params, x, y, "exact", ng.ConjugateGradient(tol=1e-1), 0.0
+    )
+    assert np.linalg.norm(f @ loose - g) <= 1e-1 * np.linalg.norm(g) * (1 + 1e-9)
+    assert int(loose_state.curvature.iterations) < int(state.curvature.iterations)
+
+
+def test_cg_warm_start_reuses_the_previous_solution():
+    model, params, x, y = mlp_problem("categorical")
+    tx = ng.scale_by_natural_gradient(model, damping=1e-2, solver=ng.ConjugateGradient(tol=1e-8))
+    g = jax.grad(model.nll)(params, x, y)
+    state = tx.init(params)
+    _, state = tx.update(g, state, params, inputs=x)
+    first = int(state.curvature.iterations)
+    _, state = tx.update(g, state, params, inputs=x)  # same problem: already solved
+    assert first > 0 and int(state.curvature.iterations) == 0
+    cold = ng.scale_by_natural_gradient(
+        model, damping=1e-2, solver=ng.ConjugateGradient(tol=1e-8, warm_start=False)
+    )
+    cold_state = cold.update(
+        g, cold.update(g, cold.init(params), params, inputs=x)[1], params, inputs=x
+    )[1]
+    assert int(cold_state.curvature.iterations) == first
+
+
+@pytest.mark.parametrize("kind", ["monte_carlo", "empirical"])
+def test_fisher_operator_matches_dense_matrices(kind):
+    model, params, x, y = mlp_problem("heteroscedastic")
+    key = jax.random.PRNGKey(2)
+    flat, unravel = ravel_pytree(params)
+    v = jax.random.normal(jax.random.PRNGKey(9), flat.shape)
+    product = ng.fisher_operator(model, params, x, kind=kind, targets=y, key=key, num_samples=3)(
+        unravel(v)
+    )
+    dense = (
+        ng.empirical_fisher(model, params, x, y)
+        if kind == "empirical"
+        else ng.monte_carlo_fisher(model, params, x, key, num_samples=3)
+    )
+    np.testing.assert_allclose(ravel_pytree(product)[0], dense @ v, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("solver", ["diagonal", "block_diagonal"])
+def test_decay_and_refresh_work_for_stateful_representations(solver):
+    model, params, x, y = mlp_problem("categorical")
+    other = jax.tree.map(lambda p: p - 0.2, params)
+    tx = ng.scale_by_natural_gradient(model, damping=0.1, solver=solver, decay=0.5, refresh_every=2)
+    g = jax.grad(model.nll)(params, x, y)
+    state = tx.init(params)
+    _, state = tx.update(g, state, params, inputs=x)
+    _, state = tx.update(g, state, other, inputs=x)  # no refresh: curvature unchanged
+    _, state = tx.update(g, state, other, inputs=x)  # refresh: averaged with `other`'s
+    averaged = 0.5 * ng.fisher(model, params, x) + 0.5 * ng.fisher(model, other, x)
+    if solver == "diagonal":
+        np.testing.assert_allclose(state.curvature.diagonal, np.diag(averaged), rtol=1e-10)
+    else:
+        first_block = state.curvature.blocks[0]
+        n = first_block.shape[0]
+        np.testing.assert_allclose(first_block, averaged[:n, :n], rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["woodbury", "cg"])
+def test_stateless_representations_refuse_decay_and_refresh(solver):
+    model, params, _, _ = mlp_problem("categorical")
+    with pytest.raises(ValueError, match="keeps no curvature"):
+        ng.scale_by_natural_gradient(model, solver=solver, decay=0.9).init(params)
+    with pytest.raises(ValueError, match="keeps no curvature"):
+        ng.scale_by_natural_gradient(model, solver=solver, refresh_every=3).init(params)
+
+
+def test_choose_solver_rule():
+    assert ng.choose_solver(4096)[0] == "dense"
+    assert ng.choose_solver(4097, 2048)[0] == "woodbury"
+    assert ng.choose_solver(4097, 2049)[0] == "cg"  # rows > P / 2
+    assert ng.choose_solver(10**6, 4096)[0] == "woodbury"
+    assert ng.choose_solver(10**6, 4097)[0] == "cg"  # rows > 4096
+    assert "P = 10" in ng.choose_solver(10)[1]
+
+
+def test_auto_solver_on_a_large_model_uses_woodbury_and_matches_dense():
+    params = init_mlp(jax.random.PRNGKey(0), [60, 64, 3])  # P = 4099 > 4096
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 60))
+    model = ng.Model(mlp, ng.Categorical())
+    y = jnp.array([0, 1, 2, 0])
+    assert ng.choose_solver(ravel_pytree(params)[0].size, 12)[0] == "woodbury"
+    g, d, state = _update(model, params, x, y, "exact", "auto", 1e-2)
+    assert isinstance(state.curvature, ng.ConjugateGradient().init(params, jnp.float64).__class__)
+    f = ng.fisher(model, params, x)
+    np.testing.assert_allclose(
+        d, np.linalg.solve(f + 1e-2 * np.eye(len(f)), g), rtol=1e-6, atol=1e-10
+    )
+
+
+def test_memory_guard_raises_before_allocating():
+    huge = {"w": jax.ShapeDtypeStruct((300_000,), jnp.float32)}
+    model = ng.Model(lambda p, x: x * p["w"][:1], ng.Gaussian(scale=1.0))
+    tx = ng.scale_by_natural_gradient(model, solver="dense")
+    with pytest.raises(ValueError, match=r"cg, diagonal, block_diagonal"):
+        jax.eval_shape(tx.init, huge)  # 2·(3·10⁵)² floats: refused before any allocation
+    model_small, params, x, y = mlp_problem("categorical")
+    tx = ng.scale_by_natural_gradient(model_small, solver="woodbury", max_curvature_bytes=1000)
+    g = jax.grad(model_small.nll)(params, x, y)
+    with pytest.raises(ValueError, match="max_curvature_bytes"):
+        tx.update(g, tx.init(params), params, inputs=x)
