@@ -11,6 +11,7 @@ from natgrad_jax._curvature.dense import Dense as Dense
 from natgrad_jax._curvature.diagonal import Diagonal as Diagonal
 from natgrad_jax._curvature.implicit import ConjugateGradient as ConjugateGradient
 from natgrad_jax._curvature.low_rank import Woodbury as Woodbury
+from natgrad_jax._damping import LevenbergMarquardt as LevenbergMarquardt
 from natgrad_jax._fisher import empirical_fisher as empirical_fisher
 from natgrad_jax._fisher import fisher as fisher
 from natgrad_jax._fisher import fisher_hessian as fisher_hessian
@@ -39,6 +40,7 @@ __all__ = [
     "Dense",
     "Diagonal",
     "Gaussian",
+    "LevenbergMarquardt",
     "Likelihood",
     "Model",
     "NaturalGradientState",

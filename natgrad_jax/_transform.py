@@ -18,6 +18,7 @@ from natgrad_jax._curvature.dense import Dense
 from natgrad_jax._curvature.diagonal import Diagonal
 from natgrad_jax._curvature.implicit import ConjugateGradient
 from natgrad_jax._curvature.low_rank import Woodbury
+from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
 from natgrad_jax._fisher import FISHER_KINDS, check_num_samples, check_same_batch
 from natgrad_jax._model import check_model
 from natgrad_jax._solvers import trust_region_scale
@@ -63,6 +64,7 @@ class NaturalGradientState(NamedTuple):
 
     count: jax.Array  # int32 []: number of updates done so far
     key: jax.Array  # uint32 [2]: PRNG key for Monte-Carlo labels, split at every update
+    damping: jax.Array  # float []: λ of the next update (adaptive) or of the last one
     curvature: NamedTuple  # the solver's arrays, e.g. DenseState (P, P) matrices
 
 
@@ -205,7 +207,9 @@ def scale_by_natural_gradient(
       fisher: ``"exact"`` (true Fisher, GGN form), ``"monte_carlo"`` (labels sampled
         from the model, keys held in the state) or ``"empirical"`` (the batch's own
         labels; needs ``targets``). See ``ng.fisher`` for the differences.
-      damping: λ ≥ 0 added to the diagonal, a number or an optax schedule of the step.
+      damping: λ ≥ 0 added to the diagonal: a number, an optax schedule of the step,
+        or ``ng.LevenbergMarquardt(...)`` to adapt it from the reduction ratio of each
+        step (needs ``targets``; see ``natgrad_jax._damping`` for when to use which).
       solver: how F is represented and solved against (see ``ng.choose_solver``):
         ``"auto"`` (dense for P ≤ 4096, else Woodbury when the batch has few score
         rows, else CG), ``"dense"`` (P×P, Cholesky with eigendecomposition fallback),
@@ -255,7 +259,9 @@ def scale_by_natural_gradient(
     num_samples = 1 if num_samples is None else check_num_samples(num_samples)
     if num_samples != 1 and fisher != "monte_carlo":
         raise ValueError(f'num_samples applies to fisher="monte_carlo" only, not {fisher!r}.')
-    _check_nonnegative("damping", damping)
+    adaptive = isinstance(damping, LevenbergMarquardt)
+    if not adaptive:
+        _check_nonnegative("damping", damping)
     if max_kl is not None:
         _check_positive("max_kl", max_kl)
     _check_decay(decay)
@@ -266,9 +272,11 @@ def scale_by_natural_gradient(
         dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
         _check_averaging(curvature, params, decay, refresh_every)
         _check_memory(curvature, params, 0, dtype, max_curvature_bytes)
+        initial_damping = damping.initial if adaptive else _value_at(damping, jnp.int32(0))
         return NaturalGradientState(
             count=jnp.zeros([], jnp.int32),
             key=jax.random.PRNGKey(seed),
+            damping=jnp.asarray(initial_damping, dtype),
             curvature=curvature.init(params, dtype),
         )
 
@@ -290,11 +298,16 @@ def scale_by_natural_gradient(
                 "updates and params must have the same pytree structure, got "
                 f"{jax.tree.structure(updates)} and {jax.tree.structure(params)}."
             )
+        if adaptive and targets is None:
+            raise ValueError(
+                "Levenberg–Marquardt damping compares the loss before and after the step: "
+                "pass targets=... to update."
+            )
         if targets is not None:
             check_same_batch(inputs, targets)
 
         key, step_key = jax.random.split(state.key)
-        damping_now = _value_at(damping, state.count)
+        damping_now = state.damping if adaptive else _value_at(damping, state.count)
         batch = CurvatureBatch(
             model, params, inputs, fisher, targets=targets, key=step_key, num_samples=num_samples
         )
@@ -318,14 +331,36 @@ def scale_by_natural_gradient(
         if max_kl is not None:
             max_kl_now = _value_at(max_kl, state.count)
             direction = direction * trust_region_scale(gradient, direction, max_kl_now)
+        if adaptive:
+            next_damping, accepted = _levenberg_marquardt(
+                damping, batch, gradient, direction, damping_now
+            )
+            direction = jnp.where(accepted, direction, 0.0)
+        else:
+            next_damping = jnp.asarray(damping_now, state.damping.dtype)
         new_updates = unravel(direction.astype(flat_updates.dtype))
         new_updates = jax.tree.map(lambda new, old: new.astype(old.dtype), new_updates, updates)
         new_state = NaturalGradientState(
-            count=_increment(state.count), key=key, curvature=curvature_state
+            count=_increment(state.count),
+            key=key,
+            damping=next_damping,
+            curvature=curvature_state,
         )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _levenberg_marquardt(rule, batch: CurvatureBatch, gradient, direction, damping):
+    """(next λ, whether to take the step), from the reduction ratio of the unit step −d."""
+    model, params, inputs, targets = batch.model, batch.params, batch.inputs, batch.targets
+    flat_params, unravel = ravel_pytree(params)
+    step = -direction
+    moved = unravel(flat_params + step.astype(flat_params.dtype))
+    actual = model.nll(moved, inputs, targets) - model.nll(params, inputs, targets)
+    predicted = jnp.vdot(gradient, step) + 0.5 * jnp.vdot(step, batch.matvec(step))
+    ratio = reduction_ratio(actual.astype(step.dtype), predicted)
+    return rule.adapt(jnp.asarray(damping, step.dtype), ratio), rule.accepts(ratio)
 
 
 def _unit_step_max_kl(max_kl: ScalarOrSchedule, learning_rate: ScalarOrSchedule):
@@ -367,7 +402,7 @@ def natural_gradient(
       model: the ``ng.Model`` being trained (its ``nll`` is the loss).
       learning_rate: η, a number or an optax schedule.
       fisher: ``"exact"``, ``"monte_carlo"`` or ``"empirical"``.
-      damping: λ ≥ 0, a number or a schedule.
+      damping: λ ≥ 0: a number, a schedule or ``ng.LevenbergMarquardt(...)``.
       solver: ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"diagonal"``,
         ``"block_diagonal"`` or a representation object.
       max_kl: optional ε > 0 bounding the KL of each step.

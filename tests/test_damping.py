@@ -1,0 +1,116 @@
+"""Levenberg–Marquardt damping: the rule, the reduction ratio, and training from bad λ."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import natgrad_jax as ng
+from natgrad_jax._damping import reduction_ratio
+from tests.helpers import init_mlp, mlp
+
+
+def test_rule_decreases_after_good_and_increases_after_poor_steps():
+    rule = ng.LevenbergMarquardt(initial=1.0, min_damping=1e-3, max_damping=10.0)
+    assert float(rule.adapt(1.0, 0.9)) == pytest.approx(2 / 3)
+    assert float(rule.adapt(1.0, 0.1)) == pytest.approx(1.5)
+    assert float(rule.adapt(1.0, 0.5)) == 1.0
+    assert float(rule.adapt(0.1, -0.5)) == pytest.approx(1.0)  # a rejected step: ×10
+    assert float(rule.adapt(0.1, -jnp.inf)) == pytest.approx(1.0)
+    assert float(rule.adapt(0.1, jnp.nan)) == pytest.approx(1.0)  # NaN counts as rejected
+    assert bool(rule.accepts(0.1)) and not bool(rule.accepts(-0.1))
+    assert float(rule.adapt(1e-3, 0.99)) == 1e-3  # bounded below
+    assert float(rule.adapt(10.0, -1.0)) == 10.0  # and above
+
+
+def test_reduction_ratio():
+    assert float(reduction_ratio(jnp.array(-1.0), jnp.array(-2.0))) == 0.5
+    assert float(reduction_ratio(jnp.array(-1.0), jnp.array(1.0))) == -np.inf
+    assert float(reduction_ratio(jnp.array(jnp.nan), jnp.array(-1.0))) == -np.inf
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decrease": 1.0},
+        {"increase": 0.5},
+        {"initial": -1.0},
+        {"low": 0.8, "high": 0.5},
+        {"max_damping": np.inf},
+    ],
+)
+def test_rule_validates_its_parameters(kwargs):
+    with pytest.raises(ValueError, match="LevenbergMarquardt"):
+        ng.LevenbergMarquardt(**kwargs)
+
+
+def _steps(model, params, x, y, damping, steps, solver="dense", learning_rate=1.0):
+    optimizer = ng.natural_gradient(model, learning_rate, damping=damping, solver=solver)
+    state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, state):
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = optimizer.update(g, state, params, inputs=x, targets=y)
+        return optax.apply_updates(params, updates), state
+
+    dampings, losses = [], [float(model.nll(params, x, y))]
+    for _ in range(steps):
+        params, state = step(params, state)
+        dampings.append(float(state[0].damping))
+        losses.append(float(model.nll(params, x, y)))
+    return dampings, losses
+
+
+def test_damping_decreases_on_an_exact_quadratic():
+    # Linear regression: the loss is exactly the quadratic model, so ρ = 1 every step.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 1))
+    model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+    dampings, _ = _steps(model, jnp.zeros((3, 1)), x, y, ng.LevenbergMarquardt(initial=1.0), 3)
+    np.testing.assert_allclose(dampings, [(2 / 3) ** k for k in (1, 2, 3)], rtol=1e-12)
+
+
+def test_damping_increases_when_the_quadratic_model_overshoots():
+    # Rosenbrock residuals far from the valley with almost no damping: the Gauss–Newton
+    # step predicts a decrease, the loss goes up; the step is rejected and λ grows ×10.
+    def residuals(p, x):
+        return jnp.broadcast_to(jnp.stack([1 - p[0], 10 * (p[1] - p[0] ** 2)]), (x.shape[0], 2))
+
+    model = ng.Model(residuals, ng.Gaussian(scale=1.0))
+    x, y = jnp.zeros((1, 1)), jnp.zeros((1, 2))
+    rule = ng.LevenbergMarquardt(initial=1e-6, min_damping=1e-8)
+    dampings, losses = _steps(model, jnp.array([-1.2, 1.0]), x, y, rule, 1)
+    assert dampings[0] == pytest.approx(1e-5)
+    assert losses[1] == losses[0]
+
+
+@pytest.mark.parametrize("initial", [1e-8, 1e3])
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_training_an_mlp_from_a_poor_initial_damping_does_not_diverge(initial, solver):
+    key_params, key_x = jax.random.split(jax.random.PRNGKey(0))
+    params = init_mlp(key_params, [4, 8, 3])
+    x = jax.random.normal(key_x, (64, 4))
+    y = jnp.argmax(x[:, :3] + 0.5 * x[:, 3:], axis=1)
+    model = ng.Model(mlp, ng.Categorical())
+    rule = ng.LevenbergMarquardt(initial=initial, min_damping=1e-8, max_damping=1e4)
+    dampings, losses = _steps(model, params, x, y, rule, 30, solver=solver)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0]
+    # Steps that would raise the loss are rejected: it never goes up.
+    assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(losses))
+    if initial == 1e3:
+        assert dampings[-1] < 1e2  # it learned to trust the model more
+    else:
+        assert dampings[-1] >= 1e-8
+
+
+def test_adaptive_damping_needs_targets():
+    model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+    tx = ng.scale_by_natural_gradient(model, damping=ng.LevenbergMarquardt())
+    w, x = jnp.zeros(2), jnp.ones((3, 2))
+    with pytest.raises(ValueError, match="targets"):
+        tx.update(jnp.ones(2), tx.init(w), w, inputs=x)
