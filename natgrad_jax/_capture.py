@@ -1,0 +1,382 @@
+r"""Layer capture: the inputs a and output-gradients g of every matmul on a parameter leaf.
+
+For a parameter W used as ``y = dot_general(W, x)`` (or ``dot_general(x, W)``), the
+gradient of example i is built from the layer's input x restricted to that example and
+the gradient g of the loss w.r.t. y restricted to that example; for a dense layer it is
+the outer product xᵢ gᵢᵀ. Kronecker factors, exact diagonals and Woodbury kernels all
+follow from a and g, so they never need the (N, P) matrix of per-example gradients.
+
+How a and g are obtained, with public JAX APIs only (no tagging, no special layers):
+
+1. ``jax.make_jaxpr(apply_fn)`` is read equation by equation. A variable *derives from
+   leaf ℓ* if it is the leaf or comes from it through dtype/layout operations
+   (convert_element_type, reshape, transpose, copy, squeeze, expand_dims). A
+   ``dot_general`` with exactly one such operand and no batch dimensions on it is a
+   **layer**; nested ``jit`` calls are entered recursively.
+2. A leaf is **captured** if every use of it is such a layer (one layer per leaf); any
+   other leaf (biases, embeddings, weights inside custom derivatives, tied weights) is
+   left to the **fallback**: ``jax.vmap`` of per-example gradients restricted to those
+   leaves. Nothing is silently approximated: ``describe`` lists both sets.
+3. The example axis of each layer's input is the axis whose size follows the batch
+   size: the function is traced a second time with N + 1 examples and the shapes
+   compared. A layer whose input has no such axis is left to the fallback.
+4. The jaxpr is then evaluated by a small interpreter that adds a zero "probe" to the
+   output of every captured layer and returns the layer inputs: the gradient w.r.t. a
+   probe is g, from one batched backward pass.
+
+Assumes examples do not interact (no batch normalisation across the batch), as every
+per-example Fisher does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+LAYOUT_OPS = frozenset(
+    {"convert_element_type", "reshape", "transpose", "copy", "copy_p", "squeeze", "expand_dims"}
+)
+# A bias may also reach its add through a broadcast.
+BIAS_OPS = LAYOUT_OPS | {"broadcast_in_dim"}
+CALL_OPS = frozenset({"pjit", "jit", "closed_call", "core_call"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One captured use of a parameter leaf and how its per-example gradients follow.
+
+    ``kind == "dot"``: y = dot_general(W, x) (either order); the gradient needs the
+    layer input x and the output-gradient g. ``kind == "add"``: y = x + b (a bias,
+    broadcast); the gradient is g summed over the broadcast axes.
+    """
+
+    kind: str  # "dot" or "add"
+    leaf: int  # index of the parameter leaf in jax.tree.leaves(params)
+    eqn: int  # index of the equation in traversal order
+    param_operand: int  # 0 if the parameter is the first operand, 1 if the second
+    dimension_numbers: Any  # of the dot_general (None for an add)
+    chain: tuple  # (primitive, params) from the leaf to the operand
+    input_example_axis: int | None  # axis of the layer input x that indexes examples
+    output_example_axis: int  # axis of the layer output that indexes examples
+    input_shape: tuple | None  # shape of x for the traced batch (None for an add)
+    output_shape: tuple  # shape of the layer output for the traced batch
+    operand_shape: tuple  # shape of the parameter operand (after the chain)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """What ``capture`` found: the captured layers and the leaves left to the fallback."""
+
+    layers: tuple[Layer, ...]
+    fallback: tuple[int, ...]  # leaf indices handled by vmap-ed per-example gradients
+    leaf_names: tuple[str, ...]
+    leaf_shapes: tuple[tuple[int, ...], ...]
+
+    def describe(self) -> str:
+        """A table of every parameter leaf and how its per-example gradients are formed."""
+        lines = [f"{'leaf':<32}{'shape':<18}how"]
+        by_leaf = {layer.leaf: layer for layer in self.layers}
+        for index, (name, shape) in enumerate(zip(self.leaf_names, self.leaf_shapes, strict=True)):
+            if index in by_leaf:
+                layer = by_leaf[index]
+                how = (
+                    f"captured: matmul, input {layer.input_shape}"
+                    if layer.kind == "dot"
+                    else f"captured: bias add, output {layer.output_shape}"
+                )
+            else:
+                how = "fallback: vmap-ed per-example gradients"
+            lines.append(f"{name:<32}{str(shape):<18}{how}")
+        return "\n".join(lines)
+
+
+# --- reading the jaxpr --------------------------------------------------------------------
+
+
+def _bind(eqn, args):
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    # jax ≤ 0.9 returns (subfuns, params); newer releases return the params alone.
+    subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+    out = eqn.primitive.bind(*subfuns, *args, **params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+def _is_literal(var) -> bool:
+    return isinstance(var, jex_core.Literal)
+
+
+def _inner_jaxpr(eqn):
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if isinstance(inner, jex_core.ClosedJaxpr):
+        return inner
+    return jex_core.ClosedJaxpr(inner, ()) if inner is not None else None
+
+
+@dataclasses.dataclass
+class _Use:
+    """Where a parameter-derived value was consumed."""
+
+    leaf: int
+    eqn: int | None  # the equation index if the use is a layer, else None
+    kind: str | None = None
+    param_operand: int | None = None
+    dimension_numbers: Any = None
+    chain: tuple = ()
+    input_aval: Any = None
+    output_aval: Any = None
+    operand_aval: Any = None
+
+
+def _analyse(closed_jaxpr, origins, uses, counter):
+    """Walks a jaxpr, following parameter-derived variables.
+
+    ``origins`` maps a variable to (leaf, chain, through_broadcast); every equation gets
+    the next index of ``counter`` (the evaluation pass numbers them the same way).
+    """
+    env = dict(origins)
+    for eqn in closed_jaxpr.jaxpr.eqns:
+        index = counter[0]
+        counter[0] += 1
+        name = eqn.primitive.name
+        derived = [None if _is_literal(v) else env.get(v) for v in eqn.invars]
+        sides = [k for k in range(len(derived)) if derived[k] is not None]
+        if name == "dot_general" and len(sides) == 1:
+            (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"][1]
+            leaf, chain, broadcast = derived[sides[0]]
+            if not (lhs_batch or rhs_batch or broadcast):
+                uses.append(_layer_use("dot", index, leaf, sides[0], chain, eqn))
+                continue
+        elif name == "add" and len(sides) == 1:
+            leaf, chain, _ = derived[sides[0]]
+            uses.append(_layer_use("add", index, leaf, sides[0], chain, eqn))
+            continue
+        elif name in BIAS_OPS and sides == [0] and len(eqn.invars) == 1:
+            leaf, chain, broadcast = derived[0]
+            broadcast = broadcast or name == "broadcast_in_dim"
+            env[eqn.outvars[0]] = (leaf, (*chain, (eqn.primitive, eqn.params)), broadcast)
+            continue
+        elif name in CALL_OPS and _inner_jaxpr(eqn) is not None:
+            inner = _inner_jaxpr(eqn)
+            inner_origins = {
+                v: d for v, d in zip(inner.jaxpr.invars, derived, strict=True) if d is not None
+            }
+            _analyse(inner, inner_origins, uses, counter)
+            continue
+        uses.extend(_Use(derived[k][0], None) for k in sides)
+    for var in closed_jaxpr.jaxpr.outvars:
+        if not _is_literal(var) and var in env:
+            uses.append(_Use(env[var][0], None))
+
+
+def _layer_use(kind, index, leaf, side, chain, eqn):
+    other = eqn.invars[1 - side]
+    return _Use(
+        leaf,
+        index,
+        kind,
+        side,
+        eqn.params.get("dimension_numbers"),
+        chain,
+        None if kind == "add" else other.aval,
+        eqn.outvars[0].aval,
+        eqn.invars[side].aval,
+    )
+
+
+def _trace(apply_fn, params, inputs):
+    return jax.make_jaxpr(apply_fn)(params, inputs)
+
+
+def _layer_uses(apply_fn, params, inputs):
+    closed = _trace(apply_fn, params, inputs)
+    num_leaves = len(jax.tree.leaves(params))
+    origins = {v: (k, (), False) for k, v in enumerate(closed.jaxpr.invars[:num_leaves])}
+    uses: list[_Use] = []
+    _analyse(closed, origins, uses, [0])
+    return uses
+
+
+def _grow_batch(inputs):
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((a.shape[0] + 1, *a.shape[1:]), a.dtype), inputs
+    )
+
+
+def _example_axis(shape, grown_shape):
+    changed = [k for k, (a, b) in enumerate(zip(shape, grown_shape, strict=True)) if a + 1 == b]
+    unchanged = all(a == b for a, b in zip(shape, grown_shape, strict=True) if a + 1 != b)
+    return changed[0] if len(changed) == 1 and unchanged else None
+
+
+def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
+    """Finds the parameter leaves of ``apply_fn`` whose per-example gradients come from (a, g).
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs`` on a batch.
+      params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+      inputs: a batch of inputs (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      A ``Capture``; ``capture(...).describe()`` prints what was found.
+    """
+    leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = tuple(jax.tree_util.keystr(path) or "params" for path, _ in leaves_with_paths)
+    shapes = tuple(tuple(np.shape(leaf)) for _, leaf in leaves_with_paths)
+    uses = _layer_uses(apply_fn, params, inputs)
+    try:
+        grown = _layer_uses(apply_fn, params, _grow_batch(inputs))
+    except Exception:  # a model that only runs at one batch size: nothing is captured
+        grown = []
+    grown_by_eqn = {u.eqn: u for u in grown if u.eqn is not None}
+
+    by_leaf: dict[int, list[_Use]] = {}
+    for use in uses:
+        by_leaf.setdefault(use.leaf, []).append(use)
+    layers = []
+    for leaf, leaf_uses in sorted(by_leaf.items()):
+        if len(leaf_uses) != 1 or leaf_uses[0].eqn is None:
+            continue
+        use = leaf_uses[0]
+        twin = grown_by_eqn.get(use.eqn)
+        if twin is None or twin.leaf != leaf or twin.kind != use.kind:
+            continue
+        output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
+        input_axis = None
+        if use.kind == "dot":
+            input_axis = _example_axis(use.input_aval.shape, twin.input_aval.shape)
+            if input_axis is None:
+                continue
+        elif use.operand_aval.shape != twin.operand_aval.shape or (
+            output_axis is not None and use.operand_aval.shape[output_axis] != 1
+        ):
+            continue  # a bias must be the same for every example
+        if output_axis is None:
+            continue
+        layers.append(
+            Layer(
+                kind=use.kind,
+                leaf=leaf,
+                eqn=use.eqn,
+                param_operand=use.param_operand,
+                dimension_numbers=use.dimension_numbers,
+                chain=use.chain,
+                input_example_axis=input_axis,
+                output_example_axis=output_axis,
+                input_shape=None if use.input_aval is None else tuple(use.input_aval.shape),
+                output_shape=tuple(use.output_aval.shape),
+                operand_shape=tuple(use.operand_aval.shape),
+            )
+        )
+    captured = {layer.leaf for layer in layers}
+    fallback = tuple(k for k in range(len(shapes)) if k not in captured)
+    return Capture(tuple(layers), fallback, names, shapes)
+
+
+# --- evaluating with probes ----------------------------------------------------------------
+
+
+def _evaluate(closed_jaxpr, args, probes, activations, counter):
+    env = dict(zip(closed_jaxpr.jaxpr.constvars, closed_jaxpr.consts, strict=True))
+    env.update(zip(closed_jaxpr.jaxpr.invars, args, strict=True))
+
+    def read(var):
+        return var.val if _is_literal(var) else env[var]
+
+    for eqn in closed_jaxpr.jaxpr.eqns:
+        index = counter[0]
+        counter[0] += 1
+        values = [read(v) for v in eqn.invars]
+        if eqn.primitive.name in CALL_OPS and _inner_jaxpr(eqn) is not None:
+            outs = _evaluate(_inner_jaxpr(eqn), values, probes, activations, counter)
+        else:
+            outs = _bind(eqn, values)
+            if index in probes:
+                layer, probe = probes[index]
+                activations[index] = values[1 - layer.param_operand]
+                outs = [outs[0] + probe.astype(outs[0].dtype)]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in closed_jaxpr.jaxpr.outvars]
+
+
+def probed_apply(apply_fn, captured: Capture, params, inputs, probes):
+    """``apply_fn`` with ``probes[k]`` added to the output of captured layer k.
+
+    Returns ``(outputs, inputs_of_layers)``: the gradient of a function of the outputs
+    w.r.t. ``probes[k]`` is the output-gradient g of layer k, and ``inputs_of_layers[k]``
+    its input a.
+    """
+    closed = _trace(apply_fn, params, inputs)
+    args = [*jax.tree.leaves(params), *jax.tree.leaves(inputs)]
+    by_eqn = {
+        layer.eqn: (layer, probe) for layer, probe in zip(captured.layers, probes, strict=True)
+    }
+    activations: dict[int, jax.Array] = {}
+    flat_outputs = _evaluate(closed, args, by_eqn, activations, [0])
+    outputs = jax.tree.unflatten(
+        jax.tree.structure(jax.eval_shape(apply_fn, params, inputs)), flat_outputs
+    )
+    return outputs, [activations[layer.eqn] for layer in captured.layers]
+
+
+def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cotangent_rows):
+    """One forward and one (row-batched) backward pass: (outputs, a per layer, g per layer).
+
+    ``cotangent_rows`` is a pytree shaped like the outputs with a leading axis of R rows;
+    g[k] has a leading R axis, then the shape of layer k's output.
+    """
+    zeros = [jnp.zeros(layer.output_shape, jnp.result_type(float)) for layer in captured.layers]
+
+    def forward(probes):
+        return probed_apply(apply_fn, captured, params, inputs, probes)
+
+    (outputs, activations), pullback = jax.vjp(forward, zeros)
+    zero_activations = [jnp.zeros_like(a) for a in activations]
+    (gradients,) = jax.vmap(lambda row: pullback((row, zero_activations)))(cotangent_rows)
+    return outputs, activations, gradients
+
+
+def per_example_gradient(layer: Layer, activation, gradient, leaf_value):
+    """The (N, *leaf.shape) per-example gradients of one captured leaf from its a and g.
+
+    Exactly the vjp of the layer restricted to each example: used to check capture
+    against ``jax.vmap`` of ``jax.grad``; the curvature code uses a and g directly.
+    """
+
+    def operand_from_leaf(leaf):
+        for primitive, params in layer.chain:
+            leaf = primitive.bind(leaf, **params)
+        return leaf
+
+    operand, operand_pullback = jax.vjp(operand_from_leaf, leaf_value)
+
+    def one_example(x, g):
+        g = jnp.expand_dims(g, layer.output_example_axis)
+        dtype = g.dtype if x is None else jnp.result_type(x, g)
+        if layer.kind == "add":
+
+            def apply(w):
+                return jnp.broadcast_to(w, g.shape)
+
+        else:
+            x = jnp.expand_dims(x, layer.input_example_axis)
+
+            def apply(w):
+                lhs, rhs = (w, x) if layer.param_operand == 0 else (x, w)
+                return jax.lax.dot_general(lhs, rhs, layer.dimension_numbers)
+
+        _, pullback = jax.vjp(apply, operand.astype(dtype))
+        (grad_operand,) = pullback(g.astype(dtype))
+        return operand_pullback(grad_operand.astype(operand.dtype))[0]
+
+    if layer.kind == "add":
+        return jax.vmap(lambda g: one_example(None, g), in_axes=layer.output_example_axis)(gradient)
+    return jax.vmap(one_example, in_axes=(layer.input_example_axis, layer.output_example_axis))(
+        activation, gradient
+    )
