@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch, parameter_count
+from natgrad_jax._curvature.factored import factored_rows
 from natgrad_jax._solvers import moving_average
 
 
@@ -24,8 +25,13 @@ class DiagonalState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Diagonal:
-    """diag(F) + λ, inverted elementwise (zero where both vanish: pseudo-inverse)."""
+    """diag(F) + λ, inverted elementwise (zero where both vanish: pseudo-inverse).
 
+    With ``capture=True`` (the default) the diagonal of a captured dense layer is
+    Σ (a ⊙ a)(g ⊙ g)ᵀ from one batched pass, without per-example gradients.
+    """
+
+    capture: bool = True
     name = "diagonal"
     averages = True
 
@@ -39,8 +45,12 @@ class Diagonal:
 
     def refresh(self, state: DiagonalState, batch: CurvatureBatch, damping, decay, is_first):
         del damping
-        rows = batch.score_rows().astype(state.diagonal.dtype)
-        diagonal = jnp.sum(rows**2, axis=0) / batch.num_examples
+        dtype = state.diagonal.dtype
+        if self.capture:
+            diagonal = factored_rows(batch, dtype).diagonal() / batch.num_examples
+        else:
+            rows = batch.score_rows().astype(dtype)
+            diagonal = jnp.sum(rows**2, axis=0) / batch.num_examples
         return DiagonalState(moving_average(state.diagonal, diagonal, decay, is_first))
 
     def solve(self, state: DiagonalState, batch: CurvatureBatch, vector, damping):

@@ -22,37 +22,56 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.factored import factored_rows
 
 
 class WoodburyState(NamedTuple):
     """The low-rank representation keeps no arrays across steps (it uses this batch's rows)."""
 
 
-def woodbury_solve(rows, num_examples, vector, damping):
-    """(SᵀS/N + λI)⁻¹ v through the eigendecomposition of the M×M kernel SSᵀ/N."""
-    kernel = rows @ rows.T / num_examples
-    eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (kernel + kernel.T))
-    damping = jnp.asarray(damping, rows.dtype)
-    projected = eigenvectors.T @ (rows @ vector) / num_examples  # Vᵀ S v / N
+def woodbury_solve_factored(
+    kernel, rows_times, rows_transpose_times, num_examples, vector, damping
+):
+    """(SᵀS/N + λI)⁻¹ v given S Sᵀ and the products v ↦ S v, u ↦ Sᵀ u (S never formed).
 
-    eps = jnp.finfo(rows.dtype).eps
+    Eigendecomposition of the M×M kernel SSᵀ/N = V diag(w) Vᵀ; stable in float32.
+    """
+    kernel = kernel / num_examples
+    eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (kernel + kernel.T))
+    damping = jnp.asarray(damping, vector.dtype)
+    projected = eigenvectors.T @ rows_times(vector) / num_examples  # Vᵀ S v / N
+
+    eps = jnp.finfo(vector.dtype).eps
     tol = kernel.shape[0] * eps * jnp.maximum(jnp.max(jnp.abs(eigenvalues)), eps)
     kept = eigenvalues > tol
     safe_w = jnp.where(kept, eigenvalues, 1.0)
     safe_damping = jnp.where(damping > 0, damping, 1.0)
     # λ > 0: (v − Sᵀ V diag(1/(N(w + λ))) Vᵀ S v) / λ, the full Woodbury formula.
-    damped = (vector - rows.T @ (eigenvectors @ (projected / (eigenvalues + safe_damping)))) / (
-        safe_damping
-    )
+    correction = rows_transpose_times(eigenvectors @ (projected / (eigenvalues + safe_damping)))
+    damped = (vector - correction) / safe_damping
     # λ = 0: U diag(1/w) Uᵀ v = Sᵀ V diag(1/(N w²)) Vᵀ S v on the kept eigenvalues.
-    pseudo = rows.T @ (eigenvectors @ jnp.where(kept, projected / safe_w**2, 0.0))
+    pseudo = rows_transpose_times(eigenvectors @ jnp.where(kept, projected / safe_w**2, 0.0))
     return jnp.where(damping > 0, damped, pseudo)
+
+
+def woodbury_solve(rows, num_examples, vector, damping):
+    """(SᵀS/N + λI)⁻¹ v for a dense (M, P) matrix of score rows S."""
+    return woodbury_solve_factored(
+        rows @ rows.T, lambda v: rows @ v, lambda u: rows.T @ u, num_examples, vector, damping
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Woodbury:
-    """Woodbury solve with this batch's score rows: exact, O(M² P + M³) per step."""
+    """Woodbury solve with this batch's score rows: exact, O(M² P + M³) per step.
 
+    With ``capture=True`` (the default) the kernel SSᵀ and the products S v, Sᵀ u come
+    from the layers' inputs and output-gradients (``ng.describe``), never from the
+    (M, P) matrix of per-example gradients; leaves capture cannot explain use
+    ``jax.vmap``-ed rows. ``capture=False`` always forms the rows with ``jax.vmap``.
+    """
+
+    capture: bool = True
     name = "woodbury"
     averages = False  # an average of low-rank Fishers is not low-rank
 
@@ -70,5 +89,17 @@ class Woodbury:
         return state
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
+        if self.capture:
+            rows = factored_rows(batch, vector.dtype)
+            shape = rows.gradients[0].shape[:2] if rows.gradients else rows.fallback_rows.shape[:2]
+            solved = woodbury_solve_factored(
+                rows.kernel(),
+                lambda v: rows.matvec(v).reshape(-1),
+                lambda u: rows.rmatvec(u.reshape(shape)),
+                batch.num_examples,
+                vector,
+                damping,
+            )
+            return solved, state
         rows = batch.score_rows().astype(vector.dtype)
         return woodbury_solve(rows, batch.num_examples, vector, damping), state

@@ -1,0 +1,277 @@
+r"""Score rows in factored form: (a, g) per captured layer, dense rows for the rest.
+
+The score matrix S (rows = examples × output-Fisher rows, F = SᵀS/N) restricted to a
+captured layer is never formed. For a matmul layer with inputs a_{it} ∈ ℝᴷ and
+output-gradients g_{rit} ∈ ℝᴰ (t runs over positions sharing the weight, e.g. tokens),
+row (r, i) of S is vec(Σ_t a_{it} g_{rit}ᵀ), so
+
+* S v       = Σ_t a_{it}ᵀ V g_{rit}                       (V: v as a K×D matrix),
+* Sᵀ u      = Σ_{r,i,t} u_{ri} a_{it} g_{rit}ᵀ,
+* S Sᵀ      = Σ_{t,u} (a_{it}·a_{ju}) (g_{rit}·g_{sju})    ((AAᵀ)⊙(GGᵀ) when T = 1),
+* diag(SᵀS) = Σ_{r,i} (a_i ⊙ a_i)(g_{ri} ⊙ g_{ri})ᵀ       (T = 1),
+* Kronecker factors E[aaᵀ] and E[ggᵀ].
+
+A bias added to a layer's output is a layer with a = 1 (K = 1). Leaves that capture
+could not explain keep dense per-example rows from ``jax.vmap``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from natgrad_jax._capture import Capture, Layer, capture, layer_inputs_and_gradients
+from natgrad_jax._fisher import check_num_samples, sample_targets
+
+PyTree = Any
+
+
+# --- the K×D layout of a captured leaf ---------------------------------------------------
+
+
+def _dot_dims(layer: Layer):
+    """(W contracting, W free, x contracting, x positions) axes of a captured matmul."""
+    (lhs_contract, rhs_contract), _ = layer.dimension_numbers
+    w_contract, x_contract = (
+        (lhs_contract, rhs_contract) if layer.param_operand == 0 else (rhs_contract, lhs_contract)
+    )
+    w_free = [d for d in range(len(layer.operand_shape)) if d not in w_contract]
+    x_free = [d for d in range(len(layer.input_shape)) if d not in x_contract]
+    return list(w_contract), w_free, list(x_contract), x_free
+
+
+def _output_layout(layer: Layer):
+    """(example axis, position axes, feature axes) of the layer's output."""
+    if layer.kind == "add":
+        out, operand = layer.output_shape, layer.operand_shape
+        example = layer.output_example_axis
+        positions = [d for d in range(len(out)) if d != example and operand[d] == 1 and out[d] != 1]
+        features = [d for d in range(len(out)) if d != example and operand[d] == out[d]]
+        return example, positions, features
+    w_contract, w_free, _, x_free = _dot_dims(layer)
+    x_positions = [len(w_free) + k if layer.param_operand == 0 else k for k in range(len(x_free))]
+    w_positions = [k if layer.param_operand == 0 else len(x_free) + k for k in range(len(w_free))]
+    example = layer.output_example_axis
+    return example, [d for d in x_positions if d != example], w_positions
+
+
+def _normalise_gradient(layer: Layer, g):
+    """g with leading row axis → (R, N, T, D)."""
+    example, positions, features = _output_layout(layer)
+    order = [example, *positions, *features]
+    rest = [d for d in range(g.ndim - 1) if d not in order]  # axes of size one
+    g = jnp.transpose(g, (0, *(1 + d for d in (*order, *rest))))
+    t = math.prod(g.shape[2 : 2 + len(positions)])
+    return g.reshape(g.shape[0], g.shape[1], t, -1)
+
+
+def _normalise_input(layer: Layer, x, num_positions: int):
+    """x → (N, T, K); a bias's input is 1 (K = 1)."""
+    if layer.kind == "add":
+        raise AssertionError("bias layers have no input")
+    _, _, x_contract, x_free = _dot_dims(layer)
+    example = layer.input_example_axis
+    positions = [d for d in x_free if d != example]
+    x = jnp.transpose(x, (example, *positions, *x_contract))
+    return x.reshape(x.shape[0], num_positions, -1)
+
+
+def _chain(layer: Layer, leaf):
+    for primitive, params in layer.chain:
+        leaf = primitive.bind(leaf, **params)
+    return leaf
+
+
+def leaf_to_matrix(layer: Layer, leaf) -> jax.Array:
+    """The K×D matrix view of a leaf-shaped array (a permutation of its entries)."""
+    operand = _chain(layer, leaf)
+    if layer.kind == "add":
+        return operand.reshape(1, -1)
+    w_contract, w_free, _, _ = _dot_dims(layer)
+    operand = jnp.transpose(operand, (*w_contract, *w_free))
+    k = math.prod(operand.shape[: len(w_contract)])
+    return operand.reshape(k, -1)
+
+
+def matrix_to_leaf(layer: Layer, matrix, leaf_template) -> jax.Array:
+    """Inverse of ``leaf_to_matrix``: a K×D matrix back to the leaf's shape."""
+    _, pullback = jax.vjp(
+        lambda leaf: leaf_to_matrix(layer, leaf), leaf_template.astype(matrix.dtype)
+    )
+    return pullback(matrix)[0]
+
+
+# --- the factored rows ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredRows:
+    """S in factored form for one batch; see the module docstring for the algebra."""
+
+    capture: Capture
+    inputs: tuple  # per layer (N, T, K); None for biases (a = 1)
+    gradients: tuple  # per layer (R, N, T, D)
+    fallback_rows: jax.Array  # (R, N, P_fallback) dense rows of the other leaves
+    leaf_templates: tuple  # zero arrays shaped like the leaves (for layout maps)
+    num_examples: int
+
+    def _a(self, index):
+        a = self.inputs[index]
+        if a is None:
+            g = self.gradients[index]
+            return jnp.ones((g.shape[1], g.shape[2], 1), g.dtype)
+        return a
+
+    def _split(self, flat):
+        sizes = [t.size for t in self.leaf_templates]
+        pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
+        return [p.reshape(t.shape) for p, t in zip(pieces, self.leaf_templates, strict=True)]
+
+    def _fallback_part(self, leaves):
+        if not self.capture.fallback:
+            return jnp.zeros((0,), self.fallback_rows.dtype)
+        return jnp.concatenate([leaves[k].ravel() for k in self.capture.fallback])
+
+    def _assemble(self, per_layer, fallback):
+        """Flat vector from per-layer K×D matrices and the fallback leaves' entries."""
+        leaves = [None] * len(self.leaf_templates)
+        for layer, matrix in zip(self.capture.layers, per_layer, strict=True):
+            leaves[layer.leaf] = matrix_to_leaf(layer, matrix, self.leaf_templates[layer.leaf])
+        offset = 0
+        for k in self.capture.fallback:
+            size = self.leaf_templates[k].size
+            leaves[k] = fallback[offset : offset + size].reshape(self.leaf_templates[k].shape)
+            offset += size
+        dtype = per_layer[0].dtype if per_layer else fallback.dtype
+        return jnp.concatenate([leaf.ravel().astype(dtype) for leaf in leaves])
+
+    def matvec(self, flat):
+        """S v as an (R, N) array."""
+        leaves = self._split(flat)
+        total = jnp.einsum("rnp,p->rn", self.fallback_rows, self._fallback_part(leaves))
+        for index, layer in enumerate(self.capture.layers):
+            v = leaf_to_matrix(layer, leaves[layer.leaf]).astype(flat.dtype)
+            total = total + jnp.einsum("ntk,kd,rntd->rn", self._a(index), v, self.gradients[index])
+        return total
+
+    def rmatvec(self, weights):
+        """Sᵀ u for u of shape (R, N), as a flat vector."""
+        per_layer = [
+            jnp.einsum("rn,ntk,rntd->kd", weights, self._a(index), self.gradients[index])
+            for index in range(len(self.capture.layers))
+        ]
+        return self._assemble(per_layer, jnp.einsum("rn,rnp->p", weights, self.fallback_rows))
+
+    def kernel(self):
+        """S Sᵀ as an (R·N, R·N) matrix, rows ordered (r, i)."""
+        r, n = self.fallback_rows.shape[:2]
+        fallback = self.fallback_rows.reshape(r * n, -1)
+        total = (fallback @ fallback.T).reshape(r, n, r, n)
+        for index in range(len(self.capture.layers)):
+            a, g = self._a(index), self.gradients[index]
+            if a.shape[1] == 1:
+                inputs = a[:, 0] @ a[:, 0].T
+                total = total + inputs[None, :, None, :] * jnp.einsum(
+                    "rnd,smd->rnsm", g[:, :, 0], g[:, :, 0]
+                )
+            else:
+                inputs = jnp.einsum("ntk,muk->ntmu", a, a)
+                total = total + jnp.einsum("ntmu,rntd,smud->rnsm", inputs, g, g)
+        return total.reshape(r * n, r * n)
+
+    def diagonal(self):
+        """diag(SᵀS) as a flat vector."""
+        per_layer = []
+        for index in range(len(self.capture.layers)):
+            a, g = self._a(index), self.gradients[index]
+            if a.shape[1] == 1:
+                per_layer.append(jnp.einsum("nk,rnd->kd", a[:, 0] ** 2, g[:, :, 0] ** 2))
+            else:
+                per_example = jnp.einsum("ntk,rntd->rnkd", a, g)
+                per_layer.append(jnp.sum(per_example**2, axis=(0, 1)))
+        return self._assemble(per_layer, jnp.sum(self.fallback_rows**2, axis=(0, 1)))
+
+    def kronecker_factors(self, index):
+        """(E[a aᵀ], E[g gᵀ]) of layer ``index``, sums over positions, means over examples."""
+        a, g = self._a(index), self.gradients[index]
+        n = self.num_examples
+        return jnp.einsum("ntk,ntl->kl", a, a) / n, jnp.einsum("rntd,rnte->de", g, g) / (
+            n * a.shape[1]
+        )
+
+
+def _cotangent_rows(batch, outputs):
+    """Output-space cotangents whose pullbacks are the score rows of ``batch.kind``."""
+    likelihood = batch.model.likelihood
+    if batch.kind == "exact":
+        return likelihood.fisher_sqrt(outputs)
+
+    def score(labels):
+        return jax.grad(lambda o: jnp.sum(likelihood.log_prob(o, labels)))(outputs)
+
+    if batch.kind == "empirical":
+        return jax.tree.map(lambda c: c[None], score(batch.targets))
+    num_samples = check_num_samples(batch.num_samples)
+    sampled = sample_targets(batch.model, batch.params, batch.inputs, batch.key, num_samples)
+    rows = jax.vmap(score)(sampled)
+    return jax.tree.map(lambda c: c / jnp.sqrt(jnp.asarray(num_samples, c.dtype)), rows)
+
+
+def _fallback_rows(batch, captured: Capture, cotangents, dtype):
+    """(R, N, P_fallback) per-example rows of the leaves capture left out, via vmap."""
+    leaves, treedef = jax.tree.flatten(batch.params)
+    num_rows = jax.tree.leaves(cotangents)[0].shape[0]
+    if not captured.fallback:
+        return jnp.zeros((num_rows, batch.num_examples, 0), dtype)
+
+    def with_fallback(fallback_leaves):
+        merged = list(leaves)
+        for k, leaf in zip(captured.fallback, fallback_leaves, strict=True):
+            merged[k] = leaf
+        return jax.tree.unflatten(treedef, merged)
+
+    fallback_values = [leaves[k] for k in captured.fallback]
+
+    def rows_of_example(x, cot):  # x: one example as a batch of one; cot: (R, 1, ...)
+        _, pullback = jax.vjp(lambda f: batch.model.apply_fn(with_fallback(f), x), fallback_values)
+        pulled = jax.vmap(lambda c: pullback(c)[0])(cot)
+        return jnp.concatenate([p.reshape(num_rows, -1) for p in pulled], axis=1)
+
+    example_cotangents = jax.tree.map(lambda c: jnp.moveaxis(c, 1, 0)[:, :, None], cotangents)
+    per_example = jax.vmap(lambda x, c: rows_of_example(jax.tree.map(lambda a: a[None], x), c))(
+        batch.inputs, example_cotangents
+    )
+    return jnp.moveaxis(per_example, 0, 1).astype(dtype)
+
+
+def factored_rows(batch, dtype=None) -> FactoredRows:
+    """One forward and one row-batched backward pass: the factored score rows of ``batch``."""
+    captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
+    outputs = batch.model.apply_fn(batch.params, batch.inputs)
+    cotangents = jax.lax.stop_gradient(_cotangent_rows(batch, outputs))
+    _, activations, gradients = layer_inputs_and_gradients(
+        batch.model.apply_fn, captured, batch.params, batch.inputs, cotangents
+    )
+    dtype = dtype or jnp.result_type(*jax.tree.leaves(batch.params), jnp.float32)
+    normalised_g = [
+        _normalise_gradient(layer, g).astype(dtype)
+        for layer, g in zip(captured.layers, gradients, strict=True)
+    ]
+    normalised_a = [
+        None if layer.kind == "add" else _normalise_input(layer, a, g.shape[2]).astype(dtype)
+        for layer, a, g in zip(captured.layers, activations, normalised_g, strict=True)
+    ]
+    templates = tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(batch.params))
+    return FactoredRows(
+        capture=captured,
+        inputs=tuple(normalised_a),
+        gradients=tuple(normalised_g),
+        fallback_rows=_fallback_rows(batch, captured, cotangents, dtype),
+        leaf_templates=templates,
+        num_examples=batch.num_examples,
+    )
