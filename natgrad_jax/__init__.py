@@ -5,11 +5,13 @@ matrix-free) and optax transforms that precondition gradients by the damped inve
 Fisher.
 """
 
+from natgrad_jax._capture import describe as describe
 from natgrad_jax._curvature.auto import choose_solver as choose_solver
 from natgrad_jax._curvature.block import BlockDiagonal as BlockDiagonal
 from natgrad_jax._curvature.dense import Dense as Dense
 from natgrad_jax._curvature.diagonal import Diagonal as Diagonal
 from natgrad_jax._curvature.implicit import ConjugateGradient as ConjugateGradient
+from natgrad_jax._curvature.kronecker import Kronecker as Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury as Woodbury
 from natgrad_jax._damping import LevenbergMarquardt as LevenbergMarquardt
 from natgrad_jax._fisher import empirical_fisher as empirical_fisher
@@ -40,6 +42,7 @@ __all__ = [
     "Dense",
     "Diagonal",
     "Gaussian",
+    "Kronecker",
     "LevenbergMarquardt",
     "Likelihood",
     "Model",
@@ -47,6 +50,7 @@ __all__ = [
     "Poisson",
     "Woodbury",
     "choose_solver",
+    "describe",
     "empirical_fisher",
     "fisher",
     "fisher_hessian",

@@ -78,6 +78,7 @@ class Capture:
     fallback: tuple[int, ...]  # leaf indices handled by vmap-ed per-example gradients
     leaf_names: tuple[str, ...]
     leaf_shapes: tuple[tuple[int, ...], ...]
+    jaxpr: Any = None  # the traced apply_fn whose equations the layer indices refer to
 
     def describe(self) -> str:
         """A table of every parameter leaf and how its per-example gradients are formed."""
@@ -93,7 +94,7 @@ class Capture:
                 )
             else:
                 how = "fallback: vmap-ed per-example gradients"
-            lines.append(f"{name:<32}{str(shape):<18}{how}")
+            lines.append(f"{name:<32}{shape!s:<18}{how}")
         return "\n".join(lines)
 
 
@@ -200,12 +201,15 @@ def _layer_uses(apply_fn, params, inputs):
     origins = {v: (k, (), False) for k, v in enumerate(closed.jaxpr.invars[:num_leaves])}
     uses: list[_Use] = []
     _analyse(closed, origins, uses, [0])
-    return uses
+    return closed, uses
 
 
 def _grow_batch(inputs):
     return jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct((a.shape[0] + 1, *a.shape[1:]), a.dtype), inputs
+        lambda a: jax.ShapeDtypeStruct(
+            (a.shape[0] + 1, *a.shape[1:]), a.dtype, weak_type=a.weak_type
+        ),
+        inputs,
     )
 
 
@@ -215,8 +219,44 @@ def _example_axis(shape, grown_shape):
     return changed[0] if len(changed) == 1 and unchanged else None
 
 
+def describe(model, params: PyTree, inputs: PyTree) -> str:
+    """Which parameter leaves layer capture explains, and which use the vmap fallback.
+
+    Args:
+      model: an ``ng.Model``.
+      params: its parameters (arrays or ``jax.ShapeDtypeStruct``).
+      inputs: a batch of inputs (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      A table, one line per leaf.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda p, x: x @ p["w"] + p["b"], ng.Categorical())
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> print(ng.describe(model, params, jnp.zeros((8, 3))))
+      leaf                            shape             how
+      ['b']                           (2,)              captured: bias add, output (8, 2)
+      ['w']                           (3, 2)            captured: matmul, input (8, 3)
+    """
+    return capture(model.apply_fn, params, inputs).describe()
+
+
+def _struct(leaf):
+    return jax.ShapeDtypeStruct(
+        np.shape(leaf), jnp.result_type(leaf), weak_type=bool(getattr(leaf, "weak_type", False))
+    )
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((s.shape, str(s.dtype), s.weak_type) for s in map(_struct, leaves))
+
+
 def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
     """Finds the parameter leaves of ``apply_fn`` whose per-example gradients come from (a, g).
+
+    The analysis depends only on shapes and dtypes and is cached on them.
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs`` on a batch.
@@ -226,12 +266,25 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
     Returns:
       A ``Capture``; ``capture(...).describe()`` prints what was found.
     """
+    key = (apply_fn, _signature(params), _signature(inputs))
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = _analyse_capture(apply_fn, *jax.tree.map(_struct, (params, inputs)))
+    return _CACHE[key]
+
+
+_CACHE: dict = {}
+_CACHE_SIZE = 64
+
+
+def _analyse_capture(apply_fn, params, inputs) -> Capture:
     leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
     names = tuple(jax.tree_util.keystr(path) or "params" for path, _ in leaves_with_paths)
     shapes = tuple(tuple(np.shape(leaf)) for _, leaf in leaves_with_paths)
-    uses = _layer_uses(apply_fn, params, inputs)
+    closed, uses = _layer_uses(apply_fn, params, inputs)
     try:
-        grown = _layer_uses(apply_fn, params, _grow_batch(inputs))
+        _, grown = _layer_uses(apply_fn, params, _grow_batch(inputs))
     except Exception:  # a model that only runs at one batch size: nothing is captured
         grown = []
     grown_by_eqn = {u.eqn: u for u in grown if u.eqn is not None}
@@ -276,7 +329,7 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
         )
     captured = {layer.leaf for layer in layers}
     fallback = tuple(k for k in range(len(shapes)) if k not in captured)
-    return Capture(tuple(layers), fallback, names, shapes)
+    return Capture(tuple(layers), fallback, names, shapes, closed)
 
 
 # --- evaluating with probes ----------------------------------------------------------------
@@ -312,7 +365,7 @@ def probed_apply(apply_fn, captured: Capture, params, inputs, probes):
     w.r.t. ``probes[k]`` is the output-gradient g of layer k, and ``inputs_of_layers[k]``
     its input a.
     """
-    closed = _trace(apply_fn, params, inputs)
+    closed = captured.jaxpr
     args = [*jax.tree.leaves(params), *jax.tree.leaves(inputs)]
     by_eqn = {
         layer.eqn: (layer, probe) for layer, probe in zip(captured.layers, probes, strict=True)

@@ -17,6 +17,7 @@ from natgrad_jax._curvature.block import BlockDiagonal
 from natgrad_jax._curvature.dense import Dense
 from natgrad_jax._curvature.diagonal import Diagonal
 from natgrad_jax._curvature.implicit import ConjugateGradient
+from natgrad_jax._curvature.kronecker import Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
 from natgrad_jax._fisher import FISHER_KINDS, check_num_samples, check_same_batch
@@ -33,8 +34,9 @@ SOLVERS = {
     "cg": ConjugateGradient,
     "diagonal": Diagonal,
     "block_diagonal": BlockDiagonal,
+    "kronecker": Kronecker,
 }
-CHEAP_SOLVERS = ("cg", "diagonal", "block_diagonal")
+CHEAP_SOLVERS = ("kronecker", "cg", "diagonal")
 DEFAULT_MAX_CURVATURE_BYTES = 4 * 2**30
 
 NO_PARAMS_MSG = (
@@ -214,9 +216,10 @@ def scale_by_natural_gradient(
         ``"auto"`` (dense for P ≤ 4096, else Woodbury when the batch has few score
         rows, else CG), ``"dense"`` (P×P, Cholesky with eigendecomposition fallback),
         ``"woodbury"`` (exact, through the M×M kernel of the M score rows),
-        ``"cg"`` (matrix-free conjugate gradients, warm-started), ``"diagonal"``
-        (exact diagonal of F), ``"block_diagonal"`` (a dense block per pytree leaf),
-        or a representation object such as ``ng.ConjugateGradient(tol=1e-6)``.
+        ``"cg"`` (matrix-free conjugate gradients, warm-started), ``"kronecker"``
+        (K-FAC on the layers ``ng.describe`` lists, no tagging), ``"diagonal"`` (exact
+        diagonal of F), ``"block_diagonal"`` (a dense block per pytree leaf), or a
+        representation object such as ``ng.ConjugateGradient(tol=1e-6)``.
       max_kl: optional ε > 0 (number or schedule) bounding ½ dᵀ(F + λI)d.
       decay: in [0, 1): exponential moving average of the Fisher across refreshes,
         F ← decay·F + (1 − decay)·F_batch (the first refresh takes F_batch).
@@ -403,8 +406,8 @@ def natural_gradient(
       learning_rate: η, a number or an optax schedule.
       fisher: ``"exact"``, ``"monte_carlo"`` or ``"empirical"``.
       damping: λ ≥ 0: a number, a schedule or ``ng.LevenbergMarquardt(...)``.
-      solver: ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"diagonal"``,
-        ``"block_diagonal"`` or a representation object.
+      solver: ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"kronecker"``,
+        ``"diagonal"``, ``"block_diagonal"`` or a representation object.
       max_kl: optional ε > 0 bounding the KL of each step.
       decay: EMA factor of the Fisher across refreshes, in [0, 1).
       refresh_every: recompute the curvature every this many steps.

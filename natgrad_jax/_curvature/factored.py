@@ -53,7 +53,7 @@ def _output_layout(layer: Layer):
         positions = [d for d in range(len(out)) if d != example and operand[d] == 1 and out[d] != 1]
         features = [d for d in range(len(out)) if d != example and operand[d] == out[d]]
         return example, positions, features
-    w_contract, w_free, _, x_free = _dot_dims(layer)
+    _, w_free, _, x_free = _dot_dims(layer)
     x_positions = [len(w_free) + k if layer.param_operand == 0 else k for k in range(len(x_free))]
     w_positions = [k if layer.param_operand == 0 else len(x_free) + k for k in range(len(w_free))]
     example = layer.output_example_axis
@@ -100,10 +100,10 @@ def leaf_to_matrix(layer: Layer, leaf) -> jax.Array:
 
 def matrix_to_leaf(layer: Layer, matrix, leaf_template) -> jax.Array:
     """Inverse of ``leaf_to_matrix``: a K×D matrix back to the leaf's shape."""
-    _, pullback = jax.vjp(
+    view, pullback = jax.vjp(
         lambda leaf: leaf_to_matrix(layer, leaf), leaf_template.astype(matrix.dtype)
     )
-    return pullback(matrix)[0]
+    return pullback(matrix.astype(view.dtype))[0].astype(matrix.dtype)
 
 
 # --- the factored rows ----------------------------------------------------------------------

@@ -1,0 +1,176 @@
+r"""The Kronecker-factored representation (K-FAC) for captured layers, no tagging needed.
+
+For a captured matmul layer with inputs a and output-gradients g, the Fisher block of
+its weight (as a K×D matrix) is approximated by
+
+    F_W ≈ E[a aᵀ] ⊗ E[g gᵀ] = A ⊗ G,
+
+exact for a single example and for deep linear networks with a Gaussian likelihood (g
+does not depend on the example there). A bias is a layer with a = 1, so its block is
+E[g gᵀ] — exact when each bias is used once per example. The damped solve uses
+factored Tikhonov ("π") damping (Martens & Grosse 2015, section 6.3):
+
+    ΔW = (A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹,  π = √((tr A / K) / (tr G / D)).
+
+Parameters are plain pytrees from flax (linen, nnx), equinox, haiku or hand-written
+code: layers are found by ``capture``. A leaf that capture does not explain, or whose
+K×D view is not a reshape of the leaf, falls back to the exact diagonal of its block.
+
+Factors are stored per leaf as a "left" (m×m, m = product of all axes but the last)
+and a "right" (n×n, n = the last axis) matrix, so the state's shapes follow from the
+parameters alone; for equinox's (out, in) weights left is G and right is A.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.factored import factored_rows, leaf_to_matrix
+from natgrad_jax._solvers import damped_inverse, moving_average
+
+
+class KroneckerLeafState(NamedTuple):
+    """Arrays of one parameter leaf."""
+
+    left: jax.Array  # (m, m) float: factor over all axes but the last
+    right: jax.Array  # (n, n) float: factor over the last axis
+    left_inverse: jax.Array  # (m, m) float: damped inverse at the last refresh
+    right_inverse: jax.Array  # (n, n) float: damped inverse at the last refresh
+    diagonal: jax.Array  # (size,) float: exact diagonal, used when the leaf is not factored
+
+
+class KroneckerState(NamedTuple):
+    """Arrays of the Kronecker representation: one ``KroneckerLeafState`` per leaf."""
+
+    leaves: tuple
+
+
+def _split_shape(shape) -> tuple[int, int]:
+    """(m, n): the leaf viewed as an m×n matrix, n its last axis."""
+    if len(shape) == 0:
+        return 1, 1
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def _orientation(layer, shape) -> str | None:
+    """'left_is_inputs' if the K×D view is the leaf as m×n, 'left_is_outputs' if it is the
+    transpose of it, None otherwise (the leaf then uses its diagonal)."""
+    m, n = _split_shape(shape)
+    with jax.ensure_compile_time_eval():
+        index = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+        view = np.asarray(leaf_to_matrix(layer, jnp.asarray(index)))
+    as_matrix = index.reshape(m, n)
+    if view.shape == as_matrix.shape and np.array_equal(view, as_matrix):
+        return "left_is_inputs"
+    if view.shape == as_matrix.T.shape and np.array_equal(view, as_matrix.T):
+        return "left_is_outputs"
+    return None
+
+
+def _pi_damped_inverses(left, right, damping):
+    """(left + π√λ I)⁻¹ and (right + √λ/π I)⁻¹ with π from the factors' mean eigenvalues."""
+    eps = jnp.finfo(left.dtype).tiny
+    left_mean = jnp.trace(left) / left.shape[0]
+    right_mean = jnp.trace(right) / right.shape[0]
+    pi = jnp.sqrt(jnp.maximum(left_mean, eps) / jnp.maximum(right_mean, eps))
+    root = jnp.sqrt(jnp.asarray(damping, left.dtype))
+    return damped_inverse(left, pi * root), damped_inverse(right, root / pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kronecker:
+    """K-FAC: per captured layer A ⊗ G with π-damping; exact diagonal for other leaves."""
+
+    name = "kronecker"
+    averages = True
+
+    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+        """Floats held at once, for the memory guard (factors bounded by leaf sizes)."""
+        del leaf_sizes
+        return 4 * num_params + num_params + 2 * num_rows
+
+    def init(self, params, dtype) -> KroneckerState:
+        leaves = []
+        for leaf in jax.tree.leaves(params):
+            m, n = _split_shape(np.shape(leaf))
+            leaves.append(
+                KroneckerLeafState(
+                    left=jnp.zeros((m, m), dtype),
+                    right=jnp.zeros((n, n), dtype),
+                    left_inverse=jnp.zeros((m, m), dtype),
+                    right_inverse=jnp.zeros((n, n), dtype),
+                    diagonal=jnp.zeros((np.size(leaf),), dtype),
+                )
+            )
+        return KroneckerState(tuple(leaves))
+
+    def factored_leaves(self, batch: CurvatureBatch) -> dict:
+        """{leaf index: (layer index, orientation)} of the leaves K-FAC factors."""
+        from natgrad_jax._capture import capture
+
+        captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
+        shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
+        factored = {}
+        for index, layer in enumerate(captured.layers):
+            orientation = _orientation(layer, shapes[layer.leaf])
+            if orientation is not None and len(shapes[layer.leaf]) > 0:
+                factored[layer.leaf] = (index, orientation)
+        return factored
+
+    def refresh(self, state: KroneckerState, batch: CurvatureBatch, damping, decay, is_first):
+        dtype = state.leaves[0].diagonal.dtype
+        rows = factored_rows(batch, dtype)
+        factored = self.factored_leaves(batch)
+        diagonal = rows.diagonal() / batch.num_examples
+        sizes = [leaf.diagonal.size for leaf in state.leaves]
+        diagonals = jnp.split(diagonal, np.cumsum(sizes)[:-1])
+        new_leaves = []
+        for k, (old, diag) in enumerate(zip(state.leaves, diagonals, strict=True)):
+            left, right = old.left, old.right
+            if k in factored:
+                layer_index, orientation = factored[k]
+                inputs_factor, outputs_factor = rows.kronecker_factors(layer_index)
+                measured = (
+                    (inputs_factor, outputs_factor)
+                    if orientation == "left_is_inputs"
+                    else (outputs_factor, inputs_factor)
+                )
+                left = moving_average(old.left, measured[0], decay, is_first)
+                right = moving_average(old.right, measured[1], decay, is_first)
+            left_inverse, right_inverse = (
+                _pi_damped_inverses(left, right, damping)
+                if k in factored
+                else (old.left_inverse, old.right_inverse)
+            )
+            new_leaves.append(
+                KroneckerLeafState(
+                    left=left,
+                    right=right,
+                    left_inverse=left_inverse,
+                    right_inverse=right_inverse,
+                    diagonal=moving_average(old.diagonal, diag, decay, is_first),
+                )
+            )
+        return KroneckerState(tuple(new_leaves))
+
+    def solve(self, state: KroneckerState, batch: CurvatureBatch, vector, damping):
+        factored = self.factored_leaves(batch)
+        sizes = [leaf.diagonal.size for leaf in state.leaves]
+        pieces = jnp.split(vector, np.cumsum(sizes)[:-1])
+        solved = []
+        for k, (leaf, piece) in enumerate(zip(state.leaves, pieces, strict=True)):
+            if k in factored:
+                matrix = piece.reshape(leaf.left.shape[0], leaf.right.shape[0])
+                solved.append((leaf.left_inverse @ matrix @ leaf.right_inverse).ravel())
+            else:
+                damped = leaf.diagonal + jnp.asarray(damping, leaf.diagonal.dtype)
+                safe = jnp.where(damped > 0, damped, 1.0)
+                solved.append(jnp.where(damped > 0, piece / safe, 0.0))
+        return jnp.concatenate(solved), state

@@ -1,0 +1,215 @@
+"""Layer capture on hand-written, flax (linen, nnx) and equinox models vs vmap-ed gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+from natgrad_jax._capture import capture, layer_inputs_and_gradients, per_example_gradient
+from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.factored import factored_rows
+from tests.helpers import init_mlp, mlp
+
+N, IN, OUT = 6, 3, 4
+
+
+def _inputs():
+    return jax.random.normal(jax.random.PRNGKey(1), (N, IN))
+
+
+def hand_written():
+    return mlp, init_mlp(jax.random.PRNGKey(0), [IN, 5, OUT])
+
+
+def hand_written_with_casts_and_reshapes():
+    """Weights stored flat and in float32, cast and reshaped before the matmul."""
+    params = {"w1": jnp.ones(IN * 5, jnp.float32) * 0.3, "w2": jnp.linspace(-1, 1, 5 * OUT)}
+
+    def apply(p, x):
+        h = jnp.tanh(x @ p["w1"].astype(x.dtype).reshape(IN, 5))
+        return h @ p["w2"].reshape(OUT, 5).T
+
+    return apply, params
+
+
+def flax_linen():
+    nn = pytest.importorskip("flax.linen")
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.tanh(nn.Dense(5)(x))
+            return nn.Dense(OUT)(x)
+
+    module = Mlp()
+    return module.apply, module.init(jax.random.PRNGKey(0), _inputs())
+
+
+def flax_nnx():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(IN, 5, rngs=rngs)
+            self.out = nnx.Linear(5, OUT, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.hidden(x)))
+
+    graphdef, state = nnx.split(Mlp(nnx.Rngs(0)))
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+def equinox_mlp():
+    eqx = pytest.importorskip("equinox")
+    net = eqx.nn.MLP(IN, OUT, 5, 2, key=jax.random.PRNGKey(0))
+    params, static = eqx.partition(net, eqx.is_array)
+
+    def apply(p, x):  # equinox computes W @ x per example, under vmap, in float32
+        return jax.vmap(eqx.combine(p, static))(x.astype(jnp.float32)).astype(x.dtype)
+
+    return apply, params
+
+
+MODELS = [hand_written, hand_written_with_casts_and_reshapes, flax_linen, flax_nnx, equinox_mlp]
+
+
+def _vmap_gradients(apply, params, x, cotangent):
+    def one(xi, ci):
+        _, pullback = jax.vjp(lambda p: apply(p, xi[None]), params)
+        return pullback(ci[None])[0]
+
+    return jax.vmap(one)(x, cotangent)
+
+
+@pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
+def test_every_dense_layer_is_captured_and_rebuilds_vmap_gradients(make):
+    apply, params = make()
+    x = _inputs()
+    captured = capture(apply, params, x)
+    num_leaves = len(jax.tree.leaves(params))
+    assert len(captured.layers) == num_leaves and captured.fallback == ()
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (N, OUT))
+    _, activations, gradients = layer_inputs_and_gradients(
+        apply, captured, params, x, cotangent[None]
+    )
+    expected = jax.tree.leaves(_vmap_gradients(apply, params, x, cotangent))
+    leaves = jax.tree.leaves(params)
+    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
+        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
+        np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-5, atol=1e-6)
+
+
+def _tricky_model():
+    """A tied weight (used twice), an elementwise scale and a leaf inside custom_jvp."""
+
+    @jax.custom_jvp
+    def custom_matmul(x, w):
+        return x @ w
+
+    custom_matmul.defjvp(
+        lambda primals, tangents: (
+            custom_matmul(*primals),
+            custom_matmul(tangents[0], primals[1]) + custom_matmul(primals[0], tangents[1]),
+        )
+    )
+
+    def apply(p, x):
+        h = jnp.tanh(x @ p["tied"])  # (N, 3) @ (3, 3)
+        h = jnp.tanh(h @ p["tied"]) * p["scale"]
+        h = custom_matmul(h, p["custom"])
+        return h @ p["out"]
+
+    params = {
+        "tied": 0.5 * jnp.eye(3) + 0.1,
+        "scale": jnp.array([1.0, 2.0, 0.5]),
+        "custom": jnp.ones((3, 3)) * 0.2,
+        "out": jnp.linspace(-1.0, 1.0, 3 * OUT).reshape(3, OUT),
+    }
+    return apply, params
+
+
+def test_leaves_capture_cannot_explain_use_the_fallback_and_stay_exact():
+    apply, params = _tricky_model()
+    model = ng.Model(apply, ng.Categorical())
+    x = _inputs()
+    captured = capture(apply, params, x)
+    names = [captured.leaf_names[k] for k in captured.fallback]
+    assert names == ["['custom']", "['scale']", "['tied']"]
+    assert [captured.leaf_names[layer.leaf] for layer in captured.layers] == ["['out']"]
+    text = ng.describe(model, params, x)
+    assert "['tied']" in text and "fallback" in text and "captured: matmul" in text
+    # The factored rows (captured + fallback) reproduce the vmap-ed score rows exactly.
+    batch = CurvatureBatch(model, params, x, "exact")
+    rows = factored_rows(batch)
+    dense = batch.score_rows()
+    num_rows = dense.shape[0] // N
+    dense = dense.reshape(N, num_rows, -1).transpose(1, 0, 2).reshape(num_rows * N, -1)
+    np.testing.assert_allclose(rows.kernel(), dense @ dense.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rows.diagonal(), jnp.sum(dense**2, 0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical", "monte_carlo"])
+def test_factored_rows_products_match_dense_rows(kind):
+    model = ng.Model(mlp, ng.Gaussian())
+    params = init_mlp(jax.random.PRNGKey(0), [IN, 5, 4])
+
+    def apply(p, x):
+        out = mlp(p, x)
+        return out[:, :2], 0.3 * out[:, 2:]
+
+    model = ng.Model(apply, ng.Gaussian())
+    x = _inputs()
+    y = model.likelihood.sample(jax.random.PRNGKey(3), apply(params, x))
+    batch = CurvatureBatch(
+        model, params, x, kind, targets=y, key=jax.random.PRNGKey(4), num_samples=2
+    )
+    rows = factored_rows(batch)
+    dense = batch.score_rows()
+    if kind == "exact":  # score_rows orders exact rows (example, row); factored: (row, example)
+        dense = dense.reshape(N, -1, dense.shape[1]).transpose(1, 0, 2).reshape(-1, dense.shape[1])
+    num_rows = dense.shape[0] // N
+    v = jax.random.normal(jax.random.PRNGKey(5), (dense.shape[1],))
+    u = jax.random.normal(jax.random.PRNGKey(6), (num_rows, N))
+    np.testing.assert_allclose(rows.matvec(v).reshape(-1), dense @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rows.rmatvec(u), dense.T @ u.reshape(-1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rows.kernel(), dense @ dense.T, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_weight_over_positions_sums_over_tokens():
+    """A weight applied at every position of a sequence: gradient Σ_t a_t g_tᵀ."""
+
+    def apply(p, x):  # x: (N, T=4, IN) → logits (N, T, OUT)
+        return jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
+
+    params = {
+        "w": jax.random.normal(jax.random.PRNGKey(0), (IN, 5)),
+        "b": jnp.full((5,), 0.1),
+        "v": jax.random.normal(jax.random.PRNGKey(1), (5, OUT)),
+    }
+    x = jax.random.normal(jax.random.PRNGKey(2), (N, 4, IN))
+    model = ng.Model(apply, ng.Categorical())
+    captured = capture(apply, params, x)
+    assert captured.fallback == ()
+    batch = CurvatureBatch(model, params, x, "exact")
+    rows = factored_rows(batch)
+    dense = batch.score_rows()
+    dense = dense.reshape(N, -1, dense.shape[1]).transpose(1, 0, 2).reshape(-1, dense.shape[1])
+    np.testing.assert_allclose(rows.kernel(), dense @ dense.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rows.diagonal(), jnp.sum(dense**2, 0), rtol=1e-10, atol=1e-12)
+
+
+def test_woodbury_with_capture_on_flax_matches_dense():
+    apply, params = flax_linen()
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)  # flax creates float32
+    model = ng.Model(apply, ng.Categorical())
+    x = _inputs()
+    y = jnp.array([0, 1, 2, 3, 0, 1])
+    g = jax.grad(model.nll)(params, x, y)
+    tx = ng.scale_by_natural_gradient(model, damping=1e-2, solver="woodbury")
+    d, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
+    f = ng.fisher(model, params, x)
+    expected = np.linalg.solve(f + 1e-2 * np.eye(len(f)), ravel_pytree(g)[0])
+    np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-6, atol=1e-10)
