@@ -1,0 +1,139 @@
+"""K-FAC without tagging: exact where K-FAC is exact, π-damping, fallbacks, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import natgrad_jax as ng
+from tests.helpers import init_mlp, mlp
+from tests.test_capture import _tricky_model, equinox_mlp
+
+
+def _blocks(matrix, params):
+    sizes = [leaf.size for leaf in jax.tree.leaves(params)]
+    edges = np.cumsum([0, *sizes])
+    return [np.asarray(matrix)[lo:hi, lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _refreshed_state(model, params, x, damping=1e-3):
+    tx = ng.scale_by_natural_gradient(model, damping=damping, solver="kronecker")
+    y = model.likelihood.sample(jax.random.PRNGKey(7), model.apply_fn(params, x))
+    g = jax.grad(model.nll)(params, x, y)
+    return tx.update(g, tx.init(params), params, inputs=x)[1].curvature
+
+
+def _deep_linear(params, x):
+    for layer in params:
+        x = x @ layer["w"] + layer["b"]
+    return x
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["single-example-mlp", "deep-linear-gaussian"],
+)
+def test_kronecker_factors_are_exact_where_kfac_is_exact(case):
+    if case == "single-example-mlp":
+        model = ng.Model(mlp, ng.Categorical())
+        x = jax.random.normal(jax.random.PRNGKey(1), (1, 3))
+    else:
+        model = ng.Model(_deep_linear, ng.Gaussian(scale=0.5))
+        x = jax.random.normal(jax.random.PRNGKey(1), (10, 3))
+    params = init_mlp(jax.random.PRNGKey(0), [3, 4, 2])
+    state = _refreshed_state(model, params, x)
+    for block, leaf in zip(_blocks(ng.fisher(model, params, x), params), state.leaves, strict=True):
+        np.testing.assert_allclose(np.kron(leaf.left, leaf.right), block, rtol=1e-10, atol=1e-12)
+
+
+def test_equinox_weights_store_the_factors_the_other_way_round():
+    apply, params = equinox_mlp()  # weights (out, in): left is G, right is A
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    model = ng.Model(apply, ng.Categorical())
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 3))
+    state = _refreshed_state(model, params, x)
+    blocks = _blocks(ng.fisher(model, params, x), params)
+    for block, leaf, value in zip(blocks, state.leaves, jax.tree.leaves(params), strict=True):
+        if value.ndim == 2:
+            np.testing.assert_allclose(np.kron(leaf.left, leaf.right), block, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_kronecker_solve_is_the_pi_damped_factored_inverse(damping):
+    model = ng.Model(_deep_linear, ng.Gaussian(scale=0.5))
+    params = init_mlp(jax.random.PRNGKey(0), [3, 4, 2])
+    x = jax.random.normal(jax.random.PRNGKey(1), (10, 3))
+    y = jax.random.normal(jax.random.PRNGKey(2), (10, 2))
+    g = jax.grad(model.nll)(params, x, y)
+    tx = ng.scale_by_natural_gradient(model, damping=damping, solver="kronecker")
+    updates, state = tx.update(g, tx.init(params), params, inputs=x)
+    dense_blocks = _blocks(ng.fisher(model, params, x), params)
+    for leaf, grad, update, block in zip(
+        state.curvature.leaves,
+        jax.tree.leaves(g),
+        jax.tree.leaves(updates),
+        dense_blocks,
+        strict=True,
+    ):
+        left, right = np.asarray(leaf.left), np.asarray(leaf.right)
+        pi = np.sqrt((np.trace(left) / len(left)) / (np.trace(right) / len(right)))
+        left_damped = left + pi * np.sqrt(damping) * np.eye(len(left))
+        right_damped = right + np.sqrt(damping) / pi * np.eye(len(right))
+        v = np.asarray(grad).reshape(len(left), len(right))
+        # Pseudo-inverses: undamped, the first layer's G has rank 2 < 4.
+        pinv = lambda m: np.linalg.pinv(m, rcond=1e-10, hermitian=True)
+        expected = pinv(left_damped) @ v @ pinv(right_damped)
+        np.testing.assert_allclose(
+            np.asarray(update).reshape(expected.shape), expected, rtol=1e-8, atol=1e-12
+        )
+        if damping == 0.0:  # an exact case: the undamped K-FAC step is the exact block solve
+            np.testing.assert_allclose(
+                np.asarray(update).ravel(),
+                pinv(block) @ np.asarray(grad).ravel(),
+                rtol=1e-6,
+                atol=1e-9,
+            )
+
+
+def test_leaves_kfac_cannot_factor_use_their_exact_diagonal():
+    apply, params = _tricky_model()
+    model = ng.Model(apply, ng.Categorical())
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+    y = jnp.array([0, 1, 2, 3, 0, 1])
+    g = jax.grad(model.nll)(params, x, y)
+    tx = ng.scale_by_natural_gradient(model, damping=0.1, solver="kronecker")
+    updates, _ = tx.update(g, tx.init(params), params, inputs=x)
+    diagonal = np.diag(np.asarray(ng.fisher(model, params, x)))
+    offsets = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
+    names = ["custom", "out", "scale", "tied"]  # the leaves in ravel order
+    for k, name in enumerate(names):
+        if name == "out":
+            continue
+        d = diagonal[offsets[k] : offsets[k + 1]]
+        np.testing.assert_allclose(
+            updates[name].ravel(), np.asarray(g[name]).ravel() / (d + 0.1), rtol=1e-10
+        )
+
+
+def test_training_with_kronecker_decay_and_refresh():
+    key_params, key_x = jax.random.split(jax.random.PRNGKey(0))
+    params = init_mlp(key_params, [4, 16, 3])
+    x = jax.random.normal(key_x, (128, 4))
+    y = jnp.argmax(x[:, :3] + 0.5 * x[:, 3:], axis=1)
+    model = ng.Model(mlp, ng.Categorical())
+    optimizer = ng.natural_gradient(
+        model, 0.5, solver="kronecker", damping=1e-2, decay=0.9, refresh_every=2
+    )
+    state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, state):
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = optimizer.update(g, state, params, inputs=x)
+        return optax.apply_updates(params, updates), state
+
+    start = float(model.nll(params, x, y))
+    for _ in range(40):
+        params, state = step(params, state)
+    assert float(model.nll(params, x, y)) < 0.25 * start
