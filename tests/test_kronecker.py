@@ -1,5 +1,7 @@
 """K-FAC without tagging: exact where K-FAC is exact, π-damping, fallbacks, training."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from tests.test_capture import _tricky_model, equinox_mlp
 def _blocks(matrix, params):
     sizes = [leaf.size for leaf in jax.tree.leaves(params)]
     edges = np.cumsum([0, *sizes])
-    return [np.asarray(matrix)[lo:hi, lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    return [np.asarray(matrix)[lo:hi, lo:hi] for lo, hi in itertools.pairwise(edges)]
 
 
 def _refreshed_state(model, params, x, damping=1e-3):
