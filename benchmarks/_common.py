@@ -1,0 +1,65 @@
+"""Shared helpers of the benchmark scripts: data, models, timing and tables."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were measured."""
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = f"{names[0]} x{len(names)}" if names else cpu
+    except OSError:
+        pass
+    return f"{device.platform.upper()} ({device.device_kind}); host {cpu}; jax {jax.__version__}"
+
+
+def init_mlp(key, sizes, dtype=jnp.float32):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (m, n), dtype) / jnp.sqrt(m), "b": jnp.zeros(n, dtype)}
+        for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+def mlp(params, x):
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def median_ms(fn, *args, repeats=20):
+    """Median wall time of ``fn(*args)`` in milliseconds, after one warm-up call."""
+    block(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def table(header, rows) -> str:
+    """A plain-text table with right-aligned columns."""
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[k]) for row in cells) for k in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(row, widths, strict=True))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", flush=True)
