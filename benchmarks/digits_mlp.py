@@ -82,7 +82,11 @@ def kfac_runner(model):
     def step(params, state, x, y):
         counter["t"] += 1
         params, state, _ = optimizer.step(
-            params, state, jax.random.fold_in(key, counter["t"]), batch=(x, y), global_step_int=counter["t"]
+            params,
+            state,
+            jax.random.fold_in(key, counter["t"]),
+            batch=(x, y),
+            global_step_int=counter["t"],
         )
         return params, state
 
@@ -109,7 +113,13 @@ def train(runner, model, params, data, max_steps):
             break
     accuracy = float(jnp.mean(jnp.argmax(model.apply_fn(params, x_test), -1) == y_test))
     steady = 1e3 * float(np.median(step_times[3:])) if len(step_times) > 3 else float("nan")
-    return {"steps": reached, "wall": wall, "step_ms": steady, "accuracy": accuracy, "ran": len(step_times)}
+    return {
+        "steps": reached,
+        "wall": wall,
+        "step_ms": steady,
+        "accuracy": accuracy,
+        "ran": len(step_times),
+    }
 
 
 def main():
@@ -131,12 +141,28 @@ def main():
     for lr in (1e-3, 3e-3, 1e-2, 3e-2):
         candidates[f"adam lr={lr:g}"] = optax_runner(optax.adam(lr), model)
     natural = {
-        "ngd auto (woodbury, monte_carlo)": ngd(learning_rate=1.0, fisher="monte_carlo", damping=1e-2, max_kl=0.05),
-        "ngd woodbury, empirical": ngd(learning_rate=1.0, fisher="empirical", solver="woodbury", damping=1e-2, max_kl=0.05),
-        "ngd kronecker, exact": ngd(learning_rate=1.0, fisher="exact", solver="kronecker", damping=1e-2, max_kl=0.05),
-        "ngd kronecker, monte_carlo": ngd(learning_rate=1.0, fisher="monte_carlo", solver="kronecker", damping=1e-2, max_kl=0.05),
-        "ngd cg, exact": ngd(learning_rate=1.0, fisher="exact", solver=ng.ConjugateGradient(tol=1e-3, max_iters=20), damping=1e-2, max_kl=0.05),
-        "ngd diagonal, exact": ngd(learning_rate=0.1, fisher="exact", solver="diagonal", damping=1e-2, max_kl=0.05),
+        "ngd auto (woodbury, monte_carlo)": ngd(
+            learning_rate=1.0, fisher="monte_carlo", damping=1e-2, max_kl=0.05
+        ),
+        "ngd woodbury, empirical": ngd(
+            learning_rate=1.0, fisher="empirical", solver="woodbury", damping=1e-2, max_kl=0.05
+        ),
+        "ngd kronecker, exact": ngd(
+            learning_rate=1.0, fisher="exact", solver="kronecker", damping=1e-2, max_kl=0.05
+        ),
+        "ngd kronecker, monte_carlo": ngd(
+            learning_rate=1.0, fisher="monte_carlo", solver="kronecker", damping=1e-2, max_kl=0.05
+        ),
+        "ngd cg, exact": ngd(
+            learning_rate=1.0,
+            fisher="exact",
+            solver=ng.ConjugateGradient(tol=1e-3, max_iters=20),
+            damping=1e-2,
+            max_kl=0.05,
+        ),
+        "ngd diagonal, exact": ngd(
+            learning_rate=0.1, fisher="exact", solver="diagonal", damping=1e-2, max_kl=0.05
+        ),
     }
     candidates.update(natural)
     kfac = kfac_runner(model)
@@ -151,7 +177,14 @@ def main():
         results[name] = train(runner, model, params, data, args.max_steps)
 
     adam_names = [n for n in results if n.startswith("adam")]
-    best_adam = min(adam_names, key=lambda n: (results[n]["steps"] is None, results[n]["steps"] or 0, results[n]["wall"] or 0))
+    best_adam = min(
+        adam_names,
+        key=lambda n: (
+            results[n]["steps"] is None,
+            results[n]["steps"] or 0,
+            results[n]["wall"] or 0,
+        ),
+    )
     adam_ms = results[best_adam]["step_ms"]
     rows = []
     for name, r in results.items():
@@ -160,10 +193,37 @@ def main():
         label = f"{name} (best Adam)" if name == best_adam else name
         steps = r["steps"] if r["steps"] is not None else f"> {r['ran']}"
         wall = f"{r['wall']:.2f}" if r["wall"] is not None else "-"
-        rows.append([label, steps, wall, f"{r['step_ms']:.2f}", f"{r['step_ms'] / adam_ms:.1f}", f"{r['accuracy']:.3f}"])
+        rows.append(
+            [
+                label,
+                steps,
+                wall,
+                f"{r['step_ms']:.2f}",
+                f"{r['step_ms'] / adam_ms:.1f}",
+                f"{r['accuracy']:.3f}",
+            ]
+        )
     print()
-    print(table(["optimizer", "steps to target", "wall s (incl. compile)", "ms/step", "x Adam step", "test acc"], rows))
-    print("\nAdam grid: " + ", ".join(f"{n.split('=')[1]}: {results[n]['steps'] or '>' + str(results[n]['ran'])} steps" for n in adam_names))
+    print(
+        table(
+            [
+                "optimizer",
+                "steps to target",
+                "wall s (incl. compile)",
+                "ms/step",
+                "x Adam step",
+                "test acc",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nAdam grid: "
+        + ", ".join(
+            f"{n.split('=')[1]}: {results[n]['steps'] or '>' + str(results[n]['ran'])} steps"
+            for n in adam_names
+        )
+    )
 
 
 if __name__ == "__main__":
