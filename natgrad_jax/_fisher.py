@@ -99,6 +99,7 @@ def per_example_scores(model: Model, params: PyTree, inputs: PyTree, targets: Py
     """
     model = check_model(model)
     check_same_batch(inputs, targets)
+    model.check_targets(params, inputs, targets)
     flat, unravel = ravel_pytree(params)
 
     def score(x, y):

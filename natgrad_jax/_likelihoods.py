@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -61,16 +62,44 @@ class Likelihood(abc.ABC):
     def fisher_sqrt(self, outputs: PyTree) -> PyTree:
         """Cotangents c_r with F_out = Σ_r c_r c_rᵀ, stacked on a new leading axis."""
 
+    #: Trailing axes of a target that belong to one distribution.
+    target_event_ndim: int = 0
+
+    def check_targets(self, outputs: PyTree, targets) -> None:
+        """Raises a ValueError/TypeError naming the fix if ``targets`` cannot be scored.
+
+        Shapes and dtypes are checked always (at trace time); values only when the
+        targets are concrete (outside ``jit``).
+        """
+        shape = self.batch_shape(outputs)
+        expected = shape + self._target_event_shape(outputs)
+        if tuple(jnp.shape(targets)) != expected:
+            raise ValueError(
+                f"{type(self).__name__} targets must have shape {expected} for outputs of "
+                f"batch shape {shape}, got {tuple(jnp.shape(targets))}."
+            )
+        try:
+            values = np.asarray(targets)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            return
+        self._check_target_values(outputs, values)
+
+    def _target_event_shape(self, outputs) -> tuple[int, ...]:
+        return ()
+
+    def _check_target_values(self, outputs, values) -> None:
+        del outputs, values
+
     def batch_shape(self, outputs: PyTree) -> tuple[int, ...]:
         """The shape of the batch of distributions described by ``outputs``."""
-        leaf = jax.tree_util.tree_leaves(outputs)[0]
-        ndim = jnp.ndim(leaf) - self.event_ndim
+        shape = tuple(np.shape(jax.tree_util.tree_leaves(outputs)[0]))
+        ndim = len(shape) - self.event_ndim
         if ndim < 0:
             raise ValueError(
                 f"{type(self).__name__} needs outputs with at least {self.event_ndim} "
-                f"axes, got shape {jnp.shape(leaf)}."
+                f"axes, got shape {shape}."
             )
-        return tuple(jnp.shape(leaf)[:ndim])
+        return shape[:ndim]
 
 
 def _one_hot_rows(size: int, dtype: jnp.dtype, batch_shape: tuple[int, ...]) -> jax.Array:
@@ -106,6 +135,22 @@ class Categorical(Likelihood):
 
     def sample(self, key, outputs):
         return jax.random.categorical(key, outputs, axis=-1)
+
+    def check_targets(self, outputs, targets):
+        if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+            raise TypeError(
+                "Categorical targets are integer class labels, got dtype "
+                f"{jnp.result_type(targets)}; pass labels.astype(int) (argmax of one-hot rows)."
+            )
+        super().check_targets(outputs, targets)
+
+    def _check_target_values(self, outputs, values):
+        num_classes = np.shape(outputs)[-1]
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(
+                f"Categorical labels must lie in [0, {num_classes}) for {num_classes} logits, "
+                f"got values from {values.min()} to {values.max()}."
+            )
 
     def kl(self, outputs_p, outputs_q):
         log_p = jax.nn.log_softmax(outputs_p, axis=-1)
@@ -144,6 +189,10 @@ class Bernoulli(Likelihood):
 
     def sample(self, key, outputs):
         return jax.random.bernoulli(key, jax.nn.sigmoid(outputs)).astype(outputs.dtype)
+
+    def _check_target_values(self, outputs, values):
+        if not np.all((values == 0) | (values == 1)):
+            raise ValueError("Bernoulli targets must be 0 or 1; got other values.")
 
     def kl(self, outputs_p, outputs_q):
         p = jax.nn.sigmoid(outputs_p)
@@ -211,9 +260,17 @@ class Gaussian(Likelihood):
             )
         return outputs, jnp.full_like(outputs, math.log(self.scale))
 
+    def _mean(self, outputs):
+        """The mean, after checking the form of ``outputs`` (works on shapes too)."""
+        if self.heteroscedastic:
+            self._mean_and_log_scale(outputs)  # validates the (mean, log_scale) form
+            return outputs[0]
+        if isinstance(outputs, (tuple, list)):
+            self._mean_and_log_scale(outputs)  # raises the explanatory error
+        return outputs
+
     def batch_shape(self, outputs):
-        mean, _ = self._mean_and_log_scale(outputs)
-        return super().batch_shape(mean)
+        return super().batch_shape(self._mean(outputs))
 
     def log_prob(self, outputs, targets):
         mean, log_scale = self._mean_and_log_scale(outputs)
@@ -223,6 +280,13 @@ class Gaussian(Likelihood):
     def sample(self, key, outputs):
         mean, log_scale = self._mean_and_log_scale(outputs)
         return mean + jnp.exp(log_scale) * jax.random.normal(key, mean.shape, mean.dtype)
+
+    def _target_event_shape(self, outputs):
+        return tuple(np.shape(self._mean(outputs))[-1:])
+
+    def _check_target_values(self, outputs, values):
+        if not np.all(np.isfinite(values)):
+            raise ValueError("Gaussian targets must be finite.")
 
     def kl(self, outputs_p, outputs_q):
         mean_p, log_scale_p = self._mean_and_log_scale(outputs_p)
@@ -278,6 +342,10 @@ class Poisson(Likelihood):
 
     def sample(self, key, outputs):
         return jax.random.poisson(key, jnp.exp(outputs)).astype(outputs.dtype)
+
+    def _check_target_values(self, outputs, values):
+        if not np.all((values >= 0) & (values == np.round(values))):
+            raise ValueError("Poisson targets are counts: non-negative integers.")
 
     def kl(self, outputs_p, outputs_q):
         rate_p = jnp.exp(outputs_p)

@@ -69,6 +69,12 @@ class Model:
         outputs = self.apply_fn(params, inputs)
         return per_example_sum(self.likelihood.log_prob(outputs, targets))
 
+    def check_targets(self, params: PyTree, inputs: PyTree, targets: PyTree) -> None:
+        """Raises a clear error if ``targets`` do not fit the model's outputs (see
+        ``Likelihood.check_targets``); costs one abstract evaluation, no computation."""
+        outputs = jax.eval_shape(self.apply_fn, params, inputs)
+        self.likelihood.check_targets(outputs, targets)
+
     def nll(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
         """The mean negative log-likelihood over the batch: the usual training loss."""
         return -jnp.mean(self.log_likelihood(params, inputs, targets))

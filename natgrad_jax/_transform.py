@@ -308,6 +308,7 @@ def scale_by_natural_gradient(
             )
         if targets is not None:
             check_same_batch(inputs, targets)
+            model.check_targets(params, inputs, targets)
 
         key, step_key = jax.random.split(state.key)
         damping_now = state.damping if adaptive else _value_at(damping, state.count)

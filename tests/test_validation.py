@@ -1,0 +1,155 @@
+"""Bad input fails early with an error naming the fix; numerical extremes stay finite."""
+
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+from tests.helpers import init_mlp, mlp
+
+
+def _categorical():
+    params = init_mlp(jax.random.PRNGKey(0), [3, 4, 3])
+    return ng.Model(mlp, ng.Categorical()), params, jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+
+
+@pytest.mark.parametrize(
+    "targets, error, match",
+    [
+        (np.array([0, 1, 2, 3, 0]), ValueError, r"\[0, 3\)"),
+        (np.array([0, 1, -1, 0, 0]), ValueError, r"\[0, 3\)"),
+        (np.array([0.0, 1.0, 2.0, 0.0, 1.0]), TypeError, "integer class labels"),
+        (np.zeros((5, 3), np.int32), ValueError, "shape"),
+    ],
+)
+def test_bad_categorical_targets(targets, error, match):
+    model, params, x = _categorical()
+    with pytest.raises(error, match=match):
+        ng.empirical_fisher(model, params, x, targets)
+    tx = ng.natural_gradient(model, 0.1)
+    g = jax.tree.map(jnp.zeros_like, params)
+    with pytest.raises(error, match=match):
+        tx.update(g, tx.init(params), params, inputs=x, targets=targets)
+
+
+@pytest.mark.parametrize(
+    "likelihood, targets, match",
+    [
+        (ng.Bernoulli(), np.array([0.0, 1.0, 0.5]), "0 or 1"),
+        (ng.Poisson(), np.array([0.0, -1.0, 2.0]), "non-negative integers"),
+        (ng.Poisson(), np.array([0.0, 1.5, 2.0]), "non-negative integers"),
+    ],
+)
+def test_bad_scalar_targets(likelihood, targets, match):
+    model = ng.Model(lambda w, x: x @ w, likelihood)
+    with pytest.raises(ValueError, match=match):
+        ng.per_example_scores(model, jnp.zeros(2), jnp.ones((3, 2)), targets)
+
+
+def test_gaussian_target_shape_must_match_the_mean():
+    model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+    with pytest.raises(ValueError, match=r"shape \(3, 1\)"):
+        ng.empirical_fisher(model, jnp.zeros((2, 1)), jnp.ones((3, 2)), jnp.ones(3))
+
+
+def test_targets_under_jit_are_checked_for_shape_only():
+    model, params, x = _categorical()
+    tx = ng.natural_gradient(model, 0.1, fisher="empirical")
+    g = jax.tree.map(jnp.zeros_like, params)
+    update = jax.jit(tx.update)
+    update(g, tx.init(params), params, inputs=x, targets=jnp.array([0, 1, 2, 0, 1]))  # fine
+    with pytest.raises(ValueError, match="shape"):
+        update(g, tx.init(params), params, inputs=x, targets=jnp.zeros(5, jnp.int32)[:, None])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("solver", ["dense", "woodbury", "cg", "kronecker", "diagonal"])
+def test_huge_logits_give_finite_fisher_and_updates(dtype, solver):
+    model, params, x = _categorical()
+    params = jax.tree.map(lambda p: (p * 1e4).astype(dtype), params)  # logits of order ±1e4
+    x = x.astype(dtype)
+    y = jnp.array([0, 1, 2, 0, 1])
+    assert float(jnp.max(jnp.abs(mlp(params, x)))) > 1e3
+    g = jax.grad(model.nll)(params, x, y)
+    tx = ng.natural_gradient(model, 0.1, damping=1e-3, solver=solver)
+    updates, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
+    for leaf, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+        assert leaf.dtype == p.dtype and bool(jnp.all(jnp.isfinite(leaf)))
+    assert bool(jnp.all(jnp.isfinite(ng.fisher(model, params, x))))
+
+
+def test_state_round_trips_through_pickle_and_resumes_identically():
+    model, params, x = _categorical()
+    y = jnp.array([0, 1, 2, 0, 1])
+    optimizer = ng.natural_gradient(model, 0.5, fisher="monte_carlo", solver="kronecker", decay=0.5)
+
+    @jax.jit
+    def step(params, state):
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = optimizer.update(g, state, params, inputs=x, targets=y)
+        return optax.apply_updates(params, updates), state
+
+    def run(params, state, steps):
+        for _ in range(steps):
+            params, state = step(params, state)
+        return params, state
+
+    uninterrupted, _ = run(params, optimizer.init(params), 6)
+    halfway_params, halfway_state = run(params, optimizer.init(params), 3)
+    restored = pickle.loads(pickle.dumps(jax.device_get((halfway_params, halfway_state))))
+    resumed, _ = run(*restored, 3)
+    np.testing.assert_array_equal(ravel_pytree(resumed)[0], ravel_pytree(uninterrupted)[0])
+
+
+def test_monte_carlo_fisher_is_deterministic_given_the_seed():
+    model, params, x = _categorical()
+    y = jnp.array([0, 1, 2, 0, 1])
+    g = jax.grad(model.nll)(params, x, y)
+
+    def update(seed):
+        tx = ng.scale_by_natural_gradient(model, fisher="monte_carlo", seed=seed)
+        return ravel_pytree(tx.update(g, tx.init(params), params, inputs=x)[0])[0]
+
+    np.testing.assert_array_equal(update(3), update(3))
+    assert not np.allclose(update(3), update(4))
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
+@hypothesis.given(
+    hidden=st.integers(1, 6),
+    num_examples=st.integers(1, 12),
+    damping=st.floats(1e-6, 1e2),
+    likelihood=st.sampled_from(["categorical", "gaussian", "poisson"]),
+    seed=st.integers(0, 2**16),
+)
+def test_update_is_finite_and_solves_the_damped_system(
+    hidden, num_examples, damping, likelihood, seed
+):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    outputs = {"categorical": 3, "gaussian": 2, "poisson": 1}[likelihood]
+    params = init_mlp(keys[0], [2, hidden, outputs])
+    x = jax.random.normal(keys[1], (num_examples, 2))
+    if likelihood == "categorical":
+        model = ng.Model(mlp, ng.Categorical())
+    elif likelihood == "gaussian":
+        model = ng.Model(mlp, ng.Gaussian(scale=0.5))
+    else:
+        model = ng.Model(lambda p, x: mlp(p, x)[:, 0], ng.Poisson())
+    y = model.likelihood.sample(keys[2], model.apply_fn(params, x))
+    g = jax.grad(model.nll)(params, x, y)
+    tx = ng.scale_by_natural_gradient(model, damping=damping)
+    updates, _ = tx.update(g, tx.init(params), params, inputs=x, targets=y)
+    d, flat_g = ravel_pytree(updates)[0], ravel_pytree(g)[0]
+    assert bool(jnp.all(jnp.isfinite(d)))
+    f = ng.fisher(model, params, x)
+    residual = (f + damping * jnp.eye(len(f))) @ d - flat_g
+    assert float(jnp.linalg.norm(residual)) <= 1e-8 * (1 + float(jnp.linalg.norm(flat_g)))
