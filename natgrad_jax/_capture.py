@@ -38,6 +38,8 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax._model import Model
+
 PyTree = Any
 
 LAYOUT_OPS = frozenset(
@@ -219,7 +221,7 @@ def _example_axis(shape, grown_shape):
     return changed[0] if len(changed) == 1 and unchanged else None
 
 
-def describe(model, params: PyTree, inputs: PyTree) -> str:
+def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     """Which parameter leaves layer capture explains, and which use the vmap fallback.
 
     Args:

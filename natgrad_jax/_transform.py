@@ -21,7 +21,7 @@ from natgrad_jax._curvature.kronecker import Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
 from natgrad_jax._fisher import FISHER_KINDS, check_num_samples, check_same_batch
-from natgrad_jax._model import check_model
+from natgrad_jax._model import Model, check_model
 from natgrad_jax._solvers import trust_region_scale
 
 PyTree = Any
@@ -169,11 +169,11 @@ def _solve_dtype(dtype) -> jnp.dtype:
 
 
 def scale_by_natural_gradient(
-    model,
+    model: Model,
     *,
     fisher: str = "exact",
-    damping: ScalarOrSchedule = 1e-3,
-    solver="auto",
+    damping: ScalarOrSchedule | LevenbergMarquardt = 1e-3,
+    solver: str | Any = "auto",
     max_kl: ScalarOrSchedule | None = None,
     decay: float | jax.Array = 0.0,
     refresh_every: int | jax.Array = 1,
@@ -381,12 +381,12 @@ def _unit_step_max_kl(max_kl: ScalarOrSchedule, learning_rate: ScalarOrSchedule)
 
 
 def natural_gradient(
-    model,
+    model: Model,
     learning_rate: ScalarOrSchedule,
     *,
     fisher: str = "exact",
-    damping: ScalarOrSchedule = 1e-3,
-    solver="auto",
+    damping: ScalarOrSchedule | LevenbergMarquardt = 1e-3,
+    solver: str | Any = "auto",
     max_kl: ScalarOrSchedule | None = None,
     decay: float | jax.Array = 0.0,
     refresh_every: int | jax.Array = 1,

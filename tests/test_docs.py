@@ -1,0 +1,34 @@
+"""The documentation site builds in strict mode and documents every public symbol."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import natgrad_jax as ng
+
+pytest.importorskip("mkdocs")
+pytest.importorskip("mkdocstrings")
+pytest.importorskip("mkdocs_jupyter")
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_docs_build_strictly_and_cover_the_public_api(tmp_path):
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    missing = [name for name in ng.__all__ if f'id="natgrad_jax.{name}"' not in api]
+    assert not missing, f"public symbols missing from docs/api.md: {missing}"
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        assert (tmp_path / "site" / "notebooks" / notebook.stem / "index.html").exists()
