@@ -1,0 +1,103 @@
+"""Run by test_sharding.py in a subprocess with 8 forced host devices (not collected)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import natgrad_jax as ng  # noqa: E402
+from tests.helpers import init_mlp, mlp  # noqa: E402
+
+
+def close(a, b, what, rtol=1e-6):
+    a, b = np.asarray(a), np.asarray(b)
+    error = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+    assert error <= rtol, f"{what}: relative difference {error:.2e}"
+    print(f"ok {what} {error:.1e}")
+
+
+def main():
+    assert len(jax.devices()) == 8
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    model = ng.Model(mlp, ng.Categorical())
+    params = init_mlp(jax.random.PRNGKey(0), [3, 8, 4])
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 3))
+    y = model.likelihood.sample(jax.random.PRNGKey(2), model.apply_fn(params, x))
+    xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+    assert len(xs.sharding.device_set) == 8
+
+    fisher = jax.jit(ng.fisher, static_argnums=0)
+    close(fisher(model, params, xs), ng.fisher(model, params, x), "fisher")
+    empirical = jax.jit(ng.empirical_fisher, static_argnums=0)
+    close(
+        empirical(model, params, xs, ys),
+        ng.empirical_fisher(model, params, x, y),
+        "empirical_fisher",
+    )
+    v = jax.tree.map(jnp.ones_like, params)
+    fvp = jax.jit(ng.fisher_vector_product, static_argnums=0)
+    close(
+        ravel_pytree(fvp(model, params, xs, v))[0],
+        ravel_pytree(ng.fisher_vector_product(model, params, x, v))[0],
+        "fvp",
+    )
+
+    g = jax.grad(model.nll)(params, x, y)
+    solvers = {
+        "dense": "dense",
+        "woodbury": "woodbury",
+        "cg": ng.ConjugateGradient(tol=1e-13, max_iters=500),
+        "diagonal": "diagonal",
+        "kronecker": "kronecker",
+    }
+    for name, solver in solvers.items():
+        tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2)
+        update = jax.jit(tx.update)
+        single, _ = update(g, tx.init(params), params, inputs=x, targets=y)
+        # Parameters, gradients and optimizer state replicated over the mesh.
+        params_r, g_r = jax.device_put((params, g), replicated)
+        state = jax.device_put(tx.init(params), replicated)
+        shardings = jax.tree.map(lambda a: a.sharding, state)
+        sharded, state = update(g_r, state, params_r, inputs=xs, targets=ys)
+        close(ravel_pytree(sharded)[0], ravel_pytree(single)[0], f"update[{name}]")
+        # The second step finds the state as it left it: no resharding, no recompilation.
+        assert jax.tree.map(lambda a: a.sharding, state) == shardings, f"{name} state resharded"
+        before = update._cache_size()
+        _, state = update(g_r, state, params_r, inputs=xs, targets=ys)
+        assert update._cache_size() == before, f"{name} recompiled on the second step"
+    check_sharded_parameters(model, params, x, y, g)
+    print("all sharded checks passed")
+
+
+def check_sharded_parameters(model, params, x, y, g):
+    """FSDP-style: batch over 'data', weight columns over 'model' (a 4×2 mesh)."""
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    by_columns = lambda a: NamedSharding(mesh, P(None, "model") if a.ndim == 2 else P())
+    params_s = jax.tree.map(lambda a: jax.device_put(a, by_columns(a)), params)
+    g_s = jax.tree.map(lambda a: jax.device_put(a, by_columns(a)), g)
+    assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(params_s))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+    for name, solver in {
+        "cg": ng.ConjugateGradient(tol=1e-13, max_iters=500),
+        "kronecker": "kronecker",
+    }.items():
+        tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2)
+        single, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
+        sharded, _ = jax.jit(tx.update)(g_s, tx.init(params), params_s, inputs=xs, targets=ys)
+        close(ravel_pytree(sharded)[0], ravel_pytree(single)[0], f"sharded-params update[{name}]")
+
+
+if __name__ == "__main__":
+    main()
