@@ -12,14 +12,13 @@ import os
 if "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from _common import init_mlp, machine, median_ms, mlp, table  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import numpy as np
+from _common import init_mlp, machine, median_ms, mlp, table
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import natgrad_jax as ng  # noqa: E402
+import natgrad_jax as ng
 
 BATCH = 512
 
@@ -39,7 +38,9 @@ def main():
         ys = jax.device_put(y, NamedSharding(mesh, P("data")))
         cells = [count]
         for solver in solvers:
-            optimizer = ng.natural_gradient(model, 0.1, fisher="monte_carlo", solver=solver, damping=1e-2)
+            optimizer = ng.natural_gradient(
+                model, 0.1, fisher="monte_carlo", solver=solver, damping=1e-2
+            )
             p = jax.device_put(params, replicated)
             state = jax.device_put(optimizer.init(params), replicated)
 

@@ -18,15 +18,15 @@ import os
 if "XLA_FLAGS" not in os.environ:  # 8 host devices for a CPU-only machine
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from sklearn.datasets import load_digits
 
-import natgrad_jax as ng  # noqa: E402
+import natgrad_jax as ng
 
 
 def init_mlp(key, sizes):

@@ -204,6 +204,12 @@ def scale_by_natural_gradient(
     The update is jit-compatible, has no Python control flow on traced values, keeps
     the dtype of each update leaf and solves in at least float32.
 
+    **Non-finite values.** A numerically indefinite Fisher never yields NaN (the solve
+    falls back to an eigendecomposition). A non-finite *gradient* or Fisher entry
+    propagates to the update; wrap the optimizer in ``optax.apply_if_finite`` to skip
+    such steps (zero update, inner state untouched, skipped steps counted in its
+    state) — the tests check this composition.
+
     Args:
       model: the ``ng.Model`` whose Fisher preconditions the updates.
       fisher: ``"exact"`` (true Fisher, GGN form), ``"monte_carlo"`` (labels sampled

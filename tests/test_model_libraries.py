@@ -1,0 +1,135 @@
+"""The Fisher functions and the transform on real model libraries' pytrees, unchanged.
+
+flax linen and nnx (with a non-trainable variable held out), equinox (``eqx.filter``ed
+arrays, static fields left out) and haiku; plus orbax checkpoints of the state.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+
+N, IN, OUT = 8, 3, 4
+
+
+def _x():
+    return jax.random.normal(jax.random.PRNGKey(1), (N, IN))
+
+
+def linen_model():
+    nn = pytest.importorskip("flax.linen")
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(OUT)(nn.tanh(nn.Dense(5)(x)))
+
+    module = Mlp()
+    return module.apply, module.init(jax.random.PRNGKey(0), _x())
+
+
+def nnx_model_with_a_frozen_variable():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Scale(nnx.Variable):
+        """Not a parameter: held fixed, outside the optimised state."""
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(IN, 5, rngs=rngs)
+            self.out = nnx.Linear(5, OUT, rngs=rngs)
+            self.scale = Scale(jnp.array([1.0, 0.5, 2.0, 1.5]))
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.hidden(x))) * self.scale[...]
+
+    graphdef, params, frozen = nnx.split(Mlp(nnx.Rngs(0)), nnx.Param, ...)
+    return (lambda p, x: nnx.merge(graphdef, p, frozen)(x)), params
+
+
+def equinox_model():
+    eqx = pytest.importorskip("equinox")
+    net = eqx.nn.MLP(IN, OUT, 5, 1, activation=jnp.tanh, key=jax.random.PRNGKey(0))
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params
+
+
+def haiku_model():
+    hk = pytest.importorskip("haiku")
+    transformed = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([5, OUT])(x)))
+    return transformed.apply, transformed.init(jax.random.PRNGKey(0), _x())
+
+
+LIBRARIES = [linen_model, nnx_model_with_a_frozen_variable, equinox_model, haiku_model]
+
+
+def _float64(params):
+    return jax.tree.map(lambda a: a.astype(jnp.float64), params)
+
+
+@pytest.mark.parametrize("make", LIBRARIES, ids=lambda f: f.__name__)
+def test_fisher_functions_on_library_pytrees(make):
+    apply, params = make()
+    params = _float64(params)
+    model = ng.Model(apply, ng.Categorical())
+    x = _x()
+    f = ng.fisher(model, params, x)
+    np.testing.assert_allclose(ng.fisher_hessian(model, params, x), f, rtol=1e-8, atol=1e-12)
+    v = jax.tree.map(jnp.ones_like, params)
+    fv = ng.fisher_vector_product(model, params, x, v)
+    assert jax.tree.structure(fv) == jax.tree.structure(params)
+    np.testing.assert_allclose(ravel_pytree(fv)[0], f @ ravel_pytree(v)[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["dense", "woodbury", "kronecker"])
+@pytest.mark.parametrize("make", LIBRARIES, ids=lambda f: f.__name__)
+def test_transform_on_library_pytrees(make, solver):
+    apply, params = make()
+    params = _float64(params)
+    model = ng.Model(apply, ng.Categorical())
+    x, y = _x(), jnp.arange(N) % OUT
+    g = jax.grad(model.nll)(params, x, y)
+    tx = ng.natural_gradient(model, 1.0, solver=solver, damping=1e-2)
+    updates, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    if solver != "kronecker":  # exact solvers: the dense reference
+        f = ng.fisher(model, params, x)
+        expected = -np.linalg.solve(f + 1e-2 * np.eye(len(f)), ravel_pytree(g)[0])
+        np.testing.assert_allclose(ravel_pytree(updates)[0], expected, rtol=1e-6, atol=1e-10)
+    else:
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_orbax_checkpoint_resumes_the_same_trajectory(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    apply, params = linen_model()
+    model = ng.Model(apply, ng.Categorical())
+    x, y = _x(), jnp.arange(N) % OUT
+    optimizer = ng.natural_gradient(model, 0.5, fisher="monte_carlo", solver="kronecker", decay=0.5)
+
+    @jax.jit
+    def step(params, state):
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = optimizer.update(g, state, params, inputs=x, targets=y)
+        return optax.apply_updates(params, updates), state
+
+    def run(params, state, steps):
+        for _ in range(steps):
+            params, state = step(params, state)
+        return params, state
+
+    uninterrupted, _ = run(params, optimizer.init(params), 4)
+    halfway = run(params, optimizer.init(params), 2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "step2", halfway)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(
+        tmp_path / "step2", jax.tree.map(ocp.utils.to_shape_dtype_struct, halfway)
+    )
+    assert jax.tree.structure(restored) == jax.tree.structure(halfway)
+    resumed, _ = run(*restored, 2)
+    np.testing.assert_array_equal(ravel_pytree(resumed)[0], ravel_pytree(uninterrupted)[0])
