@@ -38,6 +38,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax._fisher import varying_axes
 from natgrad_jax._model import Model
 
 PyTree = Any
@@ -387,6 +388,11 @@ def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cota
     g[k] has a leading R axis, then the shape of layer k's output.
     """
     zeros = [jnp.zeros(layer.output_shape, jnp.result_type(float)) for layer in captured.layers]
+    # Inside shard_map the probes must vary like the batch, or their cotangents (the g)
+    # would be summed over the devices.
+    batch_axes = varying_axes(jax.tree.leaves(inputs)[0])
+    for axis in sorted(batch_axes):
+        zeros = [jax.lax.pcast(z, axis, to="varying") for z in zeros]
 
     def forward(probes):
         return probed_apply(apply_fn, captured, params, inputs, probes)

@@ -168,11 +168,65 @@ def score_rows(
     raise ValueError(f"Unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
 
 
-def _gram(rows: jax.Array, num_examples: int) -> jax.Array:
-    return rows.T @ rows / num_examples
+def device_sum(value, axis_name: str | None):
+    """Σ over the devices of ``axis_name`` (inside ``shard_map``); identity without one."""
+    return value if axis_name is None else jax.lax.psum(value, axis_name)
 
 
-def fisher(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
+def device_mean(value, axis_name: str | None):
+    """Mean over the devices of ``axis_name``; identity without one."""
+    return value if axis_name is None else jax.lax.pmean(value, axis_name)
+
+
+def varying_axes(value) -> frozenset:
+    """The mapped axes ``value`` varies over inside ``shard_map`` (empty outside).
+
+    jax ≤ 0.9 names them ``aval.vma``; later releases ``aval.manual_axis_type.varying``.
+    """
+    aval = jax.typeof(value)
+    if getattr(aval, "vma", None) is not None:
+        return frozenset(aval.vma)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(manual, "varying", ()))
+
+
+def device_varying(params: PyTree, axis_name: str | None) -> PyTree:
+    """``params`` marked as varying over ``axis_name`` inside ``shard_map``.
+
+    Differentiating w.r.t. a replicated (device-invariant) value inside ``shard_map``
+    sums the cotangents over the devices; per-example and per-device Fisher pieces must
+    stay local until our own all-reduce, so they differentiate a varying copy.
+    """
+    if axis_name is None:
+        return params
+
+    def cast(leaf):
+        if axis_name in varying_axes(leaf):
+            return leaf
+        return jax.lax.pcast(leaf, axis_name, to="varying")
+
+    return jax.tree.map(cast, params)
+
+
+def global_batch_size(inputs: PyTree, axis_name: str | None) -> int:
+    """N over all devices: the local batch times the size of the mapped axis."""
+    local = batch_size(inputs)
+    return local if axis_name is None else local * jax.lax.axis_size(axis_name)
+
+
+def device_key(key: jax.Array, axis_name: str | None) -> jax.Array:
+    """A key of this device's own: devices must not sample the same labels."""
+    return key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def _gram(rows: jax.Array, inputs: PyTree, axis_name: str | None) -> jax.Array:
+    num_examples = global_batch_size(inputs, axis_name)
+    return device_sum(rows.T @ rows, axis_name) / num_examples
+
+
+def fisher(
+    model: Model, params: PyTree, inputs: PyTree, *, axis_name: str | None = None
+) -> jax.Array:
     r"""The exact Fisher information matrix, (P, P), mean over the batch.
 
     .. math::
@@ -188,6 +242,8 @@ def fisher(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
       params: the parameter pytree θ.
       inputs: a batch of N inputs.
 
+      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
+        the per-device results are all-reduced (``None``: one device).
     Returns:
       A symmetric positive semi-definite (P, P) array in ``ravel_pytree`` order.
 
@@ -204,11 +260,14 @@ def fisher(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
       Martens, 2020, New insights and perspectives on the natural gradient method.
     """
     model = check_model(model)
-    num_examples = batch_size(inputs)
-    return _gram(_exact_score_rows(model, params, inputs), num_examples)
+    batch_size(inputs)
+    params = device_varying(params, axis_name)
+    return _gram(_exact_score_rows(model, params, inputs), inputs, axis_name)
 
 
-def fisher_hessian(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
+def fisher_hessian(
+    model: Model, params: PyTree, inputs: PyTree, *, axis_name: str | None = None
+) -> jax.Array:
     r"""The exact Fisher as ``jax.hessian`` of the expected negative log-likelihood.
 
     .. math::
@@ -226,6 +285,8 @@ def fisher_hessian(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
       params: the parameter pytree θ.
       inputs: a batch of N inputs.
 
+      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
+        the per-device results are all-reduced (``None``: one device).
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
 
@@ -239,11 +300,19 @@ def fisher_hessian(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
     batch_size(inputs)
     flat, unravel = ravel_pytree(params)
     fixed = jax.lax.stop_gradient(params)
-    return jax.hessian(lambda f: kl_divergence(model, fixed, unravel(f), inputs))(flat)
+    return jax.hessian(
+        lambda f: kl_divergence(model, fixed, unravel(f), inputs, axis_name=axis_name)
+    )(flat)
 
 
 def monte_carlo_fisher(
-    model: Model, params: PyTree, inputs: PyTree, key: jax.Array, num_samples: int = 1
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    key: jax.Array,
+    num_samples: int = 1,
+    *,
+    axis_name: str | None = None,
 ) -> jax.Array:
     r"""Monte-Carlo estimate of the exact Fisher from labels sampled from the model.
 
@@ -260,6 +329,8 @@ def monte_carlo_fisher(
       key: a ``jax.random`` key for the sampled labels.
       num_samples: S, labels drawn per example (a Python int ≥ 1).
 
+      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
+        the per-device results are all-reduced (``None``: one device).
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
 
@@ -272,12 +343,21 @@ def monte_carlo_fisher(
       (1, 1)
     """
     model = check_model(model)
-    num_examples = batch_size(inputs)
+    batch_size(inputs)
+    key = device_key(key, axis_name)
+    params = device_varying(params, axis_name)
     rows = score_rows(model, params, inputs, kind="monte_carlo", key=key, num_samples=num_samples)
-    return _gram(rows, num_examples)
+    return _gram(rows, inputs, axis_name)
 
 
-def empirical_fisher(model: Model, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
+def empirical_fisher(
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    targets: PyTree,
+    *,
+    axis_name: str | None = None,
+) -> jax.Array:
     r"""The empirical Fisher 1/N Σᵢ sᵢ sᵢᵀ, scores at the data's own labels.
 
     Not an estimate of the exact Fisher: away from a well-specified optimum the two
@@ -290,6 +370,8 @@ def empirical_fisher(model: Model, params: PyTree, inputs: PyTree, targets: PyTr
       inputs: a batch of N inputs.
       targets: the N observed targets.
 
+      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
+        the per-device results are all-reduced (``None``: one device).
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
 
@@ -305,8 +387,9 @@ def empirical_fisher(model: Model, params: PyTree, inputs: PyTree, targets: PyTr
       for natural gradient descent.
     """
     model = check_model(model)
-    num_examples = batch_size(inputs)
-    return _gram(per_example_scores(model, params, inputs, targets), num_examples)
+    batch_size(inputs)
+    params = device_varying(params, axis_name)
+    return _gram(per_example_scores(model, params, inputs, targets), inputs, axis_name)
 
 
 def fisher_operator(
@@ -318,6 +401,7 @@ def fisher_operator(
     targets: PyTree | None = None,
     key: jax.Array | None = None,
     num_samples: int = 1,
+    axis_name: str | None = None,
 ):
     r"""v ↦ F v for the Fisher named by ``kind``, matrix-free, linearised once.
 
@@ -329,10 +413,27 @@ def fisher_operator(
       per-example log-likelihoods (at the data's or at sampled labels) and Sᵀu its vjp,
       so no per-example gradient is ever formed.
 
-    Returns a function from pytrees shaped like ``params`` to the same.
+    With ``axis_name`` (inside ``shard_map``, the batch split over that axis) the
+    products are averaged over the devices. Returns a function from pytrees shaped like
+    ``params`` to the same.
     """
     model = check_model(model)
     num_examples = batch_size(inputs)
+    local_product = _local_fisher_operator(
+        model,
+        device_varying(params, axis_name),
+        inputs,
+        num_examples,
+        kind,
+        targets,
+        device_key(key, axis_name) if key is not None else None,
+        num_samples,
+    )
+    return lambda vector: device_mean(local_product(device_varying(vector, axis_name)), axis_name)
+
+
+def _local_fisher_operator(model, params, inputs, num_examples, kind, targets, key, num_samples):
+    """The Fisher operator of this device's batch."""
     if kind == "exact":
         outputs, forward = jax.linearize(lambda p: model.apply_fn(p, inputs), params)
         backward = jax.linear_transpose(forward, params)
@@ -367,7 +468,14 @@ def fisher_operator(
     return product
 
 
-def fisher_vector_product(model: Model, params: PyTree, inputs: PyTree, vector: PyTree) -> PyTree:
+def fisher_vector_product(
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    vector: PyTree,
+    *,
+    axis_name: str | None = None,
+) -> PyTree:
     r"""The exact Fisher times a vector, matrix-free: F v = 1/N Jᵀ F_out J v.
 
     One ``jax.linearize`` of ``apply_fn`` (the J v), the output Fisher applied per
@@ -380,6 +488,8 @@ def fisher_vector_product(model: Model, params: PyTree, inputs: PyTree, vector: 
       inputs: a batch of N inputs.
       vector: a pytree with the structure of ``params``.
 
+      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
+        the per-device results are all-reduced (``None``: one device).
     Returns:
       F v as a pytree with the structure of ``params``.
 
@@ -392,10 +502,17 @@ def fisher_vector_product(model: Model, params: PyTree, inputs: PyTree, vector: 
       Array([[1. ],
              [0.5]], dtype=float32)
     """
-    return fisher_operator(model, params, inputs, kind="exact")(vector)
+    return fisher_operator(model, params, inputs, kind="exact", axis_name=axis_name)(vector)
 
 
-def kl_divergence(model: Model, params_p: PyTree, params_q: PyTree, inputs: PyTree) -> jax.Array:
+def kl_divergence(
+    model: Model,
+    params_p: PyTree,
+    params_q: PyTree,
+    inputs: PyTree,
+    *,
+    axis_name: str | None = None,
+) -> jax.Array:
     r"""Mean KL divergence between the model's predictions at two parameters.
 
     .. math::
@@ -410,6 +527,8 @@ def kl_divergence(model: Model, params_p: PyTree, params_q: PyTree, inputs: PyTr
       params_q: parameters of the second distribution.
       inputs: a batch of N inputs.
 
+      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
+        the per-device results are all-reduced (``None``: one device).
     Returns:
       A scalar.
 
@@ -424,4 +543,5 @@ def kl_divergence(model: Model, params_p: PyTree, params_q: PyTree, inputs: PyTr
     batch_size(inputs)
     outputs_p = model.apply_fn(params_p, inputs)
     outputs_q = model.apply_fn(params_q, inputs)
-    return jnp.mean(per_example_sum(model.likelihood.kl(outputs_p, outputs_q)))
+    local = jnp.mean(per_example_sum(model.likelihood.kl(outputs_p, outputs_q)))
+    return device_mean(local, axis_name)

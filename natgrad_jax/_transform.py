@@ -20,7 +20,13 @@ from natgrad_jax._curvature.implicit import ConjugateGradient
 from natgrad_jax._curvature.kronecker import Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
-from natgrad_jax._fisher import FISHER_KINDS, check_num_samples, check_same_batch
+from natgrad_jax._fisher import (
+    FISHER_KINDS,
+    check_num_samples,
+    check_same_batch,
+    device_mean,
+    varying_axes,
+)
 from natgrad_jax._model import Model, check_model
 from natgrad_jax._solvers import trust_region_scale
 
@@ -158,6 +164,18 @@ def _value_at(hyperparameter: ScalarOrSchedule, count: jax.Array):
     return hyperparameter(count) if callable(hyperparameter) else hyperparameter
 
 
+def _invariant(value, axis_name):
+    """``value``, typed device-invariant: averaged over ``axis_name`` if JAX sees it varying.
+
+    Every device computes the same numbers from all-reduced statistics, but values
+    that passed through device-varying intermediates keep that type; the mean of
+    identical copies is the value itself.
+    """
+    if axis_name in varying_axes(value):
+        return jax.lax.pmean(value, axis_name)
+    return value
+
+
 def _increment(count: jax.Array) -> jax.Array:
     """count + 1, saturating instead of overflowing int32."""
     return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
@@ -180,6 +198,7 @@ def scale_by_natural_gradient(
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by the damped inverse Fisher of ``model``: d = (F + λI)⁻¹ g.
 
@@ -238,6 +257,12 @@ def scale_by_natural_gradient(
       max_curvature_bytes: memory budget of the curvature representation; a solver
         that would need more raises a ValueError at trace time, before allocating,
         naming cheaper ones. ``None`` disables the check.
+      axis_name: for use inside ``shard_map`` (or ``pmap``) with the batch split over
+        this mapped axis: curvature statistics are all-reduced (Woodbury gathers the
+        layers' inputs and output-gradients) so every device solves with the Fisher
+        of the whole batch. The incoming updates must already be the whole batch's
+        gradient (``jax.lax.pmean(grads, axis_name)``). ``None``: a single program,
+        where sharded arrays under ``jax.jit`` need nothing more (GSPMD).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` is
@@ -275,6 +300,8 @@ def scale_by_natural_gradient(
         _check_positive("max_kl", max_kl)
     _check_decay(decay)
     _check_refresh_every(refresh_every)
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
     curvature = _resolve_solver(solver)
 
     def init_fn(params):
@@ -319,7 +346,14 @@ def scale_by_natural_gradient(
         key, step_key = jax.random.split(state.key)
         damping_now = state.damping if adaptive else _value_at(damping, state.count)
         batch = CurvatureBatch(
-            model, params, inputs, fisher, targets=targets, key=step_key, num_samples=num_samples
+            model,
+            params,
+            inputs,
+            fisher,
+            targets=targets,
+            key=step_key,
+            num_samples=num_samples,
+            axis_name=axis_name,
         )
         flat_updates, unravel = ravel_pytree(updates)
         gradient = flat_updates.astype(_solve_dtype(flat_updates.dtype))
@@ -348,6 +382,11 @@ def scale_by_natural_gradient(
             direction = jnp.where(accepted, direction, 0.0)
         else:
             next_damping = jnp.asarray(damping_now, state.damping.dtype)
+        if axis_name is not None:
+            # Every device holds the same direction and curvature; say so to shard_map.
+            direction = _invariant(direction, axis_name)
+            curvature_state = jax.tree.map(lambda a: _invariant(a, axis_name), curvature_state)
+            next_damping = _invariant(next_damping, axis_name)
         new_updates = unravel(direction.astype(flat_updates.dtype))
         new_updates = jax.tree.map(lambda new, old: new.astype(old.dtype), new_updates, updates)
         new_state = NaturalGradientState(
@@ -367,7 +406,9 @@ def _levenberg_marquardt(rule, batch: CurvatureBatch, gradient, direction, dampi
     flat_params, unravel = ravel_pytree(params)
     step = -direction
     moved = unravel(flat_params + step.astype(flat_params.dtype))
-    actual = model.nll(moved, inputs, targets) - model.nll(params, inputs, targets)
+    actual = device_mean(
+        model.nll(moved, inputs, targets) - model.nll(params, inputs, targets), batch.axis_name
+    )
     predicted = jnp.vdot(gradient, step) + 0.5 * jnp.vdot(step, batch.matvec(step))
     ratio = reduction_ratio(actual.astype(step.dtype), predicted)
     return rule.adapt(jnp.asarray(damping, step.dtype), ratio), rule.accepts(ratio)
@@ -399,6 +440,7 @@ def natural_gradient(
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Natural gradient descent: θ ← θ − η (F + λI)⁻¹ ∇L, as an optax optimizer.
 
@@ -421,6 +463,7 @@ def natural_gradient(
       num_samples: Monte-Carlo labels per example (``None`` means 1).
       seed: seed of the Monte-Carlo PRNG key held in the state.
       max_curvature_bytes: memory budget of the curvature (``None``: unchecked).
+      axis_name: the mapped axis the batch is split over inside ``shard_map``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``inputs=`` (and ``targets=``)
@@ -456,6 +499,7 @@ def natural_gradient(
             num_samples=num_samples,
             seed=seed,
             max_curvature_bytes=max_curvature_bytes,
+            axis_name=axis_name,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

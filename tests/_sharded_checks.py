@@ -77,7 +77,75 @@ def main():
         _, state = update(g_r, state, params_r, inputs=xs, targets=ys)
         assert update._cache_size() == before, f"{name} recompiled on the second step"
     check_sharded_parameters(model, params, x, y, g)
+    check_shard_map(model, params, x, y, g)
     print("all sharded checks passed")
+
+
+def check_shard_map(model, params, x, y, g):
+    """Inside shard_map with axis_name: explicit all-reduces give the whole batch's numbers."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+
+    def mapped(fn, *batch_args):
+        specs = tuple(P("data") for _ in batch_args)
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P()))(*batch_args)
+
+    close(
+        mapped(lambda x: ng.fisher(model, params, x, axis_name="data"), x),
+        ng.fisher(model, params, x),
+        "shard_map fisher",
+    )
+    close(
+        mapped(lambda x: ng.fisher_hessian(model, params, x, axis_name="data"), x),
+        ng.fisher(model, params, x),
+        "shard_map fisher_hessian",
+    )
+    close(
+        mapped(lambda x, y: ng.empirical_fisher(model, params, x, y, axis_name="data"), x, y),
+        ng.empirical_fisher(model, params, x, y),
+        "shard_map empirical_fisher",
+    )
+    v = jax.tree.map(jnp.ones_like, params)
+    close(
+        ravel_pytree(
+            mapped(lambda x: ng.fisher_vector_product(model, params, x, v, axis_name="data"), x)
+        )[0],
+        ravel_pytree(ng.fisher_vector_product(model, params, x, v))[0],
+        "shard_map fvp",
+    )
+    other = jax.tree.map(lambda a: a + 0.1, params)
+    close(
+        mapped(lambda x: ng.kl_divergence(model, params, other, x, axis_name="data"), x),
+        ng.kl_divergence(model, params, other, x),
+        "shard_map kl",
+    )
+    solvers = {
+        "dense": "dense",
+        "woodbury": "woodbury",
+        "woodbury-vmap": ng.Woodbury(capture=False),
+        "cg": ng.ConjugateGradient(tol=1e-13, max_iters=500),
+        "diagonal": "diagonal",
+        "block_diagonal": "block_diagonal",
+        "kronecker": "kronecker",
+    }
+    for name, solver in solvers.items():
+        for kind in ("exact", "empirical"):
+            single_tx = ng.natural_gradient(model, 0.1, fisher=kind, solver=solver, damping=1e-2)
+            single, _ = jax.jit(single_tx.update)(
+                g, single_tx.init(params), params, inputs=x, targets=y
+            )
+            tx = ng.natural_gradient(
+                model, 0.1, fisher=kind, solver=solver, damping=1e-2, axis_name="data"
+            )
+            state = tx.init(params)
+
+            def step(x, y, tx=tx, state=state):
+                return tx.update(g, state, params, inputs=x, targets=y)[0]
+
+            close(
+                ravel_pytree(mapped(step, x, y))[0],
+                ravel_pytree(single)[0],
+                f"shard_map update[{name}, {kind}]",
+            )
 
 
 def check_sharded_parameters(model, params, x, y, g):

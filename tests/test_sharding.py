@@ -1,7 +1,8 @@
 """Data-parallel natural gradient on 8 forced host devices, in a subprocess.
 
-The batch is sharded along its example axis over a mesh; under plain ``jax.jit``
-(GSPMD) every Fisher function and solver must give the single-device numbers.
+The batch is sharded along its example axis over a mesh. Under plain ``jax.jit``
+(GSPMD), and inside ``shard_map`` with ``axis_name`` (explicit all-reduces and
+gathers), every Fisher function and solver must give the single-device numbers.
 """
 
 import pathlib
@@ -22,3 +23,5 @@ def test_sharded_batch_matches_single_device():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all sharded checks passed" in result.stdout
     assert result.stdout.count("ok update[") == 5
+    assert result.stdout.count("ok sharded-params update[") == 2
+    assert result.stdout.count("ok shard_map update[") == 14

@@ -9,7 +9,15 @@ from typing import Any
 import jax
 from jax.flatten_util import ravel_pytree
 
-from natgrad_jax._fisher import FisherKind, batch_size, fisher_operator, score_rows
+from natgrad_jax._fisher import (
+    FisherKind,
+    device_key,
+    device_sum,
+    device_varying,
+    fisher_operator,
+    global_batch_size,
+    score_rows,
+)
 from natgrad_jax._model import Model
 
 PyTree = Any
@@ -26,7 +34,9 @@ class CurvatureBatch:
 
     Built inside ``update`` (at trace time); representations pick what they use:
     score rows for dense, diagonal and low-rank forms, products for matrix-free ones.
-    Vectors are flat, in ``ravel_pytree(params)`` order.
+    Vectors are flat, in ``ravel_pytree(params)`` order. With ``axis_name`` (inside
+    ``shard_map``) ``inputs`` is this device's share of the batch: ``num_examples``,
+    ``device_sum``, ``gather_rows`` and ``matvec`` then speak of the whole batch.
     """
 
     model: Model
@@ -36,25 +46,42 @@ class CurvatureBatch:
     targets: PyTree | None = None
     key: jax.Array | None = None
     num_samples: int = 1
+    axis_name: str | None = None
 
     @property
     def num_examples(self) -> int:
-        return batch_size(self.inputs)
+        """N, the examples of the whole batch (over every device of ``axis_name``)."""
+        return global_batch_size(self.inputs, self.axis_name)
+
+    def device_sum(self, value):
+        """Σ over the devices holding parts of the batch (identity on one device)."""
+        return device_sum(value, self.axis_name)
+
+    def gather_examples(self, value, axis: int = 0):
+        """``value`` with its example axis gathered from every device (tiled)."""
+        if self.axis_name is None:
+            return value
+        return jax.lax.all_gather(value, self.axis_name, axis=axis, tiled=True)
 
     @property
     def leaf_sizes(self) -> tuple[int, ...]:
         """Sizes of the parameter leaves, in ``ravel_pytree`` order."""
         return tuple(leaf.size for leaf in jax.tree.leaves(self.params))
 
+    @property
+    def device_key(self):
+        """The PRNG key for this device's Monte-Carlo labels."""
+        return None if self.key is None else device_key(self.key, self.axis_name)
+
     def score_rows(self) -> jax.Array:
-        """S with F = SᵀS / N for this batch and Fisher kind, shape (rows, P)."""
+        """This device's rows of S (F = SᵀS / N, N the whole batch), shape (rows, P)."""
         return score_rows(
             self.model,
-            self.params,
+            device_varying(self.params, self.axis_name),
             self.inputs,
             kind=self.kind,
             targets=self.targets,
-            key=self.key,
+            key=self.device_key,
             num_samples=self.num_samples,
         )
 
@@ -73,6 +100,7 @@ class CurvatureBatch:
             targets=self.targets,
             key=self.key,
             num_samples=self.num_samples,
+            axis_name=self.axis_name,
         )
 
         def matvec(vector):

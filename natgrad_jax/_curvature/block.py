@@ -47,7 +47,9 @@ class BlockDiagonal:
     def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
         dtype = state.blocks[0].dtype
         rows = batch.score_rows().astype(dtype)
-        measured = [r.T @ r / batch.num_examples for r in _split(rows, batch.leaf_sizes)]
+        measured = [
+            batch.device_sum(r.T @ r) / batch.num_examples for r in _split(rows, batch.leaf_sizes)
+        ]
         blocks = tuple(
             moving_average(old, new, decay, is_first)
             for old, new in zip(state.blocks, measured, strict=True)

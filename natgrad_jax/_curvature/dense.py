@@ -43,7 +43,8 @@ class Dense:
     def refresh(self, state: DenseState, batch: CurvatureBatch, damping, decay, is_first):
         """Measures F on ``batch``, averages it into the state and refactorises F + λI."""
         rows = batch.score_rows().astype(state.fisher.dtype)
-        fisher = moving_average(state.fisher, rows.T @ rows / batch.num_examples, decay, is_first)
+        measured = batch.device_sum(rows.T @ rows) / batch.num_examples
+        fisher = moving_average(state.fisher, measured, decay, is_first)
         return DenseState(fisher=fisher, inverse=damped_inverse(fisher, damping))
 
     def solve(self, state: DenseState, batch: CurvatureBatch, vector, damping):

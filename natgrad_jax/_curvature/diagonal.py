@@ -50,7 +50,7 @@ class Diagonal:
             diagonal = factored_rows(batch, dtype).diagonal() / batch.num_examples
         else:
             rows = batch.score_rows().astype(dtype)
-            diagonal = jnp.sum(rows**2, axis=0) / batch.num_examples
+            diagonal = batch.device_sum(jnp.sum(rows**2, axis=0)) / batch.num_examples
         return DiagonalState(moving_average(state.diagonal, diagonal, decay, is_first))
 
     def solve(self, state: DiagonalState, batch: CurvatureBatch, vector, damping):

@@ -26,7 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax._capture import Capture, Layer, capture, layer_inputs_and_gradients
-from natgrad_jax._fisher import check_num_samples, sample_targets
+from natgrad_jax._fisher import (
+    batch_size,
+    check_num_samples,
+    device_varying,
+    sample_targets,
+    varying_axes,
+)
 
 PyTree = Any
 
@@ -98,11 +104,17 @@ def leaf_to_matrix(layer: Layer, leaf) -> jax.Array:
     return operand.reshape(k, -1)
 
 
+def _varying_like(value, like):
+    """``value`` marked varying over the mapped axes ``like`` varies over (in shard_map)."""
+    for axis in sorted(varying_axes(like) - varying_axes(value)):
+        value = jax.lax.pcast(value, axis, to="varying")
+    return value
+
+
 def matrix_to_leaf(layer: Layer, matrix, leaf_template) -> jax.Array:
     """Inverse of ``leaf_to_matrix``: a K×D matrix back to the leaf's shape."""
-    view, pullback = jax.vjp(
-        lambda leaf: leaf_to_matrix(layer, leaf), leaf_template.astype(matrix.dtype)
-    )
+    template = _varying_like(leaf_template.astype(matrix.dtype), matrix)
+    view, pullback = jax.vjp(lambda leaf: leaf_to_matrix(layer, leaf), template)
     return pullback(matrix.astype(view.dtype))[0].astype(matrix.dtype)
 
 
@@ -217,7 +229,7 @@ def _cotangent_rows(batch, outputs):
     if batch.kind == "empirical":
         return jax.tree.map(lambda c: c[None], score(batch.targets))
     num_samples = check_num_samples(batch.num_samples)
-    sampled = sample_targets(batch.model, batch.params, batch.inputs, batch.key, num_samples)
+    sampled = sample_targets(batch.model, batch.params, batch.inputs, batch.device_key, num_samples)
     rows = jax.vmap(score)(sampled)
     return jax.tree.map(lambda c: c / jnp.sqrt(jnp.asarray(num_samples, c.dtype)), rows)
 
@@ -226,8 +238,8 @@ def _fallback_rows(batch, captured: Capture, cotangents, dtype):
     """(R, N, P_fallback) per-example rows of the leaves capture left out, via vmap."""
     leaves, treedef = jax.tree.flatten(batch.params)
     num_rows = jax.tree.leaves(cotangents)[0].shape[0]
-    if not captured.fallback:
-        return jnp.zeros((num_rows, batch.num_examples, 0), dtype)
+    if not captured.fallback:  # this device's (empty) share, gathered by the caller
+        return jnp.zeros((num_rows, batch_size(batch.inputs), 0), dtype)
 
     def with_fallback(fallback_leaves):
         merged = list(leaves)
@@ -250,8 +262,13 @@ def _fallback_rows(batch, captured: Capture, cotangents, dtype):
 
 
 def factored_rows(batch, dtype=None) -> FactoredRows:
-    """One forward and one row-batched backward pass: the factored score rows of ``batch``."""
+    """One forward and one row-batched backward pass: the factored score rows of ``batch``.
+
+    With ``batch.axis_name`` each device computes (a, g) for its examples and gathers
+    everyone's, so the rows — and all that is computed from them — are the whole batch's.
+    """
     captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
+    batch = dataclasses.replace(batch, params=device_varying(batch.params, batch.axis_name))
     outputs = batch.model.apply_fn(batch.params, batch.inputs)
     cotangents = jax.lax.stop_gradient(_cotangent_rows(batch, outputs))
     _, activations, gradients = layer_inputs_and_gradients(
@@ -269,9 +286,11 @@ def factored_rows(batch, dtype=None) -> FactoredRows:
     templates = tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(batch.params))
     return FactoredRows(
         capture=captured,
-        inputs=tuple(normalised_a),
-        gradients=tuple(normalised_g),
-        fallback_rows=_fallback_rows(batch, captured, cotangents, dtype),
+        inputs=tuple(None if a is None else batch.gather_examples(a) for a in normalised_a),
+        gradients=tuple(batch.gather_examples(g, axis=1) for g in normalised_g),
+        fallback_rows=batch.gather_examples(
+            _fallback_rows(batch, captured, cotangents, dtype), axis=1
+        ),
         leaf_templates=templates,
         num_examples=batch.num_examples,
     )

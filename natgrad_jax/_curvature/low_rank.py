@@ -101,5 +101,5 @@ class Woodbury:
                 damping,
             )
             return solved, state
-        rows = batch.score_rows().astype(vector.dtype)
+        rows = batch.gather_examples(batch.score_rows().astype(vector.dtype))
         return woodbury_solve(rows, batch.num_examples, vector, damping), state
