@@ -54,6 +54,19 @@ def check_same_batch(inputs: PyTree, targets: PyTree) -> int:
     return num_inputs
 
 
+def check_kind(kind: str, targets: PyTree | None, key: jax.Array | None) -> None:
+    """Raises a ValueError if ``kind`` is unknown or lacks what it needs."""
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"Unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
+    if kind == "monte_carlo" and key is None:
+        raise ValueError("The Monte-Carlo Fisher needs a PRNG key: pass key=...")
+    if kind == "empirical" and targets is None:
+        raise ValueError(
+            "The empirical Fisher uses the data's labels: pass targets=... "
+            '(or use fisher="exact" or "monte_carlo", which need none).'
+        )
+
+
 def check_num_samples(num_samples: Any) -> int:
     """Returns ``num_samples`` as a Python int ≥ 1, or raises a ValueError saying why."""
     try:
@@ -152,20 +165,12 @@ def score_rows(
     * ``"monte_carlo"``: N·S rows sᵢ(ỹ)/√S at labels ỹ sampled from the model;
     * ``"empirical"``: the N rows sᵢ of ``per_example_scores`` at the data's targets.
     """
+    check_kind(kind, targets, key)
     if kind == "exact":
         return _exact_score_rows(model, params, inputs)
     if kind == "monte_carlo":
-        if key is None:
-            raise ValueError("The Monte-Carlo Fisher needs a PRNG key: pass key=...")
         return _monte_carlo_score_rows(model, params, inputs, key, check_num_samples(num_samples))
-    if kind == "empirical":
-        if targets is None:
-            raise ValueError(
-                "The empirical Fisher uses the data's labels: pass targets=... "
-                '(or use fisher="exact" or "monte_carlo", which need none).'
-            )
-        return per_example_scores(model, params, inputs, targets)
-    raise ValueError(f"Unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
+    return per_example_scores(model, params, inputs, targets)
 
 
 def device_sum(value, axis_name: str | None):
@@ -418,6 +423,7 @@ def fisher_operator(
     ``params`` to the same.
     """
     model = check_model(model)
+    check_kind(kind, targets, key)
     num_examples = batch_size(inputs)
     local_product = _local_fisher_operator(
         model,
@@ -444,15 +450,9 @@ def _local_fisher_operator(model, params, inputs, num_examples, kind, targets, k
 
         return product
     if kind == "empirical":
-        if targets is None:
-            raise ValueError("The empirical Fisher uses the data's labels: pass targets=...")
         labels = jax.tree.map(lambda t: t[None], targets)
-    elif kind == "monte_carlo":
-        if key is None:
-            raise ValueError("The Monte-Carlo Fisher needs a PRNG key: pass key=...")
-        labels = sample_targets(model, params, inputs, key, check_num_samples(num_samples))
     else:
-        raise ValueError(f"Unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
+        labels = sample_targets(model, params, inputs, key, check_num_samples(num_samples))
     num_rows = num_examples * jax.tree.leaves(labels)[0].shape[0]
 
     def log_likelihoods(p):

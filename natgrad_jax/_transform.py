@@ -2,6 +2,7 @@ r"""Optax transforms that precondition gradients by the damped inverse Fisher.""
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -146,13 +147,14 @@ def _check_memory(curvature, params, num_rows, dtype, max_bytes) -> None:
     """
     if not _is_python_number(max_bytes):
         return
-    leaf_sizes = tuple(leaf.size for leaf in jax.tree.leaves(params))
-    needed = curvature.memory(sum(leaf_sizes), num_rows, leaf_sizes) * jnp.dtype(dtype).itemsize
+    leaf_shapes = tuple(tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
+    num_params = sum(math.prod(shape) for shape in leaf_shapes)
+    needed = curvature.memory(num_params, num_rows, leaf_shapes) * jnp.dtype(dtype).itemsize
     if needed > max_bytes:
         cheaper = [name for name in CHEAP_SOLVERS if name != curvature.name]
         raise ValueError(
             f"solver {curvature.name!r} would hold about {needed / 2**30:.2f} GiB of curvature "
-            f"(P = {sum(leaf_sizes)}, {num_rows} score rows), over max_curvature_bytes = "
+            f"(P = {num_params}, {num_rows} score rows), over max_curvature_bytes = "
             f"{max_bytes / 2**30:.2f} GiB. Use a cheaper solver ({', '.join(cheaper)}), a "
             "smaller batch or fisher='monte_carlo'/'empirical' (fewer rows), or raise "
             "max_curvature_bytes."

@@ -74,10 +74,10 @@ class Auto:
     def _dense(num_params: int) -> bool:
         return num_params <= DENSE_MAX_PARAMS
 
-    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once by the representation this problem gets."""
         name, _ = choose_solver(num_params, num_rows)
-        return _BY_NAME[name]().memory(num_params, num_rows, leaf_sizes)
+        return _BY_NAME[name]().memory(num_params, num_rows, leaf_shapes)
 
     def init(self, params, dtype):
         if self._dense(parameter_count(params)):

@@ -8,6 +8,7 @@ diagonal block of the dense Fisher.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -36,9 +37,10 @@ class BlockDiagonal:
     name = "block_diagonal"
     averages = True
 
-    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once, for the memory guard."""
-        return 2 * sum(size**2 for size in leaf_sizes) + num_rows * num_params
+        sizes = [math.prod(shape) for shape in leaf_shapes]
+        return 2 * sum(size**2 for size in sizes) + num_rows * num_params
 
     def init(self, params, dtype) -> BlockDiagonalState:
         blocks = tuple(jnp.zeros((leaf.size, leaf.size), dtype) for leaf in jax.tree.leaves(params))

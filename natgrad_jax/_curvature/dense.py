@@ -30,9 +30,9 @@ class Dense:
     name = "dense"
     averages = True  # supports decay (EMA) and refresh_every
 
-    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once, for the memory guard: two P×P matrices and the rows."""
-        del leaf_sizes
+        del leaf_shapes
         return 2 * num_params**2 + num_rows * num_params
 
     def init(self, params, dtype) -> DenseState:

@@ -35,9 +35,9 @@ class Diagonal:
     name = "diagonal"
     averages = True
 
-    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once, for the memory guard."""
-        del leaf_sizes
+        del leaf_shapes
         return num_params + num_rows * num_params
 
     def init(self, params, dtype) -> DiagonalState:

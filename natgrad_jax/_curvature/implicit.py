@@ -73,9 +73,9 @@ class ConjugateGradient:
                 f"ConjugateGradient max_iters must be an int ≥ 1, got {self.max_iters!r}."
             )
 
-    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once, for the memory guard."""
-        del num_rows, leaf_sizes
+        del num_rows, leaf_shapes
         return 6 * num_params
 
     def init(self, params, dtype) -> ConjugateGradientState:

@@ -91,10 +91,12 @@ class Kronecker:
     name = "kronecker"
     averages = True
 
-    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
-        """Floats held at once, for the memory guard (factors bounded by leaf sizes)."""
-        del leaf_sizes
-        return 4 * num_params + num_params + 2 * num_rows
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
+        """Floats held at once, for the memory guard: each leaf's two factors and their
+        inverses, its diagonal, and the layers' inputs and output-gradients."""
+        factors = sum(2 * (m * m + n * n) for m, n in map(_split_shape, leaf_shapes))
+        layer_activations = num_rows * sum(sum(shape) for shape in leaf_shapes)
+        return factors + num_params + layer_activations
 
     def init(self, params, dtype) -> KroneckerState:
         leaves = []

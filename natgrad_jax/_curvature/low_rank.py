@@ -75,9 +75,9 @@ class Woodbury:
     name = "woodbury"
     averages = False  # an average of low-rank Fishers is not low-rank
 
-    def memory(self, num_params: int, num_rows: int, leaf_sizes=()) -> int:
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once, for the memory guard."""
-        del leaf_sizes
+        del leaf_shapes
         return num_rows * num_params + 2 * num_rows**2
 
     def init(self, params, dtype) -> WoodburyState:
