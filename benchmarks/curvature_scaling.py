@@ -18,7 +18,6 @@ import argparse
 import pathlib
 
 import jax
-import jax.numpy as jnp
 from _common import init_mlp, machine, median_ms, mlp, progress, table
 
 import natgrad_jax as ng

@@ -75,7 +75,7 @@ def relative_l2_error(params):
 
 def run(optimizer, model, params, inputs, steps, *, line_search):
     targets = jnp.zeros((inputs.shape[0], 1))
-    value_fn = lambda p: model.nll(p, inputs, targets)  # noqa: E731
+    value_fn = lambda p: model.nll(p, inputs, targets)
     state = optimizer.init(params)
 
     @jax.jit

@@ -4,6 +4,8 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
@@ -70,3 +72,27 @@ def mlp_problem(name, num_examples=6, in_size=3, hidden=4, seed=0):
 
 
 MLP_NAMES = [name for name, _, _ in mlp_models()]
+
+
+def assert_resumes_identically(model, params, x, y, save_and_restore, steps=4):
+    """Training interrupted halfway, saved, restored and resumed ends where an
+    uninterrupted run ends, to the last bit (Monte-Carlo keys and EMA in the state)."""
+    optimizer = ng.natural_gradient(model, 0.5, fisher="monte_carlo", solver="kronecker", decay=0.5)
+
+    @jax.jit
+    def step(params, state):
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = optimizer.update(g, state, params, inputs=x, targets=y)
+        return optax.apply_updates(params, updates), state
+
+    def run(params, state, count):
+        for _ in range(count):
+            params, state = step(params, state)
+        return params, state
+
+    uninterrupted, _ = run(params, optimizer.init(params), steps)
+    halfway = run(params, optimizer.init(params), steps // 2)
+    restored = save_and_restore(halfway)
+    assert jax.tree.structure(restored) == jax.tree.structure(halfway)
+    resumed, _ = run(*restored, steps - steps // 2)
+    np.testing.assert_array_equal(ravel_pytree(resumed)[0], ravel_pytree(uninterrupted)[0])

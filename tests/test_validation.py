@@ -5,12 +5,11 @@ import pickle
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from tests.helpers import init_mlp, mlp
+from tests.helpers import assert_resumes_identically, init_mlp, mlp
 
 
 def _categorical():
@@ -86,24 +85,9 @@ def test_huge_logits_give_finite_fisher_and_updates(dtype, solver):
 def test_state_round_trips_through_pickle_and_resumes_identically():
     model, params, x = _categorical()
     y = jnp.array([0, 1, 2, 0, 1])
-    optimizer = ng.natural_gradient(model, 0.5, fisher="monte_carlo", solver="kronecker", decay=0.5)
-
-    @jax.jit
-    def step(params, state):
-        g = jax.grad(model.nll)(params, x, y)
-        updates, state = optimizer.update(g, state, params, inputs=x, targets=y)
-        return optax.apply_updates(params, updates), state
-
-    def run(params, state, steps):
-        for _ in range(steps):
-            params, state = step(params, state)
-        return params, state
-
-    uninterrupted, _ = run(params, optimizer.init(params), 6)
-    halfway_params, halfway_state = run(params, optimizer.init(params), 3)
-    restored = pickle.loads(pickle.dumps(jax.device_get((halfway_params, halfway_state))))
-    resumed, _ = run(*restored, 3)
-    np.testing.assert_array_equal(ravel_pytree(resumed)[0], ravel_pytree(uninterrupted)[0])
+    assert_resumes_identically(
+        model, params, x, y, lambda tree: pickle.loads(pickle.dumps(jax.device_get(tree))), steps=6
+    )
 
 
 def test_monte_carlo_fisher_is_deterministic_given_the_seed():
