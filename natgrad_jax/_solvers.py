@@ -26,9 +26,11 @@ def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:
 def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
     r"""(M + λI)⁻¹ for a symmetric PSD matrix M, never NaN.
 
-    Cholesky when M + λI is numerically positive definite; otherwise (Cholesky produced
-    non-finite entries) the eigendecomposition pseudo-inverse. The choice is made with
-    ``lax.cond``, so only one branch runs.
+    Cholesky when M + λI is numerically positive definite; otherwise the
+    eigendecomposition pseudo-inverse. "Numerically positive definite" means the
+    factor is finite and its smallest pivot² exceeds P·eps times the largest diagonal
+    entry: some LAPACK builds return a finite but meaningless factor for a singular
+    matrix instead of NaN. The choice is made with ``lax.cond``, so only one branch runs.
 
     Args:
       matrix: a symmetric (P, P) matrix, PSD up to round-off.
@@ -43,8 +45,14 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
     )
     factor = jnp.linalg.cholesky(damped)
     identity = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+    eps = jnp.finfo(matrix.dtype).eps
+    scale = jnp.max(jnp.abs(jnp.diagonal(damped)))
+    smallest_pivot = jnp.min(jnp.abs(jnp.diagonal(factor))) ** 2
+    positive_definite = jnp.all(jnp.isfinite(factor)) & (
+        smallest_pivot > matrix.shape[-1] * eps * scale
+    )
     return jax.lax.cond(
-        jnp.all(jnp.isfinite(factor)),
+        positive_definite,
         lambda: jax.scipy.linalg.cho_solve((factor, True), identity),
         lambda: _eigh_pseudo_inverse(damped),
     )
