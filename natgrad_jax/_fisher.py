@@ -421,6 +421,14 @@ def fisher_operator(
     With ``axis_name`` (inside ``shard_map``, the batch split over that axis) the
     products are averaged over the devices. Returns a function from pytrees shaped like
     ``params`` to the same.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+      >>> x, y = jnp.array([[1.0], [2.0]]), jnp.array([[1.0], [1.0]])
+      >>> product = ng.fisher_operator(model, jnp.zeros((1, 1)), x, kind="empirical", targets=y)
+      >>> product(jnp.ones((1, 1)))       # (1² + 2²) / 2, the empirical Fisher times 1
+      Array([[2.5]], dtype=float32)
     """
     model = check_model(model)
     check_kind(kind, targets, key)

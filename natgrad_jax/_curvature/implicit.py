@@ -57,7 +57,24 @@ def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters):
 
 @dataclasses.dataclass(frozen=True)
 class ConjugateGradient:
-    """CG on (F + λI) x = g with matrix-free Fisher products."""
+    """CG on (F + λI) x = g with matrix-free Fisher products.
+
+    Args:
+      tol: stop when ‖(F + λI)x − g‖ ≤ tol·‖g‖.
+      max_iters: iteration cap (at most P are needed in exact arithmetic).
+      warm_start: start from the previous step's solution, kept in the state.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=1.0))
+      >>> x = jnp.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+      >>> cg = ng.ConjugateGradient(tol=1e-6)
+      >>> tx = ng.scale_by_natural_gradient(model, damping=0.0, solver=cg)
+      >>> w, g = jnp.zeros((2, 1)), jnp.array([[1.0], [0.0]])
+      >>> d, state = tx.update(g, tx.init(w), w, inputs=x)
+      >>> bool(jnp.allclose((x.T @ x / 3) @ d, g, atol=1e-5)), int(state.curvature.iterations) <= 2
+      (True, True)
+    """
 
     tol: float = 1e-5
     max_iters: int = 100

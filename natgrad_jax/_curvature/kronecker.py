@@ -86,7 +86,19 @@ def _pi_damped_inverses(left, right, damping):
 
 @dataclasses.dataclass(frozen=True)
 class Kronecker:
-    """K-FAC: per captured layer A ⊗ G with π-damping; exact diagonal for other leaves."""
+    """K-FAC: per captured layer A ⊗ G with π-damping; exact diagonal for other leaves.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda p, x: x @ p["w"] + p["b"], ng.Categorical())
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+      >>> tx = ng.natural_gradient(model, 1.0, solver="kronecker", decay=0.9)
+      >>> g = jax.grad(model.nll)(params, x, y)
+      >>> updates, state = tx.update(g, tx.init(params), params, inputs=x, targets=y)
+      >>> [leaf.left.shape for leaf in state[0].curvature.leaves]   # b: 1×1, w: 3×3 (= A)
+      [(1, 1), (3, 3)]
+    """
 
     name = "kronecker"
     averages = True

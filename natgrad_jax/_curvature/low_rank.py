@@ -69,6 +69,18 @@ class Woodbury:
     from the layers' inputs and output-gradients (``ng.describe``), never from the
     (M, P) matrix of per-example gradients; leaves capture cannot explain use
     ``jax.vmap``-ed rows. ``capture=False`` always forms the rows with ``jax.vmap``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+      >>> x, y = jnp.eye(2, 5), jnp.array([1.0, 0.0])      # 2 rows, 5 parameters
+      >>> tx = ng.scale_by_natural_gradient(model, fisher="empirical", damping=0.1,
+      ...                                    solver="woodbury")
+      >>> g = jax.grad(model.nll)(jnp.zeros(5), x, y)
+      >>> d, _ = tx.update(g, tx.init(jnp.zeros(5)), jnp.zeros(5), inputs=x, targets=y)
+      >>> f = ng.empirical_fisher(model, jnp.zeros(5), x, y)
+      >>> bool(jnp.allclose((f + 0.1 * jnp.eye(5)) @ d, g, atol=1e-5))
+      True
     """
 
     capture: bool = True
