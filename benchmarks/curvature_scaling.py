@@ -73,7 +73,13 @@ def sweep(points, hidden_of, examples_of, label):
 def print_and_plot(points, results, xlabel, filename):
     header = [xlabel, *[f"{s} ms / MB" for s in SOLVERS]]
     rows = [
-        [point, *[("-" if r[i] is None else f"{r[i][0]:.1f} / {r[i][1]:.0f}") for r in results.values()]]
+        [
+            point,
+            *[
+                ("-" if r[i] is None else f"{r[i][0]:.1f} / {r[i][1]:.0f}")
+                for r in results.values()
+            ],
+        ]
         for i, point in enumerate(points)
     ]
     print(table(header, rows))
@@ -90,7 +96,9 @@ def print_and_plot(points, results, xlabel, filename):
         kept = [(p, v) for p, v in zip(points, values, strict=True) if v is not None]
         if kept:
             time_axis.loglog([p for p, _ in kept], [v[0] for _, v in kept], "o-", label=solver)
-            memory_axis.loglog([p for p, _ in kept], [max(v[1], 1e-3) for _, v in kept], "o-", label=solver)
+            memory_axis.loglog(
+                [p for p, _ in kept], [max(v[1], 1e-3) for _, v in kept], "o-", label=solver
+            )
     time_axis.set_xlabel(xlabel)
     time_axis.set_ylabel("ms per update")
     memory_axis.set_xlabel(xlabel)

@@ -112,13 +112,21 @@ def main():
     rows = []
     progress(f"natural gradient, {args.ngd_steps} steps")
     error, seconds = run(ngd, model, params, inputs, args.ngd_steps, line_search=True)
-    rows.append(["energy natural gradient + line search", args.ngd_steps, f"{error:.2e}", f"{seconds:.1f}"])
+    rows.append(
+        ["energy natural gradient + line search", args.ngd_steps, f"{error:.2e}", f"{seconds:.1f}"]
+    )
     for lr in (1e-3, 1e-2):
         progress(f"adam lr={lr:g}, {adam_steps} steps")
         schedule = optax.exponential_decay(lr, transition_steps=adam_steps, decay_rate=0.1)
-        error, seconds = run(optax.adam(schedule), model, params, inputs, adam_steps, line_search=False)
-        rows.append([f"adam lr={lr:g} (decayed ×0.1)", adam_steps, f"{error:.2e}", f"{seconds:.1f}"])
-    print(f"\nPINN, 2-D Poisson, MLP 2-16-16-1 (P = {num_params}), {inputs.shape[0]} collocation points, float64")
+        error, seconds = run(
+            optax.adam(schedule), model, params, inputs, adam_steps, line_search=False
+        )
+        rows.append(
+            [f"adam lr={lr:g} (decayed ×0.1)", adam_steps, f"{error:.2e}", f"{seconds:.1f}"]
+        )
+    print(
+        f"\nPINN, 2-D Poisson, MLP 2-16-16-1 (P = {num_params}), {inputs.shape[0]} collocation points, float64"
+    )
     print(table(["optimizer", "steps", "relative L2 error", "seconds"], rows))
 
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows, leaf_to_matrix
 from natgrad_jax._solvers import damped_inverse, moving_average
@@ -127,8 +128,6 @@ class Kronecker:
 
     def factored_leaves(self, batch: CurvatureBatch) -> dict:
         """{leaf index: (layer index, orientation)} of the leaves K-FAC factors."""
-        from natgrad_jax._capture import capture
-
         captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
         shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
         factored = {}
