@@ -26,6 +26,7 @@ from natgrad_jax._likelihoods import Bernoulli as Bernoulli
 from natgrad_jax._likelihoods import Categorical as Categorical
 from natgrad_jax._likelihoods import Gaussian as Gaussian
 from natgrad_jax._likelihoods import Likelihood as Likelihood
+from natgrad_jax._likelihoods import Masked as Masked
 from natgrad_jax._likelihoods import Poisson as Poisson
 from natgrad_jax._model import Model as Model
 from natgrad_jax._transform import NaturalGradientState as NaturalGradientState
@@ -45,6 +46,7 @@ __all__ = [
     "Kronecker",
     "LevenbergMarquardt",
     "Likelihood",
+    "Masked",
     "Model",
     "NaturalGradientState",
     "Poisson",

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from natgrad_jax._model import Model, check_model, per_example_sum
+from natgrad_jax._model import Model, check_model, per_example
 
 PyTree = Any
 FisherKind = Literal["exact", "monte_carlo", "empirical"]
@@ -113,10 +113,15 @@ def per_example_scores(model: Model, params: PyTree, inputs: PyTree, targets: Py
     model = check_model(model)
     check_same_batch(inputs, targets)
     model.check_targets(params, inputs, targets)
+    return _scores(model.log_likelihood, params, inputs, targets)
+
+
+def _scores(log_likelihood, params, inputs, targets):
+    """(N, P) gradients of ``log_likelihood(params, x, y)`` for each example."""
     flat, unravel = ravel_pytree(params)
 
     def score(x, y):
-        return jax.grad(lambda f: model.log_likelihood(unravel(f), x, y)[0])(flat)
+        return jax.grad(lambda f: log_likelihood(unravel(f), x, y)[0])(flat)
 
     return _map_examples(score, inputs, targets)
 
@@ -144,7 +149,7 @@ def sample_targets(model: Model, params: PyTree, inputs: PyTree, key: jax.Array,
 def _monte_carlo_score_rows(model, params, inputs, key, num_samples):
     """Scores at sampled labels, scaled by 1/√S so that SᵀS/N is the MC mean."""
     sampled = sample_targets(model, params, inputs, key, num_samples)
-    scores = jax.vmap(lambda y: per_example_scores(model, params, inputs, y))(sampled)
+    scores = jax.vmap(lambda y: _scores(model.sampled_log_likelihood, params, inputs, y))(sampled)
     return scores.reshape(-1, scores.shape[-1]) / jnp.sqrt(jnp.asarray(num_samples, scores.dtype))
 
 
@@ -459,12 +464,14 @@ def _local_fisher_operator(model, params, inputs, num_examples, kind, targets, k
         return product
     if kind == "empirical":
         labels = jax.tree.map(lambda t: t[None], targets)
+        log_likelihood = model.log_likelihood
     else:
         labels = sample_targets(model, params, inputs, key, check_num_samples(num_samples))
+        log_likelihood = model.sampled_log_likelihood
     num_rows = num_examples * jax.tree.leaves(labels)[0].shape[0]
 
     def log_likelihoods(p):
-        return jax.vmap(lambda y: model.log_likelihood(p, inputs, y))(labels)
+        return jax.vmap(lambda y: log_likelihood(p, inputs, y))(labels)
 
     _, forward = jax.linearize(log_likelihoods, params)
     backward = jax.linear_transpose(forward, params)
@@ -551,5 +558,5 @@ def kl_divergence(
     batch_size(inputs)
     outputs_p = model.apply_fn(params_p, inputs)
     outputs_q = model.apply_fn(params_q, inputs)
-    local = jnp.mean(per_example_sum(model.likelihood.kl(outputs_p, outputs_q)))
+    local = jnp.mean(per_example(model.likelihood.kl(outputs_p, outputs_q)))
     return device_mean(local, axis_name)

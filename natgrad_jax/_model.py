@@ -14,19 +14,15 @@ from natgrad_jax._likelihoods import Likelihood
 PyTree = Any
 
 
-def per_example_sum(values: jax.Array) -> jax.Array:
-    """Sums every axis after the first: one number per example of the batch.
-
-    The batch of a model is the leading axis of ``inputs``. A likelihood may describe
-    several distributions per example (a sequence of tokens, a multi-label target);
-    their log-likelihoods add up to the example's.
-    """
-    if jnp.ndim(values) == 0:
+def per_example(values: jax.Array) -> jax.Array:
+    """``values`` (one number per example from a likelihood), after checking it has the
+    leading example axis that ``apply_fn``'s outputs must have."""
+    if jnp.ndim(values) != 1:
         raise ValueError(
             "The likelihood returned a scalar: outputs need a leading batch axis "
             "(apply_fn maps a batch of inputs to a batch of outputs)."
         )
-    return jnp.sum(jnp.reshape(values, (values.shape[0], -1)), axis=1)
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +30,14 @@ class Model:
     """p(y | x, θ): ``apply_fn(params, inputs)`` gives the outputs of ``likelihood``.
 
     ``apply_fn`` maps a batch of inputs (leading axis N, any pytree) to a batch of
-    outputs. Models are immutable and hashable, so they can be static arguments of
-    ``jax.jit`` and ``optax.inject_hyperparams`` (``static_args=("model",)``).
+    outputs: axis 0 of every output leaf indexes the examples; the other axes are the
+    likelihood's events (positions such as tokens, then the event axes; see
+    ``Likelihood``). An example's log-likelihood is the sum over its events, and
+    ``nll`` — like every Fisher of the library — is the **mean over examples of that
+    sum**; wrap the likelihood in ``ng.Masked`` to weight or drop positions.
+
+    Models are immutable and hashable, so they can be static arguments of ``jax.jit``
+    and ``optax.inject_hyperparams`` (``static_args=("model",)``).
 
     Example:
         >>> import jax.numpy as jnp, natgrad_jax as ng
@@ -65,9 +67,20 @@ class Model:
         return self.apply_fn(params, inputs)
 
     def log_likelihood(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
-        """Per-example log p(targets_i | inputs_i, params), shape (N,)."""
+        """Per-example log p(targets_i | inputs_i, params), shape (N,).
+
+        Checks the targets' shape against the outputs (also under ``jit``) and, when the
+        targets are concrete, their values; see ``Likelihood.check_targets``.
+        """
         outputs = self.apply_fn(params, inputs)
-        return per_example_sum(self.likelihood.log_prob(outputs, targets))
+        self.likelihood.check_targets(outputs, targets)
+        return per_example(self.likelihood.log_prob(outputs, targets))
+
+    def sampled_log_likelihood(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
+        """Per-example log-likelihood whose scores at labels sampled from the model average
+        to the exact Fisher (``Likelihood.sampled_log_prob``); shape (N,)."""
+        outputs = self.apply_fn(params, inputs)
+        return per_example(self.likelihood.sampled_log_prob(outputs, targets))
 
     def check_targets(self, params: PyTree, inputs: PyTree, targets: PyTree) -> None:
         """Raises a clear error if ``targets`` do not fit the model's outputs (see

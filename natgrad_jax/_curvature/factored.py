@@ -223,14 +223,14 @@ def _cotangent_rows(batch, outputs):
     if batch.kind == "exact":
         return likelihood.fisher_sqrt(outputs)
 
-    def score(labels):
-        return jax.grad(lambda o: jnp.sum(likelihood.log_prob(o, labels)))(outputs)
+    def score(labels, log_prob):
+        return jax.grad(lambda o: jnp.sum(log_prob(o, labels)))(outputs)
 
     if batch.kind == "empirical":
-        return jax.tree.map(lambda c: c[None], score(batch.targets))
+        return jax.tree.map(lambda c: c[None], score(batch.targets, likelihood.log_prob))
     num_samples = check_num_samples(batch.num_samples)
     sampled = sample_targets(batch.model, batch.params, batch.inputs, batch.device_key, num_samples)
-    rows = jax.vmap(score)(sampled)
+    rows = jax.vmap(lambda labels: score(labels, likelihood.sampled_log_prob))(sampled)
     return jax.tree.map(lambda c: c / jnp.sqrt(jnp.asarray(num_samples, c.dtype)), rows)
 
 
