@@ -360,10 +360,16 @@ def test_masked_rejects_a_mask_of_the_wrong_shape_or_dtype():
         ng.Masked(lik)
 
 
+MULTI_EVENT = [case for case in ALL if case[0] not in ("categorical-NC", "bernoulli-N")]
+
+
 @pytest.mark.parametrize("kind", ["monte_carlo", "empirical"])
 @pytest.mark.parametrize("solver", ["woodbury", "diagonal"])
-def test_factored_solvers_use_the_same_sampled_and_empirical_fishers(problem, kind, solver):
-    """The factored rows (capture) give the matrices of the dense Fisher functions."""
+@pytest.mark.parametrize("case", MULTI_EVENT, ids=lambda case: f"{case[0]}{'-masked' * case[1]}")
+def test_factored_solvers_use_the_same_sampled_and_empirical_fishers(case, kind, solver):
+    """The factored rows (capture) give the matrices of the dense Fisher functions
+    (single-event outputs: tests/test_curvature.py)."""
+    problem = _cached_problem(*case)
     model, params, x, y = (problem[k] for k in ("model", "params", "x", "y"))
     seed, damping = 5, 1e-2
     tx = ng.scale_by_natural_gradient(model, fisher=kind, damping=damping, solver=solver, seed=seed)
