@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def optional_import(name: str):
+    """The module ``name``, or None with a printed reason if importing it fails in any way.
+
+    An optional peer may be absent (ImportError) or present but broken on this jax
+    (kfac-jax 0.0.8 raises AttributeError on jax ≥ 0.11): either way its rows are
+    skipped and the others still print.
+    """
+    try:
+        return importlib.import_module(name)
+    except Exception as error:
+        print(f"{name} is skipped: importing it failed with {type(error).__name__}: {error}")
+        return None
 
 
 def machine() -> str:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import init_mlp, machine, mlp, progress, table
+from _common import init_mlp, machine, mlp, optional_import, progress, table
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -53,9 +53,8 @@ def optax_runner(optimizer, model):
 
 def kfac_runner(model):
     """kfac-jax in its adaptive configuration (as in its examples), or None if absent."""
-    try:
-        import kfac_jax
-    except ImportError:
+    kfac_jax = optional_import("kfac_jax")
+    if kfac_jax is None:
         return None
 
     def loss(params, batch):

@@ -2,6 +2,8 @@
 
 import os
 
+# Host devices even where a GPU is the default platform.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax

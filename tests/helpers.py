@@ -1,14 +1,29 @@
 """Small models shared by the tests, written as plain JAX pytrees."""
 
+import importlib
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
+
+
+def optional_import(name):
+    """The module ``name``, or a skip naming the reason if importing it fails in any way
+    (absent, or installed but broken on this jax: pytest.importorskip only catches
+    ImportError)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as error:
+        pytest.skip(
+            f"{name} is not usable here: {type(error).__name__}: {error}",
+            allow_module_level=True,
+        )
 
 
 def init_mlp(key, sizes, dtype=jnp.float64):

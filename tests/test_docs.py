@@ -5,13 +5,12 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 import natgrad_jax as ng
+from tests.helpers import optional_import
 
-pytest.importorskip("mkdocs")
-pytest.importorskip("mkdocstrings")
-pytest.importorskip("mkdocs_jupyter")
+optional_import("mkdocs")
+optional_import("mkdocstrings")
+optional_import("mkdocs_jupyter")
 
 ROOT = pathlib.Path(__file__).parent.parent
 

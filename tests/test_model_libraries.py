@@ -11,7 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from tests.helpers import assert_resumes_identically
+from tests.helpers import assert_resumes_identically, optional_import
 
 N, IN, OUT = 8, 3, 4
 
@@ -21,7 +21,7 @@ def _x():
 
 
 def linen_model():
-    nn = pytest.importorskip("flax.linen")
+    nn = optional_import("flax.linen")
 
     class Mlp(nn.Module):
         @nn.compact
@@ -33,7 +33,7 @@ def linen_model():
 
 
 def nnx_model_with_a_frozen_variable():
-    nnx = pytest.importorskip("flax.nnx")
+    nnx = optional_import("flax.nnx")
 
     class Scale(nnx.Variable):
         """Not a parameter: held fixed, outside the optimised state."""
@@ -52,14 +52,14 @@ def nnx_model_with_a_frozen_variable():
 
 
 def equinox_model():
-    eqx = pytest.importorskip("equinox")
+    eqx = optional_import("equinox")
     net = eqx.nn.MLP(IN, OUT, 5, 1, activation=jnp.tanh, key=jax.random.PRNGKey(0))
     params, static = eqx.partition(net, eqx.is_inexact_array)
     return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params
 
 
 def haiku_model():
-    hk = pytest.importorskip("haiku")
+    hk = optional_import("haiku")
     transformed = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([5, OUT])(x)))
     return transformed.apply, transformed.init(jax.random.PRNGKey(0), _x())
 
@@ -105,7 +105,7 @@ def test_transform_on_library_pytrees(make, solver):
 
 
 def test_orbax_checkpoint_resumes_the_same_trajectory(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    ocp = optional_import("orbax.checkpoint")
     apply, params = linen_model()
     checkpointer = ocp.StandardCheckpointer()
 

@@ -9,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from tests.helpers import assert_resumes_identically, init_mlp, mlp
+from tests.helpers import assert_resumes_identically, init_mlp, mlp, optional_import
 
 
 def _categorical():
@@ -103,7 +103,7 @@ def test_monte_carlo_fisher_is_deterministic_given_the_seed():
     assert not np.allclose(update(3), update(4))
 
 
-hypothesis = pytest.importorskip("hypothesis")
+hypothesis = optional_import("hypothesis")
 st = hypothesis.strategies
 
 
