@@ -58,13 +58,13 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
     )
 
 
-def trust_region_scale(gradient: jax.Array, direction: jax.Array, max_kl) -> jax.Array:
-    r"""The factor c ∈ (0, 1] that makes ½ (c d)ᵀ A (c d) ≤ ε for d = A⁻¹ g.
+def trust_region_scale(quadratic: jax.Array, max_kl) -> jax.Array:
+    r"""The factor c ∈ (0, 1] that makes ½ (c d)ᵀ A (c d) ≤ ε, given q = dᵀ A d.
 
-    Because d = A⁻¹ g, the quadratic KL of the step is ½ dᵀ A d = ½ gᵀ d, so
-    c = min(1, √(2ε / gᵀd)) needs no extra product with A (Schulman et al. 2015).
+    For an exact solve d = A⁻¹ g, q = gᵀd needs no extra product with A (Schulman et
+    al. 2015); an inexact solver measures q itself (see ``step_quadratic``).
     """
-    quadratic = jnp.vdot(gradient, direction).real
+    quadratic = jnp.asarray(quadratic).real
     max_kl = jnp.asarray(max_kl, quadratic.dtype)
     active = quadratic > 2.0 * max_kl
     return jnp.where(active, jnp.sqrt(2.0 * max_kl / jnp.where(active, quadratic, 1.0)), 1.0)
@@ -74,3 +74,13 @@ def moving_average(average, new, decay, is_first):
     """decay·average + (1 − decay)·new, or ``new`` itself at the first measurement."""
     decay = jnp.asarray(decay, new.dtype)
     return jnp.where(is_first, new, decay * average + (1 - decay) * new)
+
+
+def step_quadratic(curvature_state, gradient: jax.Array, direction: jax.Array) -> jax.Array:
+    """dᵀ(F + λI)d of the step (½ of it is the step's quadratic KL).
+
+    A representation that solves exactly with its own matrix has d = A⁻¹g, so this is
+    gᵀd; one that does not (CG) measures it and keeps it in its state as ``quadratic``.
+    """
+    measured = getattr(curvature_state, "quadratic", None)
+    return jnp.vdot(gradient, direction).real if measured is None else measured

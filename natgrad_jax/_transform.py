@@ -29,7 +29,7 @@ from natgrad_jax._fisher import (
     varying_axes,
 )
 from natgrad_jax._model import Model, check_model
-from natgrad_jax._solvers import trust_region_scale
+from natgrad_jax._solvers import step_quadratic, trust_region_scale
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -376,7 +376,8 @@ def scale_by_natural_gradient(
         direction, curvature_state = curvature.solve(curvature_state, batch, gradient, damping_now)
         if max_kl is not None:
             max_kl_now = _value_at(max_kl, state.count)
-            direction = direction * trust_region_scale(gradient, direction, max_kl_now)
+            quadratic = step_quadratic(curvature_state, gradient, direction)
+            direction = direction * trust_region_scale(quadratic, max_kl_now)
         if adaptive:
             next_damping, accepted = _levenberg_marquardt(
                 damping, batch, gradient, direction, damping_now

@@ -4,6 +4,20 @@ Never forms F: each CG iteration costs one forward and one backward pass through
 linearised network (``fisher_operator``). Solves (F + λI) x = g to a relative residual
 ``tol`` or ``max_iters`` iterations, warm-started from the previous step's solution
 (Martens 2010), as truncated-Newton and TRPO do (Schulman et al. 2015).
+
+An inexact solve is not A⁻¹g, so nothing that assumes it may be trusted: on a
+rank-deficient Monte-Carlo Fisher with little damping a warm start from another
+step's (another matrix's) solution can lie far uphill on this step's quadratic model
+m(x) = ½ xᵀAx − gᵀx, and a truncated CG from there returns a step of unbounded KL. So:
+
+* the warm start is used only where m(x₀) < 0 (else CG starts from 0), and from there
+  CG decreases m monotonically;
+* the returned step's quadratic form xᵀAx = xᵀ(g − r) is measured (r, the residual, is
+  tracked by CG, so this is free) and reported for the trust region, instead of the
+  gᵀx that equals it only for an exact solve;
+* a step with m(x) ≥ 0 or non-finite entries is replaced by the Cauchy point
+  (gᵀg / gᵀAg)·g, the minimiser of m along the gradient (one more product), and the
+  state says so.
 """
 
 from __future__ import annotations
@@ -22,10 +36,17 @@ class ConjugateGradientState(NamedTuple):
 
     solution: jax.Array  # (P,) float: last solution, the next warm start
     iterations: jax.Array  # int32 []: CG iterations used at the last step
+    residual: jax.Array  # float []: ‖(F + λI)x − g‖ / ‖g‖ of the last CG solution
+    quadratic: jax.Array  # float []: xᵀ(F + λI)x of the returned step (½ of it: its KL)
+    fell_back: jax.Array  # bool []: the last step is the Cauchy point, CG's was unsafe
 
 
 def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters):
-    """Solves A x = rhs for a symmetric PSD A; returns (x, iterations used)."""
+    """Solves A x = rhs for a symmetric PSD A; returns (x, residual rhs − Ax, iterations).
+
+    Starts from ``initial`` only if the quadratic model ½ xᵀAx − rhsᵀx is negative
+    there (downhill of 0), otherwise from 0.
+    """
     threshold = (tol * jnp.linalg.norm(rhs)) ** 2
 
     def cond(carry):
@@ -49,10 +70,21 @@ def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters):
         return x, residual, direction, new_norm, it
 
     residual = rhs - matvec(initial)
+    # m(x₀) = ½ x₀ᵀAx₀ − rhsᵀx₀ = −½ x₀ᵀ(rhs + r₀)
+    downhill = -0.5 * jnp.vdot(initial, rhs + residual) < 0
+    initial = jnp.where(downhill, initial, 0.0)
+    residual = jnp.where(downhill, residual, rhs)
     norm = jnp.vdot(residual, residual)
     carry = (initial, residual, residual, norm, jnp.zeros([], jnp.int32))
-    x, *_, iterations = jax.lax.while_loop(cond, body, carry)
-    return x, iterations
+    x, residual, _, _, iterations = jax.lax.while_loop(cond, body, carry)
+    return x, residual, iterations
+
+
+def cauchy_point(matvec, gradient):
+    """The minimiser of ½ xᵀAx − gᵀx along g: (α g, its xᵀAx), α = gᵀg / gᵀAg."""
+    curvature = jnp.vdot(gradient, matvec(gradient))
+    alpha = jnp.where(curvature > 0, jnp.vdot(gradient, gradient) / curvature, 0.0)
+    return alpha * gradient, alpha**2 * curvature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +131,9 @@ class ConjugateGradient:
         return ConjugateGradientState(
             solution=jnp.zeros((parameter_count(params),), dtype),
             iterations=jnp.zeros([], jnp.int32),
+            residual=jnp.zeros([], dtype),
+            quadratic=jnp.zeros([], dtype),
+            fell_back=jnp.zeros([], bool),
         )
 
     def refresh(self, state, batch, damping, decay, is_first):
@@ -113,7 +148,23 @@ class ConjugateGradient:
             return matvec(v) + damping * v
 
         initial = state.solution if self.warm_start else jnp.zeros_like(vector)
-        solution, iterations = conjugate_gradient(
+        solution, residual, iterations = conjugate_gradient(
             damped, vector, initial.astype(vector.dtype), tol=self.tol, max_iters=self.max_iters
         )
-        return solution, ConjugateGradientState(solution.astype(state.solution.dtype), iterations)
+        quadratic = jnp.vdot(solution, vector - residual)  # xᵀAx, as Ax = g − r
+        model_value = 0.5 * quadratic - jnp.vdot(vector, solution)
+        unsafe = ~(jnp.isfinite(model_value) & (model_value < 0) & jnp.all(jnp.isfinite(solution)))
+        step, quadratic = jax.lax.cond(
+            unsafe, lambda: cauchy_point(damped, vector), lambda: (solution, quadratic)
+        )
+        gradient_norm = jnp.linalg.norm(vector)
+        new_state = ConjugateGradientState(
+            solution=jnp.where(unsafe, 0.0, solution).astype(state.solution.dtype),
+            iterations=iterations,
+            residual=(
+                jnp.linalg.norm(residual) / jnp.where(gradient_norm > 0, gradient_norm, 1.0)
+            ).astype(state.residual.dtype),
+            quadratic=quadratic.astype(state.quadratic.dtype),
+            fell_back=unsafe,
+        )
+        return step, new_state
