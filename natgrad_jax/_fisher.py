@@ -18,6 +18,7 @@ which is what dense, low-rank and factorised representations are built from.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Literal
 
@@ -81,12 +82,58 @@ def check_num_samples(num_samples: Any) -> int:
     return value
 
 
+#: Default ``max_bytes`` of the dense functions: what they may allocate before refusing.
+DEFAULT_MAX_BYTES = 4 * 2**30
+
+
+def _outputs_per_example(model: Model, params: PyTree, inputs: PyTree) -> int:
+    """The number of output entries of one example (abstract evaluation, no FLOPs)."""
+    outputs = jax.eval_shape(model.apply_fn, params, inputs)
+    return sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(outputs))
+
+
+def _exact_rows_per_example(model: Model, params: PyTree, inputs: PyTree) -> int:
+    """R, the rows of the output Fisher's square root of one example (abstract)."""
+    outputs = jax.eval_shape(model.apply_fn, params, inputs)
+    return jax.tree.leaves(jax.eval_shape(model.likelihood.fisher_sqrt, outputs))[0].shape[0]
+
+
+def check_dense_memory(
+    name: str, params: PyTree, num_rows: int, square: bool, max_bytes: int | None
+) -> None:
+    """Refuses, before anything is allocated, a dense result over ``max_bytes``.
+
+    Counts the (num_rows, P) score rows and, if ``square``, the (P, P) matrix.
+    ``max_bytes=None`` disables the check.
+    """
+    if max_bytes is None:
+        return
+    flat_size = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
+    dtype = jnp.promote_types(ravel_pytree(params)[0].dtype, jnp.float32)
+    needed = (num_rows * flat_size + (flat_size**2 if square else 0)) * jnp.dtype(dtype).itemsize
+    if needed > max_bytes:
+        raise ValueError(
+            f"ng.{name} would allocate about {needed / 2**30:.2f} GiB (P = {flat_size} "
+            f"parameters, {num_rows} score rows), over max_bytes = {max_bytes / 2**30:.2f} GiB. "
+            "Use the matrix-free ng.fisher_vector_product / ng.fisher_operator, or "
+            "ng.natural_gradient with solver='cg', 'kronecker' or 'diagonal'; or pass "
+            "max_bytes=None (or a larger budget) to build it anyway."
+        )
+
+
 def _map_examples(fn, *batches):
     """vmap ``fn`` over the examples of ``batches``, each example kept as a batch of one."""
     return jax.vmap(lambda *example: fn(*jax.tree.map(lambda a: a[None], example)))(*batches)
 
 
-def per_example_scores(model: Model, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
+def per_example_scores(
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    targets: PyTree,
+    *,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> jax.Array:
     r"""Per-example scores sᵢ = ∇θ log p(yᵢ | xᵢ, θ), as an (N, P) matrix.
 
     Rows are in ``ravel_pytree(params)`` order; computed with ``jax.vmap`` of
@@ -98,6 +145,8 @@ def per_example_scores(model: Model, params: PyTree, inputs: PyTree, targets: Py
       params: the parameter pytree θ.
       inputs: a batch of N inputs (pytree with leading axis N).
       targets: the N targets yᵢ.
+      max_bytes: refuse (ValueError naming the matrix-free alternatives) before
+        allocating more than this many bytes; ``None``: no limit.
 
     Returns:
       An (N, P) array.
@@ -111,8 +160,9 @@ def per_example_scores(model: Model, params: PyTree, inputs: PyTree, targets: Py
              [2.]], dtype=float32)
     """
     model = check_model(model)
-    check_same_batch(inputs, targets)
+    num_examples = check_same_batch(inputs, targets)
     model.check_targets(params, inputs, targets)
+    check_dense_memory("per_example_scores", params, num_examples, False, max_bytes)
     return _scores(model.log_likelihood, params, inputs, targets)
 
 
@@ -175,7 +225,7 @@ def score_rows(
         return _exact_score_rows(model, params, inputs)
     if kind == "monte_carlo":
         return _monte_carlo_score_rows(model, params, inputs, key, check_num_samples(num_samples))
-    return per_example_scores(model, params, inputs, targets)
+    return per_example_scores(model, params, inputs, targets, max_bytes=None)
 
 
 def device_sum(value, axis_name: str | None):
@@ -235,7 +285,12 @@ def _gram(rows: jax.Array, inputs: PyTree, axis_name: str | None) -> jax.Array:
 
 
 def fisher(
-    model: Model, params: PyTree, inputs: PyTree, *, axis_name: str | None = None
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    axis_name: str | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> jax.Array:
     r"""The exact Fisher information matrix, (P, P), mean over the batch.
 
@@ -254,6 +309,9 @@ def fisher(
 
       axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
         the per-device results are all-reduced (``None``: one device).
+      max_bytes: refuse (ValueError naming the matrix-free alternatives) before
+        allocating more than this many bytes of rows and matrix; ``None``: no limit.
+
     Returns:
       A symmetric positive semi-definite (P, P) array in ``ravel_pytree`` order.
 
@@ -270,13 +328,19 @@ def fisher(
       Martens, 2020, New insights and perspectives on the natural gradient method.
     """
     model = check_model(model)
-    batch_size(inputs)
+    num_rows = batch_size(inputs) * _exact_rows_per_example(model, params, inputs)
+    check_dense_memory("fisher", params, num_rows, True, max_bytes)
     params = device_varying(params, axis_name)
     return _gram(_exact_score_rows(model, params, inputs), inputs, axis_name)
 
 
 def fisher_hessian(
-    model: Model, params: PyTree, inputs: PyTree, *, axis_name: str | None = None
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    axis_name: str | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> jax.Array:
     r"""The exact Fisher as ``jax.hessian`` of the expected negative log-likelihood.
 
@@ -297,6 +361,9 @@ def fisher_hessian(
 
       axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
         the per-device results are all-reduced (``None``: one device).
+      max_bytes: refuse (ValueError naming the matrix-free alternatives) before
+        allocating more than this many bytes of rows and matrix; ``None``: no limit.
+
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
 
@@ -307,7 +374,9 @@ def fisher_hessian(
       Array([[0.25]], dtype=float32)
     """
     model = check_model(model)
-    batch_size(inputs)
+    # forward-over-reverse carries P tangents through the batch's outputs
+    num_rows = batch_size(inputs) * _outputs_per_example(model, params, inputs)
+    check_dense_memory("fisher_hessian", params, num_rows, True, max_bytes)
     flat, unravel = ravel_pytree(params)
     fixed = jax.lax.stop_gradient(params)
     return jax.hessian(
@@ -323,6 +392,7 @@ def monte_carlo_fisher(
     num_samples: int = 1,
     *,
     axis_name: str | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> jax.Array:
     r"""Monte-Carlo estimate of the exact Fisher from labels sampled from the model.
 
@@ -341,6 +411,9 @@ def monte_carlo_fisher(
 
       axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
         the per-device results are all-reduced (``None``: one device).
+      max_bytes: refuse (ValueError naming the matrix-free alternatives) before
+        allocating more than this many bytes of rows and matrix; ``None``: no limit.
+
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
 
@@ -353,7 +426,8 @@ def monte_carlo_fisher(
       (1, 1)
     """
     model = check_model(model)
-    batch_size(inputs)
+    num_rows = batch_size(inputs) * check_num_samples(num_samples)
+    check_dense_memory("monte_carlo_fisher", params, num_rows, True, max_bytes)
     key = device_key(key, axis_name)
     params = device_varying(params, axis_name)
     rows = score_rows(model, params, inputs, kind="monte_carlo", key=key, num_samples=num_samples)
@@ -367,6 +441,7 @@ def empirical_fisher(
     targets: PyTree,
     *,
     axis_name: str | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> jax.Array:
     r"""The empirical Fisher 1/N Σᵢ sᵢ sᵢᵀ, scores at the data's own labels.
 
@@ -382,6 +457,9 @@ def empirical_fisher(
 
       axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
         the per-device results are all-reduced (``None``: one device).
+      max_bytes: refuse (ValueError naming the matrix-free alternatives) before
+        allocating more than this many bytes of rows and matrix; ``None``: no limit.
+
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
 
@@ -397,9 +475,11 @@ def empirical_fisher(
       for natural gradient descent.
     """
     model = check_model(model)
-    batch_size(inputs)
+    check_dense_memory("empirical_fisher", params, batch_size(inputs), True, max_bytes)
     params = device_varying(params, axis_name)
-    return _gram(per_example_scores(model, params, inputs, targets), inputs, axis_name)
+    return _gram(
+        per_example_scores(model, params, inputs, targets, max_bytes=None), inputs, axis_name
+    )
 
 
 def fisher_operator(

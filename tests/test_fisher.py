@@ -1,5 +1,7 @@
 """Dense, Monte-Carlo, empirical and matrix-free Fishers vs closed forms and dense references."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from tests.helpers import MLP_NAMES, dense_output_fisher, mlp_problem
+from tests.helpers import MLP_NAMES, dense_output_fisher, init_mlp, mlp, mlp_problem
 
 N = 5
 
@@ -288,3 +290,46 @@ def test_bad_inputs_raise_clear_errors():
         ng._fisher.score_rows(model, params, inputs, kind="true")
     with pytest.raises(TypeError, match="likelihood"):
         ng.Model(lambda p, x: x, "categorical")
+
+
+# --- memory guards ----------------------------------------------------------------------
+
+
+def _large_mlp_problem():
+    """784-256-256-10 MLP (P = 269,322) on 64 examples: a 290 GB Fisher."""
+    params = init_mlp(jax.random.PRNGKey(0), [784, 256, 256, 10], dtype=jnp.float32)
+    x = jnp.zeros((64, 784), jnp.float32)
+    y = jnp.zeros(64, jnp.int32)
+    return ng.Model(mlp, ng.Categorical()), params, x, y
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, p, x, y: ng.fisher(m, p, x),
+        lambda m, p, x, y: ng.fisher_hessian(m, p, x),
+        lambda m, p, x, y: ng.monte_carlo_fisher(m, p, x, jax.random.PRNGKey(0)),
+        lambda m, p, x, y: ng.empirical_fisher(m, p, x, y),
+        # The (N, P) rows alone are 69 MB: refused under a 10 MB budget.
+        lambda m, p, x, y: ng.per_example_scores(m, p, x, y, max_bytes=10**7),
+    ],
+    ids=["fisher", "fisher_hessian", "monte_carlo_fisher", "empirical_fisher", "scores"],
+)
+def test_dense_functions_refuse_a_large_model_before_allocating(call):
+    model, params, x, y = _large_mlp_problem()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"GiB.*fisher_vector_product.*max_bytes=None"):
+        call(model, params, x, y)
+    assert time.perf_counter() - start < 5.0  # refused, not attempted
+
+
+def test_max_bytes_none_disables_the_guard_and_a_small_budget_enables_it():
+    model, params, inputs, targets = mlp_problem("categorical")
+    tiny = 100
+    with pytest.raises(ValueError, match="over max_bytes"):
+        ng.fisher(model, params, inputs, max_bytes=tiny)
+    with pytest.raises(ValueError, match="over max_bytes"):
+        ng.per_example_scores(model, params, inputs, targets, max_bytes=tiny)
+    np.testing.assert_array_equal(
+        ng.fisher(model, params, inputs, max_bytes=None), ng.fisher(model, params, inputs)
+    )
