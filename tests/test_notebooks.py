@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ runs from top to bottom (they are committed without outputs).
 
 Each notebook checks its own claims numerically and prints them; a failing cell fails
-the test.
+the test, and so does a notebook whose executed form holds no figure.
 """
 
 import pathlib
@@ -34,3 +34,11 @@ def test_notebook_runs(path):
         resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()
+    images = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert images, f"{path.name} shows no figure: end its plotting cells with plt.show()"
