@@ -118,16 +118,40 @@ class Likelihood(abc.ABC):
             raise ValueError(
                 f"{type(self).__name__} targets must have shape {expected} for outputs of "
                 f"batch shape {shape}, got {tuple(jnp.shape(targets))}."
+                + self._check_target_shape(outputs, targets)
             )
         values = concrete_values(targets)
-        if values is not None:
-            self._check_target_values(outputs, values)
+        if values is None:
+            return
+        valid = np.asarray(self.valid_targets(outputs, values))
+        if not np.all(valid):
+            offending = np.unique(values[~valid] if valid.shape == values.shape else values)
+            raise ValueError(
+                f"{self._invalid_targets_message(outputs)}; got {offending[:8].tolist()}"
+                f"{' …' if offending.size > 8 else ''}."
+            )
+
+    def _check_target_shape(self, outputs, targets) -> str:
+        """A hint for a common shape mistake ("" if none applies)."""
+        del outputs, targets
+        return ""
+
+    def valid_targets(self, outputs: PyTree, targets) -> jax.Array:
+        """Whether each target entry lies in the support (a boolean array; traceable).
+
+        Under ``jit`` the targets' values cannot be checked when the loss is traced, so
+        ``Model.log_likelihood`` returns NaN for an example whose targets are invalid
+        (see ``Model``); outside ``jit`` ``check_targets`` raises.
+        """
+        del outputs
+        return jnp.ones(jnp.shape(targets), bool)
+
+    def _invalid_targets_message(self, outputs) -> str:
+        del outputs
+        return "invalid targets"
 
     def _target_event_shape(self, outputs) -> tuple[int, ...]:
         return ()
-
-    def _check_target_values(self, outputs, values) -> None:
-        del outputs, values
 
     def batch_shape(self, outputs: PyTree) -> tuple[int, ...]:
         """The shape of the batch of distributions described by ``outputs``."""
@@ -223,13 +247,20 @@ class Categorical(Likelihood):
             )
         super().check_targets(outputs, targets)
 
-    def _check_target_values(self, outputs, values):
+    def valid_targets(self, outputs, targets):
+        return (targets >= 0) & (targets < np.shape(outputs)[-1])
+
+    def _invalid_targets_message(self, outputs):
         num_classes = np.shape(outputs)[-1]
-        if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(
-                f"Categorical labels must lie in [0, {num_classes}) for {num_classes} logits, "
-                f"got values from {values.min()} to {values.max()}."
-            )
+        return (
+            f"Categorical labels are class indices in [0, {num_classes}) for {num_classes} "
+            "logits (the last axis of the outputs); labels outside that range"
+        )
+
+    def _check_target_shape(self, outputs, targets) -> str:
+        if tuple(jnp.shape(targets)) == tuple(np.shape(outputs)):
+            return " These look like one-hot rows: pass labels = targets.argmax(-1)."
+        return ""
 
     def _event_kl(self, outputs_p, outputs_q):
         log_p = jax.nn.log_softmax(outputs_p, axis=-1)
@@ -269,9 +300,11 @@ class Bernoulli(Likelihood):
     def sample(self, key, outputs):
         return jax.random.bernoulli(key, jax.nn.sigmoid(outputs)).astype(outputs.dtype)
 
-    def _check_target_values(self, outputs, values):
-        if not np.all((values == 0) | (values == 1)):
-            raise ValueError("Bernoulli targets must be 0 or 1; got other values.")
+    def valid_targets(self, outputs, targets):
+        return (targets == 0) | (targets == 1)
+
+    def _invalid_targets_message(self, outputs):
+        return "Bernoulli targets must be 0 or 1 (for labels in {-1, +1} pass (y + 1) / 2)"
 
     def _event_kl(self, outputs_p, outputs_q):
         p = jax.nn.sigmoid(outputs_p)
@@ -363,9 +396,11 @@ class Gaussian(Likelihood):
     def _target_event_shape(self, outputs):
         return tuple(np.shape(self._mean(outputs))[-1:])
 
-    def _check_target_values(self, outputs, values):
-        if not np.all(np.isfinite(values)):
-            raise ValueError("Gaussian targets must be finite.")
+    def valid_targets(self, outputs, targets):
+        return jnp.isfinite(targets)
+
+    def _invalid_targets_message(self, outputs):
+        return "Gaussian targets must be finite"
 
     def _event_kl(self, outputs_p, outputs_q):
         mean_p, log_scale_p = self._mean_and_log_scale(outputs_p)
@@ -422,9 +457,11 @@ class Poisson(Likelihood):
     def sample(self, key, outputs):
         return jax.random.poisson(key, jnp.exp(outputs)).astype(outputs.dtype)
 
-    def _check_target_values(self, outputs, values):
-        if not np.all((values >= 0) & (values == np.round(values))):
-            raise ValueError("Poisson targets are counts: non-negative integers.")
+    def valid_targets(self, outputs, targets):
+        return (targets >= 0) & (targets == jnp.round(targets))
+
+    def _invalid_targets_message(self, outputs):
+        return "Poisson targets are counts: non-negative integers"
 
     def _event_kl(self, outputs_p, outputs_q):
         rate_p = jnp.exp(outputs_p)
@@ -543,6 +580,9 @@ class Masked(Likelihood):
         weighted = jax.tree.map(lambda leaf: self._on_events(root, leaf) * leaf, rows)
         num_rows = jax.tree.leaves(rows)[0].shape[0]
         return weighted, jnp.zeros((num_rows, *mask.shape), mask.dtype)
+
+    def valid_targets(self, outputs, targets):
+        return self.base.valid_targets(self._split(outputs)[0], targets)
 
     def check_targets(self, outputs, targets):
         base_outputs, mask = self._split(outputs)

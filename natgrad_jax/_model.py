@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._likelihoods import Likelihood
+from natgrad_jax._likelihoods import Likelihood, concrete_values
 
 PyTree = Any
 
@@ -23,6 +23,22 @@ def per_example(values: jax.Array) -> jax.Array:
             "(apply_fn maps a batch of inputs to a batch of outputs)."
         )
     return values
+
+
+def _poison_invalid_examples(outputs: PyTree, likelihood: Likelihood, targets) -> PyTree:
+    """``outputs`` with NaN in every example whose targets lie outside the support.
+
+    The NaN enters the outputs (not the log-likelihood), so that it reaches the loss
+    *and* the gradient: a gather at an out-of-range label would drop a NaN cotangent.
+    """
+    valid = likelihood.valid_targets(outputs, targets)
+    valid_example = jnp.all(jnp.reshape(valid, (valid.shape[0], -1)), axis=1)
+    factor = jnp.where(valid_example, 1.0, jnp.nan)
+
+    def poison(leaf):
+        return leaf * factor.reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1)).astype(leaf.dtype)
+
+    return jax.tree.map(poison, outputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +85,17 @@ class Model:
     def log_likelihood(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
         """Per-example log p(targets_i | inputs_i, params), shape (N,).
 
-        Checks the targets' shape against the outputs (also under ``jit``) and, when the
-        targets are concrete, their values; see ``Likelihood.check_targets``.
+        Checks the targets' shape against the outputs (also under ``jit``). Their values
+        are checked too: concrete targets raise a ValueError naming the fix; traced ones
+        (inside ``jit``) cannot raise, so an example with a target outside the support
+        (a Bernoulli −1, a label ≥ C) gets log-likelihood NaN, which makes the loss
+        and its gradient NaN instead of silently wrong (``optax.apply_if_finite`` skips
+        such a step). See ``Likelihood.valid_targets``.
         """
         outputs = self.apply_fn(params, inputs)
         self.likelihood.check_targets(outputs, targets)
+        if concrete_values(targets) is None:
+            outputs = _poison_invalid_examples(outputs, self.likelihood, targets)
         return per_example(self.likelihood.log_prob(outputs, targets))
 
     def sampled_log_likelihood(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:

@@ -66,6 +66,75 @@ def test_targets_under_jit_are_checked_for_shape_only():
         update(g, tx.init(params), params, inputs=x, targets=jnp.zeros(5, jnp.int32)[:, None])
 
 
+def _nll_cases():
+    """(model, params, inputs, bad targets, match, good targets) for each mistake."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 2))
+    w = jnp.array([0.3, -0.2])
+    logistic = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+    column = ng.Model(lambda w, x: (x @ w)[:, None], ng.Bernoulli())
+    softmax = ng.Model(lambda w, x: x @ w, ng.Categorical())
+    w_cat = jnp.zeros((2, 4))
+    return {
+        "plus-minus-one": (
+            logistic,
+            w,
+            x,
+            jnp.array([1.0, -1.0, 1.0, -1.0]),
+            r"\(y \+ 1\) / 2",
+            jnp.array([1.0, 0.0, 1.0, 0.0]),
+        ),
+        "label-equal-to-C": (
+            softmax,
+            w_cat,
+            x,
+            jnp.array([0, 4, 1, 2]),
+            r"\[0, 4\).*\[4\]",
+            jnp.array([0, 3, 1, 2]),
+        ),
+        "one-hot": (
+            softmax,
+            w_cat,
+            x,
+            jax.nn.one_hot(jnp.array([0, 3, 1, 2]), 4, dtype=jnp.int32),
+            "argmax",
+            jnp.array([0, 3, 1, 2]),
+        ),
+        "column-outputs-flat-targets": (
+            column,
+            w,
+            x,
+            jnp.array([1.0, 0.0, 1.0, 0.0]),
+            r"shape \(4, 1\)",
+            jnp.array([[1.0], [0.0], [1.0], [0.0]]),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_nll_cases()))
+def test_model_nll_refuses_bad_targets_with_the_fix(case):
+    model, params, x, bad, match, good = _nll_cases()[case]
+    assert np.isfinite(float(model.nll(params, x, good)))
+    with pytest.raises(ValueError, match=match):
+        model.nll(params, x, bad)
+
+
+@pytest.mark.parametrize("case", ["plus-minus-one", "label-equal-to-C"])
+def test_model_nll_under_jit_flags_out_of_support_targets_with_nan(case):
+    """Inside jit values cannot raise: the loss and gradient become NaN, not a wrong number."""
+    model, params, x, bad, _, good = _nll_cases()[case]
+    nll = jax.jit(model.nll)
+    assert np.isfinite(float(nll(params, x, good)))
+    np.testing.assert_allclose(nll(params, x, good), model.nll(params, x, good), rtol=1e-12)
+    assert np.isnan(float(nll(params, x, bad)))
+    assert np.all(np.isnan(ravel_pytree(jax.jit(jax.grad(model.nll))(params, x, bad))[0]))
+
+
+def test_model_nll_under_jit_still_refuses_bad_shapes():
+    model, params, x, bad, _, _ = _nll_cases()["column-outputs-flat-targets"]
+    with pytest.raises(ValueError, match=r"shape \(4, 1\)"):
+        jax.jit(model.nll)(params, x, bad)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("solver", ["dense", "woodbury", "cg", "kronecker", "diagonal"])
 def test_huge_logits_give_finite_fisher_and_updates(dtype, solver):
