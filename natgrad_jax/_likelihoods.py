@@ -123,7 +123,8 @@ class Likelihood(abc.ABC):
         values = concrete_values(targets)
         if values is None:
             return
-        valid = np.asarray(self.valid_targets(outputs, values))
+        with jax.ensure_compile_time_eval():  # concrete values, even inside a trace
+            valid = np.asarray(self.valid_targets(outputs, values))
         if not np.all(valid):
             offending = np.unique(values[~valid] if valid.shape == values.shape else values)
             raise ValueError(
@@ -167,7 +168,7 @@ class Likelihood(abc.ABC):
 
 def concrete_values(array) -> np.ndarray | None:
     """``array`` as NumPy values, or None while it is abstract (traced or a shape)."""
-    if isinstance(array, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+    if isinstance(array, jax.ShapeDtypeStruct):
         return None
     try:
         return np.asarray(array)
