@@ -92,7 +92,12 @@ def _outputs_per_example(model: Model, params: PyTree, inputs: PyTree) -> int:
     return sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(outputs))
 
 
-def _exact_rows_per_example(model: Model, params: PyTree, inputs: PyTree) -> int:
+def parameter_count(params: PyTree) -> int:
+    """P, the number of scalars in a parameter pytree."""
+    return sum(jnp.size(leaf) for leaf in jax.tree.leaves(params))
+
+
+def exact_rows_per_example(model: Model, params: PyTree, inputs: PyTree) -> int:
     """R, the rows of the output Fisher's square root of one example (abstract)."""
     outputs = jax.eval_shape(model.apply_fn, params, inputs)
     return jax.tree.leaves(jax.eval_shape(model.likelihood.fisher_sqrt, outputs))[0].shape[0]
@@ -108,8 +113,8 @@ def check_dense_memory(
     """
     if max_bytes is None:
         return
-    flat_size = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
-    dtype = jnp.promote_types(ravel_pytree(params)[0].dtype, jnp.float32)
+    flat_size = parameter_count(params)
+    dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
     needed = (num_rows * flat_size + (flat_size**2 if square else 0)) * jnp.dtype(dtype).itemsize
     if needed > max_bytes:
         raise ValueError(
@@ -328,7 +333,7 @@ def fisher(
       Martens, 2020, New insights and perspectives on the natural gradient method.
     """
     model = check_model(model)
-    num_rows = batch_size(inputs) * _exact_rows_per_example(model, params, inputs)
+    num_rows = batch_size(inputs) * exact_rows_per_example(model, params, inputs)
     check_dense_memory("fisher", params, num_rows, True, max_bytes)
     params = device_varying(params, axis_name)
     return _gram(_exact_score_rows(model, params, inputs), inputs, axis_name)

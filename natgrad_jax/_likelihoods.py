@@ -126,7 +126,7 @@ class Likelihood(abc.ABC):
         with jax.ensure_compile_time_eval():  # concrete values, even inside a trace
             valid = np.asarray(self.valid_targets(outputs, values))
         if not np.all(valid):
-            offending = np.unique(values[~valid] if valid.shape == values.shape else values)
+            offending = np.unique(values[~valid])
             raise ValueError(
                 f"{self._invalid_targets_message(outputs)}; got {offending[:8].tolist()}"
                 f"{' …' if offending.size > 8 else ''}."

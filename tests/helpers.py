@@ -111,3 +111,17 @@ def assert_resumes_identically(model, params, x, y, save_and_restore, steps=4):
     assert jax.tree.structure(restored) == jax.tree.structure(halfway)
     resumed, _ = run(*restored, steps - steps // 2)
     np.testing.assert_array_equal(ravel_pytree(resumed)[0], ravel_pytree(uninterrupted)[0])
+
+
+def first_step_key(seed):
+    """The key of the Monte-Carlo labels at a transform's first update with ``seed``."""
+    return jax.random.split(jax.random.PRNGKey(seed))[1]
+
+
+def leaf_blocks(matrix, params):
+    """``matrix`` (ravel_pytree order) with everything off the per-leaf diagonal blocks zeroed."""
+    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
+    out = np.zeros_like(matrix)
+    for lo, hi in itertools.pairwise(edges):
+        out[lo:hi, lo:hi] = matrix[lo:hi, lo:hi]
+    return out

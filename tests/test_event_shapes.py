@@ -7,7 +7,6 @@ its closed form (not from the library), mean over examples, sum over events.
 """
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from tests.helpers import init_mlp, mlp
+from tests.helpers import first_step_key, init_mlp, leaf_blocks, mlp
 
 N, T, K = 4, 3, 2
 
@@ -254,10 +253,7 @@ def test_every_exact_solver_solves_against_the_reference(problem, solver):
     if solver == "diagonal":
         matrix = np.diag(np.diag(reference))
     elif solver == "block_diagonal":
-        sizes = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
-        matrix = np.zeros_like(reference)
-        for lo, hi in itertools.pairwise(sizes):
-            matrix[lo:hi, lo:hi] = reference[lo:hi, lo:hi]
+        matrix = leaf_blocks(reference, params)
     else:
         matrix = reference
     expected = np.linalg.solve(matrix + damping * np.eye(len(matrix)), g)
@@ -378,7 +374,7 @@ def test_factored_solvers_use_the_same_sampled_and_empirical_fishers(case, kind,
     if kind == "empirical":
         matrix = ng.empirical_fisher(model, params, x, y)
     else:  # the transform's first step uses the second half of its seed's split
-        matrix = ng.monte_carlo_fisher(model, params, x, jax.random.split(jax.random.key(seed))[1])
+        matrix = ng.monte_carlo_fisher(model, params, x, first_step_key(seed))
     if solver == "diagonal":
         matrix = jnp.diag(jnp.diag(matrix))
     g = ravel_pytree(g)[0]

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from natgrad_jax._curvature.batch import CurvatureBatch, parameter_count
+from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.dense import Dense
 from natgrad_jax._curvature.implicit import ConjugateGradient
 from natgrad_jax._curvature.low_rank import Woodbury
+from natgrad_jax._fisher import parameter_count
 
 DENSE_MAX_PARAMS = 4096
 WOODBURY_MAX_ROWS = 4096

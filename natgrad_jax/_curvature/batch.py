@@ -14,6 +14,7 @@ from natgrad_jax._fisher import (
     device_key,
     device_sum,
     device_varying,
+    exact_rows_per_example,
     fisher_operator,
     global_batch_size,
     score_rows,
@@ -21,11 +22,6 @@ from natgrad_jax._fisher import (
 from natgrad_jax._model import Model
 
 PyTree = Any
-
-
-def parameter_count(params: PyTree) -> int:
-    """P, the number of scalars in a parameter pytree."""
-    return sum(jax.numpy.size(leaf) for leaf in jax.tree.leaves(params))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +112,4 @@ class CurvatureBatch:
             return self.num_examples
         if self.kind == "monte_carlo":
             return self.num_examples * self.num_samples
-        outputs = jax.eval_shape(self.model.apply_fn, self.params, self.inputs)
-        sqrt = jax.eval_shape(self.model.likelihood.fisher_sqrt, outputs)
-        return self.num_examples * jax.tree.leaves(sqrt)[0].shape[0]
+        return self.num_examples * exact_rows_per_example(self.model, self.params, self.inputs)

@@ -12,7 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch, parameter_count
+from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._fisher import parameter_count
 from natgrad_jax._solvers import damped_inverse, moving_average
 
 

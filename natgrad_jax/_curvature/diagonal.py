@@ -12,8 +12,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch, parameter_count
+from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows
+from natgrad_jax._fisher import parameter_count
 from natgrad_jax._solvers import moving_average
 
 

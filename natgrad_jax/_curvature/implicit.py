@@ -28,7 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch, parameter_count
+from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._fisher import parameter_count
 
 
 class ConjugateGradientState(NamedTuple):
