@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import importlib
+import pathlib
 import platform
 import time
 
@@ -36,6 +39,43 @@ def machine() -> str:
     except OSError:
         pass
     return f"{device.platform.upper()} ({device.device_kind}); host {cpu}; jax {jax.__version__}"
+
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+DOCS_IMAGES = pathlib.Path(__file__).parent.parent / "docs" / "images"
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--update-docs``: write figures over the tracked ones in docs/images/."""
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help=f"write figures to {DOCS_IMAGES} (tracked) instead of {RESULTS} (ignored by git)",
+    )
+
+
+def output_path(args: argparse.Namespace, filename: str) -> pathlib.Path:
+    """Where a figure goes: benchmarks/results/ unless ``--update-docs`` was given."""
+    folder = DOCS_IMAGES if args.update_docs else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / filename
+
+
+def report_run_time() -> None:
+    """Prints, when the script ends, how long it ran (the figure docstrings quote)."""
+    start = time.perf_counter()
+    atexit.register(lambda: print(f"\n(ran in {(time.perf_counter() - start) / 60:.1f} min)"))
+
+
+def seed_summary(values, limit) -> str:
+    """``median [min–max]`` over seeds; ``None`` (not reached within ``limit``) counts as
+    +∞ and shows as ``>limit``."""
+    finite = [np.inf if v is None else float(v) for v in values]
+
+    def show(value):
+        return f">{limit}" if np.isinf(value) else f"{value:g}"
+
+    return f"{show(np.median(finite))} [{show(min(finite))}–{show(max(finite))}]"
 
 
 def init_mlp(key, sizes, dtype=jnp.float32):

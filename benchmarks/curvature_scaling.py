@@ -7,22 +7,32 @@
    against per-example scores plus one bare SᵀS matmul, timed in the same process.
 
 Memory is XLA's temporary allocation of the compiled update (``memory_analysis``).
-Saves ``docs/images/curvature_scaling_P.png`` and ``..._N.png``.
+Saves ``curvature_scaling_P.png`` and ``..._N.png`` in ``benchmarks/results/`` (with
+``--update-docs``: over the README's figures in ``docs/images/``).
 
-    python benchmarks/curvature_scaling.py        # about 5 minutes on 2 CPU cores
+    python benchmarks/curvature_scaling.py        # about 12 minutes on 2 CPU cores
+    python benchmarks/curvature_scaling.py --quick  # about 1 minute
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 import jax
-from _common import init_mlp, machine, median_ms, mlp, progress, table
+from _common import (
+    add_output_arguments,
+    init_mlp,
+    machine,
+    median_ms,
+    mlp,
+    output_path,
+    progress,
+    report_run_time,
+    table,
+)
 
 import natgrad_jax as ng
 
-IMAGES = pathlib.Path(__file__).parent.parent / "docs" / "images"
 SOLVERS = ["dense", "woodbury", "cg", "kronecker", "diagonal"]
 
 
@@ -70,7 +80,7 @@ def sweep(points, hidden_of, examples_of, label):
     return results
 
 
-def print_and_plot(points, results, xlabel, filename):
+def print_and_plot(points, results, xlabel, path):
     header = [xlabel, *[f"{s} ms / MB" for s in SOLVERS]]
     rows = [
         [
@@ -106,9 +116,8 @@ def print_and_plot(points, results, xlabel, filename):
     time_axis.legend(fontsize=8)
     fig.suptitle(machine(), fontsize=8)
     fig.tight_layout()
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMAGES / filename, dpi=100)
-    print(f"saved {IMAGES / filename}")
+    fig.savefig(path, dpi=100)
+    print(f"saved {path}")
 
 
 def dense_overhead(hidden=24, num_examples=256):
@@ -130,18 +139,20 @@ def dense_overhead(hidden=24, num_examples=256):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sweeps")
+    add_output_arguments(parser)
     args = parser.parse_args()
+    report_run_time()
     print(f"machine: {machine()}\n")
     dense_overhead()
     widths = [13, 53, 1333, 13333] if not args.quick else [13, 53]
     p_points = [64 * h + h + 10 * h + 10 for h in widths]
     print("\n1. P sweep, N = 256, Monte-Carlo Fisher")
     results = sweep(p_points, lambda p: widths[p_points.index(p)], lambda p: 256, "P")
-    print_and_plot(p_points, results, "P", "curvature_scaling_P.png")
+    print_and_plot(p_points, results, "P", output_path(args, "curvature_scaling_P.png"))
     n_points = [32, 256, 1024, 4096] if not args.quick else [32, 256]
     print("\n2. N sweep, P = 10,010 (hidden width 133), Monte-Carlo Fisher")
     results = sweep(n_points, lambda n: 133, lambda n: n, "N")
-    print_and_plot(n_points, results, "N", "curvature_scaling_N.png")
+    print_and_plot(n_points, results, "N", output_path(args, "curvature_scaling_N.png"))
 
 
 if __name__ == "__main__":

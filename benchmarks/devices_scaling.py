@@ -14,7 +14,7 @@ if "XLA_FLAGS" not in os.environ:
 
 import jax
 import numpy as np
-from _common import init_mlp, machine, median_ms, mlp, table
+from _common import init_mlp, machine, median_ms, mlp, report_run_time, table
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -24,6 +24,7 @@ BATCH = 512
 
 
 def main():
+    report_run_time()
     print(f"machine: {machine()}; {len(jax.devices())} devices\n")
     model = ng.Model(mlp, ng.Categorical())
     params = init_mlp(jax.random.PRNGKey(0), [64, 128, 10])

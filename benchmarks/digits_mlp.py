@@ -1,11 +1,12 @@
 """Benchmark: a 64-128-10 tanh MLP on scikit-learn's digits, batch 256.
 
 Natural gradient (each solver and Fisher kind) against Adam (best of a learning-rate
-grid) and, when importable, kfac-jax, all in this process. For each optimizer: steps
-and wall time (compilation included) to a full-training-set NLL ≤ 0.05, the
-steady-state time of one step (compilation excluded) and test accuracy.
+grid) and, when importable, kfac-jax, all in this process. For each optimizer, over
+``--seeds`` seeds (initialisation and mini-batch order): steps and wall time
+(compilation included) to a full-training-set NLL ≤ 0.05 as median [min–max], the
+steady-state time of one step (compilation excluded) and test accuracy (medians).
 
-    python benchmarks/digits_mlp.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/digits_mlp.py            # about 10 minutes on 2 CPU cores (3 seeds)
 
 kfac-jax 0.0.8 needs jax ≤ 0.9.1; in a separate environment:
     pip install "jax==0.9.1" "jaxlib==0.9.1" "kfac-jax==0.0.8" -e ".[benchmarks]"
@@ -20,7 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import init_mlp, machine, mlp, optional_import, progress, table
+from _common import (
+    init_mlp,
+    machine,
+    mlp,
+    optional_import,
+    progress,
+    report_run_time,
+    seed_summary,
+    table,
+)
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -51,9 +61,9 @@ def optax_runner(optimizer, model):
     return (lambda params, x, y: optimizer.init(params)), step
 
 
-def kfac_runner(model):
+def kfac_runner(model, kfac_jax=None):
     """kfac-jax in its adaptive configuration (as in its examples), or None if absent."""
-    kfac_jax = optional_import("kfac_jax")
+    kfac_jax = kfac_jax or optional_import("kfac_jax")
     if kfac_jax is None:
         return None
 
@@ -92,12 +102,12 @@ def kfac_runner(model):
     return init, step
 
 
-def train(runner, model, params, data, max_steps):
+def train(runner, model, params, data, max_steps, seed):
     """Trains until the full training NLL ≤ TARGET; returns the measurements."""
     x_train, x_test, y_train, y_test = data
     init, step = runner
     full_nll = jax.jit(model.nll)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     start = time.perf_counter()
     state = init(params, x_train[:BATCH], y_train[:BATCH])
     step_times, reached, wall = [], None, None
@@ -121,108 +131,119 @@ def train(runner, model, params, data, max_steps):
     }
 
 
+def summarise(results, adam_names, limit):
+    """The table: per optimizer, medians (and the range of steps) over the seeds."""
+
+    def median(name, key):
+        values = [r[key] for r in results[name]]
+        return float(np.median([np.inf if v is None else v for v in values]))
+
+    best_adam = min(adam_names, key=lambda n: (median(n, "steps"), median(n, "wall")))
+    adam_ms = median(best_adam, "step_ms")
+    rows = []
+    for name in results:
+        if name.startswith("adam") and name != best_adam:
+            continue
+        wall = median(name, "wall")
+        rows.append(
+            [
+                f"{name} (best Adam)" if name == best_adam else name,
+                seed_summary([r["steps"] for r in results[name]], limit),
+                "-" if np.isinf(wall) else f"{wall:.2f}",
+                f"{median(name, 'step_ms'):.2f}",
+                f"{median(name, 'step_ms') / adam_ms:.1f}",
+                f"{median(name, 'accuracy'):.3f}",
+            ]
+        )
+    header = [
+        "optimizer",
+        "steps to target",
+        "wall s (incl. compile)",
+        "ms/step",
+        "x Adam step",
+        "test acc",
+    ]
+    grid = ", ".join(
+        f"{n.split('=')[1]}: {seed_summary([r['steps'] for r in results[n]], limit)}"
+        for n in adam_names
+    )
+    return table(header, rows) + f"\n\nAdam grid (steps): {grid}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per optimizer (≥ 3 to report)")
+    parser.add_argument("--only", default=None, help="run only optimizers whose name contains this")
     args = parser.parse_args()
+    report_run_time()
 
     data = load()
     model = ng.Model(mlp, ng.Categorical())
-    params = init_mlp(jax.random.PRNGKey(0), SIZES)
-    num_params = sum(p.size for p in jax.tree.leaves(params))
+    num_params = sum(p.size for p in jax.tree.leaves(init_mlp(jax.random.PRNGKey(0), SIZES)))
     print(f"digits MLP {SIZES}, P = {num_params}, batch {BATCH}, target NLL ≤ {TARGET}")
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine()}; {args.seeds} seeds: median [min–max]\n")
 
     def ngd(**kwargs):
-        return optax_runner(ng.natural_gradient(model, **kwargs), model)
+        return lambda: optax_runner(ng.natural_gradient(model, **kwargs), model)
 
     candidates = {}
     for lr in (1e-3, 3e-3, 1e-2, 3e-2):
-        candidates[f"adam lr={lr:g}"] = optax_runner(optax.adam(lr), model)
-    natural = {
-        "ngd auto (woodbury, monte_carlo)": ngd(
-            learning_rate=1.0, fisher="monte_carlo", damping=1e-2, max_kl=0.05
-        ),
-        "ngd woodbury, empirical": ngd(
-            learning_rate=1.0, fisher="empirical", solver="woodbury", damping=1e-2, max_kl=0.05
-        ),
-        "ngd kronecker, exact": ngd(
-            learning_rate=1.0, fisher="exact", solver="kronecker", damping=1e-2, max_kl=0.05
-        ),
-        "ngd kronecker, monte_carlo": ngd(
-            learning_rate=1.0, fisher="monte_carlo", solver="kronecker", damping=1e-2, max_kl=0.05
-        ),
-        "ngd cg, exact": ngd(
-            learning_rate=1.0,
-            fisher="exact",
-            solver=ng.ConjugateGradient(tol=1e-3, max_iters=20),
-            damping=1e-2,
-            max_kl=0.05,
-        ),
-        "ngd diagonal, exact": ngd(
-            learning_rate=0.1, fisher="exact", solver="diagonal", damping=1e-2, max_kl=0.05
-        ),
-    }
-    candidates.update(natural)
-    kfac = kfac_runner(model)
-    if kfac is None:
-        print("kfac-jax is not importable here: its column is skipped (see the docstring).\n")
+        candidates[f"adam lr={lr:g}"] = lambda lr=lr: optax_runner(optax.adam(lr), model)
+    candidates.update(
+        {
+            "ngd auto (woodbury, monte_carlo)": ngd(
+                learning_rate=1.0, fisher="monte_carlo", damping=1e-2, max_kl=0.05
+            ),
+            "ngd woodbury, empirical": ngd(
+                learning_rate=1.0, fisher="empirical", solver="woodbury", damping=1e-2, max_kl=0.05
+            ),
+            "ngd kronecker, exact": ngd(
+                learning_rate=1.0, fisher="exact", solver="kronecker", damping=1e-2, max_kl=0.05
+            ),
+            "ngd kronecker, monte_carlo": ngd(
+                learning_rate=1.0,
+                fisher="monte_carlo",
+                solver="kronecker",
+                damping=1e-2,
+                max_kl=0.05,
+            ),
+            "ngd cg, exact": ngd(
+                learning_rate=1.0,
+                fisher="exact",
+                solver=ng.ConjugateGradient(tol=1e-3, max_iters=20),
+                damping=1e-2,
+                max_kl=0.05,
+            ),
+            "ngd diagonal, exact": ngd(
+                learning_rate=0.1, fisher="exact", solver="diagonal", damping=1e-2, max_kl=0.05
+            ),
+        }
+    )
+    kfac_jax = optional_import("kfac_jax")
+    if kfac_jax is None:
+        print("kfac-jax is not importable here: its row is skipped (see the docstring).\n")
     else:
-        candidates["kfac-jax (adaptive)"] = kfac
+        candidates["kfac-jax (adaptive)"] = lambda: kfac_runner(model, kfac_jax)
+    if args.only:
+        candidates = {n: c for n, c in candidates.items() if args.only in n or n.startswith("adam")}
 
     results = {}
-    for name, runner in candidates.items():
+    for name, make_runner in candidates.items():
         progress(f"training {name}")
-        results[name] = train(runner, model, params, data, args.max_steps)
-
-    adam_names = [n for n in results if n.startswith("adam")]
-    best_adam = min(
-        adam_names,
-        key=lambda n: (
-            results[n]["steps"] is None,
-            results[n]["steps"] or 0,
-            results[n]["wall"] or 0,
-        ),
-    )
-    adam_ms = results[best_adam]["step_ms"]
-    rows = []
-    for name, r in results.items():
-        if name.startswith("adam") and name != best_adam:
-            continue
-        label = f"{name} (best Adam)" if name == best_adam else name
-        steps = r["steps"] if r["steps"] is not None else f"> {r['ran']}"
-        wall = f"{r['wall']:.2f}" if r["wall"] is not None else "-"
-        rows.append(
-            [
-                label,
-                steps,
-                wall,
-                f"{r['step_ms']:.2f}",
-                f"{r['step_ms'] / adam_ms:.1f}",
-                f"{r['accuracy']:.3f}",
-            ]
-        )
+        results[name] = [
+            train(
+                make_runner(),
+                model,
+                init_mlp(jax.random.PRNGKey(seed), SIZES),
+                data,
+                args.max_steps,
+                seed,
+            )
+            for seed in range(args.seeds)
+        ]
     print()
-    print(
-        table(
-            [
-                "optimizer",
-                "steps to target",
-                "wall s (incl. compile)",
-                "ms/step",
-                "x Adam step",
-                "test acc",
-            ],
-            rows,
-        )
-    )
-    print(
-        "\nAdam grid: "
-        + ", ".join(
-            f"{n.split('=')[1]}: {results[n]['steps'] or '>' + str(results[n]['ran'])} steps"
-            for n in adam_names
-        )
-    )
+    print(summarise(results, [n for n in results if n.startswith("adam")], args.max_steps))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _common import machine, progress, table  # noqa: E402
+from _common import machine, progress, report_run_time, table  # noqa: E402
 
 import natgrad_jax as ng  # noqa: E402
 
@@ -83,6 +83,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=3000)
     args = parser.parse_args()
+    report_run_time()
     print(f"machine: {machine()}\n")
     for name, problem in [
         ("logistic (breast cancer)", breast_cancer),

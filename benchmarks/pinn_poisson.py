@@ -22,7 +22,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _common import init_mlp, machine, progress, table  # noqa: E402
+from _common import init_mlp, machine, progress, report_run_time, table  # noqa: E402
 
 import natgrad_jax as ng  # noqa: E402
 
@@ -98,6 +98,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ngd-steps", type=int, default=100)
     args = parser.parse_args()
+    report_run_time()
     print(f"machine: {machine()}\n")
     model = ng.Model(residuals, ng.Gaussian(scale=1.0))
     inputs = collocation()

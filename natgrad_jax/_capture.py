@@ -40,6 +40,7 @@ import numpy as np
 
 from natgrad_jax._fisher import varying_axes
 from natgrad_jax._model import Model
+from natgrad_jax._parameters import on_trainable
 
 PyTree = Any
 
@@ -242,6 +243,7 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
       ['b']                           (2,)              captured: bias add, output (8, 2)
       ['w']                           (3, 2)            captured: matmul, input (8, 3)
     """
+    model, params = on_trainable(model, params)
     return capture(model.apply_fn, params, inputs).describe()
 
 
@@ -270,11 +272,16 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
       A ``Capture``; ``capture(...).describe()`` prints what was found.
     """
     key = (apply_fn, _signature(params), _signature(inputs))
-    if key not in _CACHE:
+    if key in _CACHE:
+        return _CACHE[key]
+    found = _analyse_capture(apply_fn, *jax.tree.map(_struct, (params, inputs)))
+    # An apply_fn that closes over traced values (frozen leaves inside jit) holds them
+    # in the jaxpr: valid in this trace only, so not kept.
+    if not any(isinstance(const, jax.core.Tracer) for const in found.jaxpr.consts):
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _analyse_capture(apply_fn, *jax.tree.map(_struct, (params, inputs)))
-    return _CACHE[key]
+        _CACHE[key] = found
+    return found
 
 
 _CACHE: dict = {}

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from natgrad_jax._model import Model, check_model, per_example
+from natgrad_jax._parameters import on_trainable, trainable_part
+from natgrad_jax._precision import exact_matmuls
 
 PyTree = Any
 FisherKind = Literal["exact", "monte_carlo", "empirical"]
@@ -126,11 +128,18 @@ def check_dense_memory(
         )
 
 
+def trainable_model(model: Model, params: PyTree) -> tuple[Model, PyTree]:
+    """The checked model as a function of the trainable (floating) leaves of ``params``,
+    and those leaves (see ``natgrad_jax._parameters``)."""
+    return on_trainable(check_model(model), params)
+
+
 def _map_examples(fn, *batches):
     """vmap ``fn`` over the examples of ``batches``, each example kept as a batch of one."""
     return jax.vmap(lambda *example: fn(*jax.tree.map(lambda a: a[None], example)))(*batches)
 
 
+@exact_matmuls
 def per_example_scores(
     model: Model,
     params: PyTree,
@@ -164,7 +173,7 @@ def per_example_scores(
       Array([[1.],
              [2.]], dtype=float32)
     """
-    model = check_model(model)
+    model, params = trainable_model(model, params)
     num_examples = check_same_batch(inputs, targets)
     model.check_targets(params, inputs, targets)
     check_dense_memory("per_example_scores", params, num_examples, False, max_bytes)
@@ -289,6 +298,7 @@ def _gram(rows: jax.Array, inputs: PyTree, axis_name: str | None) -> jax.Array:
     return device_sum(rows.T @ rows, axis_name) / num_examples
 
 
+@exact_matmuls
 def fisher(
     model: Model,
     params: PyTree,
@@ -320,6 +330,14 @@ def fisher(
     Returns:
       A symmetric positive semi-definite (P, P) array in ``ravel_pytree`` order.
 
+    **Which leaves.** Every Fisher here is over the floating-point leaves of ``params``;
+    integer and boolean leaves and non-array leaves (an equinox module's activation
+    functions) are constants of the model, so a module can be passed as it is. P counts
+    the floating leaves and the layout is ``ravel_pytree`` of those alone.
+
+    **Precision.** Every function here computes its matmuls at ``"highest"`` precision,
+    also on GPUs whose float32 default is TF32 (see ``natgrad_jax._precision``).
+
     Example:
       >>> import jax.numpy as jnp, natgrad_jax as ng
       >>> model = ng.Model(lambda w, x: x @ w, ng.Gaussian(scale=2.0))
@@ -332,13 +350,14 @@ def fisher(
       Amari, 1998, Natural gradient works efficiently in learning.
       Martens, 2020, New insights and perspectives on the natural gradient method.
     """
-    model = check_model(model)
+    model, params = trainable_model(model, params)
     num_rows = batch_size(inputs) * exact_rows_per_example(model, params, inputs)
     check_dense_memory("fisher", params, num_rows, True, max_bytes)
     params = device_varying(params, axis_name)
     return _gram(_exact_score_rows(model, params, inputs), inputs, axis_name)
 
 
+@exact_matmuls
 def fisher_hessian(
     model: Model,
     params: PyTree,
@@ -378,7 +397,7 @@ def fisher_hessian(
       >>> ng.fisher_hessian(model, jnp.zeros(1), jnp.ones((3, 1)))   # σ(0)(1−σ(0))
       Array([[0.25]], dtype=float32)
     """
-    model = check_model(model)
+    model, params = trainable_model(model, params)
     # forward-over-reverse carries P tangents through the batch's outputs
     num_rows = batch_size(inputs) * _outputs_per_example(model, params, inputs)
     check_dense_memory("fisher_hessian", params, num_rows, True, max_bytes)
@@ -389,6 +408,7 @@ def fisher_hessian(
     )(flat)
 
 
+@exact_matmuls
 def monte_carlo_fisher(
     model: Model,
     params: PyTree,
@@ -430,7 +450,7 @@ def monte_carlo_fisher(
       >>> f.shape
       (1, 1)
     """
-    model = check_model(model)
+    model, params = trainable_model(model, params)
     num_rows = batch_size(inputs) * check_num_samples(num_samples)
     check_dense_memory("monte_carlo_fisher", params, num_rows, True, max_bytes)
     key = device_key(key, axis_name)
@@ -439,6 +459,7 @@ def monte_carlo_fisher(
     return _gram(rows, inputs, axis_name)
 
 
+@exact_matmuls
 def empirical_fisher(
     model: Model,
     params: PyTree,
@@ -479,7 +500,7 @@ def empirical_fisher(
       Kunstner, Hennig & Balles, 2019, Limitations of the empirical Fisher approximation
       for natural gradient descent.
     """
-    model = check_model(model)
+    model, params = trainable_model(model, params)
     check_dense_memory("empirical_fisher", params, batch_size(inputs), True, max_bytes)
     params = device_varying(params, axis_name)
     return _gram(
@@ -487,6 +508,7 @@ def empirical_fisher(
     )
 
 
+@exact_matmuls
 def fisher_operator(
     model: Model,
     params: PyTree,
@@ -510,7 +532,8 @@ def fisher_operator(
 
     With ``axis_name`` (inside ``shard_map``, the batch split over that axis) the
     products are averaged over the devices. Returns a function from pytrees shaped like
-    ``params`` to the same.
+    ``params`` to the same (``None`` at leaves that are not floating arrays: integer or
+    boolean leaves and functions are constants of the model, see ``ng.fisher``).
 
     Example:
       >>> import jax.numpy as jnp, natgrad_jax as ng
@@ -520,7 +543,8 @@ def fisher_operator(
       >>> product(jnp.ones((1, 1)))       # (1² + 2²) / 2, the empirical Fisher times 1
       Array([[2.5]], dtype=float32)
     """
-    model = check_model(model)
+    full_params = params
+    model, params = trainable_model(model, params)
     check_kind(kind, targets, key)
     num_examples = batch_size(inputs)
     local_product = _local_fisher_operator(
@@ -533,7 +557,13 @@ def fisher_operator(
         device_key(key, axis_name) if key is not None else None,
         num_samples,
     )
-    return lambda vector: device_mean(local_product(device_varying(vector, axis_name)), axis_name)
+
+    @exact_matmuls
+    def product(vector):
+        vector = trainable_part(vector, full_params)
+        return device_mean(local_product(device_varying(vector, axis_name)), axis_name)
+
+    return product
 
 
 def _local_fisher_operator(model, params, inputs, num_examples, kind, targets, key, num_samples):
@@ -568,6 +598,7 @@ def _local_fisher_operator(model, params, inputs, num_examples, kind, targets, k
     return product
 
 
+@exact_matmuls
 def fisher_vector_product(
     model: Model,
     params: PyTree,
@@ -605,6 +636,7 @@ def fisher_vector_product(
     return fisher_operator(model, params, inputs, kind="exact", axis_name=axis_name)(vector)
 
 
+@exact_matmuls
 def kl_divergence(
     model: Model,
     params_p: PyTree,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from natgrad_jax._precision import exact_matmuls
+
 
 def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:
     """Pseudo-inverse of a symmetric matrix, treating eigenvalues ≤ tol as zero."""
@@ -23,6 +25,7 @@ def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:
     return (eigenvectors * inverse_eigenvalues) @ eigenvectors.T
 
 
+@exact_matmuls
 def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
     r"""(M + λI)⁻¹ for a symmetric PSD matrix M, never NaN.
 

@@ -2,6 +2,7 @@ r"""Optax transforms that precondition gradients by the damped inverse Fisher.""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -29,6 +31,13 @@ from natgrad_jax._fisher import (
     varying_axes,
 )
 from natgrad_jax._model import Model, check_model
+from natgrad_jax._parameters import (
+    merge_updates,
+    trainable_and_frozen,
+    trainable_part,
+    with_frozen,
+)
+from natgrad_jax._precision import EXACT, matmul_precision
 from natgrad_jax._solvers import step_quadratic, trust_region_scale
 
 PyTree = Any
@@ -161,6 +170,47 @@ def _check_memory(curvature, params, num_rows, dtype, max_bytes) -> None:
         )
 
 
+def _check_same_structure(updates, params) -> None:
+    """Raises unless ``updates`` has the structure of ``params`` (``None`` allowed where
+    ``params`` holds a non-array leaf, as ``equinox.filter_grad`` returns)."""
+    try:
+        jax.tree.structure(params).flatten_up_to(updates)
+    except (ValueError, TypeError):
+        raise ValueError(
+            "updates and params must have the same pytree structure, got "
+            f"{jax.tree.structure(updates)} and {jax.tree.structure(params)}."
+        ) from None
+
+
+def _is_traced(tree) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def _compile_eagerly(fn):
+    """``fn`` under ``jax.jit``, its array leaves traced and every other leaf (functions,
+    Python numbers) static, so one compilation serves every call with the same shapes."""
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(treedef, static_leaves, array_leaves):
+        arrays = iter(array_leaves)
+        leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in static_leaves]
+        return fn(*jax.tree.unflatten(treedef, leaves))
+
+    def call(*args):
+        leaves, treedef = jax.tree.flatten(args)
+        is_array = [isinstance(leaf, jax.Array | np.ndarray | np.generic) for leaf in leaves]
+        static = tuple(
+            _ARRAY if array else leaf for leaf, array in zip(leaves, is_array, strict=True)
+        )
+        arrays = [leaf for leaf, array in zip(leaves, is_array, strict=True) if array]
+        return run(treedef, static, arrays)
+
+    return call
+
+
+_ARRAY = object()  # marks where an array leaf goes among the static leaves
+
+
 def _value_at(hyperparameter: ScalarOrSchedule, count: jax.Array):
     """A hyper-parameter's value at step ``count``: schedules are called, numbers kept."""
     return hyperparameter(count) if callable(hyperparameter) else hyperparameter
@@ -201,6 +251,7 @@ def scale_by_natural_gradient(
     seed: int | jax.Array = 0,
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
     axis_name: str | None = None,
+    precision: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by the damped inverse Fisher of ``model``: d = (F + λI)⁻¹ g.
 
@@ -265,6 +316,19 @@ def scale_by_natural_gradient(
         of the whole batch. The incoming updates must already be the whole batch's
         gradient (``jax.lax.pmean(grads, axis_name)``). ``None``: a single program,
         where sharded arrays under ``jax.jit`` need nothing more (GSPMD).
+      precision: matmul precision of the curvature statistics (the passes through the
+        network, factor and kernel products): ``None`` follows
+        ``jax.default_matmul_precision`` (TF32 for float32 on recent NVIDIA GPUs,
+        relative error ~1e-3, a few times faster); ``"highest"`` gives full float32.
+        Factorisations, solves and the trust region always run at ``"highest"``, and so
+        do the products that Woodbury and CG measure inside their solves.
+
+    Non-floating leaves of ``params`` (integers, booleans, an equinox module's
+    functions) are constants: the Fisher is over the floating leaves, and the other
+    leaves' updates are passed through (a ``float0`` becomes a zero of the leaf's dtype).
+    An equinox module can be passed as it is, with ``equinox.filter_grad`` gradients.
+    Called outside ``jax.jit``, ``update`` compiles itself (from its second call, once
+    per input shapes).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` is
@@ -307,6 +371,7 @@ def scale_by_natural_gradient(
     curvature = _resolve_solver(solver)
 
     def init_fn(params):
+        params, _ = trainable_and_frozen(params)
         dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
         _check_averaging(curvature, params, decay, refresh_every)
         _check_memory(curvature, params, 0, dtype, max_curvature_bytes)
@@ -318,37 +383,14 @@ def scale_by_natural_gradient(
             curvature=curvature.init(params, dtype),
         )
 
-    def update_fn(updates, state, params=None, *, inputs=None, targets=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
-        if inputs is None:
-            raise ValueError(NO_INPUTS_MSG)
-        if _has_masked_leaves(params):
-            raise ValueError(MASKED_MSG)
-        if fisher == "empirical" and targets is None:
-            raise ValueError(
-                'fisher="empirical" uses the labels of the batch: pass targets=... to '
-                'update (or choose fisher="exact" or "monte_carlo").'
-            )
-        if jax.tree.structure(updates) != jax.tree.structure(params):
-            raise ValueError(
-                "updates and params must have the same pytree structure, got "
-                f"{jax.tree.structure(updates)} and {jax.tree.structure(params)}."
-            )
-        if adaptive and targets is None:
-            raise ValueError(
-                "Levenberg–Marquardt damping compares the loss before and after the step: "
-                "pass targets=... to update."
-            )
-        if targets is not None:
-            check_same_batch(inputs, targets)
-            model.check_targets(params, inputs, targets)
-
+    def precondition(updates, state, params, frozen, inputs, targets):
+        """The update on the trainable leaves: (F + λI)⁻¹ g and the next state."""
         key, step_key = jax.random.split(state.key)
         damping_now = state.damping if adaptive else _value_at(damping, state.count)
+        flat_updates, unravel = ravel_pytree(updates)
+        gradient = flat_updates.astype(_solve_dtype(flat_updates.dtype))
         batch = CurvatureBatch(
-            model,
+            with_frozen(model, frozen),
             params,
             inputs,
             fisher,
@@ -357,14 +399,13 @@ def scale_by_natural_gradient(
             num_samples=num_samples,
             axis_name=axis_name,
         )
-        flat_updates, unravel = ravel_pytree(updates)
-        gradient = flat_updates.astype(_solve_dtype(flat_updates.dtype))
         _check_memory(curvature, params, batch.num_rows, gradient.dtype, max_curvature_bytes)
 
         def refresh(curvature_state):
-            return curvature.refresh(
-                curvature_state, batch, damping_now, decay, is_first=state.count == 0
-            )
+            with matmul_precision(precision):
+                return curvature.refresh(
+                    curvature_state, batch, damping_now, decay, is_first=state.count == 0
+                )
 
         if _is_python_number(refresh_every) and refresh_every == 1:
             curvature_state = refresh(state.curvature)
@@ -373,18 +414,21 @@ def scale_by_natural_gradient(
                 state.count % refresh_every == 0, refresh, lambda c: c, state.curvature
             )
 
-        direction, curvature_state = curvature.solve(curvature_state, batch, gradient, damping_now)
-        if max_kl is not None:
-            max_kl_now = _value_at(max_kl, state.count)
-            quadratic = step_quadratic(curvature_state, gradient, direction)
-            direction = direction * trust_region_scale(quadratic, max_kl_now)
-        if adaptive:
-            next_damping, accepted = _levenberg_marquardt(
-                damping, batch, gradient, direction, damping_now
+        with matmul_precision(EXACT):
+            direction, curvature_state = curvature.solve(
+                curvature_state, batch, gradient, damping_now
             )
-            direction = jnp.where(accepted, direction, 0.0)
-        else:
-            next_damping = jnp.asarray(damping_now, state.damping.dtype)
+            if max_kl is not None:
+                max_kl_now = _value_at(max_kl, state.count)
+                quadratic = step_quadratic(curvature_state, gradient, direction)
+                direction = direction * trust_region_scale(quadratic, max_kl_now)
+            if adaptive:
+                next_damping, accepted = _levenberg_marquardt(
+                    damping, batch, gradient, direction, damping_now
+                )
+                direction = jnp.where(accepted, direction, 0.0)
+            else:
+                next_damping = jnp.asarray(damping_now, state.damping.dtype)
         if axis_name is not None:
             # Every device holds the same direction and curvature; say so to shard_map.
             direction = _invariant(direction, axis_name)
@@ -399,6 +443,47 @@ def scale_by_natural_gradient(
             curvature=curvature_state,
         )
         return new_updates, new_state
+
+    # Called outside any trace, the update runs compiled from its second call on (one
+    # compilation per input shapes), so an eager training loop costs milliseconds a
+    # step while a single call is not made to wait for a compilation. Hyper-parameters
+    # given as arrays come from optax.inject_hyperparams, which builds a new transform
+    # at every step: a compilation would never be reused, so that case runs as it is.
+    compiled = _compile_eagerly(precondition)
+    array_hyperparameters = any(
+        isinstance(value, jax.Array) for value in (damping, max_kl, decay, refresh_every, seed)
+    )
+    eager_calls = [0]
+
+    def update_fn(updates, state, params=None, *, inputs=None, targets=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(NO_PARAMS_MSG)
+        if inputs is None:
+            raise ValueError(NO_INPUTS_MSG)
+        if _has_masked_leaves(params):
+            raise ValueError(MASKED_MSG)
+        if fisher == "empirical" and targets is None:
+            raise ValueError(
+                'fisher="empirical" uses the labels of the batch: pass targets=... to '
+                'update (or choose fisher="exact" or "monte_carlo").'
+            )
+        _check_same_structure(updates, params)
+        if adaptive and targets is None:
+            raise ValueError(
+                "Levenberg–Marquardt damping compares the loss before and after the step: "
+                "pass targets=... to update."
+            )
+        if targets is not None:
+            check_same_batch(inputs, targets)
+            model.check_targets(params, inputs, targets)
+        trainable, frozen = trainable_and_frozen(params)
+        arguments = (trainable_part(updates, params), state, trainable, frozen, inputs, targets)
+        eager = not array_hyperparameters and not _is_traced(arguments)
+        eager_calls[0] += eager
+        run = compiled if eager and eager_calls[0] > 1 else precondition
+        directions, new_state = run(*arguments)
+        return merge_updates(directions, updates, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -425,6 +510,8 @@ def _unit_step_max_kl(max_kl: ScalarOrSchedule, learning_rate: ScalarOrSchedule)
         dtype = jnp.result_type(float)
         return jnp.asarray(max_kl, dtype) / jnp.square(jnp.asarray(learning_rate, dtype))
 
+    if _is_python_number(max_kl) and _is_python_number(learning_rate):
+        return float(max_kl) / float(learning_rate) ** 2  # a Python float is a double
     if not (callable(max_kl) or callable(learning_rate)):
         return ratio(max_kl, learning_rate)
     return lambda count: ratio(_value_at(max_kl, count), _value_at(learning_rate, count))
@@ -444,6 +531,7 @@ def natural_gradient(
     seed: int | jax.Array = 0,
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
     axis_name: str | None = None,
+    precision: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Natural gradient descent: θ ← θ − η (F + λI)⁻¹ ∇L, as an optax optimizer.
 
@@ -467,6 +555,8 @@ def natural_gradient(
       seed: seed of the Monte-Carlo PRNG key held in the state.
       max_curvature_bytes: memory budget of the curvature (``None``: unchecked).
       axis_name: the mapped axis the batch is split over inside ``shard_map``.
+      precision: matmul precision of the curvature statistics (``None``: JAX's default,
+        TF32 on recent GPUs; ``"highest"``: full float32); solves are always exact.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``inputs=`` (and ``targets=``)
@@ -503,6 +593,7 @@ def natural_gradient(
             seed=seed,
             max_curvature_bytes=max_curvature_bytes,
             axis_name=axis_name,
+            precision=precision,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

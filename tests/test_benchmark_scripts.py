@@ -1,7 +1,10 @@
 """The benchmark scripts survive a broken optional peer (they print a skip line instead)."""
 
+import argparse
 import pathlib
 import sys
+
+import jax
 
 import natgrad_jax as ng
 
@@ -22,3 +25,42 @@ def test_a_peer_that_fails_to_import_is_skipped_with_its_reason(tmp_path, monkey
     assert digits_mlp.kfac_runner(model) is None
     out = capsys.readouterr().out
     assert "kfac_jax is skipped" in out and "AttributeError" in out and "v0.11.0" in out
+
+
+def test_digits_benchmark_prints_its_rows_without_the_broken_peer(tmp_path, monkeypatch, capsys):
+    (tmp_path / "kfac_jax.py").write_text("raise AttributeError('removed in JAX v0.11.0')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delitem(sys.modules, "kfac_jax", raising=False)
+    monkeypatch.setattr(
+        sys, "argv", ["digits_mlp.py", "--max-steps", "4", "--seeds", "1", "--only", "diagonal"]
+    )
+    import digits_mlp
+
+    monkeypatch.setattr(digits_mlp, "report_run_time", lambda: None)
+    digits_mlp.main()
+    out = capsys.readouterr().out
+    assert "kfac_jax is skipped" in out and "jax " + jax.__version__ in out
+    assert "(best Adam)" in out and "ngd diagonal, exact" in out and ">4 [>4–>4]" in out
+
+
+def test_benchmark_figures_go_to_their_own_folder_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import _common
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path / "results")
+    default = _common.output_path(argparse.Namespace(update_docs=False), "figure.png")
+    assert default == tmp_path / "results" / "figure.png" and default.parent.is_dir()
+    asked = _common.output_path(argparse.Namespace(update_docs=True), "figure.png")
+    assert asked.parent == BENCHMARKS.parent / "docs" / "images"
+
+
+def test_seed_summaries_are_median_and_range():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert _common.seed_summary([30, 20, 25], 100) == "25 [20–30]"
+    assert _common.seed_summary([5, None, 3], 10) == "5 [3–>10]"
+    assert _common.seed_summary([None, None, 7], 10) == ">10 [7–>10]"

@@ -36,3 +36,21 @@ def test_docs_build_strictly_and_cover_the_public_api(tmp_path):
     assert not missing, f"public symbols missing from docs/api.md: {missing}"
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):
         assert (tmp_path / "site" / "notebooks" / notebook.stem / "index.html").exists()
+
+
+def _first_python_block(text: str, after: str) -> str:
+    section = text[text.index(after) :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+def test_the_quick_starts_run():
+    readme = (ROOT / "README.md").read_text()
+    for code in (
+        _first_python_block(readme, "## Quick start"),
+        _first_python_block((ROOT / "docs" / "index.md").read_text(), "# natgrad_jax"),
+    ):
+        namespace: dict = {}
+        exec(compile(code, "quick start", "exec"), namespace)
+        model, w, x, y = (namespace[k] for k in ("model", "w", "x", "y"))
+        assert float(model.nll(w, x, y)) < 0.35  # log 2 = 0.69 at the start

@@ -260,17 +260,22 @@ def test_float32_paths_agree_with_float64(name):
     )
     flat32, unravel32 = ravel_pytree(params32)
     v32 = jnp.ones_like(flat32)
-    results = {
-        "fisher": (ng.fisher(model, params32, inputs32), ng.fisher(model, params, inputs)),
-        "empirical": (
-            ng.empirical_fisher(model, params32, inputs32, targets32),
-            ng.empirical_fisher(model, params, inputs, targets),
-        ),
-        "fvp": (
-            ravel_pytree(ng.fisher_vector_product(model, params32, inputs32, unravel32(v32)))[0],
-            ng.fisher(model, params, inputs) @ jnp.ones(flat32.shape),
-        ),
-    }
+    # The float32 side under a TF32 default (what float32 means on recent NVIDIA GPUs):
+    # the dense functions must not depend on it (see tests/test_precision.py).
+    with jax.default_matmul_precision("tensorfloat32"):
+        results = {
+            "fisher": (ng.fisher(model, params32, inputs32), ng.fisher(model, params, inputs)),
+            "empirical": (
+                ng.empirical_fisher(model, params32, inputs32, targets32),
+                ng.empirical_fisher(model, params, inputs, targets),
+            ),
+            "fvp": (
+                ravel_pytree(ng.fisher_vector_product(model, params32, inputs32, unravel32(v32)))[
+                    0
+                ],
+                ng.fisher(model, params, inputs) @ jnp.ones(flat32.shape),
+            ),
+        }
     for got, want in results.values():
         assert got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * np.abs(want).max())

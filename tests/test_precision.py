@@ -1,0 +1,129 @@
+"""Matmul precision: the dense functions, factorisations and solves ignore a TF32 default.
+
+On a CPU every precision computes in float32, so the numbers cannot show a TF32
+rounding here; the traced programs can. Each test reads the precision of every
+``dot_general`` JAX records while tracing under ``jax.default_matmul_precision
+("tensorfloat32")`` (recorded as ``Precision.HIGH``), which is what a GPU executes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+from natgrad_jax._solvers import damped_inverse
+from tests.helpers import mlp_problem
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _sub_jaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
+def dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general in ``jaxpr`` and its sub-jaxprs (cond, scan, ...)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            precision = eqn.params["precision"]
+            found.append(precision[0] if isinstance(precision, tuple) else precision)
+        for value in eqn.params.values():
+            for inner in _sub_jaxprs(value):
+                found.extend(dot_precisions(inner))
+    return found
+
+
+def traced_under_tf32(fn, *args) -> list:
+    with jax.default_matmul_precision("tensorfloat32"):
+        return dot_precisions(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _float32_problem(name="categorical"):
+    model, params, inputs, targets = mlp_problem(name)
+    params, inputs = jax.tree.map(lambda a: a.astype(jnp.float32), (params, inputs))
+    if jnp.issubdtype(targets.dtype, jnp.floating):
+        targets = targets.astype(jnp.float32)
+    return model, params, inputs, targets
+
+
+def test_the_setting_is_visible_in_a_traced_program():
+    """The probe itself: a plain matmul traced under TF32 records HIGH, not HIGHEST."""
+    precisions = traced_under_tf32(lambda a: a @ a, jnp.ones((2, 2), jnp.float32))
+    assert precisions == [jax.lax.Precision.HIGH]
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        lambda m, p, x, y: ng.fisher(m, p, x),
+        lambda m, p, x, y: ng.fisher_hessian(m, p, x),
+        lambda m, p, x, y: ng.monte_carlo_fisher(m, p, x, jax.random.key(0), 2),
+        lambda m, p, x, y: ng.empirical_fisher(m, p, x, y),
+        lambda m, p, x, y: ng.per_example_scores(m, p, x, y),
+        lambda m, p, x, y: ng.fisher_vector_product(m, p, x, p),
+        lambda m, p, x, y: ng.fisher_operator(m, p, x, kind="empirical", targets=y)(p),
+        lambda m, p, x, y: ng.kl_divergence(m, p, jax.tree.map(jnp.zeros_like, p), x),
+    ],
+    ids=["fisher", "hessian", "monte_carlo", "empirical", "scores", "fvp", "operator", "kl"],
+)
+def test_dense_functions_compute_every_matmul_at_highest(function):
+    model, params, inputs, targets = _float32_problem()
+    precisions = traced_under_tf32(lambda p: function(model, p, inputs, targets), params)
+    assert precisions and all(p == HIGHEST for p in precisions), precisions
+
+
+def test_factorisations_run_at_highest():
+    matrix = jnp.eye(3, dtype=jnp.float32) + 0.1
+    precisions = traced_under_tf32(lambda a: damped_inverse(a, 1e-3), matrix)
+    assert precisions and all(p == HIGHEST for p in precisions), precisions
+
+
+def _update_precisions(solver, precision, fisher="exact"):
+    model, params, inputs, targets = _float32_problem()
+    tx = ng.scale_by_natural_gradient(model, solver=solver, fisher=fisher, precision=precision)
+    state = tx.init(params)
+    grads = jax.grad(model.nll)(params, inputs, targets)
+    return traced_under_tf32(
+        lambda g, s: tx.update(g, s, params, inputs=inputs, targets=targets), grads, state
+    )
+
+
+@pytest.mark.parametrize("solver", ["dense", "woodbury", "cg", "kronecker", "diagonal"])
+def test_transform_statistics_follow_its_precision_option(solver):
+    precisions = _update_precisions(solver, "highest", fisher="monte_carlo")
+    assert precisions and all(p == HIGHEST for p in precisions), precisions
+    default = _update_precisions(solver, None, fisher="monte_carlo")
+    if solver in ("dense", "kronecker", "diagonal"):
+        # statistics measured at the refresh follow the TF32 default ...
+        assert jax.lax.Precision.HIGH in default
+    if solver in ("dense", "woodbury", "cg"):
+        # ... the solve does not (Woodbury and CG measure theirs inside the solve)
+        assert HIGHEST in default
+
+
+def test_float32_update_under_tf32_matches_float64():
+    """With precision="highest" a float32 update does not depend on the TF32 default."""
+    model, params, inputs, targets = mlp_problem("categorical")
+    f32 = _float32_problem()
+    want_tx = ng.scale_by_natural_gradient(model, solver="dense", damping=1e-2)
+    grads = jax.grad(model.nll)(params, inputs, targets)
+    want, _ = want_tx.update(grads, want_tx.init(params), params, inputs=inputs)
+    model32, params32, inputs32, targets32 = f32
+    tx = ng.scale_by_natural_gradient(model32, solver="dense", damping=1e-2, precision="highest")
+    grads32 = jax.grad(model32.nll)(params32, inputs32, targets32)
+    with jax.default_matmul_precision("tensorfloat32"):
+        got, _ = jax.jit(lambda g, s: tx.update(g, s, params32, inputs=inputs32))(
+            grads32, tx.init(params32)
+        )
+    got, want = ravel_pytree(got)[0], ravel_pytree(want)[0]
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
