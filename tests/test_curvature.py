@@ -282,6 +282,21 @@ def test_auto_solver_on_a_large_model_uses_woodbury_and_matches_dense():
     np.testing.assert_allclose(
         d, np.linalg.solve(f + 1e-2 * np.eye(len(f)), g), rtol=1e-6, atol=1e-10
     )
+    # The trust region reads this step's quadratic (a stale CG one let it diverge).
+    for max_kl in (1e-6, 1e-1):
+        tx = ng.scale_by_natural_gradient(model, solver="auto", damping=1e-2, max_kl=max_kl)
+        state = tx.init(params)
+        for _ in range(2):
+            step, state = tx.update(unravel_like(params, g), state, params, inputs=x)
+            step = ravel_pytree(step)[0]
+            quadratic = step @ (f + 1e-2 * np.eye(len(f))) @ step
+            assert 0.5 * quadratic <= max_kl * (1 + 1e-9)
+            if max_kl == 1e-6:
+                np.testing.assert_allclose(0.5 * quadratic, max_kl, rtol=1e-7)
+
+
+def unravel_like(params, flat):
+    return ravel_pytree(params)[1](flat)
 
 
 def test_memory_guard_raises_before_allocating():

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.dense import Dense
 from natgrad_jax._curvature.implicit import ConjugateGradient
-from natgrad_jax._curvature.low_rank import Woodbury
+from natgrad_jax._curvature.low_rank import Woodbury, WoodburyState
 from natgrad_jax._fisher import parameter_count
 
 DENSE_MAX_PARAMS = 4096
@@ -91,6 +93,16 @@ class Auto:
         return state
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
-        # Woodbury keeps no state and hands back whatever it is given: here CG's.
         name, _ = choose_solver(parameter_count(batch.params), batch.num_rows)
-        return _BY_NAME[name]().solve(state, batch, vector, damping)
+        if name != "woodbury":
+            return _BY_NAME[name]().solve(state, batch, vector, damping)
+        # The state is CG's (kept for either branch): record the exact solve in it, so
+        # that the trust region reads this step's dᵀ(F + λI)d = gᵀd, not a stale one.
+        direction, _ = Woodbury().solve(WoodburyState(), batch, vector, damping)
+        return direction, state._replace(
+            solution=direction.astype(state.solution.dtype),
+            iterations=jnp.zeros_like(state.iterations),
+            residual=jnp.zeros_like(state.residual),
+            quadratic=jnp.vdot(vector, direction).real.astype(state.quadratic.dtype),
+            fell_back=jnp.zeros_like(state.fell_back),
+        )

@@ -12,6 +12,18 @@ U = SᵀV diag(1/√(N w)) (the eigenvectors of F with eigenvalues w), it reads
 
 the second term, the part of g outside the span of the rows, is what a truncated
 low-rank solve drops. For λ = 0 the pseudo-inverse U diag(1/w) Uᵀ g is returned.
+
+**SPRING momentum** (Goldshlager, Abrahamsen & Lin 2024). With ``momentum=μ`` the
+direction minimises the damped quadratic model with the damping centred on μ times the
+previous direction d₋ instead of on 0:
+
+    d = argmin ½ dᵀFd − gᵀd + ½ λ ‖d − μ d₋‖²  =  (F + λI)⁻¹ (g + λ μ d₋),
+
+computed as μ d₋ + (F + λI)⁻¹ (g − μ F d₋), so that the vector solved against stays in
+the span of the rows when g does (a least-squares gradient), and λ → 0 stays stable.
+Across steps the damping then acts like a Kaczmarz method's momentum: it carries
+information from earlier batches' rows into the low-rank solve. μ = 0 is the plain
+Woodbury solve.
 """
 
 from __future__ import annotations
@@ -19,14 +31,20 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows
+from natgrad_jax._fisher import parameter_count
 
 
 class WoodburyState(NamedTuple):
-    """The low-rank representation keeps no arrays across steps (it uses this batch's rows)."""
+    """The low-rank representation uses this batch's rows; with SPRING momentum it keeps
+    the previous direction d₋ (P,), else nothing."""
+
+    previous: jax.Array | None = None
+    quadratic: jax.Array | None = None  # dᵀ(F + λI)d of d: not gᵀd once μ > 0
 
 
 def woodbury_solve_factored(
@@ -69,6 +87,10 @@ class Woodbury:
     from the layers' inputs and output-gradients (``ng.describe``), never from the
     (M, P) matrix of per-example gradients; leaves capture cannot explain use
     ``jax.vmap``-ed rows. ``capture=False`` always forms the rows with ``jax.vmap``.
+    ``momentum=μ`` in [0, 1) turns on SPRING (see the module docstring): the direction
+    is (F + λI)⁻¹ (g + λ μ d₋) with d₋ the previous direction this solver returned
+    (before the trust region and the learning rate), so λ sets how strongly earlier
+    steps are kept; the trust region uses the step's measured dᵀ(F + λI)d.
 
     Example:
       >>> import jax, jax.numpy as jnp, natgrad_jax as ng
@@ -84,17 +106,27 @@ class Woodbury:
     """
 
     capture: bool = True
+    momentum: float = 0.0
     name = "woodbury"
     averages = False  # an average of low-rank Fishers is not low-rank
+
+    def __post_init__(self):
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(
+                f"Woodbury momentum (SPRING's μ) must be in [0, 1), got {self.momentum!r}."
+            )
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once, for the memory guard."""
         del leaf_shapes
-        return num_rows * num_params + 2 * num_rows**2
+        return num_rows * num_params + 2 * num_rows**2 + num_params
 
     def init(self, params, dtype) -> WoodburyState:
-        del params, dtype
-        return WoodburyState()
+        if not self.momentum:
+            return WoodburyState()
+        return WoodburyState(
+            previous=jnp.zeros(parameter_count(params), dtype), quadratic=jnp.zeros([], dtype)
+        )
 
     def refresh(self, state, batch, damping, decay, is_first):
         del batch, damping, decay, is_first
@@ -104,14 +136,30 @@ class Woodbury:
         if self.capture:
             rows = factored_rows(batch, vector.dtype)
             shape = rows.gradients[0].shape[:2] if rows.gradients else rows.fallback_rows.shape[:2]
-            solved = woodbury_solve_factored(
-                rows.kernel(),
-                lambda v: rows.matvec(v).reshape(-1),
-                lambda u: rows.rmatvec(u.reshape(shape)),
-                batch.num_examples,
-                vector,
-                damping,
+            kernel = rows.kernel()
+            rows_times = lambda v: rows.matvec(v).reshape(-1)
+            rows_transpose_times = lambda u: rows.rmatvec(u.reshape(shape))
+        else:
+            dense = batch.gather_examples(batch.score_rows().astype(vector.dtype))
+            kernel = dense @ dense.T
+            rows_times = lambda v: dense @ v
+            rows_transpose_times = lambda u: dense.T @ u
+
+        def solve_with(rhs):
+            return woodbury_solve_factored(
+                kernel, rows_times, rows_transpose_times, batch.num_examples, rhs, damping
             )
-            return solved, state
-        rows = batch.gather_examples(batch.score_rows().astype(vector.dtype))
-        return woodbury_solve(rows, batch.num_examples, vector, damping), state
+
+        if not self.momentum:
+            return solve_with(vector), state
+        # SPRING: μ d₋ + (F + λI)⁻¹ (g − μ F d₋), F d₋ = Sᵀ(S d₋)/N
+        shifted = self.momentum * state.previous.astype(vector.dtype)
+        fisher_shifted = rows_transpose_times(rows_times(shifted)) / batch.num_examples
+        direction = shifted + solve_with(vector - fisher_shifted)
+        projected = rows_times(direction)
+        quadratic = jnp.vdot(projected, projected) / batch.num_examples + jnp.asarray(
+            damping, direction.dtype
+        ) * jnp.vdot(direction, direction)
+        return direction, WoodburyState(
+            previous=direction.astype(state.previous.dtype), quadratic=quadratic.real
+        )
