@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from natgrad_jax._eager import compiled_when_eager
 from natgrad_jax._model import Model, check_model, per_example
 from natgrad_jax._parameters import on_trainable, trainable_part
 from natgrad_jax._precision import exact_matmuls
@@ -134,11 +135,19 @@ def trainable_model(model: Model, params: PyTree) -> tuple[Model, PyTree]:
     return on_trainable(check_model(model), params)
 
 
+def _check_target_values(model, params, inputs, targets, **_):
+    """The targets' values, checked on concrete arrays before a compilation hides them."""
+    restricted, trainable = trainable_model(model, params)
+    check_same_batch(inputs, targets)
+    restricted.check_targets(trainable, inputs, targets)
+
+
 def _map_examples(fn, *batches):
     """vmap ``fn`` over the examples of ``batches``, each example kept as a batch of one."""
     return jax.vmap(lambda *example: fn(*jax.tree.map(lambda a: a[None], example)))(*batches)
 
 
+@compiled_when_eager(eager_checks=_check_target_values)
 @exact_matmuls
 def per_example_scores(
     model: Model,
@@ -298,6 +307,7 @@ def _gram(rows: jax.Array, inputs: PyTree, axis_name: str | None) -> jax.Array:
     return device_sum(rows.T @ rows, axis_name) / num_examples
 
 
+@compiled_when_eager
 @exact_matmuls
 def fisher(
     model: Model,
@@ -357,6 +367,7 @@ def fisher(
     return _gram(_exact_score_rows(model, params, inputs), inputs, axis_name)
 
 
+@compiled_when_eager
 @exact_matmuls
 def fisher_hessian(
     model: Model,
@@ -408,6 +419,7 @@ def fisher_hessian(
     )(flat)
 
 
+@compiled_when_eager
 @exact_matmuls
 def monte_carlo_fisher(
     model: Model,
@@ -459,6 +471,7 @@ def monte_carlo_fisher(
     return _gram(rows, inputs, axis_name)
 
 
+@compiled_when_eager(eager_checks=_check_target_values)
 @exact_matmuls
 def empirical_fisher(
     model: Model,
@@ -598,6 +611,7 @@ def _local_fisher_operator(model, params, inputs, num_examples, kind, targets, k
     return product
 
 
+@compiled_when_eager
 @exact_matmuls
 def fisher_vector_product(
     model: Model,
@@ -636,6 +650,7 @@ def fisher_vector_product(
     return fisher_operator(model, params, inputs, kind="exact", axis_name=axis_name)(vector)
 
 
+@compiled_when_eager
 @exact_matmuls
 def kl_divergence(
     model: Model,

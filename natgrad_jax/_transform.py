@@ -2,7 +2,6 @@ r"""Optax transforms that precondition gradients by the damped inverse Fisher.""
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -10,7 +9,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -23,6 +21,7 @@ from natgrad_jax._curvature.implicit import ConjugateGradient
 from natgrad_jax._curvature.kronecker import Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
+from natgrad_jax._eager import compiled_when_eager
 from natgrad_jax._fisher import (
     FISHER_KINDS,
     check_num_samples,
@@ -182,35 +181,6 @@ def _check_same_structure(updates, params) -> None:
         ) from None
 
 
-def _is_traced(tree) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
-
-
-def _compile_eagerly(fn):
-    """``fn`` under ``jax.jit``, its array leaves traced and every other leaf (functions,
-    Python numbers) static, so one compilation serves every call with the same shapes."""
-
-    @functools.partial(jax.jit, static_argnums=(0, 1))
-    def run(treedef, static_leaves, array_leaves):
-        arrays = iter(array_leaves)
-        leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in static_leaves]
-        return fn(*jax.tree.unflatten(treedef, leaves))
-
-    def call(*args):
-        leaves, treedef = jax.tree.flatten(args)
-        is_array = [isinstance(leaf, jax.Array | np.ndarray | np.generic) for leaf in leaves]
-        static = tuple(
-            _ARRAY if array else leaf for leaf, array in zip(leaves, is_array, strict=True)
-        )
-        arrays = [leaf for leaf, array in zip(leaves, is_array, strict=True) if array]
-        return run(treedef, static, arrays)
-
-    return call
-
-
-_ARRAY = object()  # marks where an array leaf goes among the static leaves
-
-
 def _value_at(hyperparameter: ScalarOrSchedule, count: jax.Array):
     """A hyper-parameter's value at step ``count``: schedules are called, numbers kept."""
     return hyperparameter(count) if callable(hyperparameter) else hyperparameter
@@ -327,8 +297,7 @@ def scale_by_natural_gradient(
     functions) are constants: the Fisher is over the floating leaves, and the other
     leaves' updates are passed through (a ``float0`` becomes a zero of the leaf's dtype).
     An equinox module can be passed as it is, with ``equinox.filter_grad`` gradients.
-    Called outside ``jax.jit``, ``update`` compiles itself (from its second call, once
-    per input shapes).
+    Called outside ``jax.jit``, ``update`` compiles itself (once per input shapes).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` is
@@ -444,16 +413,14 @@ def scale_by_natural_gradient(
         )
         return new_updates, new_state
 
-    # Called outside any trace, the update runs compiled from its second call on (one
-    # compilation per input shapes), so an eager training loop costs milliseconds a
-    # step while a single call is not made to wait for a compilation. Hyper-parameters
-    # given as arrays come from optax.inject_hyperparams, which builds a new transform
-    # at every step: a compilation would never be reused, so that case runs as it is.
-    compiled = _compile_eagerly(precondition)
+    # Called outside any trace, the update runs compiled (one compilation per input
+    # shapes, see natgrad_jax._eager). Hyper-parameters given as arrays come from
+    # optax.inject_hyperparams, which builds a new transform at every step: its
+    # compilation would never be reused, so that case runs op by op.
+    compiled = compiled_when_eager(precondition)
     array_hyperparameters = any(
         isinstance(value, jax.Array) for value in (damping, max_kl, decay, refresh_every, seed)
     )
-    eager_calls = [0]
 
     def update_fn(updates, state, params=None, *, inputs=None, targets=None, **extra_args):
         del extra_args
@@ -479,9 +446,7 @@ def scale_by_natural_gradient(
             model.check_targets(params, inputs, targets)
         trainable, frozen = trainable_and_frozen(params)
         arguments = (trainable_part(updates, params), state, trainable, frozen, inputs, targets)
-        eager = not array_hyperparameters and not _is_traced(arguments)
-        eager_calls[0] += eager
-        run = compiled if eager and eager_calls[0] > 1 else precondition
+        run = precondition if array_hyperparameters else compiled
         directions, new_state = run(*arguments)
         return merge_updates(directions, updates, params), new_state
 

@@ -52,22 +52,49 @@ def woodbury_solve_factored(
 ):
     """(SᵀS/N + λI)⁻¹ v given S Sᵀ and the products v ↦ S v, u ↦ Sᵀ u (S never formed).
 
-    Eigendecomposition of the M×M kernel SSᵀ/N = V diag(w) Vᵀ; stable in float32.
+    Eigendecomposition of the M×M kernel SSᵀ/N = V diag(w) Vᵀ, then one step of
+    iterative refinement with the products themselves (see ``_eigenbasis_solve``).
     """
     kernel = kernel / num_examples
     eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (kernel + kernel.T))
     damping = jnp.asarray(damping, vector.dtype)
-    projected = eigenvectors.T @ rows_times(vector) / num_examples  # Vᵀ S v / N
 
+    def solve(v):
+        return _eigenbasis_solve(
+            eigenvalues, eigenvectors, rows_times, rows_transpose_times, num_examples, v, damping
+        )
+
+    def residual(d):
+        return vector - (rows_transpose_times(rows_times(d)) / num_examples + damping * d)
+
+    # A small λ (energy natural gradient uses 1e-10) leaves the first solve with an
+    # error of eps·|v|/λ along every direction; the residual, measured with the rows,
+    # is accurate to eps·‖F‖·|d|, and corrections bring d to that level (like a
+    # backward-stable dense Cholesky solve).
+    direction = solve(vector)
+    for _ in range(REFINEMENT_STEPS):
+        direction = jnp.where(damping > 0, direction + solve(residual(direction)), direction)
+    return direction
+
+
+REFINEMENT_STEPS = 2
+
+
+def _eigenbasis_solve(
+    eigenvalues, eigenvectors, rows_times, rows_transpose_times, num_examples, vector, damping
+):
+    """λ > 0: (v − Sᵀ V diag(1/(N(w + λ))) Vᵀ S v) / λ, every eigenvalue kept (clipped at
+    0, so w + λ ≥ λ); λ = 0: the pseudo-inverse Sᵀ V diag(1/(N w²)) Vᵀ S v on the
+    eigenvalues above round-off."""
+    projected = eigenvectors.T @ rows_times(vector) / num_examples  # Vᵀ S v / N
+    safe_damping = jnp.where(damping > 0, damping, 1.0)
+    nonnegative = jnp.maximum(eigenvalues, 0.0)
+    correction = rows_transpose_times(eigenvectors @ (projected / (nonnegative + safe_damping)))
+    damped = (vector - correction) / safe_damping
     eps = jnp.finfo(vector.dtype).eps
-    tol = kernel.shape[0] * eps * jnp.maximum(jnp.max(jnp.abs(eigenvalues)), eps)
+    tol = eigenvalues.shape[0] * eps * jnp.maximum(jnp.max(jnp.abs(eigenvalues)), eps)
     kept = eigenvalues > tol
     safe_w = jnp.where(kept, eigenvalues, 1.0)
-    safe_damping = jnp.where(damping > 0, damping, 1.0)
-    # λ > 0: (v − Sᵀ V diag(1/(N(w + λ))) Vᵀ S v) / λ, the full Woodbury formula.
-    correction = rows_transpose_times(eigenvectors @ (projected / (eigenvalues + safe_damping)))
-    damped = (vector - correction) / safe_damping
-    # λ = 0: U diag(1/w) Uᵀ v = Sᵀ V diag(1/(N w²)) Vᵀ S v on the kept eigenvalues.
     pseudo = rows_transpose_times(eigenvectors @ jnp.where(kept, projected / safe_w**2, 0.0))
     return jnp.where(damping > 0, damped, pseudo)
 
