@@ -138,7 +138,7 @@ def test_fisher_equals_mean_jt_fout_j_from_dense_jacobians(name):
 
     expected = 0.0
     for x in inputs:
-        jac = jax.jacobian(outputs_flat)(flat, x)  # (K, P)
+        jac = jax.jit(jax.jacobian(outputs_flat))(flat, x)  # (K, P)
         f_out = dense_output_fisher(model.likelihood, model.apply_fn(params, x[None]))
         expected = expected + jac.T @ f_out @ jac
     np.testing.assert_allclose(
@@ -227,7 +227,7 @@ def test_fisher_vector_product_equals_dense_fisher_times_vector(name):
 def test_hessian_of_kl_at_equal_parameters_is_fisher(name):
     model, params, inputs, _ = mlp_problem(name)
     flat, unravel = ravel_pytree(params)
-    hess = jax.hessian(lambda f: ng.kl_divergence(model, params, unravel(f), inputs))(flat)
+    hess = jax.jit(jax.hessian(lambda f: ng.kl_divergence(model, params, unravel(f), inputs)))(flat)
     np.testing.assert_allclose(hess, ng.fisher(model, params, inputs), rtol=1e-9, atol=1e-12)
     assert abs(float(ng.kl_divergence(model, params, params, inputs))) < 1e-14
 
