@@ -10,8 +10,8 @@ Memory is XLA's temporary allocation of the compiled update (``memory_analysis``
 Saves ``curvature_scaling_P.png`` and ``..._N.png`` in ``benchmarks/results/`` (with
 ``--update-docs``: over the README's figures in ``docs/images/``).
 
-    python benchmarks/curvature_scaling.py        # about 12 minutes on 2 CPU cores
-    python benchmarks/curvature_scaling.py --quick  # about 1 minute
+    python benchmarks/curvature_scaling.py        # about 2 minutes on 2 CPU cores
+    python benchmarks/curvature_scaling.py --quick  # under a minute
 """
 
 from __future__ import annotations
