@@ -38,6 +38,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax._eager import is_traced
 from natgrad_jax._fisher import varying_axes
 from natgrad_jax._model import Model
 from natgrad_jax._parameters import on_trainable
@@ -277,7 +278,7 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
     found = _analyse_capture(apply_fn, *jax.tree.map(_struct, (params, inputs)))
     # An apply_fn that closes over traced values (frozen leaves inside jit) holds them
     # in the jaxpr: valid in this trace only, so not kept.
-    if not any(isinstance(const, jax.core.Tracer) for const in found.jaxpr.consts):
+    if not is_traced(found.jaxpr.consts):
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = found

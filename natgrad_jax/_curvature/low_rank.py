@@ -99,11 +99,14 @@ def _eigenbasis_solve(
     return jnp.where(damping > 0, damped, pseudo)
 
 
+def dense_products(rows):
+    """(S Sᵀ, v ↦ S v, u ↦ Sᵀ u) of a dense (M, P) matrix of score rows S."""
+    return rows @ rows.T, lambda v: rows @ v, lambda u: rows.T @ u
+
+
 def woodbury_solve(rows, num_examples, vector, damping):
     """(SᵀS/N + λI)⁻¹ v for a dense (M, P) matrix of score rows S."""
-    return woodbury_solve_factored(
-        rows @ rows.T, lambda v: rows @ v, lambda u: rows.T @ u, num_examples, vector, damping
-    )
+    return woodbury_solve_factored(*dense_products(rows), num_examples, vector, damping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +171,7 @@ class Woodbury:
             rows_transpose_times = lambda u: rows.rmatvec(u.reshape(shape))
         else:
             dense = batch.gather_examples(batch.score_rows().astype(vector.dtype))
-            kernel = dense @ dense.T
-            rows_times = lambda v: dense @ v
-            rows_transpose_times = lambda u: dense.T @ u
+            kernel, rows_times, rows_transpose_times = dense_products(dense)
 
         def solve_with(rhs):
             return woodbury_solve_factored(
