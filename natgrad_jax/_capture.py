@@ -10,9 +10,18 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
 
 1. ``jax.make_jaxpr(apply_fn)`` is read equation by equation. A variable *derives from
    leaf ℓ* if it is the leaf or comes from it through dtype/layout operations
-   (convert_element_type, reshape, transpose, copy, squeeze, expand_dims). A
-   ``dot_general`` with exactly one such operand and no batch dimensions on it is a
-   **layer**; nested ``jit`` calls are entered recursively.
+   (convert_element_type, reshape, transpose, copy, squeeze, expand_dims). A **layer**
+   is an equation with exactly one such operand that is
+
+   * a ``dot_general`` with no batch dimensions on it (dense layers, attention
+     projections, MLPs applied per token),
+   * a ``conv_general_dilated`` with the leaf as its kernel and one feature group
+     (KFC, Grosse & Martens 2016: the kernel multiplies the input's patches),
+   * an ``add`` of a (broadcast) bias, or a ``mul`` by a (broadcast) elementwise scale
+     (LayerNorm/RMSNorm scales, BatchNorm in inference mode): their per-example
+     gradients are g and g ⊙ x summed over the broadcast axes.
+
+   Nested ``jit`` calls are entered recursively.
 2. A leaf is **captured** if every use of it is such a layer (one layer per leaf); any
    other leaf (biases, embeddings, weights inside custom derivatives, tied weights) is
    left to the **fallback**: ``jax.vmap`` of per-example gradients restricted to those
@@ -58,11 +67,13 @@ class Layer:
     """One captured use of a parameter leaf and how its per-example gradients follow.
 
     ``kind == "dot"``: y = dot_general(W, x) (either order); the gradient needs the
-    layer input x and the output-gradient g. ``kind == "add"``: y = x + b (a bias,
-    broadcast); the gradient is g summed over the broadcast axes.
+    layer input x and the output-gradient g. ``kind == "conv"``: y = conv(x, W); the
+    same, with x's patches as inputs. ``kind == "add"``: y = x + b (a bias, broadcast);
+    the gradient is g summed over the broadcast axes. ``kind == "mul"``: y = x ⊙ s (an
+    elementwise scale, broadcast); the gradient is g ⊙ x summed over the broadcast axes.
     """
 
-    kind: str  # "dot" or "add"
+    kind: str  # "dot", "conv", "add" or "mul"
     leaf: int  # index of the parameter leaf in jax.tree.leaves(params)
     eqn: int  # index of the equation in traversal order
     param_operand: int  # 0 if the parameter is the first operand, 1 if the second
@@ -73,6 +84,18 @@ class Layer:
     input_shape: tuple | None  # shape of x for the traced batch (None for an add)
     output_shape: tuple  # shape of the layer output for the traced batch
     operand_shape: tuple  # shape of the parameter operand (after the chain)
+    primitive: Any = None  # the equation's primitive and parameters (convolutions)
+    primitive_params: Any = None
+
+    @property
+    def summary(self) -> str:
+        """How the leaf's per-example gradients are formed, for ``describe``."""
+        return {
+            "dot": f"matmul, input {self.input_shape}",
+            "conv": f"convolution, input {self.input_shape}",
+            "add": f"bias add, output {self.output_shape}",
+            "mul": f"elementwise scale, output {self.output_shape}",
+        }[self.kind]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +114,7 @@ class Capture:
         by_leaf = {layer.leaf: layer for layer in self.layers}
         for index, (name, shape) in enumerate(zip(self.leaf_names, self.leaf_shapes, strict=True)):
             if index in by_leaf:
-                layer = by_leaf[index]
-                how = (
-                    f"captured: matmul, input {layer.input_shape}"
-                    if layer.kind == "dot"
-                    else f"captured: bias add, output {layer.output_shape}"
-                )
+                how = f"captured: {by_leaf[index].summary}"
             else:
                 how = "fallback: vmap-ed per-example gradients"
             lines.append(f"{name:<32}{shape!s:<18}{how}")
@@ -138,6 +156,8 @@ class _Use:
     input_aval: Any = None
     output_aval: Any = None
     operand_aval: Any = None
+    primitive: Any = None
+    primitive_params: Any = None
 
 
 def _analyse(closed_jaxpr, origins, uses, counter):
@@ -159,9 +179,18 @@ def _analyse(closed_jaxpr, origins, uses, counter):
             if not (lhs_batch or rhs_batch or broadcast):
                 uses.append(_layer_use("dot", index, leaf, sides[0], chain, eqn))
                 continue
+        elif name == "conv_general_dilated" and sides == [1] and _is_plain_conv(eqn):
+            leaf, chain, broadcast = derived[1]
+            if not broadcast:
+                uses.append(_layer_use("conv", index, leaf, 1, chain, eqn))
+                continue
         elif name == "add" and len(sides) == 1:
             leaf, chain, _ = derived[sides[0]]
             uses.append(_layer_use("add", index, leaf, sides[0], chain, eqn))
+            continue
+        elif name == "mul" and len(sides) == 1 and _scales_elementwise(eqn, sides[0]):
+            leaf, chain, _ = derived[sides[0]]
+            uses.append(_layer_use("mul", index, leaf, sides[0], chain, eqn))
             continue
         elif name in BIAS_OPS and sides == [0] and len(eqn.invars) == 1:
             leaf, chain, broadcast = derived[0]
@@ -181,6 +210,21 @@ def _analyse(closed_jaxpr, origins, uses, counter):
             uses.append(_Use(env[var][0], None))
 
 
+def _is_plain_conv(eqn) -> bool:
+    return eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1
+
+
+def _scales_elementwise(eqn, side) -> bool:
+    """A mul whose other operand x broadcasts to the output along axes of size one (the
+    scale may be multiplied by a per-example factor first, as LayerNorm's 1/σ)."""
+    other, out = eqn.invars[1 - side], eqn.outvars[0].aval.shape
+    return (
+        not _is_literal(other)
+        and len(other.aval.shape) == len(out)
+        and all(a in (1, b) for a, b in zip(other.aval.shape, out, strict=True))
+    )
+
+
 def _layer_use(kind, index, leaf, side, chain, eqn):
     other = eqn.invars[1 - side]
     return _Use(
@@ -193,6 +237,8 @@ def _layer_use(kind, index, leaf, side, chain, eqn):
         None if kind == "add" else other.aval,
         eqn.outvars[0].aval,
         eqn.invars[side].aval,
+        eqn.primitive,
+        dict(eqn.params),
     )
 
 
@@ -289,6 +335,12 @@ _CACHE: dict = {}
 _CACHE_SIZE = 64
 
 
+def _conv_batch_axes(use) -> tuple[int, int]:
+    """(input, output) axes a convolution treats as its batch."""
+    dimension_numbers = use.primitive_params["dimension_numbers"]
+    return dimension_numbers.lhs_spec[0], dimension_numbers.out_spec[0]
+
+
 def _analyse_capture(apply_fn, params, inputs) -> Capture:
     leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
     names = tuple(jax.tree_util.keystr(path) or "params" for path, _ in leaves_with_paths)
@@ -313,14 +365,20 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
             continue
         output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
         input_axis = None
-        if use.kind == "dot":
+        if use.kind in ("dot", "conv"):
             input_axis = _example_axis(use.input_aval.shape, twin.input_aval.shape)
             if input_axis is None:
+                continue
+            if use.kind == "conv" and (input_axis, output_axis) != _conv_batch_axes(use):
                 continue
         elif use.operand_aval.shape != twin.operand_aval.shape or (
             output_axis is not None and use.operand_aval.shape[output_axis] != 1
         ):
-            continue  # a bias must be the same for every example
+            continue  # a bias or a scale must be the same for every example
+        elif use.kind == "mul":
+            input_axis = output_axis
+            if output_axis is None or use.input_aval.shape[output_axis] == 1:
+                continue
         if output_axis is None:
             continue
         layers.append(
@@ -336,6 +394,8 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
                 input_shape=None if use.input_aval is None else tuple(use.input_aval.shape),
                 output_shape=tuple(use.output_aval.shape),
                 operand_shape=tuple(use.operand_aval.shape),
+                primitive=use.primitive if use.kind == "conv" else None,
+                primitive_params=use.primitive_params if use.kind == "conv" else None,
             )
         )
     captured = {layer.leaf for layer in layers}
@@ -428,17 +488,18 @@ def per_example_gradient(layer: Layer, activation, gradient, leaf_value):
     def one_example(x, g):
         g = jnp.expand_dims(g, layer.output_example_axis)
         dtype = g.dtype if x is None else jnp.result_type(x, g)
-        if layer.kind == "add":
-
-            def apply(w):
-                return jnp.broadcast_to(w, g.shape)
-
-        else:
+        if layer.kind != "add":
             x = jnp.expand_dims(x, layer.input_example_axis)
 
-            def apply(w):
-                lhs, rhs = (w, x) if layer.param_operand == 0 else (x, w)
-                return jax.lax.dot_general(lhs, rhs, layer.dimension_numbers)
+        def apply(w):
+            if layer.kind == "add":
+                return jnp.broadcast_to(w, g.shape)
+            if layer.kind == "mul":
+                return jnp.broadcast_to(w * x, g.shape)
+            if layer.kind == "conv":
+                return layer.primitive.bind(x, w, **layer.primitive_params)
+            lhs, rhs = (w, x) if layer.param_operand == 0 else (x, w)
+            return jax.lax.dot_general(lhs, rhs, layer.dimension_numbers)
 
         _, pullback = jax.vjp(apply, operand.astype(dtype))
         (grad_operand,) = pullback(g.astype(dtype))

@@ -11,7 +11,10 @@ row (r, i) of S is vec(Σ_t a_{it} g_{rit}ᵀ), so
 * diag(SᵀS) = Σ_{r,i} (a_i ⊙ a_i)(g_{ri} ⊙ g_{ri})ᵀ       (T = 1),
 * Kronecker factors E[aaᵀ] and E[ggᵀ].
 
-A bias added to a layer's output is a layer with a = 1 (K = 1). Leaves that capture
+A convolution is a matmul of its kernel (K = input channels × window, D = output
+channels) with the input's patches, positions = output sites (KFC, Grosse & Martens
+2016). A bias added to a layer's output is a layer with a = 1 (K = 1); an elementwise
+scale s in y = x ⊙ s is one with a = 1 and output-gradient g ⊙ x. Leaves that capture
 could not explain keep dense per-example rows from ``jax.vmap``.
 """
 
@@ -53,7 +56,10 @@ def _dot_dims(layer: Layer):
 
 def _output_layout(layer: Layer):
     """(example axis, position axes, feature axes) of the layer's output."""
-    if layer.kind == "add":
+    if layer.kind == "conv":
+        spec = layer.primitive_params["dimension_numbers"].out_spec
+        return spec[0], list(spec[2:]), [spec[1]]
+    if layer.kind in ("add", "mul"):
         out, operand = layer.output_shape, layer.operand_shape
         example = layer.output_example_axis
         positions = [d for d in range(len(out)) if d != example and operand[d] == 1 and out[d] != 1]
@@ -76,10 +82,33 @@ def _normalise_gradient(layer: Layer, g):
     return g.reshape(g.shape[0], g.shape[1], t, -1)
 
 
+def _kernel_output_axis(layer: Layer) -> int:
+    return layer.primitive_params["dimension_numbers"].rhs_spec[0]
+
+
+def _conv_patches(layer: Layer, x):
+    """x's patches as (N, T, K): row (n, t) is what the kernel, viewed as K×D by
+    ``leaf_to_matrix``, multiplies at output site t. Computed by the same convolution
+    with a one-hot kernel, so strides, padding, dilations and layouts all carry over."""
+    shape = layer.operand_shape
+    out_axis = _kernel_output_axis(layer)
+    window = [shape[d] for d in range(len(shape)) if d != out_axis]
+    k = math.prod(window)
+    one_hot = jnp.moveaxis(jnp.eye(k, dtype=x.dtype).reshape(k, *window), 0, out_axis)
+    exact = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    params = dict(layer.primitive_params, precision=exact, preferred_element_type=None)
+    patches = layer.primitive.bind(x, one_hot, **params)
+    spec = layer.primitive_params["dimension_numbers"].out_spec
+    patches = jnp.transpose(patches, (spec[0], *spec[2:], spec[1]))
+    return patches.reshape(patches.shape[0], -1, k)
+
+
 def _normalise_input(layer: Layer, x, num_positions: int):
     """x → (N, T, K); a bias's input is 1 (K = 1)."""
-    if layer.kind == "add":
-        raise AssertionError("bias layers have no input")
+    if layer.kind in ("add", "mul"):
+        raise AssertionError("bias and scale layers have no input")
+    if layer.kind == "conv":
+        return _conv_patches(layer, x)
     _, _, x_contract, x_free = _dot_dims(layer)
     example = layer.input_example_axis
     positions = [d for d in x_free if d != example]
@@ -96,8 +125,11 @@ def _chain(layer: Layer, leaf):
 def leaf_to_matrix(layer: Layer, leaf) -> jax.Array:
     """The K×D matrix view of a leaf-shaped array (a permutation of its entries)."""
     operand = _chain(layer, leaf)
-    if layer.kind == "add":
+    if layer.kind in ("add", "mul"):
         return operand.reshape(1, -1)
+    if layer.kind == "conv":
+        operand = jnp.moveaxis(operand, _kernel_output_axis(layer), -1)
+        return operand.reshape(-1, operand.shape[-1])
     w_contract, w_free, _, _ = _dot_dims(layer)
     operand = jnp.transpose(operand, (*w_contract, *w_free))
     k = math.prod(operand.shape[: len(w_contract)])
@@ -191,6 +223,9 @@ class FactoredRows:
                 total = total + inputs[None, :, None, :] * jnp.einsum(
                     "rnd,smd->rnsm", g[:, :, 0], g[:, :, 0]
                 )
+            elif _per_example_is_smaller(a, g):
+                per_example = jnp.einsum("ntk,rntd->rnkd", a, g)
+                total = total + jnp.einsum("rnkd,smkd->rnsm", per_example, per_example)
             else:
                 inputs = jnp.einsum("ntk,muk->ntmu", a, a)
                 total = total + jnp.einsum("ntmu,rntd,smud->rnsm", inputs, g, g)
@@ -215,6 +250,13 @@ class FactoredRows:
         return jnp.einsum("ntk,ntl->kl", a, a) / n, jnp.einsum("rntd,rnte->de", g, g) / (
             n * a.shape[1]
         )
+
+
+def _per_example_is_smaller(a, g) -> bool:
+    """Whether the per-example gradients (R·N·K·D) take less memory than the position
+    Gram matrix (N·T)² of a layer shared across T positions (convolutions, tokens)."""
+    (r, n, t, d), k = g.shape, a.shape[-1]
+    return r * n * k * d < (n * t) ** 2
 
 
 def _cotangent_rows(batch, outputs):
@@ -276,11 +318,13 @@ def factored_rows(batch, dtype=None) -> FactoredRows:
     )
     dtype = dtype or jnp.result_type(*jax.tree.leaves(batch.params), jnp.float32)
     normalised_g = [
-        _normalise_gradient(layer, g).astype(dtype)
-        for layer, g in zip(captured.layers, gradients, strict=True)
+        _normalise_gradient(layer, g * a if layer.kind == "mul" else g).astype(dtype)
+        for layer, a, g in zip(captured.layers, activations, gradients, strict=True)
     ]
     normalised_a = [
-        None if layer.kind == "add" else _normalise_input(layer, a, g.shape[2]).astype(dtype)
+        None
+        if layer.kind in ("add", "mul")
+        else _normalise_input(layer, a, g.shape[2]).astype(dtype)
         for layer, a, g in zip(captured.layers, activations, normalised_g, strict=True)
     ]
     templates = tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(batch.params))

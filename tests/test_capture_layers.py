@@ -1,0 +1,200 @@
+"""Capture of convolutions (KFC) and elementwise scales against vmap-ed per-example gradients
+and dense score rows; flax and equinox CNNs and normalisation layers end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+from natgrad_jax._capture import capture, layer_inputs_and_gradients, per_example_gradient
+from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.factored import factored_rows
+from natgrad_jax._curvature.kronecker import Kronecker
+from tests.helpers import optional_import
+
+N, CLASSES = 5, 3
+
+
+def _conv_model(layout, strides, padding, dilation):
+    """conv → tanh → mean over sites → scale → matmul, with the kernel in ``layout``."""
+    lhs, rhs, _ = layout
+
+    def apply(p, x):
+        y = jax.lax.conv_general_dilated(
+            x, p["kernel"], strides, padding, rhs_dilation=dilation, dimension_numbers=layout
+        )
+        feature_axis = lhs.index("C")
+        bias_shape = [1] * y.ndim
+        bias_shape[feature_axis] = -1
+        y = jnp.tanh(y + p["bias"].reshape(bias_shape))
+        pooled = jnp.mean(y, axis=[d for d in range(y.ndim) if d not in (0, feature_axis)])
+        return (pooled * p["scale"]) @ p["out"]
+
+    window = dict(zip([c for c in rhs if c not in "OI"], (3, 2, 2), strict=False))
+    kernel_shape = tuple({"O": 4, "I": 2, **window}[c] for c in rhs)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {
+        "kernel": jax.random.normal(keys[0], kernel_shape) / 3,
+        "bias": jnp.full((4,), 0.1),
+        "scale": jnp.linspace(0.5, 1.5, 4),
+        "out": jax.random.normal(keys[1], (4, CLASSES)),
+    }
+    sites = dict(zip([c for c in lhs if c not in "NC"], (7, 6, 5), strict=False))
+    input_sizes = {"N": N, "C": 2, **sites}
+    x = jax.random.normal(keys[2], tuple(input_sizes[c] for c in lhs))
+    return apply, params, x
+
+
+CONVS = {
+    "1d": (("NWC", "WIO", "NWC"), (1,), "VALID", (1,)),
+    "1d_strided_dilated": (("NCW", "OIW", "NCW"), (2,), ((2, 1),), (2,)),
+    "2d_same": (("NHWC", "HWIO", "NHWC"), (1, 1), "SAME", (1, 1)),
+    "2d_strided_padded_dilated": (("NHWC", "HWIO", "NHWC"), (2, 1), ((1, 0), (2, 1)), (1, 2)),
+    "2d_channels_first": (("NCHW", "OIHW", "NCHW"), (1, 2), ((1, 1), (0, 1)), (2, 1)),
+    "3d": (("NDHWC", "DHWIO", "NDHWC"), (1, 2, 1), "SAME", (1, 1, 1)),
+}
+
+
+def _vmap_gradients(apply, params, x, cotangent):
+    def one(xi, ci):
+        _, pullback = jax.vjp(lambda p: apply(p, xi[None]), params)
+        return pullback(ci[None])[0]
+
+    return jax.vmap(one)(x, cotangent)
+
+
+def _dense_rows_by_row(batch):
+    """The vmap-ed score rows, reordered (row, example) like the factored ones."""
+    dense = batch.score_rows()
+    return dense.reshape(N, -1, dense.shape[1]).transpose(1, 0, 2).reshape(-1, dense.shape[1])
+
+
+def _check_factored_products(model, params, x):
+    batch = CurvatureBatch(model, params, x, "exact")
+    rows, dense = factored_rows(batch), _dense_rows_by_row(batch)
+    v = jax.random.normal(jax.random.PRNGKey(5), (dense.shape[1],))
+    u = jax.random.normal(jax.random.PRNGKey(6), (dense.shape[0] // N, N))
+    np.testing.assert_allclose(rows.matvec(v).reshape(-1), dense @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rows.rmatvec(u), dense.T @ u.reshape(-1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rows.kernel(), dense @ dense.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rows.diagonal(), jnp.sum(dense**2, 0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", CONVS.values(), ids=CONVS.keys())
+def test_captured_convolutions_rebuild_vmap_gradients_and_score_rows(config):
+    apply, params, x = _conv_model(*config)
+    captured = capture(apply, params, x)
+    assert captured.fallback == ()
+    kinds = {captured.leaf_names[layer.leaf]: layer.kind for layer in captured.layers}
+    assert kinds == {"['bias']": "add", "['kernel']": "conv", "['out']": "dot", "['scale']": "mul"}
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
+    _, activations, gradients = layer_inputs_and_gradients(
+        apply, captured, params, x, cotangent[None]
+    )
+    expected = jax.tree.leaves(_vmap_gradients(apply, params, x, cotangent))
+    leaves = jax.tree.leaves(params)
+    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
+        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
+        np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-10, atol=1e-12)
+    _check_factored_products(ng.Model(apply, ng.Categorical()), params, x)
+
+
+def test_convolution_patches_match_lax_patches_in_the_kernels_order():
+    """Kronecker's input factor of an HWIO kernel is Σ_t pₜpₜᵀ / N over the patches
+    lax.conv_general_dilated_patches extracts (its features ordered channel first)."""
+    apply, params, x = _conv_model(*CONVS["2d_strided_padded_dilated"])
+    model = ng.Model(apply, ng.Categorical())
+    batch = CurvatureBatch(model, params, x, "exact")
+    rows = factored_rows(batch)
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (3, 2), (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # (N, H', W', C·kh·kw), features (c, i, j)
+    patches = patches.reshape(*patches.shape[:3], 2, 3, 2).transpose(0, 1, 2, 4, 5, 3)
+    patches = patches.reshape(N, -1, 3 * 2 * 2)  # features (i, j, c): the kernel's order
+    kernel_layer = [layer.kind for layer in rows.capture.layers].index("conv")
+    inputs_factor, _ = rows.kronecker_factors(kernel_layer)
+    np.testing.assert_allclose(
+        inputs_factor, jnp.einsum("ntk,ntl->kl", patches, patches) / N, rtol=1e-12, atol=1e-12
+    )
+    assert set(Kronecker().factored_leaves(batch)) == {0, 1, 2, 3}  # bias, kernel, out, scale
+
+
+def _flax_cnn():
+    nn = optional_import("flax.linen")
+
+    class Cnn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3, 3), strides=2, padding="SAME")(x))
+            x = nn.LayerNorm()(x)
+            x = nn.tanh(nn.Conv(3, (2, 2), kernel_dilation=2, padding="VALID")(x))
+            x = nn.BatchNorm(use_running_average=True)(x)
+            x = nn.RMSNorm()(x.reshape(x.shape[0], -1))
+            return nn.Dense(CLASSES)(x)
+
+    module = Cnn()
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 8, 8, 2))
+    variables = module.init(jax.random.PRNGKey(0), x)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
+    stats = variables["batch_stats"]
+    apply = lambda p, x: module.apply({"params": p, "batch_stats": stats}, x)
+    return apply, variables["params"], x
+
+
+def _equinox_cnn():
+    eqx = optional_import("equinox")
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    net = [
+        eqx.nn.Conv2d(2, 4, 3, stride=2, padding=1, key=keys[0]),
+        eqx.nn.Conv1d(4, 3, 2, dilation=2, key=keys[1]),
+        eqx.nn.LayerNorm((3, 2)),
+        eqx.nn.Linear(6, CLASSES, key=keys[2]),
+    ]
+    net = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, net)
+    params, static = eqx.partition(net, eqx.is_array)
+
+    def one(layers, x):  # x: (2, 8, 8) channels first
+        conv2, conv1, norm, linear = layers
+        h = jax.nn.relu(conv2(x))  # (4, 4, 4)
+        h = jnp.tanh(conv1(h.mean(axis=1)))  # (3, 2)
+        return linear(norm(h).reshape(-1))
+
+    apply = lambda p, x: jax.vmap(lambda xi: one(eqx.combine(p, static), xi))(x)
+    return apply, params, jax.random.normal(jax.random.PRNGKey(1), (N, 2, 8, 8))
+
+
+@pytest.mark.parametrize("make", [_flax_cnn, _equinox_cnn], ids=["flax", "equinox"])
+def test_library_cnns_are_captured(make):
+    """Every convolution, norm scale and bias is captured; BatchNorm's scale, which flax
+    multiplies by the running 1/σ before it meets the examples, stays on the exact vmap
+    route."""
+    apply, params, x = make()
+    model = ng.Model(apply, ng.Categorical())
+    captured = capture(apply, params, x)
+    fallback = [captured.leaf_names[k] for k in captured.fallback]
+    assert fallback == (["['BatchNorm_0']['scale']"] if make is _flax_cnn else [])
+    text = ng.describe(model, params, x)
+    assert "convolution" in text and "elementwise scale" in text
+    _check_factored_products(model, params, x)
+
+
+@pytest.mark.parametrize("make", [_flax_cnn, _equinox_cnn], ids=["flax", "equinox"])
+@pytest.mark.parametrize("solver", ["woodbury", "diagonal"])
+def test_cnn_updates_match_the_dense_fisher(make, solver):
+    apply, params, x = make()
+    model = ng.Model(apply, ng.Categorical())
+    y = jnp.arange(N) % CLASSES
+    g = jax.grad(model.nll)(params, x, y)
+    damping = 1e-2
+    tx = ng.scale_by_natural_gradient(model, damping=damping, solver=solver)
+    d, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
+    f = ng.fisher(model, params, x)
+    flat_g = ravel_pytree(g)[0]
+    if solver == "woodbury":
+        expected = np.linalg.solve(f + damping * np.eye(len(f)), flat_g)
+    else:
+        expected = flat_g / (jnp.diag(f) + damping)
+    np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
