@@ -5,7 +5,6 @@ matrix-free) and optax transforms that precondition gradients by the damped inve
 Fisher.
 """
 
-from natgrad_jax._capture import describe as describe
 from natgrad_jax._curvature.auto import choose_solver as choose_solver
 from natgrad_jax._curvature.block import BlockDiagonal as BlockDiagonal
 from natgrad_jax._curvature.dense import Dense as Dense
@@ -14,6 +13,7 @@ from natgrad_jax._curvature.implicit import ConjugateGradient as ConjugateGradie
 from natgrad_jax._curvature.kronecker import Kronecker as Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury as Woodbury
 from natgrad_jax._damping import LevenbergMarquardt as LevenbergMarquardt
+from natgrad_jax._describe import describe as describe
 from natgrad_jax._fisher import empirical_fisher as empirical_fisher
 from natgrad_jax._fisher import fisher as fisher
 from natgrad_jax._fisher import fisher_hessian as fisher_hessian

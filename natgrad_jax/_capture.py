@@ -49,8 +49,6 @@ import numpy as np
 
 from natgrad_jax._eager import is_traced
 from natgrad_jax._fisher import varying_axes
-from natgrad_jax._model import Model
-from natgrad_jax._parameters import on_trainable
 
 PyTree = Any
 
@@ -86,10 +84,23 @@ class Layer:
     operand_shape: tuple  # shape of the parameter operand (after the chain)
     primitive: Any = None  # the equation's primitive and parameters (convolutions)
     primitive_params: Any = None
+    # Lengths of the scans the layer is inside (outermost first): its inputs and
+    # output-gradients are stacked over their steps, which count as positions.
+    scan_lengths: tuple = ()
+
+    @property
+    def probe_shape(self) -> tuple:
+        """Shape of the layer's output, stacked over the steps of its scans."""
+        return (*self.scan_lengths, *self.output_shape)
 
     @property
     def summary(self) -> str:
         """How the leaf's per-example gradients are formed, for ``describe``."""
+        steps = "".join(f", inside a scan of {length} steps" for length in self.scan_lengths)
+        return self._summary_of_one_step + steps
+
+    @property
+    def _summary_of_one_step(self) -> str:
         return {
             "dot": f"matmul, input {self.input_shape}",
             "conv": f"convolution, input {self.input_shape}",
@@ -107,18 +118,18 @@ class Capture:
     leaf_names: tuple[str, ...]
     leaf_shapes: tuple[tuple[int, ...], ...]
     jaxpr: Any = None  # the traced apply_fn whose equations the layer indices refer to
+    reasons: dict = dataclasses.field(default_factory=dict)  # fallback leaf → why
 
-    def describe(self) -> str:
-        """A table of every parameter leaf and how its per-example gradients are formed."""
-        lines = [f"{'leaf':<32}{'shape':<18}how"]
-        by_leaf = {layer.leaf: layer for layer in self.layers}
-        for index, (name, shape) in enumerate(zip(self.leaf_names, self.leaf_shapes, strict=True)):
-            if index in by_leaf:
-                how = f"captured: {by_leaf[index].summary}"
-            else:
-                how = "fallback: vmap-ed per-example gradients"
-            lines.append(f"{name:<32}{shape!s:<18}{how}")
-        return "\n".join(lines)
+    def layer_of(self, leaf: int) -> Layer | None:
+        """The captured layer of leaf ``leaf``, or None if it uses the fallback."""
+        return next((layer for layer in self.layers if layer.leaf == leaf), None)
+
+    def route(self, leaf: int) -> str:
+        """How the per-example gradients of leaf ``leaf`` are formed."""
+        layer = self.layer_of(leaf)
+        if layer is None:
+            return f"vmap: {self.reasons.get(leaf, 'not captured')}"
+        return f"captured: {layer.summary}"
 
 
 # --- reading the jaxpr --------------------------------------------------------------------
@@ -158,13 +169,17 @@ class _Use:
     operand_aval: Any = None
     primitive: Any = None
     primitive_params: Any = None
+    primitive_name: str = ""
+    scan_lengths: tuple = ()
 
 
-def _analyse(closed_jaxpr, origins, uses, counter):
+def _analyse(closed_jaxpr, origins, uses, counter, scan_lengths=()):
     """Walks a jaxpr, following parameter-derived variables.
 
     ``origins`` maps a variable to (leaf, chain, through_broadcast); every equation gets
     the next index of ``counter`` (the evaluation pass numbers them the same way).
+    ``scan_lengths`` are the lengths of the ``scan`` bodies we are inside: a layer there
+    is applied once per step, with the weight entering the scan as a constant.
     """
     env = dict(origins)
     for eqn in closed_jaxpr.jaxpr.eqns:
@@ -177,20 +192,20 @@ def _analyse(closed_jaxpr, origins, uses, counter):
             (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"][1]
             leaf, chain, broadcast = derived[sides[0]]
             if not (lhs_batch or rhs_batch or broadcast):
-                uses.append(_layer_use("dot", index, leaf, sides[0], chain, eqn))
+                uses.append(_layer_use("dot", index, leaf, sides[0], chain, eqn, scan_lengths))
                 continue
         elif name == "conv_general_dilated" and sides == [1] and _is_plain_conv(eqn):
             leaf, chain, broadcast = derived[1]
             if not broadcast:
-                uses.append(_layer_use("conv", index, leaf, 1, chain, eqn))
+                uses.append(_layer_use("conv", index, leaf, 1, chain, eqn, scan_lengths))
                 continue
         elif name == "add" and len(sides) == 1:
             leaf, chain, _ = derived[sides[0]]
-            uses.append(_layer_use("add", index, leaf, sides[0], chain, eqn))
+            uses.append(_layer_use("add", index, leaf, sides[0], chain, eqn, scan_lengths))
             continue
         elif name == "mul" and len(sides) == 1 and _scales_elementwise(eqn, sides[0]):
             leaf, chain, _ = derived[sides[0]]
-            uses.append(_layer_use("mul", index, leaf, sides[0], chain, eqn))
+            uses.append(_layer_use("mul", index, leaf, sides[0], chain, eqn, scan_lengths))
             continue
         elif name in BIAS_OPS and sides == [0] and len(eqn.invars) == 1:
             leaf, chain, broadcast = derived[0]
@@ -202,12 +217,23 @@ def _analyse(closed_jaxpr, origins, uses, counter):
             inner_origins = {
                 v: d for v, d in zip(inner.jaxpr.invars, derived, strict=True) if d is not None
             }
-            _analyse(inner, inner_origins, uses, counter)
+            _analyse(inner, inner_origins, uses, counter, scan_lengths)
             continue
-        uses.extend(_Use(derived[k][0], None) for k in sides)
+        elif name == "scan":
+            body, num_consts = eqn.params["jaxpr"], eqn.params["num_consts"]
+            body_origins = {
+                v: d
+                for v, d in zip(body.jaxpr.invars[:num_consts], derived[:num_consts], strict=True)
+                if d is not None
+            }
+            carried = [k for k in sides if k >= num_consts]
+            uses.extend(_Use(derived[k][0], None, primitive_name="scan's carry") for k in carried)
+            _analyse(body, body_origins, uses, counter, (*scan_lengths, eqn.params["length"]))
+            continue
+        uses.extend(_Use(derived[k][0], None, primitive_name=name) for k in sides)
     for var in closed_jaxpr.jaxpr.outvars:
         if not _is_literal(var) and var in env:
-            uses.append(_Use(env[var][0], None))
+            uses.append(_Use(env[var][0], None, primitive_name="output"))
 
 
 def _is_plain_conv(eqn) -> bool:
@@ -225,7 +251,7 @@ def _scales_elementwise(eqn, side) -> bool:
     )
 
 
-def _layer_use(kind, index, leaf, side, chain, eqn):
+def _layer_use(kind, index, leaf, side, chain, eqn, scan_lengths):
     other = eqn.invars[1 - side]
     return _Use(
         leaf,
@@ -239,6 +265,7 @@ def _layer_use(kind, index, leaf, side, chain, eqn):
         eqn.invars[side].aval,
         eqn.primitive,
         dict(eqn.params),
+        scan_lengths=scan_lengths,
     )
 
 
@@ -270,30 +297,6 @@ def _example_axis(shape, grown_shape):
     return changed[0] if len(changed) == 1 and unchanged else None
 
 
-def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
-    """Which parameter leaves layer capture explains, and which use the vmap fallback.
-
-    Args:
-      model: an ``ng.Model``.
-      params: its parameters (arrays or ``jax.ShapeDtypeStruct``).
-      inputs: a batch of inputs (arrays or ``jax.ShapeDtypeStruct``).
-
-    Returns:
-      A table, one line per leaf.
-
-    Example:
-      >>> import jax.numpy as jnp, natgrad_jax as ng
-      >>> model = ng.Model(lambda p, x: x @ p["w"] + p["b"], ng.Categorical())
-      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
-      >>> print(ng.describe(model, params, jnp.zeros((8, 3))))
-      leaf                            shape             how
-      ['b']                           (2,)              captured: bias add, output (8, 2)
-      ['w']                           (3, 2)            captured: matmul, input (8, 3)
-    """
-    model, params = on_trainable(model, params)
-    return capture(model.apply_fn, params, inputs).describe()
-
-
 def _struct(leaf):
     return jax.ShapeDtypeStruct(
         np.shape(leaf), jnp.result_type(leaf), weak_type=bool(getattr(leaf, "weak_type", False))
@@ -316,7 +319,7 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
       inputs: a batch of inputs (arrays or ``jax.ShapeDtypeStruct``).
 
     Returns:
-      A ``Capture``; ``capture(...).describe()`` prints what was found.
+      A ``Capture``; ``ng.describe`` prints what was found.
     """
     key = (apply_fn, _signature(params), _signature(inputs))
     if key in _CACHE:
@@ -355,52 +358,67 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
     by_leaf: dict[int, list[_Use]] = {}
     for use in uses:
         by_leaf.setdefault(use.leaf, []).append(use)
-    layers = []
-    for leaf, leaf_uses in sorted(by_leaf.items()):
-        if len(leaf_uses) != 1 or leaf_uses[0].eqn is None:
-            continue
-        use = leaf_uses[0]
-        twin = grown_by_eqn.get(use.eqn)
-        if twin is None or twin.leaf != leaf or twin.kind != use.kind:
-            continue
-        output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
-        input_axis = None
-        if use.kind in ("dot", "conv"):
-            input_axis = _example_axis(use.input_aval.shape, twin.input_aval.shape)
-            if input_axis is None:
-                continue
-            if use.kind == "conv" and (input_axis, output_axis) != _conv_batch_axes(use):
-                continue
-        elif use.operand_aval.shape != twin.operand_aval.shape or (
-            output_axis is not None and use.operand_aval.shape[output_axis] != 1
-        ):
-            continue  # a bias or a scale must be the same for every example
-        elif use.kind == "mul":
-            input_axis = output_axis
-            if output_axis is None or use.input_aval.shape[output_axis] == 1:
-                continue
-        if output_axis is None:
-            continue
-        layers.append(
-            Layer(
-                kind=use.kind,
-                leaf=leaf,
-                eqn=use.eqn,
-                param_operand=use.param_operand,
-                dimension_numbers=use.dimension_numbers,
-                chain=use.chain,
-                input_example_axis=input_axis,
-                output_example_axis=output_axis,
-                input_shape=None if use.input_aval is None else tuple(use.input_aval.shape),
-                output_shape=tuple(use.output_aval.shape),
-                operand_shape=tuple(use.operand_aval.shape),
-                primitive=use.primitive if use.kind == "conv" else None,
-                primitive_params=use.primitive_params if use.kind == "conv" else None,
-            )
-        )
-    captured = {layer.leaf for layer in layers}
-    fallback = tuple(k for k in range(len(shapes)) if k not in captured)
-    return Capture(tuple(layers), fallback, names, shapes, closed)
+    layers, reasons = [], {}
+    for leaf in range(len(shapes)):
+        found = _layer_of_leaf(leaf, by_leaf.get(leaf, []), grown_by_eqn)
+        if isinstance(found, Layer):
+            layers.append(found)
+        else:
+            reasons[leaf] = found
+    fallback = tuple(sorted(reasons))
+    return Capture(tuple(layers), fallback, names, shapes, closed, reasons)
+
+
+def _layer_of_leaf(leaf, uses, grown_by_eqn) -> Layer | str:
+    """The captured layer of ``leaf``, or why it has none."""
+    if not uses:
+        return "not used by apply_fn"
+    if len(uses) != 1:
+        return f"used by {len(uses)} operations (tied or reused)"
+    use = uses[0]
+    if use.eqn is None:
+        if use.primitive_name == "output":
+            return "returned by apply_fn itself"
+        return f"used by {use.primitive_name}, which capture does not read"
+    twin = grown_by_eqn.get(use.eqn)
+    if twin is None or twin.leaf != leaf or twin.kind != use.kind:
+        return "its layer changes with the batch size"
+    output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
+    input_axis = None
+    no_example_axis = "its layer has no axis that indexes the examples"
+    if use.kind in ("dot", "conv"):
+        input_axis = _example_axis(use.input_aval.shape, twin.input_aval.shape)
+        if input_axis is None:
+            return no_example_axis
+        if use.kind == "conv" and (input_axis, output_axis) != _conv_batch_axes(use):
+            return "its convolution's batch axis is not the examples' axis"
+    elif use.operand_aval.shape != twin.operand_aval.shape or (
+        output_axis is not None and use.operand_aval.shape[output_axis] != 1
+    ):
+        return f"its {use.kind} operand is not the same for every example"
+    elif use.kind == "mul":
+        input_axis = output_axis
+        if output_axis is None or use.input_aval.shape[output_axis] == 1:
+            return "it multiplies a value that is the same for every example"
+    if output_axis is None:
+        return no_example_axis
+    is_conv = use.kind == "conv"
+    return Layer(
+        kind=use.kind,
+        leaf=leaf,
+        eqn=use.eqn,
+        param_operand=use.param_operand,
+        dimension_numbers=use.dimension_numbers,
+        chain=use.chain,
+        input_example_axis=input_axis,
+        output_example_axis=output_axis,
+        input_shape=None if use.input_aval is None else tuple(use.input_aval.shape),
+        output_shape=tuple(use.output_aval.shape),
+        operand_shape=tuple(use.operand_aval.shape),
+        primitive=use.primitive if is_conv else None,
+        primitive_params=use.primitive_params if is_conv else None,
+        scan_lengths=use.scan_lengths,
+    )
 
 
 # --- evaluating with probes ----------------------------------------------------------------
@@ -419,6 +437,8 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
         values = [read(v) for v in eqn.invars]
         if eqn.primitive.name in CALL_OPS and _inner_jaxpr(eqn) is not None:
             outs = _evaluate(_inner_jaxpr(eqn), values, probes, activations, counter)
+        elif eqn.primitive.name == "scan":
+            outs = _evaluate_scan(eqn, values, probes, activations, counter)
         else:
             outs = _bind(eqn, values)
             if index in probes:
@@ -427,6 +447,50 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
                 outs = [outs[0] + probe.astype(outs[0].dtype)]
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in closed_jaxpr.jaxpr.outvars]
+
+
+def _count_equations(closed_jaxpr) -> int:
+    """How many indices ``_analyse`` gives a jaxpr's equations, nested ones included."""
+    total = 0
+    for eqn in closed_jaxpr.jaxpr.eqns:
+        total += 1
+        if eqn.primitive.name in CALL_OPS and _inner_jaxpr(eqn) is not None:
+            total += _count_equations(_inner_jaxpr(eqn))
+        elif eqn.primitive.name == "scan":
+            total += _count_equations(eqn.params["jaxpr"])
+    return total
+
+
+def _evaluate_scan(eqn, values, probes, activations, counter):
+    """A scan whose body holds probed layers: rerun as ``lax.scan`` with the probes as
+    extra scanned inputs and the layers' inputs as extra stacked outputs."""
+    body = eqn.params["jaxpr"]
+    start = counter[0]
+    counter[0] += _count_equations(body)
+    inside = sorted(k for k in probes if start <= k < counter[0])
+    if not inside:
+        return _bind(eqn, values)
+    num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carry = values[:num_consts], values[num_consts : num_consts + num_carry]
+    xs = values[num_consts + num_carry :]
+
+    def step(carry, scanned):
+        xs_t, probes_t = scanned
+        step_probes = {k: (probes[k][0], p) for k, p in zip(inside, probes_t, strict=True)}
+        step_inputs: dict = {}
+        outs = _evaluate(body, [*consts, *carry, *xs_t], step_probes, step_inputs, [start])
+        return outs[:num_carry], (outs[num_carry:], [step_inputs[k] for k in inside])
+
+    carry, (ys, stacked_inputs) = jax.lax.scan(
+        step,
+        carry,
+        (xs, [probes[k][1] for k in inside]),
+        length=eqn.params["length"],
+        reverse=eqn.params["reverse"],
+        unroll=eqn.params["unroll"],
+    )
+    activations.update(zip(inside, stacked_inputs, strict=True))
+    return [*carry, *ys]
 
 
 def probed_apply(apply_fn, captured: Capture, params, inputs, probes):
@@ -455,7 +519,7 @@ def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cota
     ``cotangent_rows`` is a pytree shaped like the outputs with a leading axis of R rows;
     g[k] has a leading R axis, then the shape of layer k's output.
     """
-    zeros = [jnp.zeros(layer.output_shape, jnp.result_type(float)) for layer in captured.layers]
+    zeros = [jnp.zeros(layer.probe_shape, jnp.result_type(float)) for layer in captured.layers]
     # Inside shard_map the probes must vary like the batch, or their cotangents (the g)
     # would be summed over the devices.
     batch_axes = varying_axes(jax.tree.leaves(inputs)[0])
@@ -483,6 +547,12 @@ def per_example_gradient(layer: Layer, activation, gradient, leaf_value):
             leaf = primitive.bind(leaf, **params)
         return leaf
 
+    if layer.scan_lengths:  # a sum over the steps of the outermost scan
+        step_layer = dataclasses.replace(layer, scan_lengths=layer.scan_lengths[1:])
+        per_step = jax.vmap(
+            lambda a, g: per_example_gradient(step_layer, a, g, leaf_value), in_axes=(0, 0)
+        )(activation, gradient)
+        return jnp.sum(per_step, axis=0)
     operand, operand_pullback = jax.vjp(operand_from_leaf, leaf_value)
 
     def one_example(x, g):

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from natgrad_jax._eager import compiled_when_eager
+from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._model import Model, check_model, per_example
-from natgrad_jax._parameters import on_trainable, trainable_part
+from natgrad_jax._parameters import check_no_state_collections, on_trainable, trainable_part
 from natgrad_jax._precision import exact_matmuls
 
 PyTree = Any
@@ -129,15 +130,19 @@ def check_dense_memory(
         )
 
 
-def trainable_model(model: Model, params: PyTree) -> tuple[Model, PyTree]:
+def trainable_model(model: Model, params: PyTree, inputs: PyTree) -> tuple[Model, PyTree]:
     """The checked model as a function of the trainable (floating) leaves of ``params``,
-    and those leaves (see ``natgrad_jax._parameters``)."""
-    return on_trainable(check_model(model), params)
+    and those leaves (see ``natgrad_jax._parameters``); refuses models whose examples
+    interact (see ``natgrad_jax._independence``)."""
+    model = check_model(model)
+    check_no_state_collections(params)
+    check_independent_examples(model.apply_fn, params, inputs)
+    return on_trainable(model, params)
 
 
 def _check_target_values(model, params, inputs, targets, **_):
     """The targets' values, checked on concrete arrays before a compilation hides them."""
-    restricted, trainable = trainable_model(model, params)
+    restricted, trainable = trainable_model(model, params, inputs)
     check_same_batch(inputs, targets)
     restricted.check_targets(trainable, inputs, targets)
 
@@ -182,7 +187,7 @@ def per_example_scores(
       Array([[1.],
              [2.]], dtype=float32)
     """
-    model, params = trainable_model(model, params)
+    model, params = trainable_model(model, params, inputs)
     num_examples = check_same_batch(inputs, targets)
     model.check_targets(params, inputs, targets)
     check_dense_memory("per_example_scores", params, num_examples, False, max_bytes)
@@ -360,7 +365,7 @@ def fisher(
       Amari, 1998, Natural gradient works efficiently in learning.
       Martens, 2020, New insights and perspectives on the natural gradient method.
     """
-    model, params = trainable_model(model, params)
+    model, params = trainable_model(model, params, inputs)
     num_rows = batch_size(inputs) * exact_rows_per_example(model, params, inputs)
     check_dense_memory("fisher", params, num_rows, True, max_bytes)
     params = device_varying(params, axis_name)
@@ -408,7 +413,7 @@ def fisher_hessian(
       >>> ng.fisher_hessian(model, jnp.zeros(1), jnp.ones((3, 1)))   # σ(0)(1−σ(0))
       Array([[0.25]], dtype=float32)
     """
-    model, params = trainable_model(model, params)
+    model, params = trainable_model(model, params, inputs)
     # forward-over-reverse carries P tangents through the batch's outputs
     num_rows = batch_size(inputs) * _outputs_per_example(model, params, inputs)
     check_dense_memory("fisher_hessian", params, num_rows, True, max_bytes)
@@ -462,7 +467,7 @@ def monte_carlo_fisher(
       >>> f.shape
       (1, 1)
     """
-    model, params = trainable_model(model, params)
+    model, params = trainable_model(model, params, inputs)
     num_rows = batch_size(inputs) * check_num_samples(num_samples)
     check_dense_memory("monte_carlo_fisher", params, num_rows, True, max_bytes)
     key = device_key(key, axis_name)
@@ -513,7 +518,7 @@ def empirical_fisher(
       Kunstner, Hennig & Balles, 2019, Limitations of the empirical Fisher approximation
       for natural gradient descent.
     """
-    model, params = trainable_model(model, params)
+    model, params = trainable_model(model, params, inputs)
     check_dense_memory("empirical_fisher", params, batch_size(inputs), True, max_bytes)
     params = device_varying(params, axis_name)
     return _gram(
@@ -557,7 +562,7 @@ def fisher_operator(
       Array([[2.5]], dtype=float32)
     """
     full_params = params
-    model, params = trainable_model(model, params)
+    model, params = trainable_model(model, params, inputs)
     check_kind(kind, targets, key)
     num_examples = batch_size(inputs)
     local_product = _local_fisher_operator(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -58,8 +59,30 @@ def with_frozen(model, frozen: PyTree):
     return dataclasses.replace(model, apply_fn=apply_fn)
 
 
+# flax's collections of variables that are state, not parameters of the likelihood.
+STATE_COLLECTIONS = ("batch_stats", "cache", "intermediates")
+
+
+def check_no_state_collections(params: PyTree) -> None:
+    """Refuses flax's whole ``variables`` dict: its running statistics would get
+    natural-gradient updates as if they were weights."""
+    if not isinstance(params, Mapping):
+        return
+    found = [name for name in STATE_COLLECTIONS if name in params]
+    if found:
+        raise ValueError(
+            f"params holds flax's {found[0]!r} collection, which is model state, not "
+            "parameters: the Fisher is over the weights only, and these entries must not "
+            "get natural-gradient updates. Pass variables['params'] as params and close "
+            "over the rest in apply_fn, e.g. apply_fn = lambda p, x: module.apply("
+            "{'params': p, 'batch_stats': batch_stats}, x)."
+        )
+
+
 def trainable_and_frozen(params: PyTree) -> tuple[PyTree, PyTree]:
-    """``partition(params)``, refusing a pytree without a single trainable leaf."""
+    """``partition(params)``, refusing a pytree without a single trainable leaf or with
+    flax's state collections (see ``check_no_state_collections``)."""
+    check_no_state_collections(params)
     trainable, frozen = partition(params)
     if not jax.tree.leaves(trainable):
         kinds = sorted({type(leaf).__name__ for leaf in jax.tree.leaves(params)})

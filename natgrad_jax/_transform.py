@@ -29,6 +29,7 @@ from natgrad_jax._fisher import (
     device_mean,
     varying_axes,
 )
+from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._model import Model, check_model
 from natgrad_jax._parameters import (
     merge_updates,
@@ -445,6 +446,7 @@ def scale_by_natural_gradient(
             check_same_batch(inputs, targets)
             model.check_targets(params, inputs, targets)
         trainable, frozen = trainable_and_frozen(params)
+        check_independent_examples(model.apply_fn, params, inputs)
         arguments = (trainable_part(updates, params), state, trainable, frozen, inputs, targets)
         run = precondition if array_hyperparameters else compiled
         directions, new_state = run(*arguments)

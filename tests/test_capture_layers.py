@@ -109,7 +109,11 @@ def test_convolution_patches_match_lax_patches_in_the_kernels_order():
     batch = CurvatureBatch(model, params, x, "exact")
     rows = factored_rows(batch)
     patches = jax.lax.conv_general_dilated_patches(
-        x, (3, 2), (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2),
+        x,
+        (3, 2),
+        (2, 1),
+        ((1, 0), (2, 1)),
+        rhs_dilation=(1, 2),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )  # (N, H', W', C·kh·kw), features (c, i, j)
     patches = patches.reshape(*patches.shape[:3], 2, 3, 2).transpose(0, 1, 2, 4, 5, 3)
@@ -198,3 +202,115 @@ def test_cnn_updates_match_the_dense_fisher(make, solver):
     else:
         expected = flat_g / (jnp.diag(f) + damping)
     np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
+
+
+def _rnn(p, x):
+    """A tanh RNN run backwards over time, a scaled read-out of every step, two heads."""
+
+    def step(h, x_t):
+        h = jnp.tanh(x_t @ p["wx"] + h @ p["wh"] + p["b"])
+        return h, h * p["s"]
+
+    h, hs = jax.lax.scan(step, jnp.zeros((x.shape[0], 3)), jnp.swapaxes(x, 0, 1), reverse=True)
+    return h @ p["out"] + jnp.mean(hs, axis=0) @ p["out2"]
+
+
+def _nested_scan(p, x):
+    """Scans over chunks of time, then over the steps of each chunk."""
+
+    def inner(h, x_t):
+        return jnp.tanh(x_t @ p["wx"] + h @ p["wh"] + p["b"]), None
+
+    def outer(h, chunk):
+        h, _ = jax.lax.scan(inner, h, chunk)
+        return h * p["s"], None
+
+    chunks = jnp.swapaxes(x, 0, 1).reshape(3, 2, x.shape[0], x.shape[2])
+    h, _ = jax.lax.scan(outer, jnp.zeros((x.shape[0], 3)), chunks)
+    return h @ p["out"] + h @ p["out2"]
+
+
+def _recurrent_params():
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    return {
+        "wx": jax.random.normal(keys[0], (2, 3)),
+        "wh": jax.random.normal(keys[1], (3, 3)) / 2,
+        "b": jnp.full((3,), 0.3),
+        "s": jnp.linspace(0.5, 1.0, 3),
+        "out": jax.random.normal(keys[2], (3, CLASSES)),
+        "out2": jax.random.normal(keys[3], (3, CLASSES)),
+    }
+
+
+@pytest.mark.parametrize("apply", [_rnn, _nested_scan], ids=["scan", "nested_scan"])
+def test_weights_inside_scan_are_captured_and_rebuild_vmap_gradients(apply):
+    params = _recurrent_params()
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 6, 2))
+    captured = capture(apply, params, x)
+    assert captured.fallback == ()
+    steps = {captured.leaf_names[layer.leaf]: layer.scan_lengths for layer in captured.layers}
+    inner = (6,) if apply is _rnn else (3, 2)
+    assert steps["['wx']"] == steps["['wh']"] == steps["['b']"] == inner
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
+    _, activations, gradients = layer_inputs_and_gradients(
+        apply, captured, params, x, cotangent[None]
+    )
+    expected = jax.tree.leaves(_vmap_gradients(apply, params, x, cotangent))
+    leaves = jax.tree.leaves(params)
+    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
+        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
+        np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-10, atol=1e-12)
+    _check_factored_products(ng.Model(apply, ng.Categorical()), params, x)
+
+
+def _flax_recurrent(cell_name):
+    nn = optional_import("flax.linen")
+    cell = getattr(nn, cell_name)
+
+    class Recurrent(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.RNN(cell(4, param_dtype=jnp.float64, dtype=jnp.float64))(x)
+            return nn.Dense(CLASSES, param_dtype=jnp.float64)(h[:, -1])
+
+    module = Recurrent()
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 5, 2))
+    return module.apply, module.init(jax.random.PRNGKey(0), x), x
+
+
+@pytest.mark.parametrize("cell", ["GRUCell", "LSTMCell"])
+def test_flax_recurrent_cells_are_captured_and_match_the_dense_fisher(cell):
+    apply, params, x = _flax_recurrent(cell)
+    model = ng.Model(apply, ng.Categorical())
+    assert "vmap" not in ng.describe(model, params, x)
+    _check_factored_products(model, params, x)
+    y = jnp.arange(N) % CLASSES
+    g = jax.grad(model.nll)(params, x, y)
+    tx = ng.scale_by_natural_gradient(model, damping=1e-2, solver="woodbury")
+    d, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
+    f = ng.fisher(model, params, x)
+    expected = np.linalg.solve(f + 1e-2 * np.eye(len(f)), ravel_pytree(g)[0])
+    np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
+
+
+def test_kfac_expand_and_reduce_factors_have_their_closed_forms():
+    """y = mean_t(x_t) W with a unit Gaussian: per position g = e_r / T, so
+    expand gives (Σ x xᵀ/N, I/T²) and reduce gives (Σ x̄ x̄ᵀ/N, I), whose product is the
+    exact Fisher (the inputs enter only through their mean)."""
+    t, k, d = 4, 3, 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (N, t, k))
+    params = {"w": jax.random.normal(jax.random.PRNGKey(1), (k, d))}
+    model = ng.Model(lambda p, x: jnp.mean(x @ p["w"], axis=1), ng.Gaussian(scale=1.0))
+    rows = factored_rows(CurvatureBatch(model, params, x, "exact"))
+    mean = jnp.mean(x, axis=1)
+    expand = rows.kronecker_factors(0, "expand")
+    np.testing.assert_allclose(expand[0], jnp.einsum("ntk,ntl->kl", x, x) / N, rtol=1e-12)
+    np.testing.assert_allclose(expand[1], jnp.eye(d) / t**2, rtol=1e-12, atol=1e-15)
+    reduce = rows.kronecker_factors(0, "reduce")
+    np.testing.assert_allclose(reduce[0], mean.T @ mean / N, rtol=1e-12)
+    np.testing.assert_allclose(reduce[1], jnp.eye(d), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        jnp.kron(*reduce), ng.fisher(model, params, x), rtol=1e-10, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="approximation must be one of"):
+        ng.Kronecker("mean")

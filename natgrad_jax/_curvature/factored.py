@@ -21,6 +21,7 @@ could not explain keep dense per-example rows from ``jax.vmap``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -73,12 +74,15 @@ def _output_layout(layer: Layer):
 
 
 def _normalise_gradient(layer: Layer, g):
-    """g with leading row axis → (R, N, T, D)."""
+    """g (leading row axis, then the scan steps and the layer's output) → (R, N, T, D);
+    positions T are the scan steps, then the output's own position axes."""
     example, positions, features = _output_layout(layer)
-    order = [example, *positions, *features]
-    rest = [d for d in range(g.ndim - 1) if d not in order]  # axes of size one
-    g = jnp.transpose(g, (0, *(1 + d for d in (*order, *rest))))
-    t = math.prod(g.shape[2 : 2 + len(positions)])
+    steps = len(layer.scan_lengths)
+    body = [1 + steps + d for d in range(g.ndim - 1 - steps)]
+    order = [body[example], *range(1, 1 + steps), *(body[d] for d in (*positions, *features))]
+    rest = [a for a in body if a not in order]  # axes of size one
+    g = jnp.transpose(g, (0, *order, *rest))
+    t = math.prod(g.shape[2 : 2 + steps + len(positions)])
     return g.reshape(g.shape[0], g.shape[1], t, -1)
 
 
@@ -103,17 +107,28 @@ def _conv_patches(layer: Layer, x):
     return patches.reshape(patches.shape[0], -1, k)
 
 
-def _normalise_input(layer: Layer, x, num_positions: int):
-    """x → (N, T, K); a bias's input is 1 (K = 1)."""
-    if layer.kind in ("add", "mul"):
-        raise AssertionError("bias and scale layers have no input")
+def _normalise_step_input(layer: Layer, x):
+    """One step's layer input x → (N, T, K)."""
     if layer.kind == "conv":
         return _conv_patches(layer, x)
     _, _, x_contract, x_free = _dot_dims(layer)
     example = layer.input_example_axis
     positions = [d for d in x_free if d != example]
     x = jnp.transpose(x, (example, *positions, *x_contract))
-    return x.reshape(x.shape[0], num_positions, -1)
+    k = math.prod(x.shape[1 + len(positions) :])
+    return x.reshape(x.shape[0], -1, k)
+
+
+def _normalise_input(layer: Layer, x):
+    """x (stacked over the scan steps) → (N, T, K), positions ordered as in
+    ``_normalise_gradient``; biases and scales have no input (a = 1)."""
+    if layer.kind in ("add", "mul"):
+        raise AssertionError("bias and scale layers have no input")
+    normalise = functools.partial(_normalise_step_input, layer)
+    for _ in layer.scan_lengths:
+        normalise = jax.vmap(normalise)
+    x = jnp.moveaxis(normalise(x), len(layer.scan_lengths), 0)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _chain(layer: Layer, leaf):
@@ -243,13 +258,28 @@ class FactoredRows:
                 per_layer.append(jnp.sum(per_example**2, axis=(0, 1)))
         return self._assemble(per_layer, jnp.sum(self.fallback_rows**2, axis=(0, 1)))
 
-    def kronecker_factors(self, index):
-        """(E[a aᵀ], E[g gᵀ]) of layer ``index``, sums over positions, means over examples."""
+    def kronecker_factors(self, index, approximation: str = "expand"):
+        """(A, G) of layer ``index``, whose Kronecker product approximates its block.
+
+        With T positions sharing the weight (tokens, convolution sites; Eschenhagen et
+        al. 2023):
+
+        * ``"expand"``: positions count as examples,
+          A = 1/N Σ_{n,t} a aᵀ and G = 1/(N·T) Σ_{r,n,t} g gᵀ;
+        * ``"reduce"``: positions are summed first,
+          A = 1/N Σ_n āₙāₙᵀ with āₙ = 1/T Σ_t a_{nt}, and G = 1/N Σ_{r,n} ĝ ĝᵀ with
+          ĝ_{rn} = Σ_t g_{rnt}.
+
+        Both are the same for T = 1; "reduce" is exact for one example whose inputs are
+        the same at every position, "expand" when the positions' gradients are
+        uncorrelated.
+        """
         a, g = self._a(index), self.gradients[index]
-        n = self.num_examples
-        return jnp.einsum("ntk,ntl->kl", a, a) / n, jnp.einsum("rntd,rnte->de", g, g) / (
-            n * a.shape[1]
-        )
+        n, t = self.num_examples, a.shape[1]
+        if approximation == "reduce":
+            a_mean, g_sum = jnp.mean(a, axis=1), jnp.sum(g, axis=2)
+            return a_mean.T @ a_mean / n, jnp.einsum("rnd,rne->de", g_sum, g_sum) / n
+        return jnp.einsum("ntk,ntl->kl", a, a) / n, jnp.einsum("rntd,rnte->de", g, g) / (n * t)
 
 
 def _per_example_is_smaller(a, g) -> bool:
@@ -322,10 +352,8 @@ def factored_rows(batch, dtype=None) -> FactoredRows:
         for layer, a, g in zip(captured.layers, activations, gradients, strict=True)
     ]
     normalised_a = [
-        None
-        if layer.kind in ("add", "mul")
-        else _normalise_input(layer, a, g.shape[2]).astype(dtype)
-        for layer, a, g in zip(captured.layers, activations, normalised_g, strict=True)
+        None if layer.kind in ("add", "mul") else _normalise_input(layer, a).astype(dtype)
+        for layer, a in zip(captured.layers, activations, strict=True)
     ]
     templates = tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(batch.params))
     return FactoredRows(

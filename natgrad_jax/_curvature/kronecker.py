@@ -75,6 +75,25 @@ def _orientation(layer, shape) -> str | None:
     return None
 
 
+def kronecker_route(layer, shape) -> str:
+    """How K-FAC treats a leaf, with the reason when it falls back to the diagonal."""
+    if layer is None:
+        return "exact diagonal (not captured)"
+    if len(shape) == 0:
+        return "exact diagonal (a scalar)"
+    view = jax.eval_shape(
+        lambda leaf: leaf_to_matrix(layer, leaf), jax.ShapeDtypeStruct(shape, jnp.float32)
+    )
+    k, d = view.shape
+    if _orientation(layer, shape) is None:
+        m, n = _split_shape(shape)
+        return (
+            f"exact diagonal: its {k}×{d} layer view is not the leaf as {m}×{n} (all axes but "
+            "the last × the last) or its transpose, the shapes its factors are kept in"
+        )
+    return f"A ⊗ G: {k}×{k} ⊗ {d}×{d}"
+
+
 def _pi_damped_inverses(left, right, damping):
     """(left + π√λ I)⁻¹ and (right + √λ/π I)⁻¹ with π from the factors' mean eigenvalues."""
     eps = jnp.finfo(left.dtype).tiny
@@ -85,9 +104,19 @@ def _pi_damped_inverses(left, right, damping):
     return damped_inverse(left, pi * root), damped_inverse(right, root / pi)
 
 
+APPROXIMATIONS = ("expand", "reduce")
+
+
 @dataclasses.dataclass(frozen=True)
 class Kronecker:
     """K-FAC: per captured layer A ⊗ G with π-damping; exact diagonal for other leaves.
+
+    Args:
+      approximation: for weights shared across positions (tokens, convolution sites),
+        ``"expand"`` (positions count as examples; the default, and KFC for
+        convolutions) or ``"reduce"`` (positions summed first); Eschenhagen et al.
+        2023, see ``FactoredRows.kronecker_factors``. Both are the same without
+        positions. Pass ``solver=ng.Kronecker("reduce")``.
 
     Example:
       >>> import jax, jax.numpy as jnp, natgrad_jax as ng
@@ -101,8 +130,16 @@ class Kronecker:
       [(1, 1), (3, 3)]
     """
 
+    approximation: str = "expand"
+
     name = "kronecker"
     averages = True
+
+    def __post_init__(self):
+        if self.approximation not in APPROXIMATIONS:
+            raise ValueError(
+                f"approximation must be one of {APPROXIMATIONS}, got {self.approximation!r}."
+            )
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once, for the memory guard: each leaf's two factors and their
@@ -149,7 +186,9 @@ class Kronecker:
             left, right = old.left, old.right
             if k in factored:
                 layer_index, orientation = factored[k]
-                inputs_factor, outputs_factor = rows.kronecker_factors(layer_index)
+                inputs_factor, outputs_factor = rows.kronecker_factors(
+                    layer_index, self.approximation
+                )
                 measured = (
                     (inputs_factor, outputs_factor)
                     if orientation == "left_is_inputs"

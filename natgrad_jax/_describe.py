@@ -1,0 +1,73 @@
+"""``ng.describe``: how each solver forms the curvature of each parameter leaf, and why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from natgrad_jax._capture import capture
+from natgrad_jax._curvature.auto import choose_solver
+from natgrad_jax._curvature.kronecker import kronecker_route
+from natgrad_jax._fisher import exact_rows_per_example, parameter_count
+from natgrad_jax._independence import check_independent_examples
+from natgrad_jax._model import Model
+from natgrad_jax._parameters import on_trainable
+
+PyTree = Any
+
+COLUMNS = (
+    "leaf",
+    "shape",
+    "per-example gradients (woodbury, diagonal)",
+    "kronecker",
+)
+
+
+def _table(rows) -> list[str]:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(row[k]) for row in rows) + 2 for k in range(len(rows[0]))]
+    return ["".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
+    """Each parameter leaf's route through the solvers, and ``"auto"``'s choice.
+
+    For every trainable leaf: how its per-example gradients are formed — from the
+    inputs and output-gradients of a layer that capture found in the traced model
+    (matmul, convolution, bias add, elementwise scale), or by ``jax.vmap`` (with the
+    reason) — which Woodbury and the diagonal use; and whether Kronecker factors it
+    (A ⊗ G, with the factors' sizes) or uses the exact diagonal (with the reason).
+    ``"dense"``, ``"block_diagonal"`` and ``"cg"`` do not depend on capture: they use
+    vmap-ed score rows or Fisher-vector products. The last line is what
+    ``solver="auto"`` picks for the exact Fisher of this batch.
+
+    Args:
+      model: an ``ng.Model``.
+      params: its parameters (arrays or ``jax.ShapeDtypeStruct``).
+      inputs: a batch of inputs (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      The table as a string.
+
+    Example:
+      >>> import jax.numpy as jnp, natgrad_jax as ng
+      >>> model = ng.Model(lambda p, x: x @ p["w"] + p["b"], ng.Categorical())
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> print(ng.describe(model, params, jnp.zeros((8, 3))))
+      leaf   shape   per-example gradients (woodbury, diagonal)  kronecker
+      ['b']  (2,)    captured: bias add, output (8, 2)           A ⊗ G: 1×1 ⊗ 2×2
+      ['w']  (3, 2)  captured: matmul, input (8, 3)              A ⊗ G: 3×3 ⊗ 2×2
+      solver="auto" picks dense: P = 8 ≤ 4096: a dense Cholesky is cheap and exact
+    """
+    check_independent_examples(model.apply_fn, params, inputs)
+    model, params = on_trainable(model, params)
+    captured = capture(model.apply_fn, params, inputs)
+    rows = [COLUMNS]
+    leaves = zip(captured.leaf_names, captured.leaf_shapes, strict=True)
+    for leaf, (name, shape) in enumerate(leaves):
+        kronecker = kronecker_route(captured.layer_of(leaf), shape)
+        rows.append((name, str(shape), captured.route(leaf), kronecker))
+    num_rows = jax.tree.leaves(inputs)[0].shape[0] * exact_rows_per_example(model, params, inputs)
+    solver, reason = choose_solver(parameter_count(params), num_rows)
+    return "\n".join([*_table(rows), f'solver="auto" picks {solver}: {reason}'])
