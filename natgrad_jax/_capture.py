@@ -17,6 +17,8 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
      projections, MLPs applied per token),
    * a ``conv_general_dilated`` with the leaf as its kernel and one feature group
      (KFC, Grosse & Martens 2016: the kernel multiplies the input's patches),
+   * a ``gather`` of whole rows of a (V, D) table (embeddings: the table multiplies
+     one-hot rows of the indices),
    * an ``add`` of a (broadcast) bias, or a ``mul`` by a (broadcast) elementwise scale
      (LayerNorm/RMSNorm scales, BatchNorm in inference mode): their per-example
      gradients are g and g ⊙ x summed over the broadcast axes.
@@ -66,12 +68,14 @@ class Layer:
 
     ``kind == "dot"``: y = dot_general(W, x) (either order); the gradient needs the
     layer input x and the output-gradient g. ``kind == "conv"``: y = conv(x, W); the
-    same, with x's patches as inputs. ``kind == "add"``: y = x + b (a bias, broadcast);
-    the gradient is g summed over the broadcast axes. ``kind == "mul"``: y = x ⊙ s (an
-    elementwise scale, broadcast); the gradient is g ⊙ x summed over the broadcast axes.
+    same, with x's patches as inputs. ``kind == "embed"``: y = W[x] (rows of a table);
+    the same, with one-hot rows of the indices x as inputs. ``kind == "add"``: y = x + b
+    (a bias, broadcast); the gradient is g summed over the broadcast axes.
+    ``kind == "mul"``: y = x ⊙ s (an elementwise scale, broadcast); the gradient is
+    g ⊙ x summed over the broadcast axes.
     """
 
-    kind: str  # "dot", "conv", "add" or "mul"
+    kind: str  # "dot", "conv", "embed", "add" or "mul"
     leaf: int  # index of the parameter leaf in jax.tree.leaves(params)
     eqn: int  # index of the equation in traversal order
     param_operand: int  # 0 if the parameter is the first operand, 1 if the second
@@ -104,6 +108,7 @@ class Layer:
         return {
             "dot": f"matmul, input {self.input_shape}",
             "conv": f"convolution, input {self.input_shape}",
+            "embed": f"embedding lookup, indices {self.input_shape}",
             "add": f"bias add, output {self.output_shape}",
             "mul": f"elementwise scale, output {self.output_shape}",
         }[self.kind]
@@ -199,6 +204,11 @@ def _analyse(closed_jaxpr, origins, uses, counter, scan_lengths=()):
             if not broadcast:
                 uses.append(_layer_use("conv", index, leaf, 1, chain, eqn, scan_lengths))
                 continue
+        elif name == "gather" and sides == [0] and _is_row_lookup(eqn):
+            leaf, chain, broadcast = derived[0]
+            if not broadcast:
+                uses.append(_layer_use("embed", index, leaf, 0, chain, eqn, scan_lengths))
+                continue
         elif name == "add" and len(sides) == 1:
             leaf, chain, _ = derived[sides[0]]
             uses.append(_layer_use("add", index, leaf, sides[0], chain, eqn, scan_lengths))
@@ -238,6 +248,17 @@ def _analyse(closed_jaxpr, origins, uses, counter, scan_lengths=()):
 
 def _is_plain_conv(eqn) -> bool:
     return eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1
+
+
+def _is_row_lookup(eqn) -> bool:
+    """A gather of whole rows of a (V, D) table: an embedding lookup."""
+    table = eqn.invars[0].aval.shape
+    dimension_numbers = eqn.params["dimension_numbers"]
+    return (
+        len(table) == 2
+        and tuple(eqn.params["slice_sizes"]) == (1, table[1])
+        and not dimension_numbers.operand_batching_dims
+    )
 
 
 def _scales_elementwise(eqn, side) -> bool:
@@ -386,7 +407,7 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn) -> Layer | str:
     output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
     input_axis = None
     no_example_axis = "its layer has no axis that indexes the examples"
-    if use.kind in ("dot", "conv"):
+    if use.kind in ("dot", "conv", "embed"):
         input_axis = _example_axis(use.input_aval.shape, twin.input_aval.shape)
         if input_axis is None:
             return no_example_axis
@@ -402,7 +423,7 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn) -> Layer | str:
             return "it multiplies a value that is the same for every example"
     if output_axis is None:
         return no_example_axis
-    is_conv = use.kind == "conv"
+    is_conv = use.kind in ("conv", "embed")  # evaluated again through their primitive
     return Layer(
         kind=use.kind,
         leaf=leaf,
@@ -568,6 +589,8 @@ def per_example_gradient(layer: Layer, activation, gradient, leaf_value):
                 return jnp.broadcast_to(w * x, g.shape)
             if layer.kind == "conv":
                 return layer.primitive.bind(x, w, **layer.primitive_params)
+            if layer.kind == "embed":
+                return layer.primitive.bind(w, x, **layer.primitive_params)
             lhs, rhs = (w, x) if layer.param_operand == 0 else (x, w)
             return jax.lax.dot_general(lhs, rhs, layer.dimension_numbers)
 

@@ -60,6 +60,11 @@ def _output_layout(layer: Layer):
     if layer.kind == "conv":
         spec = layer.primitive_params["dimension_numbers"].out_spec
         return spec[0], list(spec[2:]), [spec[1]]
+    if layer.kind == "embed":
+        offsets = layer.primitive_params["dimension_numbers"].offset_dims
+        example = layer.output_example_axis
+        positions = [d for d in range(len(layer.output_shape)) if d not in (example, *offsets)]
+        return example, positions, [offsets[-1]]
     if layer.kind in ("add", "mul"):
         out, operand = layer.output_shape, layer.operand_shape
         example = layer.output_example_axis
@@ -107,10 +112,28 @@ def _conv_patches(layer: Layer, x):
     return patches.reshape(patches.shape[0], -1, k)
 
 
+def _embedding_rows(layer: Layer, indices):
+    """One-hot rows (N, T, V) of the table rows an embedding lookup reads: the same
+    gather on a table whose entries are their row numbers (none where it reads none)."""
+    num_rows, width = layer.operand_shape
+    numbers = jnp.broadcast_to(jnp.arange(num_rows, dtype=jnp.float32)[:, None], (num_rows, width))
+    params = dict(layer.primitive_params)
+    if params.get("fill_value") is not None or "FILL" in str(params.get("mode")):
+        params["fill_value"] = -1.0  # out-of-range indices read no row
+    rows = layer.primitive.bind(numbers, indices, **params)
+    example, positions, (feature,) = _output_layout(layer)
+    leading = (example, *positions, feature)  # the other axes have size one
+    rows = jnp.moveaxis(rows, leading, range(len(leading)))
+    rows = jnp.take(rows, 0, axis=len(positions) + 1)
+    return jax.nn.one_hot(rows.reshape(rows.shape[0], -1).astype(jnp.int32), num_rows)
+
+
 def _normalise_step_input(layer: Layer, x):
     """One step's layer input x → (N, T, K)."""
     if layer.kind == "conv":
         return _conv_patches(layer, x)
+    if layer.kind == "embed":
+        return _embedding_rows(layer, x)
     _, _, x_contract, x_free = _dot_dims(layer)
     example = layer.input_example_axis
     positions = [d for d in x_free if d != example]
@@ -140,6 +163,8 @@ def _chain(layer: Layer, leaf):
 def leaf_to_matrix(layer: Layer, leaf) -> jax.Array:
     """The K×D matrix view of a leaf-shaped array (a permutation of its entries)."""
     operand = _chain(layer, leaf)
+    if layer.kind == "embed":
+        return operand
     if layer.kind in ("add", "mul"):
         return operand.reshape(1, -1)
     if layer.kind == "conv":

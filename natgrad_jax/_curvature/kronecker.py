@@ -16,9 +16,11 @@ Parameters are plain pytrees from flax (linen, nnx), equinox, haiku or hand-writ
 code: layers are found by ``capture``. A leaf that capture does not explain, or whose
 K×D view is not a reshape of the leaf, falls back to the exact diagonal of its block.
 
-Factors are stored per leaf as a "left" (m×m, m = product of all axes but the last)
-and a "right" (n×n, n = the last axis) matrix, so the state's shapes follow from the
-parameters alone; for equinox's (out, in) weights left is G and right is A.
+Factors are stored per leaf as a "left" (m×m, m = product of the leading axes) and a
+"right" (n×n, n = product of the trailing axes) matrix, split after the first or before
+the last axis, whichever gives the smaller factors (``_split_shape``), so the state's
+shapes follow from the parameters alone; for equinox's (out, in) weights left is G and
+right is A.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from natgrad_jax._solvers import damped_inverse, moving_average
 class KroneckerLeafState(NamedTuple):
     """Arrays of one parameter leaf."""
 
-    left: jax.Array  # (m, m) float: factor over all axes but the last
-    right: jax.Array  # (n, n) float: factor over the last axis
+    left: jax.Array  # (m, m) float: factor over the leading axes
+    right: jax.Array  # (n, n) float: factor over the trailing axes
     left_inverse: jax.Array  # (m, m) float: damped inverse at the last refresh
     right_inverse: jax.Array  # (n, n) float: damped inverse at the last refresh
     diagonal: jax.Array  # (size,) float: exact diagonal, used when the leaf is not factored
@@ -54,10 +56,19 @@ class KroneckerState(NamedTuple):
 
 
 def _split_shape(shape) -> tuple[int, int]:
-    """(m, n): the leaf viewed as an m×n matrix, n its last axis."""
-    if len(shape) == 0:
-        return 1, 1
-    return math.prod(shape[:-1]), shape[-1]
+    """(m, n): the leaf as an m×n matrix, split after its first or before its last axis,
+    whichever gives the smaller factors (least m² + n²).
+
+    A (in, out) kernel is in × out; a DenseGeneral/attention kernel (in, heads, head_dim)
+    is in × heads·head_dim and (heads, head_dim, out) is heads·head_dim × out; a conv
+    kernel (h, w, in, out) is h·w·in × out and equinox's (out, in, h, w) is out × in·h·w
+    (its transpose is the layer's K×D view). A vector is 1 × n.
+    """
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    first = (shape[0], math.prod(shape[1:]))  # (out, in...) or (in, heads, head_dim)
+    last = (math.prod(shape[:-1]), shape[-1])  # (in..., out)
+    return min(last, first, key=lambda split: split[0] ** 2 + split[1] ** 2)
 
 
 def _orientation(layer, shape) -> str | None:
@@ -88,8 +99,8 @@ def kronecker_route(layer, shape) -> str:
     if _orientation(layer, shape) is None:
         m, n = _split_shape(shape)
         return (
-            f"exact diagonal: its {k}×{d} layer view is not the leaf as {m}×{n} (all axes but "
-            "the last × the last) or its transpose, the shapes its factors are kept in"
+            f"exact diagonal: its {k}×{d} layer view is not the leaf as {m}×{n} (the "
+            "shapes its factors are kept in) or its transpose"
         )
     return f"A ⊗ G: {k}×{k} ⊗ {d}×{d}"
 
