@@ -381,7 +381,7 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
         by_leaf.setdefault(use.leaf, []).append(use)
     layers, reasons = [], {}
     for leaf in range(len(shapes)):
-        found = _layer_of_leaf(leaf, by_leaf.get(leaf, []), grown_by_eqn)
+        found = _layer_of_leaf(leaf, by_leaf.get(leaf, []), grown_by_eqn, shapes[leaf])
         if isinstance(found, Layer):
             layers.append(found)
         else:
@@ -390,13 +390,32 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
     return Capture(tuple(layers), fallback, names, shapes, closed, reasons)
 
 
-def _layer_of_leaf(leaf, uses, grown_by_eqn) -> Layer | str:
+def _unbroadcast(use: _Use, leaf_shape) -> _Use:
+    """A bias or scale broadcast to the whole batch (``jnp.broadcast_to``, as haiku does)
+    seen before its broadcast: the operand keeps the broadcast axes with size one."""
+    chain = list(use.chain)
+    if use.kind not in ("add", "mul") or not chain or chain[-1][0].name != "broadcast_in_dim":
+        return use
+    shape = tuple(leaf_shape)
+    for primitive, params in chain[:-1]:
+        struct = jax.ShapeDtypeStruct(shape, jnp.float32)
+        shape = jax.eval_shape(lambda a, p=primitive, q=params: p.bind(a, **q), struct).shape
+    _, params = chain.pop()
+    if chain and chain[-1][0].name == "broadcast_in_dim":
+        return use  # two broadcasts in a row: left to the fallback
+    dims = tuple(params["broadcast_dimensions"])
+    kept = tuple(shape[dims.index(d)] if d in dims else 1 for d in range(len(params["shape"])))
+    operand = jax.ShapeDtypeStruct(kept, use.operand_aval.dtype)
+    return dataclasses.replace(use, chain=tuple(chain), operand_aval=operand)
+
+
+def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
     """The captured layer of ``leaf``, or why it has none."""
     if not uses:
         return "not used by apply_fn"
     if len(uses) != 1:
         return f"used by {len(uses)} operations (tied or reused)"
-    use = uses[0]
+    use = _unbroadcast(uses[0], leaf_shape)
     if use.eqn is None:
         if use.primitive_name == "output":
             return "returned by apply_fn itself"
@@ -404,6 +423,7 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn) -> Layer | str:
     twin = grown_by_eqn.get(use.eqn)
     if twin is None or twin.leaf != leaf or twin.kind != use.kind:
         return "its layer changes with the batch size"
+    twin = _unbroadcast(twin, leaf_shape)
     output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
     input_axis = None
     no_example_axis = "its layer has no axis that indexes the examples"
@@ -556,6 +576,14 @@ def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cota
     return outputs, activations, gradients
 
 
+def operand_of(layer: Layer, leaf):
+    """The layer's parameter operand computed from the leaf, through its chain of casts
+    and layout operations (a bias or scale: with its broadcast axes of size one)."""
+    for primitive, params in layer.chain:
+        leaf = primitive.bind(leaf, **params)
+    return leaf.reshape(layer.operand_shape) if layer.kind in ("add", "mul") else leaf
+
+
 def per_example_gradient(layer: Layer, activation, gradient, leaf_value):
     """The (N, *leaf.shape) per-example gradients of one captured leaf from its a and g.
 
@@ -564,9 +592,7 @@ def per_example_gradient(layer: Layer, activation, gradient, leaf_value):
     """
 
     def operand_from_leaf(leaf):
-        for primitive, params in layer.chain:
-            leaf = primitive.bind(leaf, **params)
-        return leaf
+        return operand_of(layer, leaf)
 
     if layer.scan_lengths:  # a sum over the steps of the outermost scan
         step_layer = dataclasses.replace(layer, scan_lengths=layer.scan_lengths[1:])

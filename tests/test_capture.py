@@ -142,7 +142,10 @@ def test_leaves_capture_cannot_explain_use_the_fallback_and_stay_exact():
     captured_names = [captured.leaf_names[layer.leaf] for layer in captured.layers]
     assert captured_names == ["['out']", "['scale']"]
     text = ng.describe(model, params, x)
-    assert "['tied']" in text and "fallback" in text and "captured: matmul" in text
+    rows = {line.split()[0]: line for line in text.splitlines()[1:-1]}
+    assert "vmap: used by 2 operations (tied or reused)" in rows["['tied']"]
+    assert "vmap: used by custom_jvp_call" in rows["['custom']"]
+    assert "captured: matmul" in rows["['out']"] and "A ⊗ G: 3×3 ⊗ 4×4" in rows["['out']"]
     # The factored rows (captured + fallback) reproduce the vmap-ed score rows exactly.
     batch = CurvatureBatch(model, params, x, "exact")
     rows = factored_rows(batch)

@@ -378,3 +378,22 @@ def test_language_model_updates_match_the_dense_fisher(solver):
     else:
         expected = np.linalg.solve(f + damping * np.eye(len(f)), flat_g)
     np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_haiku_biases_added_through_broadcast_to_are_captured():
+    hk = optional_import("haiku")
+    net = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([5, CLASSES])(x)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 4))
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), net.init(jax.random.PRNGKey(0), x))
+    captured = capture(net.apply, params, x)
+    assert captured.fallback == () and {layer.kind for layer in captured.layers} == {"add", "dot"}
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
+    _, activations, gradients = layer_inputs_and_gradients(
+        net.apply, captured, params, x, cotangent[None]
+    )
+    expected = jax.tree.leaves(_vmap_gradients(net.apply, params, x, cotangent))
+    leaves = jax.tree.leaves(params)
+    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
+        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
+        np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-10, atol=1e-12)
+    _check_factored_products(ng.Model(net.apply, ng.Categorical()), params, x)

@@ -29,7 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natgrad_jax._capture import Capture, Layer, capture, layer_inputs_and_gradients
+from natgrad_jax._capture import (
+    Capture,
+    Layer,
+    capture,
+    layer_inputs_and_gradients,
+    operand_of,
+)
 from natgrad_jax._fisher import (
     batch_size,
     check_num_samples,
@@ -154,15 +160,9 @@ def _normalise_input(layer: Layer, x):
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _chain(layer: Layer, leaf):
-    for primitive, params in layer.chain:
-        leaf = primitive.bind(leaf, **params)
-    return leaf
-
-
 def leaf_to_matrix(layer: Layer, leaf) -> jax.Array:
     """The K×D matrix view of a leaf-shaped array (a permutation of its entries)."""
-    operand = _chain(layer, leaf)
+    operand = operand_of(layer, leaf)
     if layer.kind == "embed":
         return operand
     if layer.kind in ("add", "mul"):
