@@ -7,7 +7,7 @@ from typing import Any
 import jax
 
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.auto import choose_solver
+from natgrad_jax._curvature.auto import choose_solver, kernel_work
 from natgrad_jax._curvature.kronecker import kronecker_route
 from natgrad_jax._fisher import exact_rows_per_example, parameter_count
 from natgrad_jax._independence import check_independent_examples
@@ -39,8 +39,9 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     reason) — which Woodbury and the diagonal use; and whether Kronecker factors it
     (A ⊗ G, with the factors' sizes) or uses the exact diagonal (with the reason).
     ``"dense"``, ``"block_diagonal"`` and ``"cg"`` do not depend on capture: they use
-    vmap-ed score rows or Fisher-vector products. The last line is what
-    ``solver="auto"`` picks for the exact Fisher of this batch.
+    vmap-ed score rows or Fisher-vector products. The last lines say what
+    ``solver="auto"`` picks for the exact Fisher of this batch, with its estimates of
+    the multiply-adds of one update (see ``ng.choose_solver``).
 
     Args:
       model: an ``ng.Model``.
@@ -58,7 +59,8 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
       leaf   shape   per-example gradients (woodbury, diagonal)  kronecker
       ['b']  (2,)    captured: bias add, output (8, 2)           A ⊗ G: 1×1 ⊗ 2×2
       ['w']  (3, 2)  captured: matmul, input (8, 3)              A ⊗ G: 3×3 ⊗ 2×2
-      solver="auto" picks dense: P = 8 ≤ 4096: a dense Cholesky is cheap and exact
+      solver="auto" picks dense:
+        least estimated cost, P = 8, M = 16: dense 1.2e+03, woodbury 3.9e+03, cg 3.0e+07
     """
     check_independent_examples(model.apply_fn, params, inputs)
     model, params = on_trainable(model, params)
@@ -68,6 +70,10 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     for leaf, (name, shape) in enumerate(leaves):
         kronecker = kronecker_route(captured.layer_of(leaf), shape)
         rows.append((name, str(shape), captured.route(leaf), kronecker))
-    num_rows = jax.tree.leaves(inputs)[0].shape[0] * exact_rows_per_example(model, params, inputs)
-    solver, reason = choose_solver(parameter_count(params), num_rows)
-    return "\n".join([*_table(rows), f'solver="auto" picks {solver}: {reason}'])
+    num_examples = jax.tree.leaves(inputs)[0].shape[0]
+    num_rows = num_examples * exact_rows_per_example(model, params, inputs)
+    kernel = kernel_work(captured, captured.leaf_shapes, num_rows, num_examples)
+    solver, reason = choose_solver(
+        parameter_count(params), num_rows, num_examples, woodbury_kernel=kernel
+    )
+    return "\n".join([*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"])

@@ -134,17 +134,17 @@ def _averages(curvature, params) -> bool:
 
 
 def _check_averaging(curvature, params, decay, refresh_every) -> None:
-    uses_averaging = not (
-        _is_python_number(decay)
-        and decay == 0
-        and _is_python_number(refresh_every)
-        and refresh_every == 1
+    """Refuses decay/refresh_every for a representation that keeps no curvature. Values
+    held as arrays (``optax.inject_hyperparams``) cannot be read here; such a
+    representation ignores them."""
+    uses_averaging = (_is_python_number(decay) and decay != 0) or (
+        _is_python_number(refresh_every) and refresh_every != 1
     )
     if uses_averaging and not _averages(curvature, params):
         raise ValueError(
             f"solver {curvature.name!r} keeps no curvature across steps, so decay and "
-            "refresh_every do not apply to it; use solver='dense', 'diagonal' or "
-            "'block_diagonal' (or leave decay=0, refresh_every=1)."
+            "refresh_every do not apply to it; use solver='dense', 'kronecker', "
+            "'diagonal' or 'block_diagonal' (or leave decay=0, refresh_every=1)."
         )
 
 
@@ -262,8 +262,9 @@ def scale_by_natural_gradient(
         or ``ng.LevenbergMarquardt(...)`` to adapt it from the reduction ratio of each
         step (needs ``targets``; see ``natgrad_jax._damping`` for when to use which).
       solver: how F is represented and solved against (see ``ng.choose_solver``):
-        ``"auto"`` (dense for P ≤ 4096, else Woodbury when the batch has few score
-        rows, else CG), ``"dense"`` (P×P, Cholesky with eigendecomposition fallback),
+        ``"auto"`` (per batch, whichever of dense, Woodbury and CG has the least
+        estimated cost; keeps no curvature across steps), ``"dense"`` (P×P, Cholesky
+        with eigendecomposition fallback),
         ``"woodbury"`` (exact, through the M×M kernel of the M score rows),
         ``"cg"`` (matrix-free conjugate gradients, warm-started), ``"kronecker"``
         (K-FAC on the layers ``ng.describe`` lists, no tagging), ``"diagonal"`` (exact
@@ -339,6 +340,8 @@ def scale_by_natural_gradient(
     if axis_name is not None and not isinstance(axis_name, str):
         raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
     curvature = _resolve_solver(solver)
+    if isinstance(curvature, Auto) and _is_python_number(damping) and damping == 0:
+        curvature = Auto(allow_woodbury=False)  # Woodbury divides by λ
 
     def init_fn(params):
         params, _ = trainable_and_frozen(params)

@@ -72,14 +72,20 @@ def _dense_rows_by_row(batch):
 
 
 def _check_factored_products(model, params, x):
-    batch = CurvatureBatch(model, params, x, "exact")
-    rows, dense = factored_rows(batch), _dense_rows_by_row(batch)
-    v = jax.random.normal(jax.random.PRNGKey(5), (dense.shape[1],))
-    u = jax.random.normal(jax.random.PRNGKey(6), (dense.shape[0] // N, N))
-    np.testing.assert_allclose(rows.matvec(v).reshape(-1), dense @ v, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(rows.rmatvec(u), dense.T @ u.reshape(-1), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(rows.kernel(), dense @ dense.T, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(rows.diagonal(), jnp.sum(dense**2, 0), rtol=1e-10, atol=1e-12)
+    """S v, Sᵀ u, SSᵀ and diag(SᵀS) from captured (a, g) equal those of the vmap-ed rows."""
+
+    @jax.jit
+    def products(params, x):
+        batch = CurvatureBatch(model, params, x, "exact")
+        rows, dense = factored_rows(batch), _dense_rows_by_row(batch)
+        v = jax.random.normal(jax.random.PRNGKey(5), (dense.shape[1],))
+        u = jax.random.normal(jax.random.PRNGKey(6), (dense.shape[0] // N, N))
+        factored = (rows.matvec(v).reshape(-1), rows.rmatvec(u), rows.kernel(), rows.diagonal())
+        reference = (dense @ v, dense.T @ u.reshape(-1), dense @ dense.T, jnp.sum(dense**2, 0))
+        return factored, reference
+
+    for got, expected in zip(*products(params, x), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("config", CONVS.values(), ids=CONVS.keys())
@@ -170,8 +176,22 @@ def _equinox_cnn():
     return apply, params, jax.random.normal(jax.random.PRNGKey(1), (N, 2, 8, 8))
 
 
+def _check_updates(model, params, inputs, targets, solvers, fisher):
+    """One update of each solver against (F + λI)⁻¹g (or its diagonal) with F dense."""
+    g = jax.grad(model.nll)(params, inputs, targets)
+    flat_g, damping = ravel_pytree(g)[0], 1e-2
+    for solver in solvers:
+        tx = ng.scale_by_natural_gradient(model, damping=damping, solver=solver)
+        d, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=inputs, targets=targets)
+        if solver == "diagonal":
+            expected = flat_g / (jnp.diag(fisher) + damping)
+        else:
+            expected = np.linalg.solve(fisher + damping * np.eye(len(fisher)), flat_g)
+        np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("make", [_flax_cnn, _equinox_cnn], ids=["flax", "equinox"])
-def test_library_cnns_are_captured(make):
+def test_library_cnns_are_captured_and_match_the_dense_fisher(make):
     """Every convolution, norm scale and bias is captured; BatchNorm's scale, which flax
     multiplies by the running 1/σ before it meets the examples, stays on the exact vmap
     route."""
@@ -183,25 +203,8 @@ def test_library_cnns_are_captured(make):
     text = ng.describe(model, params, x)
     assert "convolution" in text and "elementwise scale" in text
     _check_factored_products(model, params, x)
-
-
-@pytest.mark.parametrize("make", [_flax_cnn, _equinox_cnn], ids=["flax", "equinox"])
-@pytest.mark.parametrize("solver", ["woodbury", "diagonal"])
-def test_cnn_updates_match_the_dense_fisher(make, solver):
-    apply, params, x = make()
-    model = ng.Model(apply, ng.Categorical())
-    y = jnp.arange(N) % CLASSES
-    g = jax.grad(model.nll)(params, x, y)
-    damping = 1e-2
-    tx = ng.scale_by_natural_gradient(model, damping=damping, solver=solver)
-    d, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
-    f = ng.fisher(model, params, x)
-    flat_g = ravel_pytree(g)[0]
-    if solver == "woodbury":
-        expected = np.linalg.solve(f + damping * np.eye(len(f)), flat_g)
-    else:
-        expected = flat_g / (jnp.diag(f) + damping)
-    np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
+    fisher = ng.fisher(model, params, x)
+    _check_updates(model, params, x, jnp.arange(N) % CLASSES, ["woodbury", "diagonal"], fisher)
 
 
 def _rnn(p, x):
@@ -284,13 +287,8 @@ def test_flax_recurrent_cells_are_captured_and_match_the_dense_fisher(cell):
     model = ng.Model(apply, ng.Categorical())
     assert "vmap" not in ng.describe(model, params, x)
     _check_factored_products(model, params, x)
-    y = jnp.arange(N) % CLASSES
-    g = jax.grad(model.nll)(params, x, y)
-    tx = ng.scale_by_natural_gradient(model, damping=1e-2, solver="woodbury")
-    d, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)
-    f = ng.fisher(model, params, x)
-    expected = np.linalg.solve(f + 1e-2 * np.eye(len(f)), ravel_pytree(g)[0])
-    np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
+    fisher = ng.fisher(model, params, x)
+    _check_updates(model, params, x, jnp.arange(N) % CLASSES, ["woodbury"], fisher)
 
 
 def test_kfac_expand_and_reduce_factors_have_their_closed_forms():
@@ -343,7 +341,7 @@ def _flax_language_model():
     return model, params, (tokens, mask)
 
 
-def test_language_model_is_captured_and_padding_changes_nothing():
+def test_language_model_is_captured_and_matches_the_dense_fisher():
     model, params, (tokens, mask) = _flax_language_model()
     text = ng.describe(model, params, (tokens, mask))
     assert "vmap" not in text and "embedding lookup" in text
@@ -351,33 +349,16 @@ def test_language_model_is_captured_and_padding_changes_nothing():
         line = next(row for row in text.splitlines() if f"['{name}']['kernel']" in row)
         assert "A ⊗ G: 8×8 ⊗ 8×8" in line
     _check_factored_products(model, params, (tokens, mask))
-    reference = ng.fisher(model, params, (tokens, mask))
-    np.testing.assert_allclose(
-        reference, ng.fisher_hessian(model, params, (tokens, mask)), rtol=1e-9, atol=1e-12
-    )
+    fisher = jax.jit(lambda p, x: ng.fisher(model, p, x))
+    reference = fisher(params, (tokens, mask))
     padded_differently = jnp.where(mask > 0, tokens, 3)  # causal: later tokens unseen
     np.testing.assert_allclose(
-        ng.fisher(model, params, (padded_differently, mask)), reference, rtol=1e-12, atol=1e-14
+        fisher(params, (padded_differently, mask)), reference, rtol=1e-12, atol=1e-14
     )
-
-
-@pytest.mark.parametrize("solver", ["woodbury", "diagonal", "cg"])
-def test_language_model_updates_match_the_dense_fisher(solver):
-    model, params, inputs = _flax_language_model()
-    targets = jnp.roll(inputs[0], -1, axis=1)
-    g = jax.grad(model.nll)(params, inputs, targets)
-    damping = 1e-2
-    if solver == "cg":  # run to convergence: P = 775 and a condition number near 10⁴
-        solver = ng.ConjugateGradient(tol=1e-12, max_iters=2000)
-    tx = ng.scale_by_natural_gradient(model, damping=damping, solver=solver)
-    d, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=inputs, targets=targets)
-    f = ng.fisher(model, params, inputs)
-    flat_g = ravel_pytree(g)[0]
-    if isinstance(solver, str) and solver == "diagonal":
-        expected = flat_g / (jnp.diag(f) + damping)
-    else:
-        expected = np.linalg.solve(f + damping * np.eye(len(f)), flat_g)
-    np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-6, atol=1e-9)
+    # CG run to convergence: P = 775 and a condition number near 10⁴.
+    solvers = ["woodbury", "diagonal", ng.ConjugateGradient(tol=1e-12, max_iters=2000)]
+    next_tokens = jnp.roll(tokens, -1, axis=1)
+    _check_updates(model, params, (tokens, mask), next_tokens, solvers, reference)
 
 
 def test_haiku_biases_added_through_broadcast_to_are_captured():

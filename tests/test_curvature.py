@@ -261,13 +261,30 @@ def test_stateless_representations_refuse_decay_and_refresh(solver):
         ng.scale_by_natural_gradient(model, solver=solver, refresh_every=3).init(params)
 
 
-def test_choose_solver_rule():
-    assert ng.choose_solver(4096)[0] == "dense"
-    assert ng.choose_solver(4097, 2048)[0] == "woodbury"
-    assert ng.choose_solver(4097, 2049)[0] == "cg"  # rows > P / 2
-    assert ng.choose_solver(10**6, 4096)[0] == "woodbury"
-    assert ng.choose_solver(10**6, 4097)[0] == "cg"  # rows > 4096
-    assert "P = 10" in ng.choose_solver(10)[1]
+def test_choose_solver_compares_estimated_costs():
+    # Few parameters: forming and factorising P×P is cheapest.
+    assert ng.choose_solver(50, 200)[0] == "dense"
+    # Many parameters, few rows, a captured kernel of M²·(K + D): Woodbury ...
+    captured_kernel = 64**2 * 2_000
+    assert ng.choose_solver(10**6, 64, 64, woodbury_kernel=captured_kernel)[0] == "woodbury"
+    # ... unless the damping is 0 (it divides by λ), or the kernel is formed from dense rows
+    # of a million parameters: then Fisher-vector products.
+    no_woodbury = ng.choose_solver(10**6, 64, 64, allow_woodbury=False)
+    assert no_woodbury[0] == "cg"
+    assert ng.choose_solver(10**6, 4096, 4096)[0] == "cg"
+    # A memory budget rules out what does not fit, whatever its cost.
+    assert ng.choose_solver(100, 1_000)[0] == "dense"  # P² + M·P = 110,000 floats
+    assert ng.choose_solver(100, 1_000, max_floats=1e5)[0] == "cg"
+    _, reason = ng.choose_solver(50, 200)
+    assert reason.startswith("least estimated cost, P = 50, M = 200: dense 5.4e+05")
+    assert "woodbury" not in no_woodbury[1]
+    assert ng.choose_solver(10)[0] == "dense, woodbury or cg"
+
+
+def test_auto_keeps_no_curvature_for_decay_or_refresh():
+    model = ng.Model(mlp, ng.Categorical())
+    with pytest.raises(ValueError, match="'auto' keeps no curvature"):
+        ng.scale_by_natural_gradient(model, decay=0.9).init(init_mlp(jax.random.PRNGKey(0), [2, 3]))
 
 
 def test_auto_solver_on_a_large_model_uses_woodbury_and_matches_dense():

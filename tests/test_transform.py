@@ -279,7 +279,7 @@ def test_damping_schedule_is_evaluated_at_the_step_count():
 def test_decay_averages_fishers_across_steps():
     model, params, x, y = mlp_problem("categorical")
     other = jax.tree.map(lambda p: p + 0.3, params)
-    tx = ng.scale_by_natural_gradient(model, damping=0.1, decay=0.75)
+    tx = ng.scale_by_natural_gradient(model, damping=0.1, solver="dense", decay=0.75)
     state = tx.init(params)
     g = _gradient(model, params, x, y)
     _, state = tx.update(g, state, params, inputs=x)
@@ -293,7 +293,7 @@ def test_decay_averages_fishers_across_steps():
 def test_refresh_every_reuses_the_last_factorisation_in_between():
     model, params, x, y = mlp_problem("categorical")
     moved = [jax.tree.map(lambda p, s=s: p + 0.1 * s, params) for s in range(4)]
-    tx = ng.scale_by_natural_gradient(model, damping=0.1, refresh_every=2)
+    tx = ng.scale_by_natural_gradient(model, damping=0.1, solver="dense", refresh_every=2)
     update = jax.jit(tx.update)
     state = tx.init(params)
     g = _gradient(model, params, x, y)
@@ -515,7 +515,9 @@ def test_no_recompilation_on_second_update():
 @pytest.mark.parametrize("kind", ["exact", "monte_carlo", "empirical"])
 def test_state_types_identical_under_lax_cond(kind):
     model, params, x, y = mlp_problem("categorical")
-    tx = ng.natural_gradient(model, 0.1, fisher=kind, decay=0.5, refresh_every=2, max_kl=1e-2)
+    tx = ng.natural_gradient(
+        model, 0.1, fisher=kind, solver="dense", decay=0.5, refresh_every=2, max_kl=1e-2
+    )
     state = tx.init(params)
     g = _gradient(model, params, x, y)
 
@@ -537,7 +539,7 @@ def test_update_dtype_matches_gradient_dtype(dtype):
     model, params, x, y = mlp_problem("categorical")
     params = jax.tree.map(lambda p: p.astype(dtype), params)
     x = x.astype(dtype)
-    tx = ng.natural_gradient(model, 0.1, damping=1e-2)
+    tx = ng.natural_gradient(model, 0.1, damping=1e-2, solver="dense")
     state = tx.init(params)
     g = jax.grad(model.nll)(params, x, y)
     updates, state = jax.jit(tx.update)(g, state, params, inputs=x)

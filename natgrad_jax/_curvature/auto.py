@@ -1,104 +1,174 @@
-r"""``solver="auto"``: pick a representation from the problem's sizes.
+r"""``solver="auto"``: the exact solver with the least estimated cost for this batch.
 
-The rule, with P parameters and M score rows per batch (N·R exact, N·S Monte-Carlo,
-N empirical):
+With P parameters, M score rows per batch (N·R exact, N·S Monte-Carlo, N empirical) and
+N examples, one update costs about (in multiply-adds)
 
-1. P ≤ 4096: **dense**. A P×P Cholesky is cheap and exact, and supports ``decay`` and
-   ``refresh_every``.
-2. otherwise M ≤ P/2 and M ≤ 4096: **woodbury** (exact, through the M×M kernel).
-3. otherwise: **cg** (exact to its tolerance, matrix-free).
+* **dense**: M·P² to form SᵀS and P³/3 to factorise F + λI; memory P² + M·P;
+* **woodbury**: the kernel SSᵀ (M²·P from dense rows, far less for captured layers:
+  ``kernel_work``), M³/3 to factorise it, 4·M·P for the products with S; memory
+  M² + M·P; needs λ > 0;
+* **cg**: an estimated ``CG_ITERATIONS`` Fisher-vector products of about 6·N·P each (a
+  forward-mode and a reverse-mode pass), plus a fixed ``CG_ITERATION_OVERHEAD`` per
+  iteration for the latency of one loop step; memory O(P).
 
-``choose_solver`` states the choice and the reason; the transform follows it.
+``"auto"`` picks the cheapest whose memory fits the budget. All three are exact (CG to
+its tolerance); the approximations (Kronecker, diagonal) are never chosen for you.
+``choose_solver`` returns the choice with the estimates; ``ng.describe`` prints it.
+``"auto"`` keeps no curvature across steps (each batch may get another solver), so
+``decay`` and ``refresh_every`` need an explicit ``solver="dense"``, ``"kronecker"``,
+``"diagonal"`` or ``"block_diagonal"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
+from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.dense import Dense
 from natgrad_jax._curvature.implicit import ConjugateGradient
+from natgrad_jax._curvature.kronecker import split_shape
 from natgrad_jax._curvature.low_rank import Woodbury, WoodburyState
 from natgrad_jax._fisher import parameter_count
 
-DENSE_MAX_PARAMS = 4096
-WOODBURY_MAX_ROWS = 4096
-_BY_NAME = {"dense": Dense, "woodbury": Woodbury, "cg": ConjugateGradient}
+CG_ITERATIONS = 30  # warm-started CG to tol 1e-5 on the benchmarks: 10–60 iterations
+CG_ITERATION_OVERHEAD = 1e6  # one loop iteration's latency, in multiply-adds (≈ 20–50 µs)
+_SOLVERS = {"dense": Dense, "woodbury": Woodbury, "cg": ConjugateGradient}
 
 
-def choose_solver(num_params: int, num_rows: int | None = None) -> tuple[str, str]:
-    """The solver ``"auto"`` picks for P parameters and M score rows, with the reason.
+def estimated_costs(
+    num_params: int,
+    num_rows: int,
+    num_examples: int | None = None,
+    woodbury_kernel: float | None = None,
+) -> dict[str, tuple[float, float]]:
+    """``{solver: (multiply-adds per update, floats held)}`` for dense, Woodbury and CG.
+
+    ``woodbury_kernel`` is the work of forming SSᵀ (default M²·P, from dense rows).
+    """
+    p, m = float(num_params), float(num_rows)
+    n = float(num_examples if num_examples is not None else num_rows)
+    kernel = m * m * p if woodbury_kernel is None else float(woodbury_kernel)
+    return {
+        "dense": (m * p * p + p**3 / 3, p * p + m * p),
+        "woodbury": (kernel + m**3 / 3 + 4 * m * p, m * m + m * p),
+        "cg": (CG_ITERATIONS * (6 * n * p + CG_ITERATION_OVERHEAD), 4 * p),
+    }
+
+
+def kernel_work(captured, leaf_shapes, num_rows: int, num_examples: int) -> float:
+    """Multiply-adds of Woodbury's kernel SSᵀ with layer capture: for a captured K×D
+    layer shared by T positions, M²·T²·(K + D) through the position Gram matrices or
+    M·T·K·D + M²·K·D through per-example gradients, whichever is less; M²·P_leaf for a
+    leaf left to vmap."""
+    m = float(num_rows)
+    work = sum(m * m * math.prod(leaf_shapes[k]) for k in captured.fallback)
+    for layer in captured.layers:
+        k, d = split_shape(leaf_shapes[layer.leaf])
+        t = max(math.prod(layer.probe_shape) / max(num_examples * d, 1), 1.0)
+        work += min(m * m * t * t * (k + d), m * t * k * d + m * m * k * d)
+    return float(work)
+
+
+def _kernel_work_of(batch: CurvatureBatch) -> float:
+    captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
+    shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
+    return kernel_work(captured, shapes, batch.num_rows, batch.num_examples)
+
+
+def choose_solver(
+    num_params: int,
+    num_rows: int | None = None,
+    num_examples: int | None = None,
+    *,
+    allow_woodbury: bool = True,
+    max_floats: float | None = None,
+    woodbury_kernel: float | None = None,
+) -> tuple[str, str]:
+    """The solver ``"auto"`` picks for P parameters and M score rows, with the estimates.
 
     Args:
       num_params: P.
       num_rows: M, the rows of the score matrix per batch (``None``: not known yet).
+      num_examples: N, the examples per batch (default M).
+      allow_woodbury: False when the damping is 0 (Woodbury divides by λ).
+      max_floats: the memory budget in floats (``None``: no limit).
+      woodbury_kernel: the work of Woodbury's kernel (see ``kernel_work``; default M²·P).
 
     Returns:
       ``(name, reason)``, the name being one of ``"dense"``, ``"woodbury"``, ``"cg"``.
 
     Example:
       >>> import natgrad_jax as ng
-      >>> ng.choose_solver(1_000)[0], ng.choose_solver(100_000, 512)[0]
-      ('dense', 'woodbury')
+      >>> ng.choose_solver(50, 200)[0]
+      'dense'
+      >>> ng.choose_solver(2_000, 2_560, 256)[0]   # 256 examples × 10 classes
+      'cg'
+      >>> ng.choose_solver(100_000, 512, woodbury_kernel=512**2 * 2_000)[0]  # captured
+      'woodbury'
     """
-    if num_params <= DENSE_MAX_PARAMS:
-        return (
-            "dense",
-            f"P = {num_params} ≤ {DENSE_MAX_PARAMS}: a dense Cholesky is cheap and exact",
-        )
     if num_rows is None:
-        return (
-            "woodbury or cg",
-            f"P = {num_params} > {DENSE_MAX_PARAMS}: depends on the rows per batch",
-        )
-    if num_rows <= min(num_params // 2, WOODBURY_MAX_ROWS):
-        return "woodbury", (
-            f"M = {num_rows} score rows ≤ min(P/2, {WOODBURY_MAX_ROWS}) with P = {num_params}: "
-            "an M×M kernel solve is exact and cheaper than P×P"
-        )
-    return "cg", (
-        f"P = {num_params} and M = {num_rows} rows are both large: matrix-free conjugate gradients"
-    )
+        return "dense, woodbury or cg", f"P = {num_params}: depends on the rows per batch"
+    costs = estimated_costs(num_params, num_rows, num_examples, woodbury_kernel)
+    if not allow_woodbury:
+        del costs["woodbury"]
+    fitting = {k: v for k, v in costs.items() if max_floats is None or v[1] <= max_floats}
+    name = min(fitting or costs, key=lambda k: (fitting or costs)[k][0])
+    estimates = ", ".join(f"{k} {cost:.1e}" for k, (cost, _) in costs.items())
+    return name, f"least estimated cost, P = {num_params}, M = {num_rows}: {estimates}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Auto:
-    """Dense for small P; otherwise Woodbury or CG per batch (CG's state is kept for both)."""
+    """Per batch, the exact solver (dense, Woodbury, CG) of least estimated cost.
+
+    The state is CG's (its warm start); a dense or Woodbury solve records its direction
+    and dᵀ(F + λI)d there, so the trust region and the next warm start read this step.
+    """
+
+    allow_woodbury: bool = True
 
     name = "auto"
+    averages = False
 
-    def averages_for(self, params) -> bool:
-        """Whether ``decay`` and ``refresh_every`` apply: only on the dense branch."""
-        return self._dense(parameter_count(params))
-
-    @staticmethod
-    def _dense(num_params: int) -> bool:
-        return num_params <= DENSE_MAX_PARAMS
+    def _choice(self, batch: CurvatureBatch) -> str:
+        return choose_solver(
+            parameter_count(batch.params),
+            batch.num_rows,
+            batch.num_examples,
+            allow_woodbury=self.allow_woodbury,
+            woodbury_kernel=_kernel_work_of(batch) if self.allow_woodbury else None,
+        )[0]
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
-        """Floats held at once by the representation this problem gets."""
-        name, _ = choose_solver(num_params, num_rows)
-        return _BY_NAME[name]().memory(num_params, num_rows, leaf_shapes)
+        """Floats held at once by the solver this problem gets."""
+        name, _ = choose_solver(num_params, num_rows, allow_woodbury=self.allow_woodbury)
+        return _SOLVERS[name]().memory(num_params, num_rows, leaf_shapes)
 
     def init(self, params, dtype):
-        if self._dense(parameter_count(params)):
-            return Dense().init(params, dtype)
         return ConjugateGradient().init(params, dtype)
 
     def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
-        if self._dense(parameter_count(batch.params)):
-            return Dense().refresh(state, batch, damping, decay, is_first)
+        del batch, damping, decay, is_first
         return state
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
-        name, _ = choose_solver(parameter_count(batch.params), batch.num_rows)
-        if name != "woodbury":
-            return _BY_NAME[name]().solve(state, batch, vector, damping)
-        # The state is CG's (kept for either branch): record the exact solve in it, so
-        # that the trust region reads this step's dᵀ(F + λI)d = gᵀd, not a stale one.
-        direction, _ = Woodbury().solve(WoodburyState(), batch, vector, damping)
+        name = self._choice(batch)
+        if name == "cg":
+            return ConjugateGradient().solve(state, batch, vector, damping)
+        if name == "woodbury":
+            direction, _ = Woodbury().solve(WoodburyState(), batch, vector, damping)
+        else:
+            dense = Dense()
+            fresh = dense.refresh(dense.init(batch.params, vector.dtype), batch, damping, 0.0, True)
+            direction, _ = dense.solve(fresh, batch, vector, damping)
+        # Record the exact solve in CG's state, so that the trust region reads this
+        # step's dᵀ(F + λI)d = gᵀd, not a stale one.
         return direction, state._replace(
             solution=direction.astype(state.solution.dtype),
             iterations=jnp.zeros_like(state.iterations),

@@ -18,7 +18,7 @@ K×D view is not a reshape of the leaf, falls back to the exact diagonal of its 
 
 Factors are stored per leaf as a "left" (m×m, m = product of the leading axes) and a
 "right" (n×n, n = product of the trailing axes) matrix, split after the first or before
-the last axis, whichever gives the smaller factors (``_split_shape``), so the state's
+the last axis, whichever gives the smaller factors (``split_shape``), so the state's
 shapes follow from the parameters alone; for equinox's (out, in) weights left is G and
 right is A.
 """
@@ -55,7 +55,7 @@ class KroneckerState(NamedTuple):
     leaves: tuple
 
 
-def _split_shape(shape) -> tuple[int, int]:
+def split_shape(shape) -> tuple[int, int]:
     """(m, n): the leaf as an m×n matrix, split after its first or before its last axis,
     whichever gives the smaller factors (least m² + n²).
 
@@ -74,7 +74,7 @@ def _split_shape(shape) -> tuple[int, int]:
 def _orientation(layer, shape) -> str | None:
     """'left_is_inputs' if the K×D view is the leaf as m×n, 'left_is_outputs' if it is the
     transpose of it, None otherwise (the leaf then uses its diagonal)."""
-    m, n = _split_shape(shape)
+    m, n = split_shape(shape)
     with jax.ensure_compile_time_eval():
         index = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
         view = np.asarray(leaf_to_matrix(layer, jnp.asarray(index)))
@@ -97,7 +97,7 @@ def kronecker_route(layer, shape) -> str:
     )
     k, d = view.shape
     if _orientation(layer, shape) is None:
-        m, n = _split_shape(shape)
+        m, n = split_shape(shape)
         return (
             f"exact diagonal: its {k}×{d} layer view is not the leaf as {m}×{n} (the "
             "shapes its factors are kept in) or its transpose"
@@ -155,14 +155,14 @@ class Kronecker:
     def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
         """Floats held at once, for the memory guard: each leaf's two factors and their
         inverses, its diagonal, and the layers' inputs and output-gradients."""
-        factors = sum(2 * (m * m + n * n) for m, n in map(_split_shape, leaf_shapes))
+        factors = sum(2 * (m * m + n * n) for m, n in map(split_shape, leaf_shapes))
         layer_activations = num_rows * sum(sum(shape) for shape in leaf_shapes)
         return factors + num_params + layer_activations
 
     def init(self, params, dtype) -> KroneckerState:
         leaves = []
         for leaf in jax.tree.leaves(params):
-            m, n = _split_shape(np.shape(leaf))
+            m, n = split_shape(np.shape(leaf))
             leaves.append(
                 KroneckerLeafState(
                     left=jnp.zeros((m, m), dtype),
