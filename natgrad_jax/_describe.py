@@ -60,7 +60,7 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
       ['b']  (2,)    captured: bias add, output (8, 2)           A ⊗ G: 1×1 ⊗ 2×2
       ['w']  (3, 2)  captured: matmul, input (8, 3)              A ⊗ G: 3×3 ⊗ 2×2
       solver="auto" picks dense:
-        least estimated cost, P = 8, M = 16: dense 1.2e+03, woodbury 3.9e+03, cg 3.0e+07
+        least estimated cost, P = 8, M = 16: dense 1.2e+03, woodbury 3.7e+03, cg 3.0e+07
     """
     check_independent_examples(model.apply_fn, params, inputs)
     model, params = on_trainable(model, params)

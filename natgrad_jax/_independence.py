@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -102,12 +103,12 @@ def interacting_examples(apply_fn, params: PyTree, inputs: PyTree) -> tuple[int,
         return ()
     param_arrays, rebuild = _split_static(params)
     try:
-        closed = jax.make_jaxpr(lambda p, x: apply_fn(rebuild(p), x))(
-            *jax.tree.map(_struct, (param_arrays, inputs))
-        )
+        trace = jax.make_jaxpr(lambda p, x: apply_fn(rebuild(p), x))
+        closed = trace(*jax.tree.map(_struct, (param_arrays, inputs)))
+        grown = trace(jax.tree.map(_struct, param_arrays), _grow_batch(inputs))
     except Exception:  # the computation that follows raises its own, clearer error
         return ()
-    if is_traced(closed.consts):
+    if is_traced(closed.consts) or not _reduces_over_examples(closed, grown, len(param_arrays)):
         return ()
 
     def moved_outputs(param_values, input_values, tangents):
@@ -133,6 +134,49 @@ def interacting_examples(apply_fn, params: PyTree, inputs: PyTree) -> tuple[int,
         threshold = _RELATIVE_TOLERANCE * max(own, float(jnp.finfo(tangent.dtype).tiny))
         interacting.update(1 + int(k) for k in np.flatnonzero(others > threshold))
     return tuple(sorted(interacting))
+
+
+def _grow_batch(inputs):
+    grow = lambda a: jax.ShapeDtypeStruct((a.shape[0] + 1, *a.shape[1:]), a.dtype)
+    return jax.tree.map(grow, inputs)
+
+
+def _reduces_over_examples(closed, grown, num_params: int) -> bool:
+    """Whether some value computed from the inputs has no axis that follows the batch
+    size (traced with N and N + 1 examples): a statistic of the batch. Only then is the
+    numerical check run; independent models (no such value) skip its compilation."""
+    inputs_of = set(closed.jaxpr.invars[num_params:])
+    return _walk(closed.jaxpr, grown.jaxpr, inputs_of)
+
+
+def _inner_tainted(eqn, inner, tainted) -> set:
+    """The variables of a nested jaxpr (jit, scan body) that carry the inputs."""
+    outer = [None if isinstance(v, jax.extend.core.Literal) else v for v in eqn.invars]
+    found = {v for v, o in zip(inner.invars, outer, strict=False) if o is not None and o in tainted}
+    if eqn.primitive.name == "scan":  # the carry may pick up the inputs in a later step
+        start = eqn.params["num_consts"]
+        found |= set(inner.invars[start : start + eqn.params["num_carry"]])
+    return found
+
+
+def _walk(jaxpr, grown, tainted) -> bool:
+    if len(jaxpr.eqns) != len(grown.eqns):
+        return True  # the program changes with the batch size: check numerically
+    for eqn, twin in zip(jaxpr.eqns, grown.eqns, strict=True):
+        if not any(v in tainted for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)):
+            continue
+        for name in ("jaxpr", "call_jaxpr"):
+            if eqn.params.get(name) is not None:
+                inner, inner_twin = (
+                    getattr(e.params[name], "jaxpr", e.params[name]) for e in (eqn, twin)
+                )
+                if _walk(inner, inner_twin, _inner_tainted(eqn, inner, tainted)):
+                    return True
+        for var, twin_var in zip(eqn.outvars, twin.outvars, strict=True):
+            tainted.add(var)
+            if var.aval.shape == twin_var.aval.shape:
+                return True
+    return False
 
 
 def check_independent_examples(apply_fn, params: PyTree, inputs: PyTree) -> None:
