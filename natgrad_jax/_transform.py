@@ -113,6 +113,27 @@ def _check_refresh_every(refresh_every) -> None:
         raise ValueError(f"refresh_every must be an integer ≥ 1, got {refresh_every!r}.")
 
 
+def _check_statistics_every(statistics_every, refresh_every) -> None:
+    if statistics_every is None:
+        return
+    if not isinstance(statistics_every, int) or isinstance(statistics_every, bool):
+        raise ValueError(f"statistics_every must be a Python int ≥ 1, got {statistics_every!r}.")
+    if statistics_every < 1:
+        raise ValueError(f"statistics_every must be ≥ 1, got {statistics_every}.")
+    if not _is_python_number(refresh_every):
+        raise ValueError("statistics_every needs refresh_every as a Python int.")
+
+
+def _check_separate_cadences(curvature, statistics_every, refresh_every) -> None:
+    separate = statistics_every is not None and statistics_every != refresh_every
+    if separate and not all(hasattr(curvature, m) for m in ("measure", "factorise")):
+        raise ValueError(
+            f"solver {getattr(curvature, 'name', curvature)!r} cannot measure and factorise "
+            "on separate cadences; use solver='dense', 'kronecker', 'diagonal' or "
+            "'block_diagonal', or leave statistics_every=None."
+        )
+
+
 def _resolve_solver(solver):
     if isinstance(solver, str):
         if solver not in SOLVERS:
@@ -218,6 +239,7 @@ def scale_by_natural_gradient(
     max_kl: ScalarOrSchedule | None = None,
     decay: float | jax.Array = 0.0,
     refresh_every: int | jax.Array = 1,
+    statistics_every: int | None = None,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
@@ -273,8 +295,14 @@ def scale_by_natural_gradient(
       max_kl: optional ε > 0 (number or schedule) bounding ½ dᵀ(F + λI)d.
       decay: in [0, 1): exponential moving average of the Fisher across refreshes,
         F ← decay·F + (1 − decay)·F_batch (the first refresh takes F_batch).
-      refresh_every: measure and refactorise the curvature every this many updates;
-        the updates in between reuse the last factorisation (chosen by ``lax.cond``).
+      refresh_every: refactorise the curvature every this many updates; the updates in
+        between reuse the last factorisation (chosen by ``lax.cond``).
+      statistics_every: measure the curvature statistics (Fisher, factors, diagonal)
+        and average them into the state every this many updates (a Python int;
+        ``None``: with every refactorisation). ``statistics_every=1,
+        refresh_every=20`` is the usual K-FAC: cheap statistics at every step, the
+        inverses every 20. Needs a representation with separate ``measure`` and
+        ``factorise`` (dense, Kronecker, diagonal, block-diagonal).
       num_samples: labels sampled per example for the Monte-Carlo Fisher (a Python int;
         ``None`` means 1). It fixes array shapes, so with ``optax.inject_hyperparams``
         list it in ``static_args``.
@@ -337,6 +365,7 @@ def scale_by_natural_gradient(
         _check_positive("max_kl", max_kl)
     _check_decay(decay)
     _check_refresh_every(refresh_every)
+    _check_statistics_every(statistics_every, refresh_every)
     if axis_name is not None and not isinstance(axis_name, str):
         raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
     curvature = _resolve_solver(solver)
@@ -347,6 +376,7 @@ def scale_by_natural_gradient(
         params, _ = trainable_and_frozen(params)
         dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
         _check_averaging(curvature, params, decay, refresh_every)
+        _check_separate_cadences(curvature, statistics_every, refresh_every)
         _check_memory(curvature, params, 0, dtype, max_curvature_bytes)
         initial_damping = damping.initial if adaptive else _value_at(damping, jnp.int32(0))
         return NaturalGradientState(
@@ -380,12 +410,24 @@ def scale_by_natural_gradient(
                     curvature_state, batch, damping_now, decay, is_first=state.count == 0
                 )
 
-        if _is_python_number(refresh_every) and refresh_every == 1:
-            curvature_state = refresh(state.curvature)
+        def measure(curvature_state):
+            with matmul_precision(precision):
+                return curvature.measure(curvature_state, batch, decay, is_first=state.count == 0)
+
+        def factorise(curvature_state):
+            with matmul_precision(EXACT):
+                return curvature.factorise(curvature_state, batch, damping_now)
+
+        def every(period, fn, curvature_state):
+            if _is_python_number(period) and period == 1:
+                return fn(curvature_state)
+            return jax.lax.cond(state.count % period == 0, fn, lambda c: c, curvature_state)
+
+        if statistics_every is None or statistics_every == refresh_every:
+            curvature_state = every(refresh_every, refresh, state.curvature)
         else:
-            curvature_state = jax.lax.cond(
-                state.count % refresh_every == 0, refresh, lambda c: c, state.curvature
-            )
+            curvature_state = every(statistics_every, measure, state.curvature)
+            curvature_state = every(refresh_every, factorise, curvature_state)
 
         with matmul_precision(EXACT):
             direction, curvature_state = curvature.solve(
@@ -497,6 +539,7 @@ def natural_gradient(
     max_kl: ScalarOrSchedule | None = None,
     decay: float | jax.Array = 0.0,
     refresh_every: int | jax.Array = 1,
+    statistics_every: int | None = None,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
@@ -520,7 +563,9 @@ def natural_gradient(
         ``"diagonal"``, ``"block_diagonal"`` or a representation object.
       max_kl: optional ε > 0 bounding the KL of each step.
       decay: EMA factor of the Fisher across refreshes, in [0, 1).
-      refresh_every: recompute the curvature every this many steps.
+      refresh_every: refactorise the curvature every this many steps.
+      statistics_every: measure the curvature statistics every this many steps
+        (``None``: with every refactorisation).
       num_samples: Monte-Carlo labels per example (``None`` means 1).
       seed: seed of the Monte-Carlo PRNG key held in the state.
       max_curvature_bytes: memory budget of the curvature (``None``: unchecked).
@@ -559,6 +604,7 @@ def natural_gradient(
             max_kl=max_kl,
             decay=decay,
             refresh_every=refresh_every,
+            statistics_every=statistics_every,
             num_samples=num_samples,
             seed=seed,
             max_curvature_bytes=max_curvature_bytes,

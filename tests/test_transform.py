@@ -306,6 +306,70 @@ def test_refresh_every_reuses_the_last_factorisation_in_between():
         )
 
 
+def test_statistics_every_step_and_factorisation_every_k_dense():
+    """statistics_every=1, refresh_every=2: the Fisher is the EMA of every step's exact
+    Fisher (computed independently), the inverse is refreshed at steps 0 and 2 only."""
+    model, params, x, y = mlp_problem("categorical")
+    moved = [jax.tree.map(lambda p, s=s: p + 0.1 * s, params) for s in range(4)]
+    damping, decay = 0.1, 0.5
+    tx = ng.scale_by_natural_gradient(
+        model, damping=damping, solver="dense", decay=decay, refresh_every=2, statistics_every=1
+    )
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    g = _gradient(model, params, x, y)
+    average = None
+    for step, p in enumerate(moved):
+        measured = ng.fisher(model, p, x)
+        average = measured if average is None else decay * average + (1 - decay) * measured
+        if step % 2 == 0:
+            factorised = average
+        updates, state = update(g, state, p, inputs=x)
+        np.testing.assert_allclose(state.curvature.fisher, average, rtol=1e-10)
+        expected = jnp.linalg.solve(
+            factorised + damping * jnp.eye(len(factorised)), ravel_pytree(g)[0]
+        )
+        np.testing.assert_allclose(ravel_pytree(updates)[0], expected, rtol=1e-8)
+
+
+def test_statistics_every_step_and_factorisation_every_k_kronecker():
+    """The factors follow every step (as with refresh_every=1); the inverses change
+    only at the refactorisation steps 0 and 3."""
+    model, params, x, y = mlp_problem("categorical")
+    moved = [jax.tree.map(lambda p, s=s: p + 0.1 * s, params) for s in range(4)]
+    options = {"damping": 0.1, "solver": "kronecker", "decay": 0.5}
+    cadenced = ng.scale_by_natural_gradient(model, refresh_every=3, statistics_every=1, **options)
+    every_step = ng.scale_by_natural_gradient(model, **options)
+    states = [cadenced.init(params), every_step.init(params)]
+    g = _gradient(model, params, x, y)
+    inverses_at = {}
+    for step, p in enumerate(moved):
+        states = [
+            jax.jit(tx.update)(g, s, p, inputs=x)[1]
+            for tx, s in zip((cadenced, every_step), states, strict=True)
+        ]
+        cadenced_leaves, reference_leaves = (s.curvature.leaves for s in states)
+        for got, expected in zip(cadenced_leaves, reference_leaves, strict=True):
+            np.testing.assert_allclose(got.left, expected.left, rtol=1e-10)
+            np.testing.assert_allclose(got.right, expected.right, rtol=1e-10)
+        inverses_at[step] = [leaf.left_inverse for leaf in cadenced_leaves]
+        if step % 3 == 0:
+            for got, expected in zip(cadenced_leaves, reference_leaves, strict=True):
+                np.testing.assert_allclose(got.left_inverse, expected.left_inverse, rtol=1e-8)
+    for step in (1, 2):  # no refactorisation: the inverses of step 0, bit for bit
+        for got, kept in zip(inverses_at[step], inverses_at[0], strict=True):
+            np.testing.assert_array_equal(got, kept)
+    assert not np.allclose(inverses_at[3][-1], inverses_at[0][-1])
+
+
+def test_separate_cadences_need_a_representation_that_splits_them():
+    model, params, _, _ = mlp_problem("categorical")
+    with pytest.raises(ValueError, match="cannot measure and factorise on separate cadences"):
+        ng.scale_by_natural_gradient(model, solver="cg", statistics_every=2).init(params)
+    with pytest.raises(ValueError, match="statistics_every must be a Python int"):
+        ng.scale_by_natural_gradient(model, solver="dense", statistics_every=1.5)
+
+
 # --- optax composition under jit -------------------------------------------------------
 
 

@@ -46,7 +46,8 @@ class BlockDiagonal:
         blocks = tuple(jnp.zeros((leaf.size, leaf.size), dtype) for leaf in jax.tree.leaves(params))
         return BlockDiagonalState(blocks=blocks, inverses=blocks)
 
-    def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
+    def measure(self, state, batch: CurvatureBatch, decay, is_first):
+        """Measures each leaf's block on ``batch`` and averages it into the state."""
         dtype = state.blocks[0].dtype
         rows = batch.score_rows().astype(dtype)
         measured = [
@@ -56,8 +57,16 @@ class BlockDiagonal:
             moving_average(old, new, decay, is_first)
             for old, new in zip(state.blocks, measured, strict=True)
         )
-        inverses = tuple(damped_inverse(block, damping) for block in blocks)
-        return BlockDiagonalState(blocks=blocks, inverses=inverses)
+        return state._replace(blocks=blocks)
+
+    def factorise(self, state, batch: CurvatureBatch, damping):
+        """(F_ℓ + λI)⁻¹ of every current block."""
+        del batch
+        inverses = tuple(damped_inverse(block, damping) for block in state.blocks)
+        return state._replace(inverses=inverses)
+
+    def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
+        return self.factorise(self.measure(state, batch, decay, is_first), batch, damping)
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         del damping

@@ -41,12 +41,20 @@ class Dense:
         zeros = jnp.zeros((num_params, num_params), dtype)
         return DenseState(fisher=zeros, inverse=zeros)
 
-    def refresh(self, state: DenseState, batch: CurvatureBatch, damping, decay, is_first):
-        """Measures F on ``batch``, averages it into the state and refactorises F + λI."""
+    def measure(self, state: DenseState, batch: CurvatureBatch, decay, is_first):
+        """Measures F on ``batch`` and averages it into the state."""
         rows = batch.score_rows().astype(state.fisher.dtype)
         measured = batch.device_sum(rows.T @ rows) / batch.num_examples
-        fisher = moving_average(state.fisher, measured, decay, is_first)
-        return DenseState(fisher=fisher, inverse=damped_inverse(fisher, damping))
+        return state._replace(fisher=moving_average(state.fisher, measured, decay, is_first))
+
+    def factorise(self, state: DenseState, batch: CurvatureBatch, damping):
+        """(F + λI)⁻¹ of the current F."""
+        del batch
+        return state._replace(inverse=damped_inverse(state.fisher, damping))
+
+    def refresh(self, state: DenseState, batch: CurvatureBatch, damping, decay, is_first):
+        """Measures F on ``batch``, averages it into the state and refactorises F + λI."""
+        return self.factorise(self.measure(state, batch, decay, is_first), batch, damping)
 
     def solve(self, state: DenseState, batch: CurvatureBatch, vector, damping):
         """(F + λI)⁻¹ v with the factorisation of the last refresh."""

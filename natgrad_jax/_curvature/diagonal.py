@@ -44,8 +44,8 @@ class Diagonal:
     def init(self, params, dtype) -> DiagonalState:
         return DiagonalState(diagonal=jnp.zeros((parameter_count(params),), dtype))
 
-    def refresh(self, state: DiagonalState, batch: CurvatureBatch, damping, decay, is_first):
-        del damping
+    def measure(self, state: DiagonalState, batch: CurvatureBatch, decay, is_first):
+        """Measures diag(F) on ``batch`` and averages it into the state."""
         dtype = state.diagonal.dtype
         if self.capture:
             diagonal = factored_rows(batch, dtype).diagonal() / batch.num_examples
@@ -53,6 +53,14 @@ class Diagonal:
             rows = batch.score_rows().astype(dtype)
             diagonal = batch.device_sum(jnp.sum(rows**2, axis=0)) / batch.num_examples
         return DiagonalState(moving_average(state.diagonal, diagonal, decay, is_first))
+
+    def factorise(self, state: DiagonalState, batch: CurvatureBatch, damping):
+        """Nothing to factorise: the solve divides elementwise."""
+        del batch, damping
+        return state
+
+    def refresh(self, state: DiagonalState, batch: CurvatureBatch, damping, decay, is_first):
+        return self.factorise(self.measure(state, batch, decay, is_first), batch, damping)
 
     def solve(self, state: DiagonalState, batch: CurvatureBatch, vector, damping):
         del batch

@@ -185,7 +185,8 @@ class Kronecker:
                 factored[layer.leaf] = (index, orientation)
         return factored
 
-    def refresh(self, state: KroneckerState, batch: CurvatureBatch, damping, decay, is_first):
+    def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
+        """Averages this batch's factors and diagonals into the state (no inverses)."""
         dtype = state.leaves[0].diagonal.dtype
         rows = factored_rows(batch, dtype)
         factored = self.factored_leaves(batch)
@@ -207,21 +208,24 @@ class Kronecker:
                 )
                 left = moving_average(old.left, measured[0], decay, is_first)
                 right = moving_average(old.right, measured[1], decay, is_first)
-            left_inverse, right_inverse = (
-                _pi_damped_inverses(left, right, damping)
-                if k in factored
-                else (old.left_inverse, old.right_inverse)
-            )
-            new_leaves.append(
-                KroneckerLeafState(
-                    left=left,
-                    right=right,
-                    left_inverse=left_inverse,
-                    right_inverse=right_inverse,
-                    diagonal=moving_average(old.diagonal, diag, decay, is_first),
-                )
-            )
+            diagonal = moving_average(old.diagonal, diag, decay, is_first)
+            new_leaves.append(old._replace(left=left, right=right, diagonal=diagonal))
         return KroneckerState(tuple(new_leaves))
+
+    def factorise(self, state: KroneckerState, batch: CurvatureBatch, damping):
+        """The π-damped inverses of the factored leaves' current factors."""
+        factored = self.factored_leaves(batch)
+        new_leaves = []
+        for k, leaf in enumerate(state.leaves):
+            if k in factored:
+                left_inverse, right_inverse = _pi_damped_inverses(leaf.left, leaf.right, damping)
+                leaf = leaf._replace(left_inverse=left_inverse, right_inverse=right_inverse)
+            new_leaves.append(leaf)
+        return KroneckerState(tuple(new_leaves))
+
+    def refresh(self, state: KroneckerState, batch: CurvatureBatch, damping, decay, is_first):
+        measured = self.measure(state, batch, decay, is_first)
+        return self.factorise(measured, batch, damping)
 
     def solve(self, state: KroneckerState, batch: CurvatureBatch, vector, damping):
         factored = self.factored_leaves(batch)
