@@ -178,7 +178,7 @@ def _equinox_cnn():
 
 def _check_updates(model, params, inputs, targets, solvers, fisher):
     """One update of each solver against (F + λI)⁻¹g (or its diagonal) with F dense."""
-    g = jax.grad(model.nll)(params, inputs, targets)
+    g = jax.jit(jax.grad(model.nll))(params, inputs, targets)
     flat_g, damping = ravel_pytree(g)[0], 1e-2
     for solver in solvers:
         tx = ng.scale_by_natural_gradient(model, damping=damping, solver=solver)
