@@ -96,9 +96,7 @@ def measure(make):
     times = {}
     for solver in SOLVERS:
         progress(f"{make.__name__}: {solver}")
-        tx = ng.scale_by_natural_gradient(
-            model, fisher="monte_carlo", solver=solver, damping=1e-2
-        )
+        tx = ng.scale_by_natural_gradient(model, fisher="monte_carlo", solver=solver, damping=1e-2)
         update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, inputs=x, targets=y)[0])
         times[solver] = median_ms(update, g, tx.init(params), params)
     return num_params, grad_ms, times
