@@ -9,6 +9,7 @@ from natgrad_jax._curvature.auto import choose_solver as choose_solver
 from natgrad_jax._curvature.block import BlockDiagonal as BlockDiagonal
 from natgrad_jax._curvature.dense import Dense as Dense
 from natgrad_jax._curvature.diagonal import Diagonal as Diagonal
+from natgrad_jax._curvature.ekfac import EKFAC as EKFAC
 from natgrad_jax._curvature.implicit import ConjugateGradient as ConjugateGradient
 from natgrad_jax._curvature.kronecker import Kronecker as Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury as Woodbury
@@ -36,6 +37,7 @@ from natgrad_jax._transform import scale_by_natural_gradient as scale_by_natural
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFAC",
     "Bernoulli",
     "BlockDiagonal",
     "Categorical",

@@ -17,6 +17,7 @@ from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.block import BlockDiagonal
 from natgrad_jax._curvature.dense import Dense
 from natgrad_jax._curvature.diagonal import Diagonal
+from natgrad_jax._curvature.ekfac import EKFAC
 from natgrad_jax._curvature.implicit import ConjugateGradient
 from natgrad_jax._curvature.kronecker import Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury
@@ -51,6 +52,7 @@ SOLVERS = {
     "diagonal": Diagonal,
     "block_diagonal": BlockDiagonal,
     "kronecker": Kronecker,
+    "ekfac": EKFAC,
 }
 CHEAP_SOLVERS = ("kronecker", "cg", "diagonal")
 DEFAULT_MAX_CURVATURE_BYTES = 4 * 2**30
@@ -289,7 +291,8 @@ def scale_by_natural_gradient(
         with eigendecomposition fallback),
         ``"woodbury"`` (exact, through the M×M kernel of the M score rows),
         ``"cg"`` (matrix-free conjugate gradients, warm-started), ``"kronecker"``
-        (K-FAC on the layers ``ng.describe`` lists, no tagging), ``"diagonal"`` (exact
+        (K-FAC on the layers ``ng.describe`` lists, no tagging), ``"ekfac"``
+        (K-FAC's eigenbasis with the Fisher's own second moments), ``"diagonal"`` (exact
         diagonal of F), ``"block_diagonal"`` (a dense block per pytree leaf), or a
         representation object such as ``ng.ConjugateGradient(tol=1e-6)``.
       max_kl: optional ε > 0 (number or schedule) bounding ½ dᵀ(F + λI)d.

@@ -185,31 +185,33 @@ class Kronecker:
                 factored[layer.leaf] = (index, orientation)
         return factored
 
+    def measured(self, batch: CurvatureBatch, dtype, sizes):
+        """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals)."""
+        rows = factored_rows(batch, dtype)
+        factors = {}
+        for k, (layer_index, orientation) in self.factored_leaves(batch).items():
+            inputs_factor, outputs_factor = rows.kronecker_factors(layer_index, self.approximation)
+            factors[k] = (
+                (inputs_factor, outputs_factor)
+                if orientation == "left_is_inputs"
+                else (outputs_factor, inputs_factor)
+            )
+        diagonals = jnp.split(rows.diagonal() / batch.num_examples, np.cumsum(sizes)[:-1])
+        return rows, factors, diagonals
+
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
         """Averages this batch's factors and diagonals into the state (no inverses)."""
-        dtype = state.leaves[0].diagonal.dtype
-        rows = factored_rows(batch, dtype)
-        factored = self.factored_leaves(batch)
-        diagonal = rows.diagonal() / batch.num_examples
         sizes = [leaf.diagonal.size for leaf in state.leaves]
-        diagonals = jnp.split(diagonal, np.cumsum(sizes)[:-1])
+        _, factors, diagonals = self.measured(batch, state.leaves[0].diagonal.dtype, sizes)
+        average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
-        for k, (old, diag) in enumerate(zip(state.leaves, diagonals, strict=True)):
-            left, right = old.left, old.right
-            if k in factored:
-                layer_index, orientation = factored[k]
-                inputs_factor, outputs_factor = rows.kronecker_factors(
-                    layer_index, self.approximation
-                )
-                measured = (
-                    (inputs_factor, outputs_factor)
-                    if orientation == "left_is_inputs"
-                    else (outputs_factor, inputs_factor)
-                )
-                left = moving_average(old.left, measured[0], decay, is_first)
-                right = moving_average(old.right, measured[1], decay, is_first)
-            diagonal = moving_average(old.diagonal, diag, decay, is_first)
-            new_leaves.append(old._replace(left=left, right=right, diagonal=diagonal))
+        for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
+            left, right = factors.get(k, (old.left, old.right))
+            if k in factors:
+                left, right = average(old.left, left), average(old.right, right)
+            new_leaves.append(
+                old._replace(left=left, right=right, diagonal=average(old.diagonal, diagonal))
+            )
         return KroneckerState(tuple(new_leaves))
 
     def factorise(self, state: KroneckerState, batch: CurvatureBatch, damping):

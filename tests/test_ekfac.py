@@ -1,0 +1,112 @@
+"""EKFAC: K-FAC's eigenbasis with the Fisher's own second moments, against the dense Fisher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+from tests.helpers import init_mlp, mlp
+
+
+def _shared_weight_model():
+    """A tanh layer applied at each of 3 positions, summed: positions share the weight."""
+
+    def apply(p, x):  # x: (N, 3, 4)
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]), axis=1) @ p["v"]
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {
+        "w": jax.random.normal(keys[0], (4, 5)) / 2,
+        "b": jnp.full((5,), 0.1),
+        "v": jax.random.normal(keys[1], (5, 3)),
+    }
+    return ng.Model(apply, ng.Categorical()), params, jax.random.normal(keys[2], (6, 3, 4))
+
+
+def test_one_example_is_solved_exactly():
+    """One example: every block is (aaᵀ) ⊗ G, diagonal in the Kronecker eigenbasis, and
+    with one leaf (no bias) that block is the whole Fisher."""
+    model = ng.Model(lambda w, x: x @ w, ng.Categorical())
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 4))
+    g = jax.random.normal(jax.random.PRNGKey(2), (4, 5))
+    w = jax.random.normal(jax.random.PRNGKey(3), (4, 5))
+    damping = 1e-3
+    tx = ng.scale_by_natural_gradient(model, solver="ekfac", damping=damping)
+    d, _ = jax.jit(tx.update)(g, tx.init(w), w, inputs=x)
+    f = ng.fisher(model, w, x)
+    expected = np.linalg.solve(f + damping * np.eye(len(f)), g.ravel())
+    np.testing.assert_allclose(d.ravel(), expected, rtol=1e-8, atol=1e-10)
+    kronecker = ng.scale_by_natural_gradient(model, solver="kronecker", damping=damping)
+    k, _ = jax.jit(kronecker.update)(g, kronecker.init(w), w, inputs=x)
+    assert not np.allclose(k.ravel(), expected, rtol=1e-3)  # π-damping is not exact
+
+
+@pytest.mark.parametrize("make", ["mlp", "shared_weight"])
+def test_scalings_are_the_fishers_diagonal_in_the_kronecker_eigenbasis(make):
+    """s = diag(Uᵀ F_ℓ U) for each factored leaf, U = U_left ⊗ U_right of the state."""
+    if make == "mlp":
+        params = init_mlp(jax.random.PRNGKey(0), [3, 5, 4])
+        model, x = ng.Model(mlp, ng.Categorical()), jax.random.normal(jax.random.PRNGKey(1), (7, 3))
+    else:
+        model, params, x = _shared_weight_model()
+    tx = ng.scale_by_natural_gradient(model, solver="ekfac", damping=1e-2)
+    g = jax.tree.map(jnp.ones_like, params)
+    _, state = jax.jit(tx.update)(g, tx.init(params), params, inputs=x)
+    f = np.asarray(ng.fisher(model, params, x))
+    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
+    for k, leaf in enumerate(state.curvature.leaves):
+        block = f[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]
+        basis = np.kron(leaf.left_basis, leaf.right_basis)
+        np.testing.assert_allclose(
+            leaf.scaling.ravel(), np.diag(basis.T @ block @ basis), rtol=1e-9, atol=1e-12
+        )
+    # ... and the solve is exact for F replaced by the block-diagonal U diag(s) Uᵀ.
+    d, _ = jax.jit(tx.update)(g, tx.init(params), params, inputs=x)
+    flat_g, pieces = ravel_pytree(g)[0], []
+    for k, leaf in enumerate(state.curvature.leaves):
+        basis = np.kron(leaf.left_basis, leaf.right_basis)
+        approx = basis @ np.diag(leaf.scaling.ravel()) @ basis.T + 1e-2 * np.eye(len(basis))
+        pieces.append(np.linalg.solve(approx, flat_g[edges[k] : edges[k + 1]]))
+    np.testing.assert_allclose(ravel_pytree(d)[0], np.concatenate(pieces), rtol=1e-8)
+
+
+def test_eigenbases_change_only_when_refactorised():
+    params = init_mlp(jax.random.PRNGKey(0), [3, 5, 4])
+    model, x = ng.Model(mlp, ng.Categorical()), jax.random.normal(jax.random.PRNGKey(1), (7, 3))
+    tx = ng.scale_by_natural_gradient(
+        model, solver="ekfac", damping=1e-2, decay=0.5, statistics_every=1, refresh_every=2
+    )
+    state, g = tx.init(params), jax.tree.map(jnp.ones_like, params)
+    update = jax.jit(tx.update)
+    bases, scalings = [], []  # of the last weight (5 × 4)
+    for step in range(3):
+        moved = jax.tree.map(lambda p, s=step: p + 0.2 * s, params)
+        _, state = update(g, state, moved, inputs=x)
+        bases.append(state.curvature.leaves[-1].left_basis)
+        scalings.append(state.curvature.leaves[-1].scaling)
+    np.testing.assert_array_equal(bases[1], bases[0])  # step 1: statistics only
+    assert not np.allclose(scalings[1], scalings[0])  # ... which did move
+    assert not np.allclose(bases[2], bases[0])  # step 2: refactorised
+
+
+def test_ekfac_trains_a_classifier():
+    params = init_mlp(jax.random.PRNGKey(0), [4, 16, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (128, 4))
+    y = jnp.argmax(x[:, :3] + 0.5 * x[:, 3:], axis=1)
+    model = ng.Model(mlp, ng.Categorical())
+    optimizer = ng.natural_gradient(model, 0.5, solver=ng.EKFAC(), damping=1e-2, decay=0.9)
+    state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, state):
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = optimizer.update(g, state, params, inputs=x)
+        return optax.apply_updates(params, updates), state
+
+    start = float(model.nll(params, x, y))
+    for _ in range(30):
+        params, state = step(params, state)
+    assert float(model.nll(params, x, y)) < 0.25 * start
