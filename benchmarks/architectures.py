@@ -33,7 +33,7 @@ from _common import (
 import natgrad_jax as ng
 
 BATCH = 32
-SOLVERS = ["auto", "woodbury", "kronecker", "cg", "diagonal"]
+SOLVERS = ["auto", "woodbury", "kronecker", "ekfac", "cg", "diagonal"]
 
 
 def cnn():
