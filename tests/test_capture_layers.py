@@ -48,12 +48,10 @@ def _conv_model(layout, strides, padding, dilation):
 
 
 CONVS = {
-    "1d": (("NWC", "WIO", "NWC"), (1,), "VALID", (1,)),
     "1d_strided_dilated": (("NCW", "OIW", "NCW"), (2,), ((2, 1),), (2,)),
-    "2d_same": (("NHWC", "HWIO", "NHWC"), (1, 1), "SAME", (1, 1)),
     "2d_strided_padded_dilated": (("NHWC", "HWIO", "NHWC"), (2, 1), ((1, 0), (2, 1)), (1, 2)),
     "2d_channels_first": (("NCHW", "OIHW", "NCHW"), (1, 2), ((1, 1), (0, 1)), (2, 1)),
-    "3d": (("NDHWC", "DHWIO", "NDHWC"), (1, 2, 1), "SAME", (1, 1, 1)),
+    "3d_same": (("NDHWC", "DHWIO", "NDHWC"), (1, 2, 1), "SAME", (1, 1, 1)),
 }
 
 
@@ -352,8 +350,7 @@ def test_language_model_is_captured_and_matches_the_dense_fisher():
     np.testing.assert_allclose(
         fisher(params, (padded_differently, mask)), reference, rtol=1e-12, atol=1e-14
     )
-    # CG run to convergence: P = 775 and a condition number near 10⁴.
-    solvers = ["woodbury", "diagonal", ng.ConjugateGradient(tol=1e-11, max_iters=1000)]
+    solvers = ["woodbury", "diagonal"]  # CG: Fisher-vector products, shape-agnostic
     next_tokens = jnp.roll(tokens, -1, axis=1)
     _check_updates(model, params, (tokens, mask), next_tokens, solvers, reference)
 
