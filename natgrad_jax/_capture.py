@@ -85,6 +85,7 @@ class Layer:
     output_example_axis: int  # axis of the layer output that indexes examples
     input_shape: tuple | None  # shape of x for the traced batch (None for an add)
     output_shape: tuple  # shape of the layer output for the traced batch
+    output_dtype: Any  # its dtype (the probe's: g comes back in it)
     operand_shape: tuple  # shape of the parameter operand (after the chain)
     primitive: Any = None  # the equation's primitive and parameters (convolutions)
     primitive_params: Any = None
@@ -237,7 +238,8 @@ def _analyse(closed_jaxpr, origins, uses, counter, scan_lengths=()):
                 if d is not None
             }
             carried = [k for k in sides if k >= num_consts]
-            uses.extend(_Use(derived[k][0], None, primitive_name="scan's carry") for k in carried)
+            where = "scan, as a carry or scanned input"
+            uses.extend(_Use(derived[k][0], None, primitive_name=where) for k in carried)
             _analyse(body, body_origins, uses, counter, (*scan_lengths, eqn.params["length"]))
             continue
         uses.extend(_Use(derived[k][0], None, primitive_name=name) for k in sides)
@@ -455,6 +457,7 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
         output_example_axis=output_axis,
         input_shape=None if use.input_aval is None else tuple(use.input_aval.shape),
         output_shape=tuple(use.output_aval.shape),
+        output_dtype=use.output_aval.dtype,
         operand_shape=tuple(use.operand_aval.shape),
         primitive=use.primitive if is_conv else None,
         primitive_params=use.primitive_params if is_conv else None,
@@ -560,7 +563,7 @@ def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cota
     ``cotangent_rows`` is a pytree shaped like the outputs with a leading axis of R rows;
     g[k] has a leading R axis, then the shape of layer k's output.
     """
-    zeros = [jnp.zeros(layer.probe_shape, jnp.result_type(float)) for layer in captured.layers]
+    zeros = [jnp.zeros(layer.probe_shape, layer.output_dtype) for layer in captured.layers]
     # Inside shard_map the probes must vary like the batch, or their cotangents (the g)
     # would be summed over the devices.
     batch_axes = varying_axes(jax.tree.leaves(inputs)[0])

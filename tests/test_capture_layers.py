@@ -211,7 +211,8 @@ def _rnn(p, x):
         h = jnp.tanh(x_t @ p["wx"] + h @ p["wh"] + p["b"])
         return h, h * p["s"]
 
-    h, hs = jax.lax.scan(step, jnp.zeros((x.shape[0], 3)), jnp.swapaxes(x, 0, 1), reverse=True)
+    h0 = jnp.zeros((x.shape[0], 3), x.dtype)
+    h, hs = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1), reverse=True)
     return h @ p["out"] + jnp.mean(hs, axis=0) @ p["out2"]
 
 
@@ -226,7 +227,7 @@ def _nested_scan(p, x):
         return h * p["s"], None
 
     chunks = jnp.swapaxes(x, 0, 1).reshape(3, 2, x.shape[0], x.shape[2])
-    h, _ = jax.lax.scan(outer, jnp.zeros((x.shape[0], 3)), chunks)
+    h, _ = jax.lax.scan(outer, jnp.zeros((x.shape[0], 3), x.dtype), chunks)
     return h @ p["out"] + h @ p["out2"]
 
 
@@ -372,3 +373,29 @@ def test_haiku_biases_added_through_broadcast_to_are_captured():
         got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
         np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-10, atol=1e-12)
     _check_factored_products(ng.Model(net.apply, ng.Categorical()), params, x)
+
+
+@pytest.mark.parametrize(
+    "apply_params_inputs",
+    [
+        lambda: _conv_model(*CONVS["2d_strided_padded_dilated"]),
+        lambda: (_rnn, _recurrent_params(), jax.random.normal(jax.random.PRNGKey(1), (N, 6, 2))),
+    ],
+    ids=["conv", "scan"],
+)
+def test_captured_layers_in_float32(apply_params_inputs):
+    """Patches (HIGHEST precision) and scan probes keep float32 per-example gradients."""
+    apply, params, x = apply_params_inputs()
+    params, x = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x))
+    captured = capture(apply, params, x)
+    assert captured.fallback == ()
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES), jnp.float32)
+    _, activations, gradients = jax.jit(
+        lambda p, x, c: layer_inputs_and_gradients(apply, captured, p, x, c[None])
+    )(params, x, cotangent)
+    expected = jax.tree.leaves(_vmap_gradients(apply, params, x, cotangent))
+    leaves = jax.tree.leaves(params)
+    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
+        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, expected[layer.leaf], rtol=2e-4, atol=2e-5)
