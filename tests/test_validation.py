@@ -176,7 +176,7 @@ hypothesis = optional_import("hypothesis")
 st = hypothesis.strategies
 
 
-@hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
 @hypothesis.given(
     hidden=st.integers(1, 6),
     num_examples=st.integers(1, 12),
