@@ -55,7 +55,7 @@ class EkfacState(NamedTuple):
 
 def _second_moments(rows, layer_index, orientation, left_basis, right_basis):
     """s = 1/N Σ_{n,r} (U_Lᵀ ∇W_{rn} U_R)² for one captured layer (leaf orientation)."""
-    a, g = rows._a(layer_index), rows.gradients[layer_index]  # (N, T, K), (R, N, T, D)
+    a, g = rows.layer_inputs(layer_index), rows.gradients[layer_index]  # (N, T, K), (R, N, T, D)
     a_basis, g_basis = (
         (left_basis, right_basis) if orientation == "left_is_inputs" else (right_basis, left_basis)
     )

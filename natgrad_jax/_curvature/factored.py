@@ -204,7 +204,8 @@ class FactoredRows:
     leaf_templates: tuple  # zero arrays shaped like the leaves (for layout maps)
     num_examples: int
 
-    def _a(self, index):
+    def layer_inputs(self, index):
+        """a of layer ``index`` as (N, T, K); ones (K = 1) for a bias or a scale."""
         a = self.inputs[index]
         if a is None:
             g = self.gradients[index]
@@ -240,13 +241,14 @@ class FactoredRows:
         total = jnp.einsum("rnp,p->rn", self.fallback_rows, self._fallback_part(leaves))
         for index, layer in enumerate(self.capture.layers):
             v = leaf_to_matrix(layer, leaves[layer.leaf]).astype(flat.dtype)
-            total = total + jnp.einsum("ntk,kd,rntd->rn", self._a(index), v, self.gradients[index])
+            a, g = self.layer_inputs(index), self.gradients[index]
+            total = total + jnp.einsum("ntk,kd,rntd->rn", a, v, g)
         return total
 
     def rmatvec(self, weights):
         """Sᵀ u for u of shape (R, N), as a flat vector."""
         per_layer = [
-            jnp.einsum("rn,ntk,rntd->kd", weights, self._a(index), self.gradients[index])
+            jnp.einsum("rn,ntk,rntd->kd", weights, self.layer_inputs(index), self.gradients[index])
             for index in range(len(self.capture.layers))
         ]
         return self._assemble(per_layer, jnp.einsum("rn,rnp->p", weights, self.fallback_rows))
@@ -257,7 +259,7 @@ class FactoredRows:
         fallback = self.fallback_rows.reshape(r * n, -1)
         total = (fallback @ fallback.T).reshape(r, n, r, n)
         for index in range(len(self.capture.layers)):
-            a, g = self._a(index), self.gradients[index]
+            a, g = self.layer_inputs(index), self.gradients[index]
             if a.shape[1] == 1:
                 inputs = a[:, 0] @ a[:, 0].T
                 total = total + inputs[None, :, None, :] * jnp.einsum(
@@ -275,7 +277,7 @@ class FactoredRows:
         """diag(SᵀS) as a flat vector."""
         per_layer = []
         for index in range(len(self.capture.layers)):
-            a, g = self._a(index), self.gradients[index]
+            a, g = self.layer_inputs(index), self.gradients[index]
             if a.shape[1] == 1:
                 per_layer.append(jnp.einsum("nk,rnd->kd", a[:, 0] ** 2, g[:, :, 0] ** 2))
             else:
@@ -299,7 +301,7 @@ class FactoredRows:
         the same at every position, "expand" when the positions' gradients are
         uncorrelated.
         """
-        a, g = self._a(index), self.gradients[index]
+        a, g = self.layer_inputs(index), self.gradients[index]
         n, t = self.num_examples, a.shape[1]
         if approximation == "reduce":
             a_mean, g_sum = jnp.mean(a, axis=1), jnp.sum(g, axis=2)
