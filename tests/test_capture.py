@@ -7,10 +7,10 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._capture import capture, layer_inputs_and_gradients, per_example_gradient
+from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows
-from tests.helpers import init_mlp, mlp
+from tests.helpers import assert_capture_rebuilds_vmap_gradients, init_mlp, mlp
 
 N, IN, OUT = 6, 3, 4
 
@@ -76,14 +76,6 @@ def equinox_mlp():
 MODELS = [hand_written, hand_written_with_casts_and_reshapes, flax_linen, flax_nnx, equinox_mlp]
 
 
-def _vmap_gradients(apply, params, x, cotangent):
-    def one(xi, ci):
-        _, pullback = jax.vjp(lambda p: apply(p, xi[None]), params)
-        return pullback(ci[None])[0]
-
-    return jax.vmap(one)(x, cotangent)
-
-
 @pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
 def test_every_dense_layer_is_captured_and_rebuilds_vmap_gradients(make):
     apply, params = make()
@@ -92,14 +84,9 @@ def test_every_dense_layer_is_captured_and_rebuilds_vmap_gradients(make):
     num_leaves = len(jax.tree.leaves(params))
     assert len(captured.layers) == num_leaves and captured.fallback == ()
     cotangent = jax.random.normal(jax.random.PRNGKey(2), (N, OUT))
-    _, activations, gradients = layer_inputs_and_gradients(
-        apply, captured, params, x, cotangent[None]
+    assert_capture_rebuilds_vmap_gradients(
+        apply, captured, params, x, cotangent, rtol=1e-5, atol=1e-6
     )
-    expected = jax.tree.leaves(_vmap_gradients(apply, params, x, cotangent))
-    leaves = jax.tree.leaves(params)
-    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
-        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
-        np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-5, atol=1e-6)
 
 
 def _tricky_model():

@@ -8,11 +8,11 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._capture import capture, layer_inputs_and_gradients, per_example_gradient
+from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows
 from natgrad_jax._curvature.kronecker import Kronecker
-from tests.helpers import optional_import
+from tests.helpers import assert_capture_rebuilds_vmap_gradients, optional_import
 
 N, CLASSES = 5, 3
 
@@ -55,14 +55,6 @@ CONVS = {
 }
 
 
-def _vmap_gradients(apply, params, x, cotangent):
-    def one(xi, ci):
-        _, pullback = jax.vjp(lambda p: apply(p, xi[None]), params)
-        return pullback(ci[None])[0]
-
-    return jax.vmap(one)(x, cotangent)
-
-
 def _dense_rows_by_row(batch):
     """The vmap-ed score rows, reordered (row, example) like the factored ones."""
     dense = batch.score_rows()
@@ -94,14 +86,9 @@ def test_captured_convolutions_rebuild_vmap_gradients_and_score_rows(config):
     kinds = {captured.leaf_names[layer.leaf]: layer.kind for layer in captured.layers}
     assert kinds == {"['bias']": "add", "['kernel']": "conv", "['out']": "dot", "['scale']": "mul"}
     cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
-    _, activations, gradients = layer_inputs_and_gradients(
-        apply, captured, params, x, cotangent[None]
+    assert_capture_rebuilds_vmap_gradients(
+        apply, captured, params, x, cotangent, rtol=1e-10, atol=1e-12
     )
-    expected = jax.tree.leaves(_vmap_gradients(apply, params, x, cotangent))
-    leaves = jax.tree.leaves(params)
-    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
-        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
-        np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-10, atol=1e-12)
     _check_factored_products(ng.Model(apply, ng.Categorical()), params, x)
 
 
@@ -253,14 +240,9 @@ def test_weights_inside_scan_are_captured_and_rebuild_vmap_gradients(apply):
     inner = (6,) if apply is _rnn else (3, 2)
     assert steps["['wx']"] == steps["['wh']"] == steps["['b']"] == inner
     cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
-    _, activations, gradients = layer_inputs_and_gradients(
-        apply, captured, params, x, cotangent[None]
+    assert_capture_rebuilds_vmap_gradients(
+        apply, captured, params, x, cotangent, rtol=1e-10, atol=1e-12
     )
-    expected = jax.tree.leaves(_vmap_gradients(apply, params, x, cotangent))
-    leaves = jax.tree.leaves(params)
-    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
-        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
-        np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-10, atol=1e-12)
     _check_factored_products(ng.Model(apply, ng.Categorical()), params, x)
 
 
@@ -364,14 +346,9 @@ def test_haiku_biases_added_through_broadcast_to_are_captured():
     captured = capture(net.apply, params, x)
     assert captured.fallback == () and {layer.kind for layer in captured.layers} == {"add", "dot"}
     cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
-    _, activations, gradients = layer_inputs_and_gradients(
-        net.apply, captured, params, x, cotangent[None]
+    assert_capture_rebuilds_vmap_gradients(
+        net.apply, captured, params, x, cotangent, rtol=1e-10, atol=1e-12
     )
-    expected = jax.tree.leaves(_vmap_gradients(net.apply, params, x, cotangent))
-    leaves = jax.tree.leaves(params)
-    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
-        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
-        np.testing.assert_allclose(got, expected[layer.leaf], rtol=1e-10, atol=1e-12)
     _check_factored_products(ng.Model(net.apply, ng.Categorical()), params, x)
 
 
@@ -390,12 +367,6 @@ def test_captured_layers_in_float32(apply_params_inputs):
     captured = capture(apply, params, x)
     assert captured.fallback == ()
     cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES), jnp.float32)
-    _, activations, gradients = jax.jit(
-        lambda p, x, c: layer_inputs_and_gradients(apply, captured, p, x, c[None])
-    )(params, x, cotangent)
-    expected = jax.tree.leaves(_vmap_gradients(apply, params, x, cotangent))
-    leaves = jax.tree.leaves(params)
-    for layer, a, g in zip(captured.layers, activations, gradients, strict=True):
-        got = per_example_gradient(layer, a, g[0], leaves[layer.leaf])
-        assert got.dtype == jnp.float32
-        np.testing.assert_allclose(got, expected[layer.leaf], rtol=2e-4, atol=2e-5)
+    assert_capture_rebuilds_vmap_gradients(
+        apply, captured, params, x, cotangent, rtol=2e-4, atol=2e-5
+    )

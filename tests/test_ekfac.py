@@ -3,12 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from tests.helpers import init_mlp, mlp
+from tests.helpers import classifier_nll_before_and_after, init_mlp, mlp
 
 
 def _shared_weight_model():
@@ -93,20 +92,9 @@ def test_eigenbases_change_only_when_refactorised():
 
 
 def test_ekfac_trains_a_classifier():
-    params = init_mlp(jax.random.PRNGKey(0), [4, 16, 3])
-    x = jax.random.normal(jax.random.PRNGKey(1), (128, 4))
-    y = jnp.argmax(x[:, :3] + 0.5 * x[:, 3:], axis=1)
-    model = ng.Model(mlp, ng.Categorical())
-    optimizer = ng.natural_gradient(model, 0.5, solver=ng.EKFAC(), damping=1e-2, decay=0.9)
-    state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, state):
-        g = jax.grad(model.nll)(params, x, y)
-        updates, state = optimizer.update(g, state, params, inputs=x)
-        return optax.apply_updates(params, updates), state
-
-    start = float(model.nll(params, x, y))
-    for _ in range(30):
-        params, state = step(params, state)
-    assert float(model.nll(params, x, y)) < 0.25 * start
+    start, end = classifier_nll_before_and_after(
+        lambda model: ng.natural_gradient(model, 0.5, solver=ng.EKFAC(), damping=1e-2, decay=0.9),
+        steps=30,
+        keys=(jax.random.PRNGKey(0), jax.random.PRNGKey(1)),
+    )
+    assert end < 0.25 * start
