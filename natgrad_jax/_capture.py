@@ -21,7 +21,9 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
      one-hot rows of the indices),
    * an ``add`` of a (broadcast) bias, or a ``mul`` by a (broadcast) elementwise scale
      (LayerNorm/RMSNorm scales, BatchNorm in inference mode): their per-example
-     gradients are g and g ⊙ x summed over the broadcast axes.
+     gradients are g and g ⊙ x summed over the broadcast axes. A scale first multiplied
+     by a value c computed without the inputs (BatchNorm's running 1/σ) is followed
+     through that product; its layer input is x ⊙ c.
 
    Nested ``jit`` calls are entered recursively.
 2. A leaf is **captured** if every use of it is such a layer (one layer per leaf); any
@@ -41,8 +43,9 @@ per-example Fisher does.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as jex_core
@@ -51,6 +54,7 @@ import numpy as np
 
 from natgrad_jax._eager import is_traced
 from natgrad_jax._fisher import varying_axes
+from natgrad_jax._independence import inner_tainted
 
 PyTree = Any
 
@@ -92,6 +96,10 @@ class Layer:
     # Lengths of the scans the layer is inside (outermost first): its inputs and
     # output-gradients are stacked over their steps, which count as positions.
     scan_lengths: tuple = ()
+    # A "mul" whose scale was first multiplied by a value c that is the same for every
+    # example (BatchNorm's running 1/σ): (equation, operand) where c is read and the
+    # layout operations that bring it to the operand's shape. The layer input is x ⊙ c.
+    constant_factor: tuple | None = None
 
     @property
     def probe_shape(self) -> tuple:
@@ -111,7 +119,8 @@ class Layer:
             "conv": f"convolution, input {self.input_shape}",
             "embed": f"embedding lookup, indices {self.input_shape}",
             "add": f"bias add, output {self.output_shape}",
-            "mul": f"elementwise scale, output {self.output_shape}",
+            "mul": f"elementwise scale, output {self.output_shape}"
+            + (", times a constant" if self.constant_factor else ""),
         }[self.kind]
 
 
@@ -177,15 +186,28 @@ class _Use:
     primitive_params: Any = None
     primitive_name: str = ""
     scan_lengths: tuple = ()
+    factor: tuple | None = None  # _Origin.factor of the parameter operand
 
 
-def _analyse(closed_jaxpr, origins, uses, counter, scan_lengths=()):
+class _Origin(NamedTuple):
+    """How a variable derives from a parameter leaf."""
+
+    leaf: int
+    chain: tuple  # (primitive, params) of the layout operations from the leaf
+    broadcast: bool  # whether the chain holds a broadcast_in_dim
+    # (equation, operand, chain length) of a multiplication by a value that is the same
+    # for every example (BatchNorm's running 1/σ), or None.
+    factor: tuple | None = None
+
+
+def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
     """Walks a jaxpr, following parameter-derived variables.
 
-    ``origins`` maps a variable to (leaf, chain, through_broadcast); every equation gets
-    the next index of ``counter`` (the evaluation pass numbers them the same way).
-    ``scan_lengths`` are the lengths of the ``scan`` bodies we are inside: a layer there
-    is applied once per step, with the weight entering the scan as a constant.
+    ``origins`` maps a variable to its ``_Origin``; ``tainted`` holds the variables
+    computed from the inputs. Every equation gets the next index of ``counter`` (the
+    evaluation pass numbers them the same way). ``scan_lengths`` are the lengths of the
+    ``scan`` bodies we are inside: a layer there is applied once per step, with the
+    weight entering the scan as a constant.
     """
     env = dict(origins)
     for eqn in closed_jaxpr.jaxpr.eqns:
@@ -194,58 +216,83 @@ def _analyse(closed_jaxpr, origins, uses, counter, scan_lengths=()):
         name = eqn.primitive.name
         derived = [None if _is_literal(v) else env.get(v) for v in eqn.invars]
         sides = [k for k in range(len(derived)) if derived[k] is not None]
-        if name == "dot_general" and len(sides) == 1:
-            (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"][1]
-            leaf, chain, broadcast = derived[sides[0]]
-            if not (lhs_batch or rhs_batch or broadcast):
-                uses.append(_layer_use("dot", index, leaf, sides[0], chain, eqn, scan_lengths))
-                continue
-        elif name == "conv_general_dilated" and sides == [1] and _is_plain_conv(eqn):
-            leaf, chain, broadcast = derived[1]
-            if not broadcast:
-                uses.append(_layer_use("conv", index, leaf, 1, chain, eqn, scan_lengths))
-                continue
-        elif name == "gather" and sides == [0] and _is_row_lookup(eqn):
-            leaf, chain, broadcast = derived[0]
-            if not broadcast:
-                uses.append(_layer_use("embed", index, leaf, 0, chain, eqn, scan_lengths))
-                continue
-        elif name == "add" and len(sides) == 1:
-            leaf, chain, _ = derived[sides[0]]
-            uses.append(_layer_use("add", index, leaf, sides[0], chain, eqn, scan_lengths))
-            continue
-        elif name == "mul" and len(sides) == 1 and _scales_elementwise(eqn, sides[0]):
-            leaf, chain, _ = derived[sides[0]]
-            uses.append(_layer_use("mul", index, leaf, sides[0], chain, eqn, scan_lengths))
-            continue
+        from_inputs = any(not _is_literal(v) and v in tainted for v in eqn.invars)
+        if from_inputs:
+            tainted.update(eqn.outvars)
+        layer = _layer_kind(eqn, sides, derived)
+        if name == "mul" and len(sides) == 1 and not from_inputs and _is_factor(eqn, derived):
+            origin = derived[sides[0]]
+            factor = (index, 1 - sides[0], len(origin.chain))
+            env[eqn.outvars[0]] = origin._replace(factor=factor)
+        elif layer is not None:
+            uses.append(_layer_use(layer, index, derived[sides[0]], sides[0], eqn, scan_lengths))
         elif name in BIAS_OPS and sides == [0] and len(eqn.invars) == 1:
-            leaf, chain, broadcast = derived[0]
-            broadcast = broadcast or name == "broadcast_in_dim"
-            env[eqn.outvars[0]] = (leaf, (*chain, (eqn.primitive, eqn.params)), broadcast)
-            continue
+            origin = derived[0]
+            env[eqn.outvars[0]] = origin._replace(
+                chain=(*origin.chain, (eqn.primitive, eqn.params)),
+                broadcast=origin.broadcast or name == "broadcast_in_dim",
+            )
         elif name in CALL_OPS and _inner_jaxpr(eqn) is not None:
             inner = _inner_jaxpr(eqn)
-            inner_origins = {
-                v: d for v, d in zip(inner.jaxpr.invars, derived, strict=True) if d is not None
-            }
-            _analyse(inner, inner_origins, uses, counter, scan_lengths)
-            continue
+            _analyse(
+                inner,
+                _inner_origins(inner, derived),
+                uses,
+                counter,
+                inner_tainted(eqn, inner.jaxpr, tainted),
+                scan_lengths,
+            )
         elif name == "scan":
             body, num_consts = eqn.params["jaxpr"], eqn.params["num_consts"]
-            body_origins = {
-                v: d
-                for v, d in zip(body.jaxpr.invars[:num_consts], derived[:num_consts], strict=True)
-                if d is not None
-            }
             carried = [k for k in sides if k >= num_consts]
             where = "scan, as a carry or scanned input"
-            uses.extend(_Use(derived[k][0], None, primitive_name=where) for k in carried)
-            _analyse(body, body_origins, uses, counter, (*scan_lengths, eqn.params["length"]))
-            continue
-        uses.extend(_Use(derived[k][0], None, primitive_name=name) for k in sides)
+            uses.extend(_Use(derived[k].leaf, None, primitive_name=where) for k in carried)
+            _analyse(
+                body,
+                _inner_origins(body, derived[:num_consts]),
+                uses,
+                counter,
+                inner_tainted(eqn, body.jaxpr, tainted),
+                (*scan_lengths, eqn.params["length"]),
+            )
+        else:
+            uses.extend(_Use(derived[k].leaf, None, primitive_name=name) for k in sides)
     for var in closed_jaxpr.jaxpr.outvars:
         if not _is_literal(var) and var in env:
-            uses.append(_Use(env[var][0], None, primitive_name="output"))
+            uses.append(_Use(env[var].leaf, None, primitive_name="output"))
+
+
+def _inner_origins(inner, derived) -> dict:
+    """The origins of a nested jaxpr's leading inputs (those ``derived`` describes)."""
+    return {v: d for v, d in zip(inner.jaxpr.invars, derived, strict=False) if d is not None}
+
+
+def _layer_kind(eqn, sides, derived) -> str | None:
+    """The kind of layer ``eqn`` is for its one parameter-derived operand, if any."""
+    name = eqn.primitive.name
+    if len(sides) != 1:
+        return None
+    side, origin = sides[0], derived[sides[0]]
+    if name == "dot_general" and not origin.broadcast:
+        (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"][1]
+        return None if lhs_batch or rhs_batch else "dot"
+    if name == "conv_general_dilated" and side == 1 and not origin.broadcast:
+        return "conv" if _is_plain_conv(eqn) else None
+    if name == "gather" and side == 0 and not origin.broadcast:
+        return "embed" if _is_row_lookup(eqn) else None
+    if name == "add":
+        return "add"
+    if name == "mul" and _scales_elementwise(eqn, side):
+        return "mul"
+    return None
+
+
+def _is_factor(eqn, derived) -> bool:
+    """A mul of a parameter-derived value by one that does not depend on the inputs
+    (a scalar or the same shape): the value is scaled, not yet used by a layer."""
+    side = next(k for k, d in enumerate(derived) if d is not None)
+    other, out = eqn.invars[1 - side], eqn.outvars[0].aval.shape
+    return derived[side].factor is None and np.shape(other.aval) in ((), out)
 
 
 def _is_plain_conv(eqn) -> bool:
@@ -274,21 +321,22 @@ def _scales_elementwise(eqn, side) -> bool:
     )
 
 
-def _layer_use(kind, index, leaf, side, chain, eqn, scan_lengths):
+def _layer_use(kind, index, origin: _Origin, side, eqn, scan_lengths):
     other = eqn.invars[1 - side]
     return _Use(
-        leaf,
+        origin.leaf,
         index,
         kind,
         side,
         eqn.params.get("dimension_numbers"),
-        chain,
+        origin.chain,
         None if kind == "add" else other.aval,
         eqn.outvars[0].aval,
         eqn.invars[side].aval,
         eqn.primitive,
         dict(eqn.params),
         scan_lengths=scan_lengths,
+        factor=origin.factor,
     )
 
 
@@ -299,9 +347,9 @@ def _trace(apply_fn, params, inputs):
 def _layer_uses(apply_fn, params, inputs):
     closed = _trace(apply_fn, params, inputs)
     num_leaves = len(jax.tree.leaves(params))
-    origins = {v: (k, (), False) for k, v in enumerate(closed.jaxpr.invars[:num_leaves])}
+    origins = {v: _Origin(k, (), False) for k, v in enumerate(closed.jaxpr.invars[:num_leaves])}
     uses: list[_Use] = []
-    _analyse(closed, origins, uses, [0])
+    _analyse(closed, origins, uses, [0], set(closed.jaxpr.invars[num_leaves:]))
     return closed, uses
 
 
@@ -418,6 +466,8 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
     if len(uses) != 1:
         return f"used by {len(uses)} operations (tied or reused)"
     use = _unbroadcast(uses[0], leaf_shape)
+    if use.factor is not None and use.kind != "mul":
+        return f"multiplied by a computed value before its {use.kind}"
     if use.eqn is None:
         if use.primitive_name == "output":
             return "returned by apply_fn itself"
@@ -462,13 +512,29 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
         primitive=use.primitive if is_conv else None,
         primitive_params=use.primitive_params if is_conv else None,
         scan_lengths=use.scan_lengths,
+        constant_factor=_constant_factor(uses[0]),
     )
+
+
+def _constant_factor(use: _Use) -> tuple | None:
+    if use.factor is None:
+        return None
+    eqn, operand, chain_length = use.factor
+    return eqn, operand, use.chain[chain_length:]
 
 
 # --- evaluating with probes ----------------------------------------------------------------
 
 
 def _evaluate(closed_jaxpr, args, probes, activations, counter):
+    """Runs a jaxpr with ``probes[k] = (layer, probe)`` added to the output of equation k;
+    ``activations`` receives each probed layer's input (and, under ``("factor", k)``, the
+    constant factors of BatchNorm-like scales)."""
+    factors = {
+        layer.constant_factor[0]: layer.constant_factor[1]
+        for layer, _ in probes.values()
+        if layer.constant_factor is not None
+    }
     env = dict(zip(closed_jaxpr.jaxpr.constvars, closed_jaxpr.consts, strict=True))
     env.update(zip(closed_jaxpr.jaxpr.invars, args, strict=True))
 
@@ -485,12 +551,27 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
             outs = _evaluate_scan(eqn, values, probes, activations, counter)
         else:
             outs = _bind(eqn, values)
+            if index in factors:
+                factor = values[factors[index]]
+                activations["factor", index] = jnp.broadcast_to(factor, outs[0].shape)
             if index in probes:
                 layer, probe = probes[index]
-                activations[index] = values[1 - layer.param_operand]
+                activations[index] = _layer_input(layer, values, activations)
                 outs = [outs[0] + probe.astype(outs[0].dtype)]
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in closed_jaxpr.jaxpr.outvars]
+
+
+def _layer_input(layer: Layer, values, activations):
+    """The input a of a layer: its non-parameter operand (times the constant factor)."""
+    value = values[1 - layer.param_operand]
+    if layer.constant_factor is None:
+        return value
+    eqn, _, chain = layer.constant_factor
+    factor = activations["factor", eqn]
+    for primitive, params in chain:
+        factor = primitive.bind(factor, **params)
+    return value * factor.astype(value.dtype)
 
 
 def _count_equations(closed_jaxpr) -> int:
@@ -521,7 +602,8 @@ def _evaluate_scan(eqn, values, probes, activations, counter):
     def step(carry, scanned):
         xs_t, probes_t = scanned
         step_probes = {k: (probes[k][0], p) for k, p in zip(inside, probes_t, strict=True)}
-        step_inputs: dict = {}
+        # Reads fall back to the values stashed before the scan (constant factors).
+        step_inputs = collections.ChainMap({}, activations)
         outs = _evaluate(body, [*consts, *carry, *xs_t], step_probes, step_inputs, [start])
         return outs[:num_carry], (outs[num_carry:], [step_inputs[k] for k in inside])
 

@@ -149,7 +149,7 @@ def _reduces_over_examples(closed, grown, num_params: int) -> bool:
     return _walk(closed.jaxpr, grown.jaxpr, inputs_of)
 
 
-def _inner_tainted(eqn, inner, tainted) -> set:
+def inner_tainted(eqn, inner, tainted) -> set:
     """The variables of a nested jaxpr (jit, scan body) that carry the inputs."""
     outer = [None if isinstance(v, jax.extend.core.Literal) else v for v in eqn.invars]
     found = {v for v, o in zip(inner.invars, outer, strict=False) if o is not None and o in tainted}
@@ -170,7 +170,7 @@ def _walk(jaxpr, grown, tainted) -> bool:
                 inner, inner_twin = (
                     getattr(e.params[name], "jaxpr", e.params[name]) for e in (eqn, twin)
                 )
-                if _walk(inner, inner_twin, _inner_tainted(eqn, inner, tainted)):
+                if _walk(inner, inner_twin, inner_tainted(eqn, inner, tainted)):
                     return True
         for var, twin_var in zip(eqn.outvars, twin.outvars, strict=True):
             tainted.add(var)

@@ -134,7 +134,9 @@ def _flax_cnn():
     x = jax.random.normal(jax.random.PRNGKey(1), (N, 8, 8, 2))
     variables = module.init(jax.random.PRNGKey(0), x)
     variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
-    stats = variables["batch_stats"]
+    # Running statistics far from (0, 1), so a missing 1/σ would show.
+    mean, var = variables["batch_stats"]["BatchNorm_0"].values()
+    stats = {"BatchNorm_0": {"mean": mean + 0.4, "var": var * jnp.linspace(0.2, 3.0, 3)}}
     apply = lambda p, x: module.apply({"params": p, "batch_stats": stats}, x)
     return apply, variables["params"], x
 
@@ -177,18 +179,62 @@ def _check_updates(model, params, inputs, targets, solvers, fisher):
 
 @pytest.mark.parametrize("make", [_flax_cnn, _equinox_cnn], ids=["flax", "equinox"])
 def test_library_cnns_are_captured_and_match_the_dense_fisher(make):
-    """Every convolution, norm scale and bias is captured; BatchNorm's scale, which flax
-    multiplies by the running 1/σ before it meets the examples, stays on the exact vmap
-    route."""
+    """Every convolution, norm scale and bias is captured, BatchNorm's scale (which flax
+    multiplies by the running 1/σ before it meets the examples) included."""
     apply, params, x = make()
     model = ng.Model(apply, ng.Categorical())
     captured = capture(apply, params, x)
-    fallback = [captured.leaf_names[k] for k in captured.fallback]
-    assert fallback == (["['BatchNorm_0']['scale']"] if make is _flax_cnn else [])
+    assert captured.fallback == ()
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
+    assert_capture_rebuilds_vmap_gradients(
+        apply, captured, params, x, cotangent, rtol=1e-10, atol=1e-12
+    )
     text = ng.describe(model, params, x)
     assert "convolution" in text and "elementwise scale" in text
     fisher = ng.fisher(model, params, x)
     _check_updates(model, params, x, jnp.arange(N) % CLASSES, ["woodbury", "diagonal"], fisher)
+
+
+def _constant_scaled(p, x):
+    """Scales multiplied by values that are the same for every example before they meet
+    the examples: an array, a scalar literal, and (outside or inside a scan) an array
+    that the scan body uses."""
+    c = jnp.linspace(0.5, 2.0, 3)
+    h = x[:, 0] @ p["w"]
+    h = h * (c * p["s"]) + (3.0 * p["b"])
+    h = h * (2.0 * p["s2"])
+    s3 = c * p["s3"]
+
+    def step(h, x_t):
+        h = jnp.tanh(x_t @ p["w"][:, ::-1] + h * s3)
+        return h * (c[::-1] * p["s4"]), None
+
+    h, _ = jax.lax.scan(step, h, jnp.swapaxes(x, 0, 1))
+    return h @ p["out"]
+
+
+def test_scales_times_constants_are_captured_and_rebuild_vmap_gradients():
+    """The constant multiplies the layer input: a = x ⊙ c; a weight multiplied by a
+    constant before a matmul is left to vmap with the reason."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    scales = {k: jnp.linspace(0.5, 1.5, 3) + i for i, k in enumerate(["s", "s2", "s3", "s4"])}
+    params = {
+        **scales,
+        "w": jax.random.normal(keys[0], (2, 3)),
+        "b": jnp.full((3,), 0.2),
+        "out": jax.random.normal(keys[1], (3, CLASSES)),
+    }
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 4, 2))
+    captured = capture(_constant_scaled, params, x)
+    routes = {name: captured.route(k) for k, name in enumerate(captured.leaf_names)}
+    for name in ("['s']", "['s2']", "['s3']", "['s4']"):
+        assert routes[name].endswith("times a constant") or "times a constant," in routes[name]
+    assert routes["['b']"] == "vmap: multiplied by a computed value before its add"
+    assert routes["['w']"].startswith("vmap: used by 2 operations")
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
+    assert_capture_rebuilds_vmap_gradients(
+        _constant_scaled, captured, params, x, cotangent, rtol=1e-10, atol=1e-12
+    )
 
 
 def _rnn(p, x):
