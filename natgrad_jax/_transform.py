@@ -12,12 +12,14 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from natgrad_jax._capture import capture
 from natgrad_jax._curvature.auto import Auto
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.block import BlockDiagonal
 from natgrad_jax._curvature.dense import Dense
 from natgrad_jax._curvature.diagonal import Diagonal
 from natgrad_jax._curvature.ekfac import EKFAC
+from natgrad_jax._curvature.factored import captured_row_sizes
 from natgrad_jax._curvature.implicit import ConjugateGradient
 from natgrad_jax._curvature.kronecker import Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury
@@ -56,6 +58,8 @@ SOLVERS = {
 }
 CHEAP_SOLVERS = ("kronecker", "cg", "diagonal")
 DEFAULT_MAX_CURVATURE_BYTES = 4 * 2**30
+# natural_gradient's damping: adaptive, so that a learning rate of 1 is safe on networks.
+DEFAULT_ADAPTIVE_DAMPING = LevenbergMarquardt()
 
 NO_PARAMS_MSG = (
     "scale_by_natural_gradient needs the current parameters to measure the Fisher: "
@@ -171,8 +175,9 @@ def _check_averaging(curvature, params, decay, refresh_every) -> None:
         )
 
 
-def _check_memory(curvature, params, num_rows, dtype, max_bytes) -> None:
-    """Raises before anything is allocated if the representation would exceed the budget.
+def _check_memory(curvature, params, dtype, max_bytes, batch=None) -> None:
+    """Raises before anything is allocated if the representation would exceed the budget
+    (at ``init``, without a batch: for its state alone).
 
     Only a Python-number budget is checked (under ``optax.inject_hyperparams`` list
     ``max_curvature_bytes`` in ``static_args`` to keep the check).
@@ -181,11 +186,17 @@ def _check_memory(curvature, params, num_rows, dtype, max_bytes) -> None:
         return
     leaf_shapes = tuple(tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
     num_params = sum(math.prod(shape) for shape in leaf_shapes)
-    needed = curvature.memory(num_params, num_rows, leaf_shapes) * jnp.dtype(dtype).itemsize
+    num_rows, rows = 0, None
+    if batch is not None:
+        num_rows = batch.num_rows
+        captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
+        rows = captured_row_sizes(captured, leaf_shapes, num_rows, batch.num_examples)
+    floats = curvature.memory(num_params, num_rows, leaf_shapes, rows)
+    needed = floats * jnp.dtype(dtype).itemsize
     if needed > max_bytes:
         cheaper = [name for name in CHEAP_SOLVERS if name != curvature.name]
         raise ValueError(
-            f"solver {curvature.name!r} would hold about {needed / 2**30:.2f} GiB of curvature "
+            f"solver {curvature.name!r} would allocate about {needed / 2**30:.2f} GiB in an update "
             f"(P = {num_params}, {num_rows} score rows), over max_curvature_bytes = "
             f"{max_bytes / 2**30:.2f} GiB. Use a cheaper solver ({', '.join(cheaper)}), a "
             "smaller batch or fisher='monte_carlo'/'empirical' (fewer rows), or raise "
@@ -380,7 +391,7 @@ def scale_by_natural_gradient(
         dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
         _check_averaging(curvature, params, decay, refresh_every)
         _check_separate_cadences(curvature, statistics_every, refresh_every)
-        _check_memory(curvature, params, 0, dtype, max_curvature_bytes)
+        _check_memory(curvature, params, dtype, max_curvature_bytes)
         initial_damping = damping.initial if adaptive else _value_at(damping, jnp.int32(0))
         return NaturalGradientState(
             count=jnp.zeros([], jnp.int32),
@@ -405,7 +416,7 @@ def scale_by_natural_gradient(
             num_samples=num_samples,
             axis_name=axis_name,
         )
-        _check_memory(curvature, params, batch.num_rows, gradient.dtype, max_curvature_bytes)
+        _check_memory(curvature, params, gradient.dtype, max_curvature_bytes, batch)
 
         def refresh(curvature_state):
             with matmul_precision(precision):
@@ -485,16 +496,17 @@ def scale_by_natural_gradient(
                 'update (or choose fisher="exact" or "monte_carlo").'
             )
         _check_same_structure(updates, params)
-        if adaptive and targets is None:
-            raise ValueError(
-                "Levenberg–Marquardt damping compares the loss before and after the step: "
-                "pass targets=... to update."
-            )
         if targets is not None:
             check_same_batch(inputs, targets)
             model.check_targets(params, inputs, targets)
         trainable, frozen = trainable_and_frozen(params)
         check_independent_examples(model.apply_fn, params, inputs)
+        if adaptive and targets is None:
+            raise ValueError(
+                "Levenberg–Marquardt damping (natural_gradient's default) compares the "
+                "loss before and after the step: pass targets=... to update, or pass a "
+                "fixed damping=... (a number or a schedule)."
+            )
         arguments = (trainable_part(updates, params), state, trainable, frozen, inputs, targets)
         run = precondition if array_hyperparameters else compiled
         directions, new_state = run(*arguments)
@@ -537,7 +549,7 @@ def natural_gradient(
     learning_rate: ScalarOrSchedule,
     *,
     fisher: str = "exact",
-    damping: ScalarOrSchedule | LevenbergMarquardt = 1e-3,
+    damping: ScalarOrSchedule | LevenbergMarquardt = DEFAULT_ADAPTIVE_DAMPING,
     solver: str | Any = "auto",
     max_kl: ScalarOrSchedule | None = None,
     decay: float | jax.Array = 0.0,
@@ -561,7 +573,12 @@ def natural_gradient(
       model: the ``ng.Model`` being trained (its ``nll`` is the loss).
       learning_rate: η, a number or an optax schedule.
       fisher: ``"exact"``, ``"monte_carlo"`` or ``"empirical"``.
-      damping: λ ≥ 0: a number, a schedule or ``ng.LevenbergMarquardt(...)``.
+      damping: λ ≥ 0: a number, a schedule or ``ng.LevenbergMarquardt(...)``. The
+        default adapts λ (from 1.0) to how well each step's quadratic model predicted
+        the batch loss, and skips steps that would increase it, so a learning rate of 1
+        is safe on a network; it needs ``targets`` and costs one more forward pass and
+        Fisher-vector product per step. Pass a number for a fixed λ (Fisher scoring:
+        0; ``scale_by_natural_gradient``'s default is 1e-3).
       solver: ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"kronecker"``,
         ``"diagonal"``, ``"block_diagonal"`` or a representation object.
       max_kl: optional ε > 0 bounding the KL of each step.

@@ -49,6 +49,11 @@ def test_rule_validates_its_parameters(kwargs):
 
 def _steps(model, params, x, y, damping, steps, solver="dense", learning_rate=1.0):
     optimizer = ng.natural_gradient(model, learning_rate, damping=damping, solver=solver)
+    return _train(model, params, x, y, optimizer, steps)
+
+
+def _train(model, params, x, y, optimizer, steps):
+    """(λ after each step, full-batch loss before and after each step)."""
     state = optimizer.init(params)
 
     @jax.jit
@@ -113,4 +118,42 @@ def test_adaptive_damping_needs_targets():
     tx = ng.scale_by_natural_gradient(model, damping=ng.LevenbergMarquardt())
     w, x = jnp.zeros(2), jnp.ones((3, 2))
     with pytest.raises(ValueError, match="targets"):
+        tx.update(jnp.ones(2), tx.init(w), w, inputs=x)
+
+
+def _relu_classifier():
+    """A 16-64-10 ReLU MLP (He initialisation) and a 10-class teacher problem."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = [
+        {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
+        for k, m, n in zip(keys[:2], (16, 64), (64, 10), strict=True)
+    ]
+    x = jax.random.normal(keys[2], (256, 16))
+    y = jnp.argmax(x @ jax.random.normal(keys[3], (16, 10)), axis=1)
+
+    def relu_mlp(params, x):
+        hidden = jax.nn.relu(x @ params[0]["w"] + params[0]["b"])
+        return hidden @ params[1]["w"] + params[1]["b"]
+
+    return ng.Model(relu_mlp, ng.Categorical()), params, x, y
+
+
+def test_natural_gradient_defaults_are_safe_at_learning_rate_one():
+    """A fixed small λ with η = 1 overshoots on a ReLU network (the loss explodes); the
+    default adaptive damping decreases the loss at every step from the same start."""
+    model, params, x, y = _relu_classifier()
+    _, fixed = _steps(model, params, x, y, 1e-3, 10, solver="cg")
+    assert max(fixed) > 3 * fixed[0]  # the failure the default exists for
+
+    dampings, losses = _train(model, params, x, y, ng.natural_gradient(model, 1.0), 10)
+    assert len(set(dampings)) > 1  # adapted
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(losses))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_default_damping_asks_for_targets_or_a_fixed_value():
+    model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+    tx = ng.natural_gradient(model, 1.0)
+    w, x = jnp.zeros(2), jnp.ones((3, 2))
+    with pytest.raises(ValueError, match=r"targets=.*or pass a fixed damping"):
         tx.update(jnp.ones(2), tx.init(w), w, inputs=x)

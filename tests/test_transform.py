@@ -566,7 +566,7 @@ def test_no_recompilation_on_second_update():
         return model.apply_fn(p, inputs)
 
     counted = ng.Model(counting_apply, model.likelihood)
-    tx = ng.natural_gradient(counted, 0.1, fisher="monte_carlo")
+    tx = ng.natural_gradient(counted, 0.1, fisher="monte_carlo", damping=1e-3)
     update = jax.jit(tx.update)
     state = tx.init(params)
     g = _gradient(model, params, x, y)
@@ -615,7 +615,7 @@ def test_update_dtype_matches_gradient_dtype(dtype):
 
 def test_accepts_unknown_extra_args_and_params_by_keyword():
     model, params, x, y = mlp_problem("categorical")
-    tx = ng.natural_gradient(model, 0.1)
+    tx = ng.natural_gradient(model, 0.1, damping=1e-3)
     state = tx.init(params)
     g = _gradient(model, params, x, y)
     positional, _ = tx.update(g, state, params, inputs=x, unexpected_arg=123)

@@ -145,10 +145,10 @@ class Auto:
             woodbury_kernel=_kernel_work_of(batch) if self.allow_woodbury else None,
         )[0]
 
-    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
-        """Floats held at once by the solver this problem gets."""
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
+        """Floats allocated by the solver this problem gets."""
         name, _ = choose_solver(num_params, num_rows, allow_woodbury=self.allow_woodbury)
-        return _SOLVERS[name]().memory(num_params, num_rows, leaf_shapes)
+        return _SOLVERS[name]().memory(num_params, num_rows, leaf_shapes, rows)
 
     def init(self, params, dtype):
         return ConjugateGradient().init(params, dtype)

@@ -37,8 +37,9 @@ class BlockDiagonal:
     name = "block_diagonal"
     averages = True
 
-    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
-        """Floats held at once, for the memory guard."""
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
+        """Floats held at once, for the memory guard (the rows are always dense)."""
+        del rows
         sizes = [math.prod(shape) for shape in leaf_shapes]
         return 2 * sum(size**2 for size in sizes) + num_rows * num_params
 

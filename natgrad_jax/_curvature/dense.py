@@ -31,10 +31,13 @@ class Dense:
     name = "dense"
     averages = True  # supports decay (EMA) and refresh_every
 
-    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
-        """Floats held at once, for the memory guard: two P×P matrices and the rows."""
-        del leaf_shapes
-        return 2 * num_params**2 + num_rows * num_params
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
+        """Floats an update allocates, for the memory guard: the (M, P) rows and seven
+        P×P matrices (the new F and its inverse, and the measurement's, the moving
+        average's and the factorisation's temporaries; XLA's memory analysis of the
+        compiled update shows 7 P²)."""
+        del leaf_shapes, rows
+        return 7 * num_params**2 + num_rows * num_params
 
     def init(self, params, dtype) -> DenseState:
         num_params = parameter_count(params)

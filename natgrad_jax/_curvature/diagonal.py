@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import factored_rows
+from natgrad_jax._curvature.factored import dense_row_sizes, factored_rows
 from natgrad_jax._fisher import parameter_count
 from natgrad_jax._solvers import moving_average
 
@@ -36,10 +36,13 @@ class Diagonal:
     name = "diagonal"
     averages = True
 
-    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
-        """Floats held at once, for the memory guard."""
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
+        """Floats an update allocates, for the memory guard: the rows (``rows``, a
+        ``RowSizes``, with capture; else (M, P)) and a few P-vectors."""
         del leaf_shapes
-        return num_params + num_rows * num_params
+        if rows is None or not self.capture:
+            rows = dense_row_sizes(num_params, num_rows)
+        return rows.stored + rows.per_example + 4 * num_params
 
     def init(self, params, dtype) -> DiagonalState:
         return DiagonalState(diagonal=jnp.zeros((parameter_count(params),), dtype))

@@ -97,10 +97,10 @@ class EKFAC:
     def _kronecker(self) -> Kronecker:
         return Kronecker(self.approximation)
 
-    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats held at once, for the memory guard: factors and bases, the scalings,
         the diagonals, and the layers' inputs and output-gradients."""
-        return self._kronecker.memory(num_params, num_rows, leaf_shapes) + num_params
+        return self._kronecker.memory(num_params, num_rows, leaf_shapes, rows) + num_params
 
     def init(self, params, dtype) -> EkfacState:
         leaves = []

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -307,6 +307,38 @@ class FactoredRows:
             a_mean, g_sum = jnp.mean(a, axis=1), jnp.sum(g, axis=2)
             return a_mean.T @ a_mean / n, jnp.einsum("rnd,rne->de", g_sum, g_sum) / n
         return jnp.einsum("ntk,ntl->kl", a, a) / n, jnp.einsum("rntd,rnte->de", g, g) / (n * t)
+
+
+class RowSizes(NamedTuple):
+    """Floats of one batch's score rows as a representation forms them, for the memory
+    guard: ``stored`` (dense (M, P) rows, or a and g per captured layer plus the dense
+    rows of the other leaves) and ``per_example`` (per-example gradients formed from a
+    and g for layers shared across positions)."""
+
+    stored: int
+    per_example: int = 0
+
+
+def dense_row_sizes(num_params: int, num_rows: int) -> RowSizes:
+    """The (M, P) rows ``jax.vmap`` forms."""
+    return RowSizes(num_params * num_rows)
+
+
+def captured_row_sizes(captured: Capture, leaf_shapes, num_rows: int, num_examples: int):
+    """``RowSizes`` of ``factored_rows``: per captured K×D layer over T positions,
+    a (N·T·K; none for biases and scales) and g (M·T·D; twice for a scale, g ⊙ x), plus
+    M·K·D per-example gradients when T > 1; M rows of every leaf left to vmap."""
+    stored = num_rows * sum(math.prod(leaf_shapes[k]) for k in captured.fallback)
+    per_example = 0
+    for layer in captured.layers:
+        template = jax.ShapeDtypeStruct(leaf_shapes[layer.leaf], jnp.float32)
+        k, d = jax.eval_shape(lambda leaf, layer=layer: leaf_to_matrix(layer, leaf), template).shape
+        traced_examples = layer.output_shape[layer.output_example_axis]
+        t = max(math.prod(layer.probe_shape) // max(traced_examples * d, 1), 1)
+        stored += (1 + (layer.kind == "mul")) * num_rows * t * d
+        stored += 0 if layer.kind in ("add", "mul") else num_examples * t * k
+        per_example += num_rows * k * d if t > 1 else 0
+    return RowSizes(stored, per_example)
 
 
 def _per_example_is_smaller(a, g) -> bool:

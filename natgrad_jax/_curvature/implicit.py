@@ -123,9 +123,9 @@ class ConjugateGradient:
                 f"ConjugateGradient max_iters must be an int ≥ 1, got {self.max_iters!r}."
             )
 
-    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats held at once, for the memory guard."""
-        del num_rows, leaf_shapes
+        del num_rows, leaf_shapes, rows
         return 6 * num_params
 
     def init(self, params, dtype) -> ConjugateGradientState:

@@ -35,7 +35,7 @@ import numpy as np
 
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import factored_rows, leaf_to_matrix
+from natgrad_jax._curvature.factored import RowSizes, factored_rows, leaf_to_matrix
 from natgrad_jax._solvers import damped_inverse, moving_average
 
 
@@ -152,12 +152,14 @@ class Kronecker:
                 f"approximation must be one of {APPROXIMATIONS}, got {self.approximation!r}."
             )
 
-    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
-        """Floats held at once, for the memory guard: each leaf's two factors and their
-        inverses, its diagonal, and the layers' inputs and output-gradients."""
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
+        """Floats an update allocates, for the memory guard: each leaf's two factors and
+        their inverses, the diagonals, and the rows (``rows``, a ``RowSizes``: the
+        layers' a and g; else an estimate from the leaves' shapes)."""
         factors = sum(2 * (m * m + n * n) for m, n in map(split_shape, leaf_shapes))
-        layer_activations = num_rows * sum(sum(shape) for shape in leaf_shapes)
-        return factors + num_params + layer_activations
+        if rows is None:
+            rows = RowSizes(num_rows * sum(sum(shape) for shape in leaf_shapes))
+        return factors + rows.stored + rows.per_example + 3 * num_params
 
     def init(self, params, dtype) -> KroneckerState:
         leaves = []

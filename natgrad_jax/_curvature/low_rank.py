@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import factored_rows
+from natgrad_jax._curvature.factored import dense_row_sizes, factored_rows
 from natgrad_jax._fisher import parameter_count
 
 
@@ -146,10 +146,14 @@ class Woodbury:
                 f"Woodbury momentum (SPRING's μ) must be in [0, 1), got {self.momentum!r}."
             )
 
-    def memory(self, num_params: int, num_rows: int, leaf_shapes=()) -> int:
-        """Floats held at once, for the memory guard."""
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
+        """Floats an update allocates, for the memory guard: the rows (``rows``, a
+        ``RowSizes``, with capture; else (M, P)), three M×M matrices (the kernel, its
+        damped copy and its factor) and a few P-vectors."""
         del leaf_shapes
-        return num_rows * num_params + 2 * num_rows**2 + num_params
+        if rows is None or not self.capture:
+            rows = dense_row_sizes(num_params, num_rows)
+        return rows.stored + rows.per_example + 3 * num_rows**2 + 6 * num_params
 
     def init(self, params, dtype) -> WoodburyState:
         if not self.momentum:
