@@ -382,7 +382,8 @@ def _signature(tree):
 def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
     """Finds the parameter leaves of ``apply_fn`` whose per-example gradients come from (a, g).
 
-    The analysis depends only on shapes and dtypes and is cached on them.
+    The analysis depends only on shapes and dtypes and is cached on them (and on the
+    default matmul precision, which the traced matmuls record).
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs`` on a batch.
@@ -392,7 +393,8 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
     Returns:
       A ``Capture``; ``ng.describe`` prints what was found.
     """
-    key = (apply_fn, _signature(params), _signature(inputs))
+    precision = jax.config.jax_default_matmul_precision
+    key = (apply_fn, _signature(params), _signature(inputs), precision)
     if key in _CACHE:
         return _CACHE[key]
     found = _analyse_capture(apply_fn, *jax.tree.map(_struct, (params, inputs)))
