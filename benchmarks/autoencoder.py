@@ -90,7 +90,7 @@ def kfac_step(model, kfac_jax):
     key = jax.random.PRNGKey(42)
 
     def init(params):
-        return optimizer.init(params, key, jnp.zeros((1, 784))), 0
+        return optimizer.init(params, key, jnp.zeros((1, 784))), 1  # step 0 would burn in
 
     def step(params, state, x):
         state, t = state
