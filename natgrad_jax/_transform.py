@@ -90,6 +90,9 @@ class NaturalGradientState(NamedTuple):
     key: jax.Array  # uint32 [2]: PRNG key for Monte-Carlo labels, split at every update
     damping: jax.Array  # float []: λ of the next update (adaptive) or of the last one
     curvature: NamedTuple  # the solver's arrays, e.g. DenseState (P, P) matrices
+    # λ of the stored factorisation: adaptive damping refactorises between refreshes
+    # when λ has moved (after a rejected step), so that the next solve uses it.
+    factorised_damping: jax.Array | None = None
 
 
 def _is_python_number(value) -> bool:
@@ -398,6 +401,7 @@ def scale_by_natural_gradient(
             key=jax.random.PRNGKey(seed),
             damping=jnp.asarray(initial_damping, dtype),
             curvature=curvature.init(params, dtype),
+            factorised_damping=jnp.asarray(initial_damping, dtype),
         )
 
     def precondition(updates, state, params, frozen, inputs, targets):
@@ -442,6 +446,13 @@ def scale_by_natural_gradient(
         else:
             curvature_state = every(statistics_every, measure, state.curvature)
             curvature_state = every(refresh_every, factorise, curvature_state)
+        factorised_damping = jnp.asarray(damping_now, state.damping.dtype)
+        every_step = _is_python_number(refresh_every) and refresh_every == 1
+        if adaptive and _averages(curvature, params) and not every_step:
+            moved = (state.damping != state.factorised_damping) & (state.count % refresh_every != 0)
+            curvature_state = jax.lax.cond(moved, factorise, lambda c: c, curvature_state)
+            refreshed = moved | (state.count % refresh_every == 0)
+            factorised_damping = jnp.where(refreshed, damping_now, state.factorised_damping)
 
         with matmul_precision(EXACT):
             direction, curvature_state = curvature.solve(
@@ -463,6 +474,7 @@ def scale_by_natural_gradient(
             direction = _invariant(direction, axis_name)
             curvature_state = jax.tree.map(lambda a: _invariant(a, axis_name), curvature_state)
             next_damping = _invariant(next_damping, axis_name)
+            factorised_damping = _invariant(factorised_damping, axis_name)
         new_updates = unravel(direction.astype(flat_updates.dtype))
         new_updates = jax.tree.map(lambda new, old: new.astype(old.dtype), new_updates, updates)
         new_state = NaturalGradientState(
@@ -470,6 +482,7 @@ def scale_by_natural_gradient(
             key=key,
             damping=next_damping,
             curvature=curvature_state,
+            factorised_damping=factorised_damping,
         )
         return new_updates, new_state
 

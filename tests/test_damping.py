@@ -157,3 +157,37 @@ def test_default_damping_asks_for_targets_or_a_fixed_value():
     w, x = jnp.zeros(2), jnp.ones((3, 2))
     with pytest.raises(ValueError, match=r"targets=.*or pass a fixed damping"):
         tx.update(jnp.ones(2), tx.init(w), w, inputs=x)
+
+
+def _rosenbrock():
+    """Rosenbrock residuals far from the valley: the first full step overshoots."""
+
+    def residuals(p, x):
+        return jnp.broadcast_to(jnp.stack([1 - p[0], 10 * (p[1] - p[0] ** 2)]), (x.shape[0], 2))
+
+    model = ng.Model(residuals, ng.Gaussian(scale=1.0))
+    return model, jnp.array([-1.2, 1.0]), jnp.zeros((1, 1)), jnp.zeros((1, 2))
+
+
+def test_a_rejected_step_refactorises_with_the_larger_damping_before_the_next_refresh():
+    """With refresh_every=5 the dense inverse is due again at step 5 only; after the
+    rejected first step (λ 0.1 → 1) the second update must already use the new λ: the
+    same update as refactorising at every step (the parameters did not move)."""
+    model, params, x, y = _rosenbrock()
+    rule = ng.LevenbergMarquardt(initial=0.1)
+
+    def second_update(refresh_every):
+        tx = ng.scale_by_natural_gradient(
+            model, damping=rule, solver="dense", refresh_every=refresh_every
+        )
+        state = tx.init(params)
+        g = jax.grad(model.nll)(params, x, y)
+        first, state = tx.update(g, state, params, inputs=x, targets=y)
+        assert not np.any(first) and float(state.damping) == pytest.approx(1.0)
+        return tx.update(g, state, params, inputs=x, targets=y)
+
+    every_step, _ = second_update(1)
+    amortised, state = second_update(5)
+    assert np.all(amortised != 0)  # taken with λ = 1
+    np.testing.assert_allclose(amortised, every_step, rtol=1e-10)
+    assert float(state.factorised_damping) == pytest.approx(1.0)
