@@ -273,12 +273,14 @@ class FactoredRows:
                 total = total + jnp.einsum("ntmu,rntd,smud->rnsm", inputs, g, g)
         return total.reshape(r * n, r * n)
 
-    def diagonal(self):
-        """diag(SᵀS) as a flat vector."""
+    def diagonal(self, skip=()):
+        """diag(SᵀS) as a flat vector (zeros for the captured layers in ``skip``)."""
         per_layer = []
         for index in range(len(self.capture.layers)):
             a, g = self.layer_inputs(index), self.gradients[index]
-            if a.shape[1] == 1:
+            if index in skip:
+                per_layer.append(jnp.zeros((a.shape[-1], g.shape[-1]), g.dtype))
+            elif a.shape[1] == 1:
                 per_layer.append(jnp.einsum("nk,rnd->kd", a[:, 0] ** 2, g[:, :, 0] ** 2))
             else:
                 per_example = jnp.einsum("ntk,rntd->rnkd", a, g)

@@ -190,16 +190,18 @@ class Kronecker:
     def measured(self, batch: CurvatureBatch, dtype, sizes):
         """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals)."""
         rows = factored_rows(batch, dtype)
-        factors = {}
-        for k, (layer_index, orientation) in self.factored_leaves(batch).items():
+        factors, factored = {}, self.factored_leaves(batch)
+        for k, (layer_index, orientation) in factored.items():
             inputs_factor, outputs_factor = rows.kronecker_factors(layer_index, self.approximation)
             factors[k] = (
                 (inputs_factor, outputs_factor)
                 if orientation == "left_is_inputs"
                 else (outputs_factor, inputs_factor)
             )
-        diagonals = jnp.split(rows.diagonal() / batch.num_examples, np.cumsum(sizes)[:-1])
-        return rows, factors, diagonals
+        # The exact diagonal only where the leaf is not factored (zeros elsewhere).
+        skip = {layer_index for layer_index, _ in factored.values()}
+        diagonal = rows.diagonal(skip) / batch.num_examples
+        return rows, factors, jnp.split(diagonal, np.cumsum(sizes)[:-1])
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
         """Averages this batch's factors and diagonals into the state (no inverses)."""
