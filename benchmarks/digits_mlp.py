@@ -192,6 +192,7 @@ def main():
         candidates[f"adam lr={lr:g}"] = lambda lr=lr: optax_runner(optax.adam(lr), model)
     candidates.update(
         {
+            "ngd defaults (auto, exact, adaptive damping)": ngd(learning_rate=1.0),
             "ngd auto (woodbury, monte_carlo)": ngd(
                 learning_rate=1.0, fisher="monte_carlo", damping=1e-2, max_kl=0.05
             ),
