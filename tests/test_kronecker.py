@@ -125,3 +125,57 @@ def test_training_with_kronecker_decay_and_refresh():
         steps=40,
     )
     assert end < 0.25 * start
+
+
+def _embedding_classifier():
+    """Tokens → rows of a (12, 3) table → mean over 5 positions → (3, 4) read-out."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"table": jax.random.normal(keys[0], (12, 3)), "w": jax.random.normal(keys[1], (3, 4))}
+    tokens = jax.random.randint(keys[2], (6, 5), 0, 12)
+
+    def apply(p, tokens):
+        return jnp.mean(jnp.take(p["table"], tokens, axis=0), axis=1) @ p["w"]
+
+    return ng.Model(apply, ng.Categorical()), params, tokens
+
+
+def _kronecker_update(model, params, inputs, solver):
+    tx = ng.scale_by_natural_gradient(model, solver=solver, damping=1e-2)
+    g = jax.tree.map(jnp.ones_like, params)
+    return tx.update(g, tx.init(params), params, inputs=inputs)
+
+
+def test_an_embeddings_input_factor_is_kept_as_its_diagonal_with_the_same_update():
+    """A one-hot row has a diagonal second moment (token counts): over max_factor_size
+    it is stored as a vector of V entries, and the update is unchanged."""
+    model, params, tokens = _embedding_classifier()
+    dense, dense_state = _kronecker_update(model, params, tokens, ng.Kronecker())
+    small, small_state = _kronecker_update(model, params, tokens, ng.Kronecker(max_factor_size=8))
+    table = 0  # leaves in order: table, w
+    full, kept = dense_state.curvature.leaves[table], small_state.curvature.leaves[table]
+    assert full.left.shape == (12, 12) and kept.left.shape == (12,)
+    np.testing.assert_array_equal(full.left, jnp.diag(jnp.diag(full.left)))  # diagonal
+    counts = jnp.sum(jax.nn.one_hot(tokens, 12), axis=(0, 1)) / tokens.shape[0]
+    np.testing.assert_allclose(kept.left, counts, rtol=1e-12)
+    for got, want in zip(jax.tree.leaves(small), jax.tree.leaves(dense), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_a_factor_over_max_factor_size_keeps_the_diagonal_of_the_full_factor():
+    """For a dense layer wider than max_factor_size the kept factor is the diagonal of
+    the one the unlimited representation stores (an approximation there)."""
+    model = ng.Model(mlp, ng.Categorical())
+    params = init_mlp(jax.random.PRNGKey(0), [4, 16, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (10, 4))
+    _, full = _kronecker_update(model, params, x, ng.Kronecker())
+    _, kept = _kronecker_update(model, params, x, ng.Kronecker(max_factor_size=8))
+    hidden = 3  # leaves: b0 (16,), w0 (4, 16), b1, w1 (16, 3): w1's input factor is 16×16
+    assert kept.curvature.leaves[hidden].left.shape == (16,)
+    assert kept.curvature.leaves[1].right.shape == (16,)  # w0's output factor
+    for k in (1, hidden):
+        for side in ("left", "right"):
+            want, got = (
+                getattr(full.curvature.leaves[k], side),
+                getattr(kept.curvature.leaves[k], side),
+            )
+            np.testing.assert_allclose(got, want if got.ndim == 2 else jnp.diag(want), rtol=1e-12)

@@ -287,8 +287,9 @@ class FactoredRows:
                 per_layer.append(jnp.sum(per_example**2, axis=(0, 1)))
         return self._assemble(per_layer, jnp.sum(self.fallback_rows**2, axis=(0, 1)))
 
-    def kronecker_factors(self, index, approximation: str = "expand"):
-        """(A, G) of layer ``index``, whose Kronecker product approximates its block.
+    def kronecker_factors(self, index, approximation: str = "expand", diagonal=(False, False)):
+        """(A, G) of layer ``index``, whose Kronecker product approximates its block;
+        ``diagonal=(for A, for G)`` asks for a factor's diagonal only (a vector).
 
         With T positions sharing the weight (tokens, convolution sites; Eschenhagen et
         al. 2023):
@@ -306,9 +307,14 @@ class FactoredRows:
         a, g = self.layer_inputs(index), self.gradients[index]
         n, t = self.num_examples, a.shape[1]
         if approximation == "reduce":
-            a_mean, g_sum = jnp.mean(a, axis=1), jnp.sum(g, axis=2)
-            return a_mean.T @ a_mean / n, jnp.einsum("rnd,rne->de", g_sum, g_sum) / n
-        return jnp.einsum("ntk,ntl->kl", a, a) / n, jnp.einsum("rntd,rnte->de", g, g) / (n * t)
+            a, g, t = jnp.mean(a, axis=1, keepdims=True), jnp.sum(g, axis=2, keepdims=True), 1
+        return _second_moment(a, diagonal[0]) / n, _second_moment(g, diagonal[1]) / (n * t)
+
+
+def _second_moment(x, only_diagonal: bool):
+    """Σ x xᵀ over all but the last axis of x (its diagonal Σ x ⊙ x if ``only_diagonal``)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return jnp.sum(rows**2, axis=0) if only_diagonal else rows.T @ rows
 
 
 class RowSizes(NamedTuple):

@@ -40,12 +40,13 @@ from natgrad_jax._solvers import damped_inverse, moving_average
 
 
 class KroneckerLeafState(NamedTuple):
-    """Arrays of one parameter leaf."""
+    """Arrays of one parameter leaf. A side longer than ``Kronecker.max_factor_size`` keeps
+    its factor's diagonal only: (m,) instead of (m, m)."""
 
-    left: jax.Array  # (m, m) float: factor over the leading axes
-    right: jax.Array  # (n, n) float: factor over the trailing axes
-    left_inverse: jax.Array  # (m, m) float: damped inverse at the last refresh
-    right_inverse: jax.Array  # (n, n) float: damped inverse at the last refresh
+    left: jax.Array  # (m, m) or (m,) float: factor over the leading axes
+    right: jax.Array  # (n, n) or (n,) float: factor over the trailing axes
+    left_inverse: jax.Array  # like left: damped inverse at the last refresh
+    right_inverse: jax.Array  # like right: damped inverse at the last refresh
     diagonal: jax.Array  # (size,) float: exact diagonal, used when the leaf is not factored
 
 
@@ -86,7 +87,7 @@ def _orientation(layer, shape) -> str | None:
     return None
 
 
-def kronecker_route(layer, shape) -> str:
+def kronecker_route(layer, shape, max_factor_size: int | None = 4096) -> str:
     """How K-FAC treats a leaf, with the reason when it falls back to the diagonal."""
     if layer is None:
         return "exact diagonal (not captured)"
@@ -102,17 +103,35 @@ def kronecker_route(layer, shape) -> str:
             f"exact diagonal: its {k}×{d} layer view is not the leaf as {m}×{n} (the "
             "shapes its factors are kept in) or its transpose"
         )
-    return f"A ⊗ G: {k}×{k} ⊗ {d}×{d}"
+    side = lambda s: f"{s}×{s}" if max_factor_size is None or s <= max_factor_size else f"diag({s})"
+    return f"A ⊗ G: {side(k)} ⊗ {side(d)}"
+
+
+def _mean_eigenvalue(factor):
+    return (jnp.trace(factor) if factor.ndim == 2 else jnp.sum(factor)) / factor.shape[0]
+
+
+def _inverse(factor, damping):
+    """(factor + damping I)⁻¹ of a matrix, or of a diagonal kept as a vector."""
+    if factor.ndim == 2:
+        return damped_inverse(factor, damping)
+    damped = factor + damping
+    return jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 0.0)
 
 
 def _pi_damped_inverses(left, right, damping):
     """(left + π√λ I)⁻¹ and (right + √λ/π I)⁻¹ with π from the factors' mean eigenvalues."""
     eps = jnp.finfo(left.dtype).tiny
-    left_mean = jnp.trace(left) / left.shape[0]
-    right_mean = jnp.trace(right) / right.shape[0]
+    left_mean, right_mean = _mean_eigenvalue(left), _mean_eigenvalue(right)
     pi = jnp.sqrt(jnp.maximum(left_mean, eps) / jnp.maximum(right_mean, eps))
     root = jnp.sqrt(jnp.asarray(damping, left.dtype))
-    return damped_inverse(left, pi * root), damped_inverse(right, root / pi)
+    return _inverse(left, pi * root), _inverse(right, root / pi)
+
+
+def _precondition(left_inverse, matrix, right_inverse):
+    """left_inverse @ matrix @ right_inverse, a vector standing for a diagonal."""
+    matrix = left_inverse @ matrix if left_inverse.ndim == 2 else left_inverse[:, None] * matrix
+    return matrix @ right_inverse if right_inverse.ndim == 2 else matrix * right_inverse
 
 
 APPROXIMATIONS = ("expand", "reduce")
@@ -128,6 +147,10 @@ class Kronecker:
         convolutions) or ``"reduce"`` (positions summed first); Eschenhagen et al.
         2023, see ``FactoredRows.kronecker_factors``. Both are the same without
         positions. Pass ``solver=ng.Kronecker("reduce")``.
+      max_factor_size: a factor over more than this many entries of one side keeps only
+        its diagonal (``None``: never). For an embedding table (V, D) the input factor
+        is diagonal anyway (counts of the tokens), so a large vocabulary costs V floats
+        instead of V²; for a dense layer wider than this it is an approximation.
 
     Example:
       >>> import jax, jax.numpy as jnp, natgrad_jax as ng
@@ -142,6 +165,7 @@ class Kronecker:
     """
 
     approximation: str = "expand"
+    max_factor_size: int | None = 4096
 
     name = "kronecker"
     averages = True
@@ -156,21 +180,30 @@ class Kronecker:
         """Floats an update allocates, for the memory guard: each leaf's two factors and
         their inverses, the diagonals, and the rows (``rows``, a ``RowSizes``: the
         layers' a and g; else an estimate from the leaves' shapes)."""
-        factors = sum(2 * (m * m + n * n) for m, n in map(split_shape, leaf_shapes))
+        factors = sum(
+            2 * sum(map(self._factor_floats, split_shape(shape))) for shape in leaf_shapes
+        )
         if rows is None:
             rows = RowSizes(num_rows * sum(sum(shape) for shape in leaf_shapes))
         return factors + rows.stored + rows.per_example + 3 * num_params
+
+    def _is_diagonal(self, side: int) -> bool:
+        return self.max_factor_size is not None and side > self.max_factor_size
+
+    def _factor_floats(self, side: int) -> int:
+        return side if self._is_diagonal(side) else side * side
 
     def init(self, params, dtype) -> KroneckerState:
         leaves = []
         for leaf in jax.tree.leaves(params):
             m, n = split_shape(np.shape(leaf))
+            left, right = ((s,) if self._is_diagonal(s) else (s, s) for s in (m, n))
             leaves.append(
                 KroneckerLeafState(
-                    left=jnp.zeros((m, m), dtype),
-                    right=jnp.zeros((n, n), dtype),
-                    left_inverse=jnp.zeros((m, m), dtype),
-                    right_inverse=jnp.zeros((n, n), dtype),
+                    left=jnp.zeros(left, dtype),
+                    right=jnp.zeros(right, dtype),
+                    left_inverse=jnp.zeros(left, dtype),
+                    right_inverse=jnp.zeros(right, dtype),
                     diagonal=jnp.zeros((np.size(leaf),), dtype),
                 )
             )
@@ -191,12 +224,15 @@ class Kronecker:
         """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals)."""
         rows = factored_rows(batch, dtype)
         factors, factored = {}, self.factored_leaves(batch)
+        leaves = jax.tree.leaves(batch.params)
         for k, (layer_index, orientation) in factored.items():
-            inputs_factor, outputs_factor = rows.kronecker_factors(layer_index, self.approximation)
+            diagonal = tuple(map(self._is_diagonal, split_shape(np.shape(leaves[k]))))
+            in_order = orientation == "left_is_inputs"
+            inputs_factor, outputs_factor = rows.kronecker_factors(
+                layer_index, self.approximation, diagonal if in_order else diagonal[::-1]
+            )
             factors[k] = (
-                (inputs_factor, outputs_factor)
-                if orientation == "left_is_inputs"
-                else (outputs_factor, inputs_factor)
+                (inputs_factor, outputs_factor) if in_order else (outputs_factor, inputs_factor)
             )
         # The exact diagonal only where the leaf is not factored (zeros elsewhere).
         skip = {layer_index for layer_index, _ in factored.values()}
@@ -241,7 +277,7 @@ class Kronecker:
         for k, (leaf, piece) in enumerate(zip(state.leaves, pieces, strict=True)):
             if k in factored:
                 matrix = piece.reshape(leaf.left.shape[0], leaf.right.shape[0])
-                solved.append((leaf.left_inverse @ matrix @ leaf.right_inverse).ravel())
+                solved.append(_precondition(leaf.left_inverse, matrix, leaf.right_inverse).ravel())
             else:
                 damped = leaf.diagonal + jnp.asarray(damping, leaf.diagonal.dtype)
                 safe = jnp.where(damped > 0, damped, 1.0)
