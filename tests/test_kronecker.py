@@ -174,8 +174,6 @@ def test_a_factor_over_max_factor_size_keeps_the_diagonal_of_the_full_factor():
     assert kept.curvature.leaves[1].right.shape == (16,)  # w0's output factor
     for k in (1, hidden):
         for side in ("left", "right"):
-            want, got = (
-                getattr(full.curvature.leaves[k], side),
-                getattr(kept.curvature.leaves[k], side),
-            )
+            want = getattr(full.curvature.leaves[k], side)
+            got = getattr(kept.curvature.leaves[k], side)
             np.testing.assert_allclose(got, want if got.ndim == 2 else jnp.diag(want), rtol=1e-12)
