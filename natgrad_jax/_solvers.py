@@ -33,7 +33,8 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
     eigendecomposition pseudo-inverse. "Numerically positive definite" means the
     factor is finite and its smallest pivot² exceeds P·eps times the largest diagonal
     entry: some LAPACK builds return a finite but meaningless factor for a singular
-    matrix instead of NaN. The choice is made with ``lax.cond``, so only one branch runs.
+    matrix instead of NaN. The choice is made with ``lax.cond``, so the
+    eigendecomposition runs only when it is needed.
 
     Args:
       matrix: a symmetric (P, P) matrix, PSD up to round-off.
@@ -42,23 +43,55 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
     Returns:
       The (P, P) inverse (pseudo-inverse on the null space when λ = 0).
     """
-    matrix = 0.5 * (matrix + matrix.T)
-    damped = matrix + jnp.asarray(damping, matrix.dtype) * jnp.eye(
-        matrix.shape[-1], dtype=matrix.dtype
-    )
-    factor = jnp.linalg.cholesky(damped)
-    identity = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
-    eps = jnp.finfo(matrix.dtype).eps
-    scale = jnp.max(jnp.abs(jnp.diagonal(damped)))
-    smallest_pivot = jnp.min(jnp.abs(jnp.diagonal(factor))) ** 2
-    positive_definite = jnp.all(jnp.isfinite(factor)) & (
-        smallest_pivot > matrix.shape[-1] * eps * scale
-    )
-    return jax.lax.cond(
-        positive_definite,
-        lambda: jax.scipy.linalg.cho_solve((factor, True), identity),
-        lambda: _eigh_pseudo_inverse(damped),
-    )
+    return damped_inverses(matrix[None], jnp.reshape(damping, (1,)))[0]
+
+
+def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
+    """``damped_inverse`` of each of B same-size matrices (B, P, P) with its own λ (B,),
+    in one batched Cholesky; the eigendecompositions run only if one of them needs it."""
+    matrices = 0.5 * (matrices + jnp.swapaxes(matrices, -1, -2))
+    size, dtype = matrices.shape[-1], matrices.dtype
+    identity = jnp.eye(size, dtype=dtype)
+    damped = matrices + jnp.asarray(dampings, dtype)[:, None, None] * identity
+    factors = jnp.linalg.cholesky(damped)
+    eps = jnp.finfo(dtype).eps
+    scale = jnp.max(jnp.abs(jnp.diagonal(damped, axis1=-2, axis2=-1)), axis=-1)
+    smallest_pivot = jnp.min(jnp.abs(jnp.diagonal(factors, axis1=-2, axis2=-1)), axis=-1) ** 2
+    finite = jnp.all(jnp.isfinite(factors), axis=(-2, -1))
+    positive_definite = finite & (smallest_pivot > size * eps * scale)
+    by_cholesky = jax.vmap(lambda factor: jax.scipy.linalg.cho_solve((factor, True), identity))
+
+    def with_fallback():
+        pseudo_inverses = jax.vmap(_eigh_pseudo_inverse)(damped)
+        safe = jnp.where(positive_definite[:, None, None], factors, identity)
+        return jnp.where(positive_definite[:, None, None], by_cholesky(safe), pseudo_inverses)
+
+    return jax.lax.cond(jnp.all(positive_definite), lambda: by_cholesky(factors), with_fallback)
+
+
+def _vector_inverse(diagonal, damping):
+    damped = diagonal + damping
+    return jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 0.0)
+
+
+def batched_inverses(factors, dampings) -> list:
+    """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector),
+    matrices of the same size inverted together in one batched factorisation."""
+    inverses = [
+        _vector_inverse(f, d) if f.ndim == 1 else None
+        for f, d in zip(factors, dampings, strict=True)
+    ]
+    by_size: dict[int, list[int]] = {}
+    for index, factor in enumerate(factors):
+        if factor.ndim == 2:
+            by_size.setdefault(factor.shape[0], []).append(index)
+    for indices in by_size.values():
+        stacked = damped_inverses(
+            jnp.stack([factors[i] for i in indices]), jnp.stack([dampings[i] for i in indices])
+        )
+        for position, index in enumerate(indices):
+            inverses[index] = stacked[position]
+    return inverses
 
 
 def trust_region_scale(quadratic: jax.Array, max_kl) -> jax.Array:

@@ -4,6 +4,7 @@ import importlib
 import itertools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -175,3 +176,26 @@ def classifier_nll_before_and_after(make_optimizer, steps, keys=None):
     for _ in range(steps):
         params, state = step(params, state)
     return start, float(model.nll(params, x, y))
+
+
+def _sub_jaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
+def equations(jaxpr, primitive_name: str) -> list:
+    """Every equation of ``primitive_name`` in ``jaxpr`` and its sub-jaxprs (jit, cond,
+    scan, ...), in order."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive_name:
+            found.append(eqn)
+        for value in eqn.params.values():
+            for inner in _sub_jaxprs(value):
+                found.extend(equations(inner, primitive_name))
+    return found

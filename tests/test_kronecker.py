@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import natgrad_jax as ng
-from tests.helpers import classifier_nll_before_and_after, init_mlp, mlp
+from tests.helpers import classifier_nll_before_and_after, equations, init_mlp, mlp
 from tests.test_capture import _tricky_model, equinox_mlp
 
 
@@ -177,3 +177,27 @@ def test_a_factor_over_max_factor_size_keeps_the_diagonal_of_the_full_factor():
             want = getattr(full.curvature.leaves[k], side)
             got = getattr(kept.curvature.leaves[k], side)
             np.testing.assert_allclose(got, want if got.ndim == 2 else jnp.diag(want), rtol=1e-12)
+
+
+def test_same_size_factors_are_inverted_in_one_batched_factorisation():
+    """An 8-8-8-8 MLP has twelve factors: the biases' 1×1 and 8×8, the kernels' 8×8.
+    The update factorises them in two calls, one per size, and still equals the
+    per-leaf π-damped inverses."""
+    model = ng.Model(mlp, ng.Categorical())
+    params = init_mlp(jax.random.PRNGKey(0), [8, 8, 8, 8])
+    x = jax.random.normal(jax.random.PRNGKey(1), (10, 8))
+    tx = ng.scale_by_natural_gradient(model, solver="kronecker", damping=1e-2)
+    g = jax.tree.map(jnp.ones_like, params)
+    update = lambda s: tx.update(g, s, params, inputs=x)
+    choleskys = equations(jax.make_jaxpr(update)(tx.init(params)).jaxpr, "cholesky")
+    assert sorted(e.invars[0].aval.shape for e in choleskys) == [(3, 1, 1), (9, 8, 8)]
+    _, state = update(tx.init(params))
+    for leaf in state.curvature.leaves:
+        pi = jnp.sqrt((jnp.trace(leaf.left) / len(leaf.left)) / (jnp.trace(leaf.right) / 8))
+        root = jnp.sqrt(1e-2)
+        for factor, inverse, damping in (
+            (leaf.left, leaf.left_inverse, pi * root),
+            (leaf.right, leaf.right_inverse, root / pi),
+        ):
+            want = np.linalg.inv(factor + damping * np.eye(len(factor)))
+            np.testing.assert_allclose(inverse, want, rtol=1e-8)

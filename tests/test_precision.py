@@ -14,31 +14,17 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
 from natgrad_jax._solvers import damped_inverse
-from tests.helpers import mlp_problem
+from tests.helpers import equations, mlp_problem
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _sub_jaxprs(value):
-    if isinstance(value, jax.extend.core.ClosedJaxpr):
-        yield value.jaxpr
-    elif isinstance(value, jax.extend.core.Jaxpr):
-        yield value
-    elif isinstance(value, tuple | list):
-        for item in value:
-            yield from _sub_jaxprs(item)
 
 
 def dot_precisions(jaxpr) -> list:
     """The precision of every dot_general in ``jaxpr`` and its sub-jaxprs (cond, scan, ...)."""
     found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            precision = eqn.params["precision"]
-            found.append(precision[0] if isinstance(precision, tuple) else precision)
-        for value in eqn.params.values():
-            for inner in _sub_jaxprs(value):
-                found.extend(dot_precisions(inner))
+    for eqn in equations(jaxpr, "dot_general"):
+        precision = eqn.params["precision"]
+        found.append(precision[0] if isinstance(precision, tuple) else precision)
     return found
 
 

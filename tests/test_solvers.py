@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from natgrad_jax._solvers import damped_inverse, trust_region_scale
+from natgrad_jax._solvers import batched_inverses, damped_inverse, trust_region_scale
+from tests.helpers import equations
 
 
 def _random_psd(size, rank, seed=0):
@@ -51,3 +52,28 @@ def test_trust_region_scale(max_kl, active):
     else:
         assert c == 1.0
     assert float(trust_region_scale(0.0, max_kl)) == 1.0
+
+
+def test_batched_inverses_equal_one_at_a_time_with_a_singular_one_among_them():
+    """Same-size matrices share one factorisation call; a singular undamped one takes
+    the pseudo-inverse without spoiling the others; vectors are diagonals."""
+    rng = np.random.default_rng(0)
+    roots = rng.normal(size=(3, 5, 5))
+    matrices = [r @ r.T for r in roots]
+    singular = np.outer(roots[0][0], roots[0][0])  # rank one
+    factors = [matrices[0], jnp.arange(1.0, 4.0), singular, matrices[1], rng.normal(size=(2, 2))]
+    factors[4] = factors[4] @ factors[4].T
+    dampings = [1e-2, 0.5, 0.0, 1.0, 1e-3]
+    got = batched_inverses([jnp.asarray(f) for f in factors], [jnp.asarray(d) for d in dampings])
+    for factor, damping, inverse in zip(factors, dampings, got, strict=True):
+        factor = np.asarray(factor)
+        if factor.ndim == 1:
+            np.testing.assert_allclose(inverse, 1.0 / (factor + damping), rtol=1e-12)
+        else:
+            want = np.linalg.pinv(factor + damping * np.eye(len(factor)), rcond=1e-10)
+            np.testing.assert_allclose(inverse, want, rtol=1e-8, atol=1e-10)
+    five_by_five = jax.make_jaxpr(lambda fs, ds: batched_inverses(fs, ds))(
+        [jnp.asarray(f) for f in factors], [jnp.asarray(d) for d in dampings]
+    )
+    choleskys = equations(five_by_five.jaxpr, "cholesky")
+    assert [e.invars[0].aval.shape for e in choleskys] == [(3, 5, 5), (1, 2, 2)]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._solvers import damped_inverse, moving_average
+from natgrad_jax._solvers import batched_inverses, moving_average
 
 
 class BlockDiagonalState(NamedTuple):
@@ -63,7 +63,7 @@ class BlockDiagonal:
     def factorise(self, state, batch: CurvatureBatch, damping):
         """(F_ℓ + λI)⁻¹ of every current block."""
         del batch
-        inverses = tuple(damped_inverse(block, damping) for block in state.blocks)
+        inverses = tuple(batched_inverses(state.blocks, [damping] * len(state.blocks)))
         return state._replace(inverses=inverses)
 
     def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):

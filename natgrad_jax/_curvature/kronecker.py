@@ -36,7 +36,7 @@ import numpy as np
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import RowSizes, factored_rows, leaf_to_matrix
-from natgrad_jax._solvers import damped_inverse, moving_average
+from natgrad_jax._solvers import batched_inverses, moving_average
 
 
 class KroneckerLeafState(NamedTuple):
@@ -111,21 +111,13 @@ def _mean_eigenvalue(factor):
     return (jnp.trace(factor) if factor.ndim == 2 else jnp.sum(factor)) / factor.shape[0]
 
 
-def _inverse(factor, damping):
-    """(factor + damping I)⁻¹ of a matrix, or of a diagonal kept as a vector."""
-    if factor.ndim == 2:
-        return damped_inverse(factor, damping)
-    damped = factor + damping
-    return jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 0.0)
-
-
-def _pi_damped_inverses(left, right, damping):
-    """(left + π√λ I)⁻¹ and (right + √λ/π I)⁻¹ with π from the factors' mean eigenvalues."""
+def _pi_dampings(left, right, damping):
+    """(π√λ, √λ/π), π from the factors' mean eigenvalues (Martens & Grosse 2015, 6.3)."""
     eps = jnp.finfo(left.dtype).tiny
     left_mean, right_mean = _mean_eigenvalue(left), _mean_eigenvalue(right)
     pi = jnp.sqrt(jnp.maximum(left_mean, eps) / jnp.maximum(right_mean, eps))
     root = jnp.sqrt(jnp.asarray(damping, left.dtype))
-    return _inverse(left, pi * root), _inverse(right, root / pi)
+    return pi * root, root / pi
 
 
 def _precondition(left_inverse, matrix, right_inverse):
@@ -255,14 +247,20 @@ class Kronecker:
         return KroneckerState(tuple(new_leaves))
 
     def factorise(self, state: KroneckerState, batch: CurvatureBatch, damping):
-        """The π-damped inverses of the factored leaves' current factors."""
-        factored = self.factored_leaves(batch)
-        new_leaves = []
-        for k, leaf in enumerate(state.leaves):
-            if k in factored:
-                left_inverse, right_inverse = _pi_damped_inverses(leaf.left, leaf.right, damping)
-                leaf = leaf._replace(left_inverse=left_inverse, right_inverse=right_inverse)
-            new_leaves.append(leaf)
+        """The π-damped inverses of the factored leaves' current factors (same-size
+        factors of all leaves in one batched factorisation)."""
+        factored = sorted(self.factored_leaves(batch))
+        factors, dampings = [], []
+        for k in factored:
+            leaf = state.leaves[k]
+            factors.extend((leaf.left, leaf.right))
+            dampings.extend(_pi_dampings(leaf.left, leaf.right, damping))
+        inverses = iter(batched_inverses(factors, dampings))
+        new_leaves = list(state.leaves)
+        for k in factored:
+            new_leaves[k] = new_leaves[k]._replace(
+                left_inverse=next(inverses), right_inverse=next(inverses)
+            )
         return KroneckerState(tuple(new_leaves))
 
     def refresh(self, state: KroneckerState, batch: CurvatureBatch, damping, decay, is_first):
