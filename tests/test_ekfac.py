@@ -98,3 +98,45 @@ def test_ekfac_trains_a_classifier():
         keys=(jax.random.PRNGKey(0), jax.random.PRNGKey(1)),
     )
     assert end < 0.25 * start
+
+
+def test_ekfac_is_between_kfac_and_the_exact_fisher():
+    """On a small MLP with the exact Fisher: per leaf, EKFAC's block
+    (U_A ⊗ U_G) diag(s) (U_A ⊗ U_G)ᵀ is at least as close to the Fisher's block as
+    K-FAC's A ⊗ G in Frobenius norm (s is the best diagonal in that eigenbasis, and
+    K-FAC's eigenvalue products are one diagonal), and its update is closer than
+    K-FAC's to the exact solve with those blocks, (F_blocks + λI)⁻¹g (relative error
+    0.15 against 0.52 here). Against the full Fisher's solve it is not: K-FAC's
+    π-damping adds I ⊗ G and A ⊗ I terms, more damping than EKFAC's s + λ."""
+    model = ng.Model(mlp, ng.Categorical())
+    params = init_mlp(jax.random.PRNGKey(0), [4, 6, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (20, 4))
+    y = jnp.argmax(x[:, :3], axis=1)
+    fisher = ng.fisher(model, params, x)
+    g = jax.grad(model.nll)(params, x, y)
+    flat_g, damping = ravel_pytree(g)[0], 0.1
+
+    def update(solver):
+        tx = ng.scale_by_natural_gradient(model, solver=solver, damping=damping)
+        direction, state = tx.update(g, tx.init(params), params, inputs=x)
+        return ravel_pytree(direction)[0], state.curvature.leaves
+
+    kfac_update, kfac_leaves = update(ng.Kronecker())
+    ekfac_update, ekfac_leaves = update(ng.EKFAC())
+    blocks = np.zeros_like(fisher)
+    offset, strictly_better = 0, 0
+    for kfac, ekfac in zip(kfac_leaves, ekfac_leaves, strict=True):
+        where = slice(offset, offset + ekfac.scaling.size)
+        offset += ekfac.scaling.size
+        block = blocks[where, where] = fisher[where, where]
+        basis = jnp.kron(ekfac.left_basis, ekfac.right_basis)
+        ekfac_block = basis @ jnp.diag(ekfac.scaling.ravel()) @ basis.T
+        kfac_error = jnp.linalg.norm(jnp.kron(kfac.left, kfac.right) - block)
+        ekfac_error = jnp.linalg.norm(ekfac_block - block)
+        assert ekfac_error <= kfac_error * (1 + 1e-10) + 1e-12 * jnp.linalg.norm(block)
+        strictly_better += bool(ekfac_error < 0.9 * kfac_error)
+    assert strictly_better >= 1
+    exact = jnp.linalg.solve(blocks + damping * jnp.eye(len(fisher)), flat_g)
+    ekfac_distance = jnp.linalg.norm(ekfac_update - exact) / jnp.linalg.norm(exact)
+    kfac_distance = jnp.linalg.norm(kfac_update - exact) / jnp.linalg.norm(exact)
+    assert ekfac_distance < 0.5 * kfac_distance
