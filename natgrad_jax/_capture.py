@@ -647,6 +647,14 @@ def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cota
     ``cotangent_rows`` is a pytree shaped like the outputs with a leading axis of R rows;
     g[k] has a leading R axis, then the shape of layer k's output.
     """
+    outputs, activations, gradients_of = probed_forward(apply_fn, captured, params, inputs)
+    return outputs, activations, gradients_of(cotangent_rows)
+
+
+def probed_forward(apply_fn, captured: Capture, params, inputs):
+    """One forward pass: (outputs, a per layer, ``gradients_of``), where
+    ``gradients_of(cotangent_rows)`` is the row-batched backward pass giving g per layer
+    (callable on any number of rows, e.g. chunk by chunk)."""
     zeros = [jnp.zeros(layer.probe_shape, layer.output_dtype) for layer in captured.layers]
     # Inside shard_map the probes must vary like the batch, or their cotangents (the g)
     # would be summed over the devices.
@@ -659,8 +667,11 @@ def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cota
 
     (outputs, activations), pullback = jax.vjp(forward, zeros)
     zero_activations = [jnp.zeros_like(a) for a in activations]
-    (gradients,) = jax.vmap(lambda row: pullback((row, zero_activations)))(cotangent_rows)
-    return outputs, activations, gradients
+
+    def gradients_of(cotangent_rows):
+        return jax.vmap(lambda row: pullback((row, zero_activations))[0])(cotangent_rows)
+
+    return outputs, activations, gradients_of
 
 
 def operand_of(layer: Layer, leaf):

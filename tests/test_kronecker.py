@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import natgrad_jax as ng
+from natgrad_jax._curvature.batch import CurvatureBatch
 from tests.helpers import classifier_nll_before_and_after, equations, init_mlp, mlp
 from tests.test_capture import _tricky_model, equinox_mlp
 
@@ -201,3 +202,45 @@ def test_same_size_factors_are_inverted_in_one_batched_factorisation():
         ):
             want = np.linalg.inv(factor + damping * np.eye(len(factor)))
             np.testing.assert_allclose(inverse, want, rtol=1e-8)
+
+
+def _many_output_model():
+    """10 Gaussian outputs (10 exact-Fisher rows per example); the scale ``s`` is used
+    twice, so its curvature is the exact diagonal from vmap-ed rows."""
+
+    def apply(p, x):
+        h = jnp.tanh(x @ p["w"] + p["b"])
+        return (h * p["s"]) @ p["v"] + jnp.sum(p["s"])
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {
+        "w": jax.random.normal(keys[0], (4, 6)),
+        "b": jnp.full((6,), 0.1),
+        "s": jnp.linspace(0.5, 1.5, 6),
+        "v": jax.random.normal(keys[1], (6, 10)),
+    }
+    x = jax.random.normal(keys[2], (7, 4))
+    return ng.Model(apply, ng.Gaussian(scale=1.0)), params, x
+
+
+@pytest.mark.parametrize("approximation", ["expand", "reduce"])
+def test_exact_fisher_rows_taken_in_chunks_give_the_same_factors_and_update(approximation):
+    """Chunks of 3 of the 10 rows (the last one padded) against all rows at once."""
+    model, params, x = _many_output_model()
+    results = [
+        _kronecker_update(model, params, x, ng.Kronecker(approximation, chunk_rows=chunk))
+        for chunk in (None, 3)
+    ]
+    (whole, whole_state), (chunked, chunked_state) = results
+    for got, want in zip(jax.tree.leaves(chunked_state), jax.tree.leaves(whole_state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+    sizes = [leaf.size for leaf in jax.tree.leaves(params)]
+
+    def measured(params):
+        batch = CurvatureBatch(model, params, x, "exact")
+        return ng.Kronecker(chunk_rows=3).measured(batch, jnp.float64, sizes)[1:]
+
+    scans = equations(jax.make_jaxpr(measured)(params).jaxpr, "scan")
+    assert [e.params["length"] for e in scans] == [4]  # ⌈10 / 3⌉ chunks

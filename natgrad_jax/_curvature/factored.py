@@ -33,8 +33,8 @@ from natgrad_jax._capture import (
     Capture,
     Layer,
     capture,
-    layer_inputs_and_gradients,
     operand_of,
+    probed_forward,
 )
 from natgrad_jax._fisher import (
     batch_size,
@@ -302,13 +302,28 @@ class FactoredRows:
 
         Both are the same for T = 1; "reduce" is exact for one example whose inputs are
         the same at every position, "expand" when the positions' gradients are
-        uncorrelated.
+        uncorrelated. G is a sum over the rows r (``output_factor``), A is not
+        (``input_factor``).
         """
-        a, g = self.layer_inputs(index), self.gradients[index]
-        n, t = self.num_examples, a.shape[1]
+        return (
+            self.input_factor(index, approximation, diagonal[0]),
+            self.output_factor(index, approximation, diagonal[1]),
+        )
+
+    def input_factor(self, index, approximation: str = "expand", only_diagonal=False):
+        """A of ``kronecker_factors``."""
+        a = self.layer_inputs(index)
         if approximation == "reduce":
-            a, g, t = jnp.mean(a, axis=1, keepdims=True), jnp.sum(g, axis=2, keepdims=True), 1
-        return _second_moment(a, diagonal[0]) / n, _second_moment(g, diagonal[1]) / (n * t)
+            a = jnp.mean(a, axis=1, keepdims=True)
+        return _second_moment(a, only_diagonal) / self.num_examples
+
+    def output_factor(self, index, approximation: str = "expand", only_diagonal=False):
+        """G of ``kronecker_factors``: a sum over the output-Fisher rows."""
+        g = self.gradients[index]
+        t = 1 if approximation == "reduce" else g.shape[2]
+        if approximation == "reduce":
+            g = jnp.sum(g, axis=2, keepdims=True)
+        return _second_moment(g, only_diagonal) / (self.num_examples * t)
 
 
 def _second_moment(x, only_diagonal: bool):
@@ -325,6 +340,13 @@ class RowSizes(NamedTuple):
 
     stored: int
     per_example: int = 0
+    row_floats: int = 0  # the part of ``stored`` proportional to the rows (g, dense rows)
+    rows_per_example: int = 1
+
+    def in_chunks_of(self, chunk_rows: int) -> RowSizes:
+        """The sizes when the rows are taken ``chunk_rows`` per example at a time."""
+        kept = self.row_floats * chunk_rows // self.rows_per_example
+        return self._replace(stored=self.stored - self.row_floats + kept, row_floats=kept)
 
 
 def dense_row_sizes(num_params: int, num_rows: int) -> RowSizes:
@@ -336,17 +358,18 @@ def captured_row_sizes(captured: Capture, leaf_shapes, num_rows: int, num_exampl
     """``RowSizes`` of ``factored_rows``: per captured K×D layer over T positions,
     a (N·T·K; none for biases and scales) and g (M·T·D; twice for a scale, g ⊙ x), plus
     M·K·D per-example gradients when T > 1; M rows of every leaf left to vmap."""
-    stored = num_rows * sum(math.prod(leaf_shapes[k]) for k in captured.fallback)
-    per_example = 0
+    row_floats = num_rows * sum(math.prod(leaf_shapes[k]) for k in captured.fallback)
+    input_floats, per_example = 0, 0
     for layer in captured.layers:
         template = jax.ShapeDtypeStruct(leaf_shapes[layer.leaf], jnp.float32)
         k, d = jax.eval_shape(lambda leaf, layer=layer: leaf_to_matrix(layer, leaf), template).shape
         traced_examples = layer.output_shape[layer.output_example_axis]
         t = max(math.prod(layer.probe_shape) // max(traced_examples * d, 1), 1)
-        stored += (1 + (layer.kind == "mul")) * num_rows * t * d
-        stored += 0 if layer.kind in ("add", "mul") else num_examples * t * k
+        row_floats += (1 + (layer.kind == "mul")) * num_rows * t * d
+        input_floats += 0 if layer.kind in ("add", "mul") else num_examples * t * k
         per_example += num_rows * k * d if t > 1 else 0
-    return RowSizes(stored, per_example)
+    rows_per_example = max(num_rows // max(num_examples, 1), 1)
+    return RowSizes(input_floats + row_floats, per_example, row_floats, rows_per_example)
 
 
 def _per_example_is_smaller(a, g) -> bool:
@@ -406,30 +429,73 @@ def factored_rows(batch, dtype=None) -> FactoredRows:
     With ``batch.axis_name`` each device computes (a, g) for its examples and gathers
     everyone's, so the rows — and all that is computed from them — are the whole batch's.
     """
+    cotangents, rows_of = rows_of_cotangents(batch, dtype)
+    return rows_of(cotangents)
+
+
+def row_chunks(cotangents, chunk_rows: int):
+    """The (R, ...) cotangent rows as (⌈R / chunk_rows⌉, chunk_rows, ...); the last chunk
+    is completed with zero rows, which add nothing to a sum of products of g."""
+    num_rows = jax.tree.leaves(cotangents)[0].shape[0]
+    num_chunks = -(-num_rows // chunk_rows)
+
+    def chunked(c):
+        padding = [(0, num_chunks * chunk_rows - num_rows)] + [(0, 0)] * (c.ndim - 1)
+        return jnp.pad(c, padding).reshape(num_chunks, chunk_rows, *c.shape[1:])
+
+    return jax.tree.map(chunked, cotangents)
+
+
+def sum_over_chunks(rows_of, chunks, statistic):
+    """Σ over the chunks of ``statistic(rows_of(chunk))``, one chunk's g at a time.
+
+    For a statistic that is a sum over rows (K-FAC's output factors, exact diagonals)
+    this equals ``statistic(rows_of(all rows))`` without holding every row's g: an exact
+    Fisher with R rows per example (784 for a Gaussian image model) holds R·N·T·D floats
+    per layer unchunked.
+    """
+
+    def add_chunk(total, chunk):
+        return jax.tree.map(jnp.add, total, statistic(rows_of(chunk))), None
+
+    first = jax.tree.map(lambda c: c[0], chunks)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda c: statistic(rows_of(c)), first))
+    return jax.lax.scan(add_chunk, zeros, chunks)[0]
+
+
+def rows_of_cotangents(batch, dtype=None):
+    """(the batch's output-Fisher cotangent rows, ``rows_of``): one forward pass, and
+    ``rows_of(cotangent_rows)`` the ``FactoredRows`` of those rows."""
     captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
     batch = dataclasses.replace(batch, params=device_varying(batch.params, batch.axis_name))
-    outputs = batch.model.apply_fn(batch.params, batch.inputs)
+    outputs, activations, gradients_of = probed_forward(
+        batch.model.apply_fn, captured, batch.params, batch.inputs
+    )
     cotangents = jax.lax.stop_gradient(_cotangent_rows(batch, outputs))
-    _, activations, gradients = layer_inputs_and_gradients(
-        batch.model.apply_fn, captured, batch.params, batch.inputs, cotangents
-    )
     dtype = dtype or jnp.result_type(*jax.tree.leaves(batch.params), jnp.float32)
-    normalised_g = [
-        _normalise_gradient(layer, g * a if layer.kind == "mul" else g).astype(dtype)
-        for layer, a, g in zip(captured.layers, activations, gradients, strict=True)
-    ]
-    normalised_a = [
-        None if layer.kind in ("add", "mul") else _normalise_input(layer, a).astype(dtype)
+    inputs = tuple(
+        None
+        if layer.kind in ("add", "mul")
+        else batch.gather_examples(_normalise_input(layer, a).astype(dtype))
         for layer, a in zip(captured.layers, activations, strict=True)
-    ]
-    templates = tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(batch.params))
-    return FactoredRows(
-        capture=captured,
-        inputs=tuple(None if a is None else batch.gather_examples(a) for a in normalised_a),
-        gradients=tuple(batch.gather_examples(g, axis=1) for g in normalised_g),
-        fallback_rows=batch.gather_examples(
-            _fallback_rows(batch, captured, cotangents, dtype), axis=1
-        ),
-        leaf_templates=templates,
-        num_examples=batch.num_examples,
     )
+    templates = tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(batch.params))
+
+    def rows_of(cotangent_rows):
+        gradients = [
+            _normalise_gradient(layer, g * a if layer.kind == "mul" else g).astype(dtype)
+            for layer, a, g in zip(
+                captured.layers, activations, gradients_of(cotangent_rows), strict=True
+            )
+        ]
+        fallback = _fallback_rows(batch, captured, cotangent_rows, dtype)
+        return FactoredRows(
+            capture=captured,
+            inputs=inputs,
+            gradients=tuple(batch.gather_examples(g, axis=1) for g in gradients),
+            fallback_rows=batch.gather_examples(fallback, axis=1),
+            leaf_templates=templates,
+            num_examples=batch.num_examples,
+        )
+
+    return cotangents, rows_of

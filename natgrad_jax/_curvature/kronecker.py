@@ -35,7 +35,13 @@ import numpy as np
 
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import RowSizes, factored_rows, leaf_to_matrix
+from natgrad_jax._curvature.factored import (
+    RowSizes,
+    leaf_to_matrix,
+    row_chunks,
+    rows_of_cotangents,
+    sum_over_chunks,
+)
 from natgrad_jax._solvers import batched_inverses, moving_average
 
 
@@ -143,6 +149,11 @@ class Kronecker:
         its diagonal (``None``: never). For an embedding table (V, D) the input factor
         is diagonal anyway (counts of the tokens), so a large vocabulary costs V floats
         instead of V²; for a dense layer wider than this it is an approximation.
+      chunk_rows: the output-Fisher rows per example are taken this many at a time
+        (``None``: all at once). The exact Fisher of a model with many outputs has as
+        many rows (784 for a Gaussian image model) and each holds every layer's g; the
+        output factors and diagonals are sums over rows, accumulated chunk by chunk
+        with the same result.
 
     Example:
       >>> import jax, jax.numpy as jnp, natgrad_jax as ng
@@ -158,6 +169,7 @@ class Kronecker:
 
     approximation: str = "expand"
     max_factor_size: int | None = 4096
+    chunk_rows: int | None = 32
 
     name = "kronecker"
     averages = True
@@ -169,14 +181,19 @@ class Kronecker:
             )
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
-        """Floats an update allocates, for the memory guard: each leaf's two factors and
-        their inverses, the diagonals, and the rows (``rows``, a ``RowSizes``: the
-        layers' a and g; else an estimate from the leaves' shapes)."""
+        """Floats an update allocates, for the memory guard: six copies of each leaf's
+        two factors (in the state with their inverses, and the batched factorisation's
+        stacked inputs, Cholesky factors, inverses and fallback eigenvectors; XLA's memory
+        analysis shows about seven), the diagonals, and the rows (``rows``, a
+        ``RowSizes``: the layers' a and g, one chunk of rows at a time; else an estimate
+        from the leaves' shapes)."""
         factors = sum(
-            2 * sum(map(self._factor_floats, split_shape(shape))) for shape in leaf_shapes
+            6 * sum(map(self._factor_floats, split_shape(shape))) for shape in leaf_shapes
         )
         if rows is None:
             rows = RowSizes(num_rows * sum(sum(shape) for shape in leaf_shapes))
+        elif self.chunk_rows is not None and rows.rows_per_example > self.chunk_rows:
+            rows = rows.in_chunks_of(self.chunk_rows)
         return factors + rows.stored + rows.per_example + 3 * num_params
 
     def _is_diagonal(self, side: int) -> bool:
@@ -213,23 +230,46 @@ class Kronecker:
         return factored
 
     def measured(self, batch: CurvatureBatch, dtype, sizes):
-        """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals)."""
-        rows = factored_rows(batch, dtype)
-        factors, factored = {}, self.factored_leaves(batch)
+        """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals);
+        rows is None when the output-Fisher rows were taken in chunks."""
+        cotangents, rows_of = rows_of_cotangents(batch, dtype)
+        factored = self.factored_leaves(batch)
         leaves = jax.tree.leaves(batch.params)
-        for k, (layer_index, orientation) in factored.items():
-            diagonal = tuple(map(self._is_diagonal, split_shape(np.shape(leaves[k]))))
-            in_order = orientation == "left_is_inputs"
-            inputs_factor, outputs_factor = rows.kronecker_factors(
-                layer_index, self.approximation, diagonal if in_order else diagonal[::-1]
-            )
-            factors[k] = (
-                (inputs_factor, outputs_factor) if in_order else (outputs_factor, inputs_factor)
-            )
+        diagonal_sides = {
+            k: tuple(map(self._is_diagonal, split_shape(np.shape(leaves[k])))) for k in factored
+        }
         # The exact diagonal only where the leaf is not factored (zeros elsewhere).
         skip = {layer_index for layer_index, _ in factored.values()}
-        diagonal = rows.diagonal(skip) / batch.num_examples
-        return rows, factors, jnp.split(diagonal, np.cumsum(sizes)[:-1])
+
+        def in_layer_order(k):
+            layer_index, orientation = factored[k]
+            sides = diagonal_sides[k]
+            return layer_index, sides if orientation == "left_is_inputs" else sides[::-1]
+
+        def summed(rows):  # statistics that are sums over the output-Fisher rows
+            outputs = {}
+            for k in factored:
+                layer_index, (_, output_diagonal) = in_layer_order(k)
+                outputs[k] = rows.output_factor(layer_index, self.approximation, output_diagonal)
+            return outputs, rows.diagonal(skip)
+
+        num_rows = jax.tree.leaves(cotangents)[0].shape[0]
+        if self.chunk_rows is None or num_rows <= self.chunk_rows:
+            rows = rows_of(cotangents)
+            outputs, diagonal = summed(rows)
+            inputs_rows = rows
+        else:
+            chunks = row_chunks(cotangents, self.chunk_rows)
+            outputs, diagonal = sum_over_chunks(rows_of, chunks, summed)
+            rows, inputs_rows = None, rows_of(jax.tree.map(lambda c: c[0], chunks))
+        factors = {}
+        for k, (layer_index, orientation) in factored.items():
+            inputs_factor = inputs_rows.input_factor(
+                layer_index, self.approximation, in_layer_order(k)[1][0]
+            )
+            pair = (inputs_factor, outputs[k])
+            factors[k] = pair if orientation == "left_is_inputs" else pair[::-1]
+        return rows, factors, jnp.split(diagonal / batch.num_examples, np.cumsum(sizes)[:-1])
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
         """Averages this batch's factors and diagonals into the state (no inverses)."""
