@@ -43,12 +43,14 @@ def test_one_example_is_solved_exactly():
     assert not np.allclose(k.ravel(), expected, rtol=1e-3)  # π-damping is not exact
 
 
-@pytest.mark.parametrize("make", ["mlp", "shared_weight"])
+@pytest.mark.parametrize("make", ["mlp", "shared_weight", "40_gaussian_outputs"])
 def test_scalings_are_the_fishers_diagonal_in_the_kronecker_eigenbasis(make):
-    """s = diag(Uᵀ F_ℓ U) for each factored leaf, U = U_left ⊗ U_right of the state."""
-    if make == "mlp":
-        params = init_mlp(jax.random.PRNGKey(0), [3, 5, 4])
-        model, x = ng.Model(mlp, ng.Categorical()), jax.random.normal(jax.random.PRNGKey(1), (7, 3))
+    """s = diag(Uᵀ F_ℓ U) for each factored leaf, U = U_left ⊗ U_right of the state (with
+    40 Gaussian outputs: 40 exact-Fisher rows per example, more than K-FAC's chunk)."""
+    if make in ("mlp", "40_gaussian_outputs"):
+        width, likelihood = (4, ng.Categorical()) if make == "mlp" else (40, ng.Gaussian(1.0))
+        params = init_mlp(jax.random.PRNGKey(0), [3, 5, width])
+        model, x = ng.Model(mlp, likelihood), jax.random.normal(jax.random.PRNGKey(1), (7, 3))
     else:
         model, params, x = _shared_weight_model()
     tx = ng.scale_by_natural_gradient(model, solver="ekfac", damping=1e-2)

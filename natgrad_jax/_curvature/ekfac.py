@@ -95,7 +95,8 @@ class EKFAC:
 
     @property
     def _kronecker(self) -> Kronecker:
-        return Kronecker(self.approximation, max_factor_size=None)  # eigenbases need matrices
+        # Eigenbases need whole matrices; the second moments in them need all rows at once.
+        return Kronecker(self.approximation, max_factor_size=None, chunk_rows=None)
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats held at once, for the memory guard: factors and bases, the scalings,
