@@ -28,6 +28,21 @@ def optional_import(name: str):
         return None
 
 
+def adaptive_kfac_optimizer(kfac_jax, loss):
+    """kfac-jax's optimizer in its adaptive configuration (as in its examples): learning
+    rate, momentum and damping all adapted, for ``loss(params, batch)`` that registers
+    its likelihood."""
+    return kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss),
+        l2_reg=0.0,
+        use_adaptive_learning_rate=True,
+        use_adaptive_momentum=True,
+        use_adaptive_damping=True,
+        initial_damping=1.0,
+        multi_device=False,
+    )
+
+
 def machine() -> str:
     """A one-line description of where the numbers were measured."""
     device = jax.devices()[0]

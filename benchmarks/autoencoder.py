@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _common import (
+    adaptive_kfac_optimizer,
     add_output_arguments,
     init_mlp,
     machine,
@@ -78,15 +79,7 @@ def kfac_step(model, kfac_jax):
         kfac_jax.register_normal_predictive_distribution(model.apply_fn(params, x), x, variance=1.0)
         return model.nll(params, x, x)
 
-    optimizer = kfac_jax.Optimizer(
-        value_and_grad_func=jax.value_and_grad(loss),
-        l2_reg=0.0,
-        use_adaptive_learning_rate=True,
-        use_adaptive_momentum=True,
-        use_adaptive_damping=True,
-        initial_damping=1.0,
-        multi_device=False,
-    )
+    optimizer = adaptive_kfac_optimizer(kfac_jax, loss)
     key = jax.random.PRNGKey(42)
 
     def init(params):
@@ -231,31 +224,16 @@ def main():
     }
     if args.only:
         candidates = {n: c for n, c in candidates.items() if args.only in n}
+
+    def run_ngd(name, runner):
+        budget = (args.ngd_steps, args.max_seconds, target, args.eval_every)
+        results[name] = train(name, runner, data, args.batch, *budget)
+
     for name, make in candidates.items():
-        runner = optax_step(make(), model)
-        results[name] = train(
-            name,
-            runner,
-            data,
-            args.batch,
-            args.ngd_steps,
-            args.max_seconds,
-            target,
-            args.eval_every,
-        )
+        run_ngd(name, optax_step(make(), model))
     kfac_jax = optional_import("kfac_jax")
     if kfac_jax is not None and not args.only:
-        name = "kfac-jax (adaptive)"
-        results[name] = train(
-            name,
-            kfac_step(model, kfac_jax),
-            data,
-            args.batch,
-            args.ngd_steps,
-            args.max_seconds,
-            target,
-            args.eval_every,
-        )
+        run_ngd("kfac-jax (adaptive)", kfac_step(model, kfac_jax))
 
     shown = {n: r for n, r in results.items() if n == best_adam or not n.startswith("adam")}
     text, target = summarise(shown, best_adam)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _common import (
+    adaptive_kfac_optimizer,
     init_mlp,
     machine,
     mlp,
@@ -73,15 +74,7 @@ def kfac_runner(model, kfac_jax=None):
         kfac_jax.register_softmax_cross_entropy_loss(logits, y)
         return model.nll(params, x, y)
 
-    optimizer = kfac_jax.Optimizer(
-        value_and_grad_func=jax.value_and_grad(loss),
-        l2_reg=0.0,
-        use_adaptive_learning_rate=True,
-        use_adaptive_momentum=True,
-        use_adaptive_damping=True,
-        initial_damping=1.0,
-        multi_device=False,
-    )
+    optimizer = adaptive_kfac_optimizer(kfac_jax, loss)
     key = jax.random.PRNGKey(42)
     counter = {"t": 0}
 

@@ -449,10 +449,10 @@ def scale_by_natural_gradient(
         factorised_damping = jnp.asarray(damping_now, state.damping.dtype)
         every_step = _is_python_number(refresh_every) and refresh_every == 1
         if adaptive and _averages(curvature, params) and not every_step:
-            moved = (state.damping != state.factorised_damping) & (state.count % refresh_every != 0)
+            due = state.count % refresh_every == 0
+            moved = (state.damping != state.factorised_damping) & ~due
             curvature_state = jax.lax.cond(moved, factorise, lambda c: c, curvature_state)
-            refreshed = moved | (state.count % refresh_every == 0)
-            factorised_damping = jnp.where(refreshed, damping_now, state.factorised_damping)
+            factorised_damping = jnp.where(moved | due, damping_now, state.factorised_damping)
 
         with matmul_precision(EXACT):
             direction, curvature_state = curvature.solve(

@@ -93,7 +93,10 @@ def _orientation(layer, shape) -> str | None:
     return None
 
 
-def kronecker_route(layer, shape, max_factor_size: int | None = 4096) -> str:
+DEFAULT_MAX_FACTOR_SIZE = 4096
+
+
+def kronecker_route(layer, shape, max_factor_size: int | None = DEFAULT_MAX_FACTOR_SIZE) -> str:
     """How K-FAC treats a leaf, with the reason when it falls back to the diagonal."""
     if layer is None:
         return "exact diagonal (not captured)"
@@ -168,7 +171,7 @@ class Kronecker:
     """
 
     approximation: str = "expand"
-    max_factor_size: int | None = 4096
+    max_factor_size: int | None = DEFAULT_MAX_FACTOR_SIZE
     chunk_rows: int | None = 32
 
     name = "kronecker"
@@ -235,40 +238,36 @@ class Kronecker:
         cotangents, rows_of = rows_of_cotangents(batch, dtype)
         factored = self.factored_leaves(batch)
         leaves = jax.tree.leaves(batch.params)
-        diagonal_sides = {
-            k: tuple(map(self._is_diagonal, split_shape(np.shape(leaves[k])))) for k in factored
-        }
+        # Per factored leaf: its layer, and whether its input and output factors are
+        # kept as diagonals.
+        plan = {}
+        for k, (layer_index, orientation) in factored.items():
+            left, right = map(self._is_diagonal, split_shape(np.shape(leaves[k])))
+            in_order = orientation == "left_is_inputs"
+            plan[k] = (layer_index, *((left, right) if in_order else (right, left)))
         # The exact diagonal only where the leaf is not factored (zeros elsewhere).
-        skip = {layer_index for layer_index, _ in factored.values()}
-
-        def in_layer_order(k):
-            layer_index, orientation = factored[k]
-            sides = diagonal_sides[k]
-            return layer_index, sides if orientation == "left_is_inputs" else sides[::-1]
+        skip = {layer_index for layer_index, _, _ in plan.values()}
 
         def summed(rows):  # statistics that are sums over the output-Fisher rows
-            outputs = {}
-            for k in factored:
-                layer_index, (_, output_diagonal) = in_layer_order(k)
-                outputs[k] = rows.output_factor(layer_index, self.approximation, output_diagonal)
+            outputs = {
+                k: rows.output_factor(layer_index, self.approximation, output_diagonal)
+                for k, (layer_index, _, output_diagonal) in plan.items()
+            }
             return outputs, rows.diagonal(skip)
 
         num_rows = jax.tree.leaves(cotangents)[0].shape[0]
         if self.chunk_rows is None or num_rows <= self.chunk_rows:
-            rows = rows_of(cotangents)
+            rows = inputs_rows = rows_of(cotangents)
             outputs, diagonal = summed(rows)
-            inputs_rows = rows
         else:
             chunks = row_chunks(cotangents, self.chunk_rows)
             outputs, diagonal = sum_over_chunks(rows_of, chunks, summed)
             rows, inputs_rows = None, rows_of(jax.tree.map(lambda c: c[0], chunks))
         factors = {}
-        for k, (layer_index, orientation) in factored.items():
-            inputs_factor = inputs_rows.input_factor(
-                layer_index, self.approximation, in_layer_order(k)[1][0]
-            )
-            pair = (inputs_factor, outputs[k])
-            factors[k] = pair if orientation == "left_is_inputs" else pair[::-1]
+        for k, (layer_index, input_diagonal, _) in plan.items():
+            inputs = inputs_rows.input_factor(layer_index, self.approximation, input_diagonal)
+            pair = (inputs, outputs[k])
+            factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
         return rows, factors, jnp.split(diagonal / batch.num_examples, np.cumsum(sizes)[:-1])
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
