@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.factored import factored_rows
 from natgrad_jax._curvature.kronecker import Kronecker, split_shape
 from natgrad_jax._solvers import moving_average
 
@@ -151,8 +152,8 @@ class EKFAC:
         """New eigenbases of the current factors, and s measured in them on ``batch``."""
         del damping  # applied in the solve: (s + λ)
         factored = self._kronecker.factored_leaves(batch)
-        sizes = [leaf.diagonal.size for leaf in state.leaves]
-        rows, _, _ = self._kronecker.measured(batch, state.leaves[0].diagonal.dtype, sizes)
+        # Only the rows are needed here: the factors were averaged by ``measure``.
+        rows = factored_rows(batch, state.leaves[0].diagonal.dtype)
         new_leaves = []
         for k, leaf in enumerate(state.leaves):
             if k in factored:
