@@ -5,6 +5,7 @@ matrix-free) and optax transforms that precondition gradients by the damped inve
 Fisher.
 """
 
+from natgrad_jax._capture import ForwardPass as ForwardPass
 from natgrad_jax._curvature.auto import choose_solver as choose_solver
 from natgrad_jax._curvature.block import BlockDiagonal as BlockDiagonal
 from natgrad_jax._curvature.dense import Dense as Dense
@@ -33,6 +34,7 @@ from natgrad_jax._model import Model as Model
 from natgrad_jax._transform import NaturalGradientState as NaturalGradientState
 from natgrad_jax._transform import natural_gradient as natural_gradient
 from natgrad_jax._transform import scale_by_natural_gradient as scale_by_natural_gradient
+from natgrad_jax._value_and_grad import value_and_grad as value_and_grad
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,7 @@ __all__ = [
     "ConjugateGradient",
     "Dense",
     "Diagonal",
+    "ForwardPass",
     "Gaussian",
     "Kronecker",
     "LevenbergMarquardt",
@@ -65,4 +68,5 @@ __all__ = [
     "natural_gradient",
     "per_example_scores",
     "scale_by_natural_gradient",
+    "value_and_grad",
 ]

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -647,31 +648,66 @@ def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cota
     ``cotangent_rows`` is a pytree shaped like the outputs with a leading axis of R rows;
     g[k] has a leading R axis, then the shape of layer k's output.
     """
-    outputs, activations, gradients_of = probed_forward(apply_fn, captured, params, inputs)
-    return outputs, activations, gradients_of(cotangent_rows)
+    forward = probed_forward(apply_fn, captured, params, inputs)
+    return forward.outputs, forward.layer_inputs, forward.layer_gradients(cotangent_rows)
 
 
-def probed_forward(apply_fn, captured: Capture, params, inputs):
-    """One forward pass: (outputs, a per layer, ``gradients_of``), where
-    ``gradients_of(cotangent_rows)`` is the row-batched backward pass giving g per layer
-    (callable on any number of rows, e.g. chunk by chunk)."""
-    zeros = [jnp.zeros(layer.probe_shape, layer.output_dtype) for layer in captured.layers]
-    # Inside shard_map the probes must vary like the batch, or their cotangents (the g)
-    # would be summed over the devices.
-    batch_axes = varying_axes(jax.tree.leaves(inputs)[0])
-    for axis in sorted(batch_axes):
+class ForwardPass(NamedTuple):
+    """One forward pass of a model through its captured layers, and its linearisation.
+
+    Everything the loss gradient and the curvature statistics of one batch need,
+    computed once (see ``ng.value_and_grad``): the outputs, the input a of every
+    captured layer, and the pullback of ``(params, probes) ↦ (outputs, a)``. A pytree of
+    arrays (the pullback holds the forward's residuals), so it can be passed through
+    ``jax.jit`` like any other argument.
+    """
+
+    outputs: PyTree
+    layer_inputs: list  # a of captured layer k, as the model computed it
+    pullback: Callable  # (output cotangent, a cotangents) -> (params cotangent, g per layer)
+
+    def _pull(self, output_cotangent):
+        zero_inputs = [jnp.zeros_like(a) for a in self.layer_inputs]
+        return self.pullback((output_cotangent, zero_inputs))
+
+    def parameter_gradient(self, output_cotangent):
+        """Jᵀc: the gradient w.r.t. the parameters of ⟨c, outputs⟩."""
+        return self._pull(output_cotangent)[0]
+
+    def layer_gradients(self, cotangent_rows):
+        """g per captured layer for each of the R cotangent rows (leading axis R)."""
+        return jax.vmap(lambda row: self._pull(row)[1])(cotangent_rows)
+
+    def jvp(self, tangent):
+        """J v: the outputs' tangent along a parameter tangent v, without a new forward
+        pass (the transpose of the linear pullback)."""
+        primal = (self.outputs, self.layer_inputs)
+        _, probes = jax.eval_shape(self.pullback, primal)
+        zeros = _zero_probes(probes, jax.tree.leaves(self.outputs)[0])
+        return jax.linear_transpose(self.pullback, primal)((tangent, zeros))[0][0]
+
+
+def _zero_probes(shapes, batch_like) -> list:
+    """Zeros of the probes' ``shapes``; inside shard_map varying like ``batch_like`` (a
+    batch array), or their cotangents (the g) would be summed over the devices."""
+    zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    for axis in sorted(varying_axes(batch_like)):
         zeros = [jax.lax.pcast(z, axis, to="varying") for z in zeros]
+    return zeros
 
-    def forward(probes):
+
+def probed_forward(apply_fn, captured: Capture, params, inputs) -> ForwardPass:
+    """One forward pass of ``apply_fn`` with a zero probe on every captured layer."""
+    shapes = [
+        jax.ShapeDtypeStruct(layer.probe_shape, layer.output_dtype) for layer in captured.layers
+    ]
+    zeros = _zero_probes(shapes, jax.tree.leaves(inputs)[0])
+
+    def forward(params, probes):
         return probed_apply(apply_fn, captured, params, inputs, probes)
 
-    (outputs, activations), pullback = jax.vjp(forward, zeros)
-    zero_activations = [jnp.zeros_like(a) for a in activations]
-
-    def gradients_of(cotangent_rows):
-        return jax.vmap(lambda row: pullback((row, zero_activations))[0])(cotangent_rows)
-
-    return outputs, activations, gradients_of
+    (outputs, layer_inputs), pullback = jax.vjp(forward, params, zeros)
+    return ForwardPass(outputs, layer_inputs, pullback)
 
 
 def operand_of(layer: Layer, leaf):

@@ -219,9 +219,14 @@ def _exact_score_rows(model: Model, params: PyTree, inputs: PyTree) -> jax.Array
 
 def sample_targets(model: Model, params: PyTree, inputs: PyTree, key: jax.Array, num_samples: int):
     """``num_samples`` draws of the targets from the model's predictive distribution."""
-    outputs = jax.lax.stop_gradient(model.apply_fn(params, inputs))
+    return sample_labels(model.likelihood, model.apply_fn(params, inputs), key, num_samples)
+
+
+def sample_labels(likelihood, outputs: PyTree, key: jax.Array, num_samples: int):
+    """``num_samples`` draws of the targets from the distribution with these outputs."""
+    outputs = jax.lax.stop_gradient(outputs)
     keys = jax.random.split(key, num_samples)
-    return jax.vmap(lambda k: model.likelihood.sample(k, outputs))(keys)
+    return jax.vmap(lambda k: likelihood.sample(k, outputs))(keys)
 
 
 def _monte_carlo_score_rows(model, params, inputs, key, num_samples):

@@ -92,7 +92,10 @@ class Model:
         and its gradient NaN instead of silently wrong (``optax.apply_if_finite`` skips
         such a step). See ``Likelihood.valid_targets``.
         """
-        outputs = self.apply_fn(params, inputs)
+        return self.log_likelihood_of_outputs(self.apply_fn(params, inputs), targets)
+
+    def log_likelihood_of_outputs(self, outputs: PyTree, targets: PyTree) -> jax.Array:
+        """``log_likelihood`` from the outputs of ``apply_fn`` (already computed)."""
         self.likelihood.check_targets(outputs, targets)
         if concrete_values(targets) is None:
             outputs = _poison_invalid_examples(outputs, self.likelihood, targets)

@@ -42,6 +42,7 @@ from natgrad_jax._parameters import (
 )
 from natgrad_jax._precision import EXACT, matmul_precision
 from natgrad_jax._solvers import step_quadratic, trust_region_scale
+from natgrad_jax._value_and_grad import check_forward_pass
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -404,7 +405,7 @@ def scale_by_natural_gradient(
             factorised_damping=jnp.asarray(initial_damping, dtype),
         )
 
-    def precondition(updates, state, params, frozen, inputs, targets):
+    def precondition(updates, state, params, frozen, inputs, targets, forward):
         """The update on the trainable leaves: (F + λI)⁻¹ g and the next state."""
         key, step_key = jax.random.split(state.key)
         damping_now = state.damping if adaptive else _value_at(damping, state.count)
@@ -419,6 +420,7 @@ def scale_by_natural_gradient(
             key=step_key,
             num_samples=num_samples,
             axis_name=axis_name,
+            forward=forward,
         )
         _check_memory(curvature, params, gradient.dtype, max_curvature_bytes, batch)
 
@@ -495,7 +497,9 @@ def scale_by_natural_gradient(
         isinstance(value, jax.Array) for value in (damping, max_kl, decay, refresh_every, seed)
     )
 
-    def update_fn(updates, state, params=None, *, inputs=None, targets=None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, inputs=None, targets=None, forward_pass=None, **extra_args
+    ):
         del extra_args
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
@@ -520,7 +524,17 @@ def scale_by_natural_gradient(
                 "loss before and after the step: pass targets=... to update, or pass a "
                 "fixed damping=... (a number or a schedule)."
             )
-        arguments = (trainable_part(updates, params), state, trainable, frozen, inputs, targets)
+        if forward_pass is not None:
+            check_forward_pass(forward_pass, model, trainable, frozen, inputs)
+        arguments = (
+            trainable_part(updates, params),
+            state,
+            trainable,
+            frozen,
+            inputs,
+            targets,
+            forward_pass,
+        )
         run = precondition if array_hyperparameters else compiled
         directions, new_state = run(*arguments)
         return merge_updates(directions, updates, params), new_state
@@ -530,13 +544,11 @@ def scale_by_natural_gradient(
 
 def _levenberg_marquardt(rule, batch: CurvatureBatch, gradient, direction, damping):
     """(next λ, whether to take the step), from the reduction ratio of the unit step −d."""
-    model, params, inputs, targets = batch.model, batch.params, batch.inputs, batch.targets
-    flat_params, unravel = ravel_pytree(params)
+    flat_params, unravel = ravel_pytree(batch.params)
     step = -direction
     moved = unravel(flat_params + step.astype(flat_params.dtype))
-    actual = device_mean(
-        model.nll(moved, inputs, targets) - model.nll(params, inputs, targets), batch.axis_name
-    )
+    moved_nll = device_mean(batch.model.nll(moved, batch.inputs, batch.targets), batch.axis_name)
+    actual = moved_nll - batch.nll()
     predicted = jnp.vdot(gradient, step) + 0.5 * jnp.vdot(step, batch.matvec(step))
     ratio = reduction_ratio(actual.astype(step.dtype), predicted)
     return rule.adapt(jnp.asarray(damping, step.dtype), ratio), rule.accepts(ratio)

@@ -7,16 +7,22 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from natgrad_jax._capture import ForwardPass, capture, probed_forward
 from natgrad_jax._fisher import (
     FisherKind,
+    batch_size,
+    check_num_samples,
     device_key,
+    device_mean,
     device_sum,
     device_varying,
     exact_rows_per_example,
     fisher_operator,
     global_batch_size,
+    sample_labels,
     score_rows,
 )
 from natgrad_jax._model import Model
@@ -33,6 +39,9 @@ class CurvatureBatch:
     Vectors are flat, in ``ravel_pytree(params)`` order. With ``axis_name`` (inside
     ``shard_map``) ``inputs`` is this device's share of the batch: ``num_examples``,
     ``device_sum``, ``gather_rows`` and ``matvec`` then speak of the whole batch.
+    ``forward``, when given (from ``ng.value_and_grad``), is the model's forward pass on
+    this batch at ``params``: the statistics, products and loss are taken from it
+    instead of from new passes.
     """
 
     model: Model
@@ -43,6 +52,7 @@ class CurvatureBatch:
     key: jax.Array | None = None
     num_samples: int = 1
     axis_name: str | None = None
+    forward: ForwardPass | None = None
 
     @property
     def num_examples(self) -> int:
@@ -81,29 +91,89 @@ class CurvatureBatch:
             num_samples=self.num_samples,
         )
 
+    def forward_pass(self) -> ForwardPass:
+        """The model's forward pass on this batch: ``forward`` or a new one."""
+        if self.forward is not None:
+            return self.forward
+        captured = capture(self.model.apply_fn, self.params, self.inputs)
+        params = device_varying(self.params, self.axis_name)
+        return probed_forward(self.model.apply_fn, captured, params, self.inputs)
+
+    def cotangent_rows(self, outputs):
+        """Output-space rows c_r whose pullbacks Jᵀc_r are the score rows of ``kind``
+        (leading axis R; for the exact Fisher Σ_r c_r c_rᵀ is the output Fisher)."""
+        likelihood = self.model.likelihood
+        if self.kind == "exact":
+            return likelihood.fisher_sqrt(outputs)
+
+        def score(labels, log_prob):
+            return jax.grad(lambda o: jnp.sum(log_prob(o, labels)))(outputs)
+
+        if self.kind == "empirical":
+            return jax.tree.map(lambda c: c[None], score(self.targets, likelihood.log_prob))
+        num_samples = check_num_samples(self.num_samples)
+        sampled = sample_labels(likelihood, outputs, self.device_key, num_samples)
+        rows = jax.vmap(lambda labels: score(labels, likelihood.sampled_log_prob))(sampled)
+        return jax.tree.map(lambda c: c / jnp.sqrt(jnp.asarray(num_samples, c.dtype)), rows)
+
+    def nll(self):
+        """The batch's mean negative log-likelihood at ``params`` (over every device)."""
+        if self.forward is None:
+            local = self.model.nll(self.params, self.inputs, self.targets)
+        else:
+            local = -jnp.mean(
+                self.model.log_likelihood_of_outputs(self.forward.outputs, self.targets)
+            )
+        return device_mean(local, self.axis_name)
+
     @functools.cached_property
     def matvec(self):
-        """v ↦ F v on flat vectors, linearised once (see ``ng._fisher.fisher_operator``).
+        """v ↦ F v on flat vectors, linearised once (see ``ng._fisher.fisher_operator``),
+        or from ``forward`` without a new pass.
 
         Products are taken in the parameters' dtype and returned in the vector's.
         """
         flat, unravel = ravel_pytree(self.params)
-        product = fisher_operator(
-            self.model,
-            self.params,
-            self.inputs,
-            kind=self.kind,
-            targets=self.targets,
-            key=self.key,
-            num_samples=self.num_samples,
-            axis_name=self.axis_name,
-        )
+        if self.forward is None:
+            product = fisher_operator(
+                self.model,
+                self.params,
+                self.inputs,
+                kind=self.kind,
+                targets=self.targets,
+                key=self.key,
+                num_samples=self.num_samples,
+                axis_name=self.axis_name,
+            )
+        else:
+            product = self._product_of_forward()
 
         def matvec(vector):
             result = ravel_pytree(product(unravel(vector.astype(flat.dtype))))[0]
             return result.astype(vector.dtype)
 
         return matvec
+
+    def _product_of_forward(self):
+        """v ↦ F v = 1/N Jᵀ F_out J v through ``forward``'s linearisation, with F_out the
+        likelihood's output Fisher (exact) or Σ_r c_r c_rᵀ of the sampled or the data's
+        labels."""
+        forward = self.forward
+        outputs = forward.outputs
+        local_examples = batch_size(self.inputs)
+        if self.kind == "exact":
+            output_product = functools.partial(self.model.likelihood.fisher_product, outputs)
+        else:
+            rows = jax.lax.stop_gradient(self.cotangent_rows(outputs))
+            output_product = functools.partial(_product_of_rows, rows)
+
+        def product(vector):
+            vector = device_varying(vector, self.axis_name)
+            result = forward.parameter_gradient(output_product(forward.jvp(vector)))
+            result = jax.tree.map(lambda leaf: leaf / local_examples, result)
+            return device_mean(result, self.axis_name)
+
+        return product
 
     @property
     def num_rows(self) -> int:
@@ -113,3 +183,12 @@ class CurvatureBatch:
         if self.kind == "monte_carlo":
             return self.num_examples * self.num_samples
         return self.num_examples * exact_rows_per_example(self.model, self.params, self.inputs)
+
+
+def _product_of_rows(rows, tangent):
+    """Σ_r c_r (c_rᵀ t) per example, for output rows c (leading axis R, then N)."""
+    per_leaf = jax.tree.map(
+        lambda c, t: jnp.sum((c * t).reshape(c.shape[0], c.shape[1], -1), axis=-1), rows, tangent
+    )
+    weights = sum(jax.tree.leaves(per_leaf))  # (R, N): c_rᵀ t per example
+    return jax.tree.map(lambda c: jnp.einsum("rn,rn...->n...", weights.astype(c.dtype), c), rows)

@@ -34,13 +34,10 @@ from natgrad_jax._capture import (
     Layer,
     capture,
     operand_of,
-    probed_forward,
 )
 from natgrad_jax._fisher import (
     batch_size,
-    check_num_samples,
     device_varying,
-    sample_targets,
     varying_axes,
 )
 
@@ -379,23 +376,6 @@ def _per_example_is_smaller(a, g) -> bool:
     return r * n * k * d < (n * t) ** 2
 
 
-def _cotangent_rows(batch, outputs):
-    """Output-space cotangents whose pullbacks are the score rows of ``batch.kind``."""
-    likelihood = batch.model.likelihood
-    if batch.kind == "exact":
-        return likelihood.fisher_sqrt(outputs)
-
-    def score(labels, log_prob):
-        return jax.grad(lambda o: jnp.sum(log_prob(o, labels)))(outputs)
-
-    if batch.kind == "empirical":
-        return jax.tree.map(lambda c: c[None], score(batch.targets, likelihood.log_prob))
-    num_samples = check_num_samples(batch.num_samples)
-    sampled = sample_targets(batch.model, batch.params, batch.inputs, batch.device_key, num_samples)
-    rows = jax.vmap(lambda labels: score(labels, likelihood.sampled_log_prob))(sampled)
-    return jax.tree.map(lambda c: c / jnp.sqrt(jnp.asarray(num_samples, c.dtype)), rows)
-
-
 def _fallback_rows(batch, captured: Capture, cotangents, dtype):
     """(R, N, P_fallback) per-example rows of the leaves capture left out, via vmap."""
     leaves, treedef = jax.tree.flatten(batch.params)
@@ -467,11 +447,10 @@ def rows_of_cotangents(batch, dtype=None):
     """(the batch's output-Fisher cotangent rows, ``rows_of``): one forward pass, and
     ``rows_of(cotangent_rows)`` the ``FactoredRows`` of those rows."""
     captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
+    forward = batch.forward_pass()
     batch = dataclasses.replace(batch, params=device_varying(batch.params, batch.axis_name))
-    outputs, activations, gradients_of = probed_forward(
-        batch.model.apply_fn, captured, batch.params, batch.inputs
-    )
-    cotangents = jax.lax.stop_gradient(_cotangent_rows(batch, outputs))
+    activations = forward.layer_inputs
+    cotangents = jax.lax.stop_gradient(batch.cotangent_rows(forward.outputs))
     dtype = dtype or jnp.result_type(*jax.tree.leaves(batch.params), jnp.float32)
     inputs = tuple(
         None
@@ -485,7 +464,7 @@ def rows_of_cotangents(batch, dtype=None):
         gradients = [
             _normalise_gradient(layer, g * a if layer.kind == "mul" else g).astype(dtype)
             for layer, a, g in zip(
-                captured.layers, activations, gradients_of(cotangent_rows), strict=True
+                captured.layers, activations, forward.layer_gradients(cotangent_rows), strict=True
             )
         ]
         fallback = _fallback_rows(batch, captured, cotangent_rows, dtype)
