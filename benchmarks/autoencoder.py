@@ -6,7 +6,10 @@ float32, mini-batches of ``--batch``. Adam runs ``--adam-steps`` steps at each l
 rate of a grid; each natural-gradient configuration (and kfac-jax where it imports) runs
 until it reaches the best Adam's final loss, ``--ngd-steps`` steps or ``--max-seconds``.
 Every natural-gradient row uses Levenberg–Marquardt damping (the default of
-``ng.natural_gradient``) and, except the defaults row, the Monte-Carlo Fisher.
+``ng.natural_gradient``) and, except the defaults rows, the Monte-Carlo Fisher, and
+takes its loss, gradient and curvature statistics from one forward pass
+(``ng.value_and_grad``); the last row repeats the defaults with ``jax.grad`` and a plain
+``update``.
 Per optimizer it prints the compile time, the amortised ms per step, the final training
 loss ½‖x − x̂‖² (mean over the training set) and the steps and wall time, compilation
 included, to reach the best Adam's final loss; it saves loss-vs-time and loss-vs-step
@@ -67,6 +70,19 @@ def optax_step(optimizer, model):
     def step(params, state, x):
         grads = jax.grad(model.nll)(params, x, x)
         updates, state = optimizer.update(grads, state, params, inputs=x, targets=x)
+        return optax.apply_updates(params, updates), state
+
+    return optimizer.init, step
+
+
+def ngd_step(optimizer, model):
+    """A natural-gradient step with one forward pass (``ng.value_and_grad``)."""
+
+    def step(params, state, x):
+        (_, forward), grads = ng.value_and_grad(model)(params, x, x)
+        updates, state = optimizer.update(
+            grads, state, params, inputs=x, targets=x, forward_pass=forward
+        )
         return optax.apply_updates(params, updates), state
 
     return optimizer.init, step
@@ -230,7 +246,11 @@ def main():
         results[name] = train(name, runner, data, args.batch, *budget)
 
     for name, make in candidates.items():
-        run_ngd(name, optax_step(make(), model))
+        run_ngd(name, ngd_step(make(), model))
+    if not args.only:
+        # The defaults as a user without ng.value_and_grad would run them.
+        defaults = ng.natural_gradient(model, 1.0)
+        run_ngd("ngd defaults, two passes", optax_step(defaults, model))
     kfac_jax = optional_import("kfac_jax")
     if kfac_jax is not None and not args.only:
         run_ngd("kfac-jax (adaptive)", kfac_step(model, kfac_jax))

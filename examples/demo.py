@@ -57,11 +57,16 @@ def mlp(params, x):
 
 def train(name, optimizer, model, params, x_train, y_train):
     state = optimizer.init(params)
+    natural = name.startswith("natural")
 
     @jax.jit
     def step(params, state, xb, yb):
-        grads = jax.grad(model.nll)(params, xb, yb)
-        updates, state = optimizer.update(grads, state, params, inputs=xb, targets=yb)
+        if natural:  # loss, gradient and curvature statistics from one forward pass
+            (_, forward), grads = ng.value_and_grad(model)(params, xb, yb)
+            extra = {"forward_pass": forward}
+        else:
+            grads, extra = jax.grad(model.nll)(params, xb, yb), {}
+        updates, state = optimizer.update(grads, state, params, inputs=xb, targets=yb, **extra)
         return optax.apply_updates(params, updates), state
 
     full_nll = jax.jit(model.nll)

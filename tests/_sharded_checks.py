@@ -80,6 +80,7 @@ def main():
         assert update._cache_size() == before, f"{name} recompiled on the second step"
     check_sharded_parameters(model, params, x, y, g)
     check_shard_map(model, params, x, y, g)
+    check_one_pass_in_shard_map(model, params, x, y)
     print("all sharded checks passed")
 
 
@@ -151,6 +152,38 @@ def check_shard_map(model, params, x, y, g):
                 ravel_pytree(single)[0],
                 f"shard_map update[{name}, {kind}]",
             )
+
+
+def check_one_pass_in_shard_map(model, params, x, y):
+    """ng.value_and_grad inside shard_map: the loss, gradient and update of the whole
+    batch, as on one device without it."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    for kind, solver, damping in (
+        ("exact", "kronecker", 1e-2),
+        ("empirical", ng.ConjugateGradient(tol=1e-13, max_iters=500), ng.LevenbergMarquardt()),
+    ):
+        options = dict(fisher=kind, solver=solver, damping=damping)
+        single_tx = ng.natural_gradient(model, 0.1, **options)
+        tx = ng.natural_gradient(model, 0.1, axis_name="data", **options)
+        g = jax.grad(model.nll)(params, x, y)
+        single, _ = jax.jit(single_tx.update)(
+            g, single_tx.init(params), params, inputs=x, targets=y
+        )
+
+        def step(x, y, tx=tx):
+            (loss, forward), grads = ng.value_and_grad(model, axis_name="data")(params, x, y)
+            updates, _ = tx.update(
+                grads, tx.init(params), params, inputs=x, targets=y, forward_pass=forward
+            )
+            return loss, grads, updates
+
+        specs = (P("data"), P("data"))
+        loss, grads, updates = jax.jit(
+            jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P())
+        )(x, y)
+        close(loss, model.nll(params, x, y), f"one-pass loss[{kind}]")
+        close(ravel_pytree(grads)[0], ravel_pytree(g)[0], f"one-pass gradient[{kind}]")
+        close(ravel_pytree(updates)[0], ravel_pytree(single)[0], f"one-pass update[{kind}]")
 
 
 def check_sharded_parameters(model, params, x, y, g):
