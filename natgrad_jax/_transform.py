@@ -2,6 +2,7 @@ r"""Optax transforms that precondition gradients by the damped inverse Fisher.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -388,7 +389,7 @@ def scale_by_natural_gradient(
         raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
     curvature = _resolve_solver(solver)
     if isinstance(curvature, Auto) and _is_python_number(damping) and damping == 0:
-        curvature = Auto(allow_woodbury=False)  # Woodbury divides by λ
+        curvature = dataclasses.replace(curvature, allow_woodbury=False)  # Woodbury divides by λ
 
     def init_fn(params):
         params, _ = trainable_and_frozen(params)

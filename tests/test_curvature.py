@@ -7,6 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
+from natgrad_jax._curvature.implicit import conjugate_gradient as ng_cg
 from natgrad_jax._curvature.low_rank import woodbury_solve
 from tests.helpers import first_step_key, init_mlp, leaf_blocks, mlp, mlp_problem
 
@@ -110,6 +111,60 @@ def test_cg_converges_within_p_iterations_and_stops_at_tolerance():
     )
     assert np.linalg.norm(f @ loose - g) <= 1e-1 * np.linalg.norm(g) * (1 + 1e-9)
     assert int(loose_state.curvature.iterations) < int(state.curvature.iterations)
+
+
+def _numpy_cg_model_values(a, b, iterations):
+    """Textbook CG from 0 on A x = b: the iterates x_i and m(x_i) = ½ x_iᵀAx_i − bᵀx_i."""
+    x, r = np.zeros_like(b), b.copy()
+    p, iterates = r.copy(), [np.zeros_like(b)]
+    for _ in range(iterations):
+        ap = a @ p
+        alpha = (r @ r) / (p @ ap)
+        x, r_new = x + alpha * p, r - alpha * ap
+        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+        iterates.append(x.copy())
+    values = [0.5 * x @ a @ x - b @ x for x in iterates]
+    return iterates, values
+
+
+def test_cg_progress_tolerance_stops_where_martens_rule_first_holds():
+    # Eigenvalues over three decades: the residual falls slowly, the model value fast.
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(300, 300)))
+    a = (q * np.logspace(-3, 0, 300)) @ q.T
+    b = rng.normal(size=300)
+    epsilon = 5e-4
+    iterates, values = _numpy_cg_model_values(a, b, 300)
+    # Martens 2010: stop at the first i > k with (m_i − m_{i−k}) / m_i < k·ε, k = max(10, i/10).
+    expected = next(
+        i
+        for i in range(1, 301)
+        if i > max(10, i // 10)
+        and (values[i] - values[i - max(10, i // 10)]) / values[i] < max(10, i // 10) * epsilon
+    )
+    solve = jax.jit(
+        lambda b: ng_cg(
+            lambda v: jnp.asarray(a) @ v,
+            b,
+            jnp.zeros_like(b),
+            tol=1e-12,
+            max_iters=300,
+            progress_tol=epsilon,
+        )
+    )
+    x, _, iterations = solve(jnp.asarray(b))
+    assert 10 < int(iterations) == expected < 150
+    scale = np.abs(iterates[expected]).max()  # the two CGs round differently
+    np.testing.assert_allclose(x, iterates[expected], rtol=0, atol=1e-7 * scale)
+    # Without it, CG runs on towards the residual tolerance.
+    _, _, plain = jax.jit(
+        lambda b: ng_cg(
+            lambda v: jnp.asarray(a) @ v, b, jnp.zeros_like(b), tol=1e-12, max_iters=300
+        )
+    )(jnp.asarray(b))
+    assert int(plain) > 2 * expected
+    with pytest.raises(ValueError, match="progress_tol"):
+        ng.ConjugateGradient(progress_tol=0.0)
 
 
 def test_cg_warm_start_reuses_the_previous_solution():

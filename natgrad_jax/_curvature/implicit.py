@@ -42,21 +42,32 @@ class ConjugateGradientState(NamedTuple):
     fell_back: jax.Array  # bool []: the last step is the Cauchy point, CG's was unsafe
 
 
-def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters):
+def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters, progress_tol=None):
     """Solves A x = rhs for a symmetric PSD A; returns (x, residual rhs − Ax, iterations).
 
     Starts from ``initial`` only if the quadratic model ½ xᵀAx − rhsᵀx is negative
-    there (downhill of 0), otherwise from 0.
+    there (downhill of 0), otherwise from 0. With ``progress_tol=ε`` it also stops when
+    the model's value m_i has fallen by less than a fraction k·ε over the last
+    k = max(10, i/10) iterations (Martens 2010, §4.4).
     """
     threshold = (tol * jnp.linalg.norm(rhs)) ** 2
 
+    def model_value(x, residual):  # m(x) = ½ xᵀAx − rhsᵀx = −½ xᵀ(rhs + r)
+        return -0.5 * jnp.vdot(x, rhs + residual)
+
+    def stalled(values, it):
+        window = jnp.maximum(10, it // 10)
+        now, before = values[it], values[jnp.maximum(it - window, 0)]
+        relative_progress = (now - before) / jnp.where(now < 0, now, -1.0)
+        return (it > window) & (now < 0) & (relative_progress < window * progress_tol)
+
     def cond(carry):
-        _, residual, _, residual_norm, it = carry
-        del residual
-        return (residual_norm > threshold) & (it < max_iters)
+        _, _, _, residual_norm, it, values = carry
+        running = (residual_norm > threshold) & (it < max_iters)
+        return running if progress_tol is None else running & ~stalled(values, it)
 
     def body(carry):
-        x, residual, direction, residual_norm, it = carry
+        x, residual, direction, residual_norm, it, values = carry
         product = matvec(direction)
         curvature = jnp.vdot(direction, product)
         step = residual_norm / jnp.where(curvature > 0, curvature, 1.0)
@@ -68,16 +79,17 @@ def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters):
             residual + (new_norm / jnp.where(residual_norm > 0, residual_norm, 1.0)) * direction
         )
         it = jnp.where(curvature > 0, it + 1, max_iters)
-        return x, residual, direction, new_norm, it
+        values = values.at[it].set(model_value(x, residual))
+        return x, residual, direction, new_norm, it, values
 
     residual = rhs - matvec(initial)
-    # m(x₀) = ½ x₀ᵀAx₀ − rhsᵀx₀ = −½ x₀ᵀ(rhs + r₀)
-    downhill = -0.5 * jnp.vdot(initial, rhs + residual) < 0
+    downhill = model_value(initial, residual) < 0
     initial = jnp.where(downhill, initial, 0.0)
     residual = jnp.where(downhill, residual, rhs)
     norm = jnp.vdot(residual, residual)
-    carry = (initial, residual, residual, norm, jnp.zeros([], jnp.int32))
-    x, residual, _, _, iterations = jax.lax.while_loop(cond, body, carry)
+    values = jnp.zeros((max_iters + 1,), rhs.dtype).at[0].set(model_value(initial, residual))
+    carry = (initial, residual, residual, norm, jnp.zeros([], jnp.int32), values)
+    x, residual, _, _, iterations, _ = jax.lax.while_loop(cond, body, carry)
     return x, residual, iterations
 
 
@@ -95,6 +107,11 @@ class ConjugateGradient:
     Args:
       tol: stop when ‖(F + λI)x − g‖ ≤ tol·‖g‖.
       max_iters: iteration cap (at most P are needed in exact arithmetic).
+      progress_tol: also stop when the quadratic model ½ xᵀ(F + λI)x − gᵀx has fallen
+        by less than a fraction k·progress_tol over the last k = max(10, i/10)
+        iterations (Martens 2010's truncation for Hessian-free optimisation, with
+        5e-4 there): an optimiser needs the step's decrease of the model, not the
+        residual, and late iterations add little of it. ``None``: residual only.
       warm_start: start from the previous step's solution, kept in the state.
 
     Example:
@@ -112,12 +129,17 @@ class ConjugateGradient:
     tol: float = 1e-5
     max_iters: int = 100
     warm_start: bool = True
+    progress_tol: float | None = None
     name = "cg"
     averages = False  # nothing is stored to average or reuse
 
     def __post_init__(self):
         if not self.tol > 0:
             raise ValueError(f"ConjugateGradient tol must be > 0, got {self.tol}.")
+        if self.progress_tol is not None and not self.progress_tol > 0:
+            raise ValueError(
+                f"ConjugateGradient progress_tol must be > 0 or None, got {self.progress_tol}."
+            )
         if not (isinstance(self.max_iters, int) and self.max_iters >= 1):
             raise ValueError(
                 f"ConjugateGradient max_iters must be an int ≥ 1, got {self.max_iters!r}."
@@ -150,7 +172,12 @@ class ConjugateGradient:
 
         initial = state.solution if self.warm_start else jnp.zeros_like(vector)
         solution, residual, iterations = conjugate_gradient(
-            damped, vector, initial.astype(vector.dtype), tol=self.tol, max_iters=self.max_iters
+            damped,
+            vector,
+            initial.astype(vector.dtype),
+            tol=self.tol,
+            max_iters=self.max_iters,
+            progress_tol=self.progress_tol,
         )
         quadratic = jnp.vdot(solution, vector - residual)  # xᵀAx, as Ax = g − r
         model_value = 0.5 * quadratic - jnp.vdot(vector, solution)
