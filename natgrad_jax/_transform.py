@@ -59,6 +59,7 @@ SOLVERS = {
     "ekfac": EKFAC,
 }
 CHEAP_SOLVERS = ("kronecker", "cg", "diagonal")
+APPROXIMATE_SOLVERS = ("kronecker", "ekfac", "diagonal", "block_diagonal")
 DEFAULT_MAX_CURVATURE_BYTES = 4 * 2**30
 # natural_gradient's damping: adaptive, so that a learning rate of 1 is safe on networks.
 DEFAULT_ADAPTIVE_DAMPING = LevenbergMarquardt()
@@ -263,6 +264,7 @@ def scale_by_natural_gradient(
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
     axis_name: str | None = None,
     precision: str | None = None,
+    rescale: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by the damped inverse Fisher of ``model``: d = (F + λI)⁻¹ g.
 
@@ -341,6 +343,11 @@ def scale_by_natural_gradient(
         relative error ~1e-3, a few times faster); ``"highest"`` gives full float32.
         Factorisations, solves and the trust region always run at ``"highest"``, and so
         do the products that Woodbury and CG measure inside their solves.
+      rescale: scale the direction d to the minimiser of the batch's exact quadratic
+        model along it, α d with α = gᵀd / dᵀ(F + λI)d (one Fisher-vector product; the
+        adaptive damping reuses it). An approximate curvature (Kronecker, EKFAC,
+        diagonal) gets the direction right more often than its length; an exact solve
+        has α = 1. K-FAC's adaptive learning rate (Martens & Grosse 2015, §6.4).
 
     Non-floating leaves of ``params`` (integers, booleans, an equinox module's
     functions) are constants: the Fisher is over the floating leaves, and the other
@@ -461,13 +468,21 @@ def scale_by_natural_gradient(
             direction, curvature_state = curvature.solve(
                 curvature_state, batch, gradient, damping_now
             )
+            product = None  # (F + λI)d with the batch's exact Fisher, where it is needed
+            if rescale:
+                direction, product = _rescaled(batch, gradient, direction, damping_now)
             if max_kl is not None:
                 max_kl_now = _value_at(max_kl, state.count)
-                quadratic = step_quadratic(curvature_state, gradient, direction)
-                direction = direction * trust_region_scale(quadratic, max_kl_now)
+                if rescale:
+                    quadratic = jnp.vdot(direction, product).real
+                else:
+                    quadratic = step_quadratic(curvature_state, gradient, direction)
+                scale = trust_region_scale(quadratic, max_kl_now)
+                direction = direction * scale
+                product = None if product is None else product * scale
             if adaptive:
                 next_damping, accepted = _levenberg_marquardt(
-                    damping, batch, gradient, direction, damping_now
+                    damping, batch, gradient, direction, damping_now, product
                 )
                 direction = jnp.where(accepted, direction, 0.0)
             else:
@@ -543,14 +558,34 @@ def scale_by_natural_gradient(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _levenberg_marquardt(rule, batch: CurvatureBatch, gradient, direction, damping):
-    """(next λ, whether to take the step), from the reduction ratio of the unit step −d."""
+def _rescaled(batch: CurvatureBatch, gradient, direction, damping):
+    """(α d, (F + λI) α d): d scaled to the minimiser of the exact quadratic model
+    m(−αd) = −α gᵀd + ½ α² dᵀ(F + λI)d, α = gᵀd / dᵀ(F + λI)d (0 if d is not a
+    descent direction of the model). For d = (F + λI)⁻¹g, α = 1; for an approximate
+    curvature (K-FAC) α corrects its scale (Martens & Grosse 2015, §6.4)."""
+    product = batch.matvec(direction) + jnp.asarray(damping, direction.dtype) * direction
+    curvature = jnp.vdot(direction, product).real
+    slope = jnp.vdot(gradient, direction).real
+    alpha = jnp.where(
+        (curvature > 0) & (slope > 0), slope / jnp.where(curvature > 0, curvature, 1.0), 0.0
+    )
+    return alpha * direction, alpha * product
+
+
+def _levenberg_marquardt(rule, batch: CurvatureBatch, gradient, direction, damping, product=None):
+    """(next λ, whether to take the step), from the reduction ratio of the unit step −d.
+
+    ``product``: (F + λI)d where already computed (the quadratic model uses F d)."""
     flat_params, unravel = ravel_pytree(batch.params)
     step = -direction
     moved = unravel(flat_params + step.astype(flat_params.dtype))
     moved_nll = device_mean(batch.model.nll(moved, batch.inputs, batch.targets), batch.axis_name)
     actual = moved_nll - batch.nll()
-    predicted = jnp.vdot(gradient, step) + 0.5 * jnp.vdot(step, batch.matvec(step))
+    if product is None:
+        curvature_step = batch.matvec(step)
+    else:
+        curvature_step = -(product - jnp.asarray(damping, product.dtype) * direction)
+    predicted = jnp.vdot(gradient, step) + 0.5 * jnp.vdot(step, curvature_step)
     ratio = reduction_ratio(actual.astype(step.dtype), predicted)
     return rule.adapt(jnp.asarray(damping, step.dtype), ratio), rule.accepts(ratio)
 
@@ -586,6 +621,7 @@ def natural_gradient(
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
     axis_name: str | None = None,
     precision: str | None = None,
+    rescale: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Natural gradient descent: θ ← θ − η (F + λI)⁻¹ ∇L, as an optax optimizer.
 
@@ -618,6 +654,9 @@ def natural_gradient(
       axis_name: the mapped axis the batch is split over inside ``shard_map``.
       precision: matmul precision of the curvature statistics (``None``: JAX's default,
         TF32 on recent GPUs; ``"highest"``: full float32); solves are always exact.
+      rescale: scale each direction to the minimiser of the exact quadratic model along
+        it (see ``scale_by_natural_gradient``); ``None``: for the approximate solvers
+        (``"kronecker"``, ``"ekfac"``, ``"diagonal"``, ``"block_diagonal"``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``inputs=`` (and ``targets=``)
@@ -656,6 +695,9 @@ def natural_gradient(
             max_curvature_bytes=max_curvature_bytes,
             axis_name=axis_name,
             precision=precision,
+            rescale=_resolve_solver(solver).name in APPROXIMATE_SOLVERS
+            if rescale is None
+            else rescale,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

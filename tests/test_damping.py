@@ -191,3 +191,26 @@ def test_a_rejected_step_refactorises_with_the_larger_damping_before_the_next_re
     assert np.all(amortised != 0)  # taken with λ = 1
     np.testing.assert_allclose(amortised, every_step, rtol=1e-10)
     assert float(state.factorised_damping) == pytest.approx(1.0)
+
+
+def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
+    """With rescale, the adaptive damping reuses (F + λI)d; its prediction must equal the
+    one from a fresh Fisher-vector product."""
+    from jax.flatten_util import ravel_pytree
+
+    from natgrad_jax._curvature.batch import CurvatureBatch
+    from natgrad_jax._transform import _levenberg_marquardt, _rescaled
+
+    params = init_mlp(jax.random.PRNGKey(0), [3, 6, 2])
+    model = ng.Model(mlp, ng.Gaussian(scale=0.5))
+    x = jax.random.normal(jax.random.PRNGKey(1), (9, 3))
+    y = jax.random.normal(jax.random.PRNGKey(2), (9, 2))
+    batch = CurvatureBatch(model, params, x, "exact", targets=y)
+    g = ravel_pytree(jax.grad(model.nll)(params, x, y))[0]
+    rule = ng.LevenbergMarquardt(initial=0.3)
+    for candidate in (g, jnp.cos(jnp.arange(g.size, dtype=g.dtype))):
+        direction, product = _rescaled(batch, g, candidate, 0.3)
+        reused = _levenberg_marquardt(rule, batch, g, direction, 0.3, product)
+        fresh = _levenberg_marquardt(rule, batch, g, direction, 0.3)
+        np.testing.assert_allclose(reused[0], fresh[0], rtol=1e-12)
+        assert bool(reused[1]) == bool(fresh[1])

@@ -668,3 +668,29 @@ def test_factory_validates_hyperparameters(kwargs, match):
 def test_factory_rejects_a_non_model():
     with pytest.raises(TypeError, match=r"ng\.Model"):
         ng.scale_by_natural_gradient(lambda p, x: x)
+
+
+@pytest.mark.parametrize("solver", ["kronecker", "diagonal", "dense"])
+def test_rescale_scales_the_direction_to_the_minimiser_of_the_exact_quadratic_model(solver):
+    model, params, x, y = mlp_problem("categorical", num_examples=8)
+    damping = 1e-2
+    g = jax.grad(model.nll)(params, x, y)
+
+    def direction(rescale):
+        tx = ng.scale_by_natural_gradient(model, solver=solver, damping=damping, rescale=rescale)
+        return ravel_pytree(tx.update(g, tx.init(params), params, inputs=x, targets=y)[0])[0]
+
+    plain, rescaled = direction(False), direction(True)
+    # α minimises m(−αd) = −α gᵀd + ½ α² dᵀ(F + λI)d with the dense exact Fisher.
+    damped = ng.fisher(model, params, x) + damping * jnp.eye(plain.size)
+    flat_g = ravel_pytree(g)[0]
+    alpha = (flat_g @ plain) / (plain @ damped @ plain)
+    np.testing.assert_allclose(rescaled, alpha * plain, rtol=1e-10, atol=1e-14)
+    if solver == "dense":  # an exact solve is already the minimiser
+        np.testing.assert_allclose(alpha, 1.0, rtol=1e-10)
+    else:
+        assert abs(alpha - 1.0) > 1e-3
+    default = ng.natural_gradient(model, 1.0, solver=solver, damping=damping)
+    updates, _ = default.update(g, default.init(params), params, inputs=x, targets=y)
+    expected = rescaled if solver != "dense" else plain  # on for approximate solvers only
+    np.testing.assert_allclose(-ravel_pytree(updates)[0], expected, rtol=1e-10, atol=1e-14)
