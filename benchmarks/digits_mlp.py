@@ -231,7 +231,7 @@ def main():
                 max_kl=0.05,
             ),
             "ngd diagonal, exact": ngd(
-                learning_rate=0.1, fisher="exact", solver="diagonal", damping=1e-2, max_kl=0.05
+                learning_rate=1.0, fisher="exact", solver="diagonal", damping=1e-2, max_kl=0.05
             ),
         }
     )
