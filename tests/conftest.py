@@ -18,12 +18,3 @@ def enable_x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
-
-
-# The longest tests (a subprocess on 8 forced devices, the notebooks) start first, so
-# that the two workers do not end with one of them still running a minute-long test.
-LONGEST_FIRST = ("tests/test_sharding.py", "tests/test_notebooks.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))
