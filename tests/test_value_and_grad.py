@@ -56,7 +56,6 @@ def train(optimizer, model, params, x, y, steps, one_pass):
         ("kronecker", "exact"),
         ("kronecker", "monte_carlo"),
         ("ekfac", "empirical"),
-        ("diagonal", "monte_carlo"),
         ("woodbury", "exact"),
         ("cg", "monte_carlo"),
         ("dense", "empirical"),
@@ -172,7 +171,7 @@ def test_frozen_leaves_get_no_gradient_and_the_same_update():
     model, params, x, y = problem()
     params = {"layers": params, "step": jnp.array(3, jnp.int32)}
     frozen_model = ng.Model(lambda p, x: mlp(p["layers"], x), ng.Categorical())
-    (loss, forward), grads = ng.value_and_grad(frozen_model)(params, x, y)
+    (loss, forward), grads = jax.jit(ng.value_and_grad(frozen_model))(params, x, y)
     assert grads["step"] is None
     np.testing.assert_allclose(loss, model.nll(params["layers"], x, y), rtol=1e-14)
     optimizer = ng.natural_gradient(frozen_model, 1.0, solver="kronecker", damping=1e-3)
