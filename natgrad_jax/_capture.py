@@ -681,10 +681,9 @@ class ForwardPass(NamedTuple):
     def jvp(self, tangent):
         """J v: the outputs' tangent along a parameter tangent v, without a new forward
         pass (the transpose of the linear pullback)."""
-        primal = (self.outputs, self.layer_inputs)
-        _, probes = jax.eval_shape(self.pullback, primal)
+        _, probes = jax.eval_shape(self._pull, self.outputs)
         zeros = _zero_probes(probes, jax.tree.leaves(self.outputs)[0])
-        return jax.linear_transpose(self.pullback, primal)((tangent, zeros))[0][0]
+        return jax.linear_transpose(self._pull, self.outputs)((tangent, zeros))[0]
 
 
 def _zero_probes(shapes, batch_like) -> list:

@@ -205,3 +205,36 @@ def test_a_forward_pass_of_other_parameters_or_batch_is_refused():
         optimizer.update(grads, state, params, inputs=x, targets=y, forward_pass=other_params)
     with pytest.raises(TypeError, match=r"ng\.value_and_grad"):
         optimizer.update(grads, state, params, inputs=x, targets=y, forward_pass=(1, 2))
+
+
+def test_a_masked_per_token_model_with_an_embedding_gets_the_fishers_products():
+    """Per-token (N, T, C) outputs with a padding mask, through an embedding (integer
+    layer inputs): the forward pass's products against the dense Fishers, and its
+    gradient against jax.grad."""
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    params = {"e": jax.random.normal(k[0], (6, 4)), "w": jax.random.normal(k[1], (4, 3))}
+
+    def apply(p, inputs):
+        tokens, mask = inputs
+        return jnp.tanh(p["e"][tokens]) @ p["w"], mask
+
+    model = ng.Model(apply, ng.Masked(ng.Categorical()))
+    tokens = jax.random.randint(k[2], (5, 7), 0, 6)
+    mask = (jnp.arange(7)[None] < jnp.array([7, 5, 3, 6, 2])[:, None]).astype(jnp.float64)
+    x, y, key = (tokens, mask), jax.random.randint(k[3], (5, 7), 0, 3), jax.random.PRNGKey(5)
+    (loss, forward), grads = ng.value_and_grad(model)(params, x, y)
+    np.testing.assert_allclose(loss, model.nll(params, x, y), rtol=1e-14)
+    reference = jax.grad(model.nll)(params, x, y)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    dense = {
+        "exact": ng.fisher(model, params, x),
+        "monte_carlo": ng.monte_carlo_fisher(model, params, x, key, num_samples=2),
+        "empirical": ng.empirical_fisher(model, params, x, y),
+    }
+    v = jax.random.normal(k[4], (dense["exact"].shape[0],))
+    for kind, matrix in dense.items():
+        batch = CurvatureBatch(
+            model, params, x, kind, targets=y, key=key, num_samples=2, forward=forward
+        )
+        np.testing.assert_allclose(batch.matvec(v), matrix @ v, rtol=1e-10, atol=1e-12)

@@ -187,8 +187,14 @@ class CurvatureBatch:
 
 def _product_of_rows(rows, tangent):
     """Σ_r c_r (c_rᵀ t) per example, for output rows c (leading axis R, then N)."""
+    # An output that does not depend on the parameters (a mask) has t = 0 and may have
+    # non-finite scores c (at masked positions); 0·c is 0 there, as in the Jacobian.
     per_leaf = jax.tree.map(
-        lambda c, t: jnp.sum((c * t).reshape(c.shape[0], c.shape[1], -1), axis=-1), rows, tangent
+        lambda c, t: jnp.sum(
+            jnp.where(t == 0, 0.0, c * t).reshape(c.shape[0], c.shape[1], -1), axis=-1
+        ),
+        rows,
+        tangent,
     )
     weights = sum(jax.tree.leaves(per_leaf))  # (R, N): c_rᵀ t per example
     return jax.tree.map(lambda c: jnp.einsum("rn,rn...->n...", weights.astype(c.dtype), c), rows)
