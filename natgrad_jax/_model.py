@@ -115,7 +115,11 @@ class Model:
 
     def nll(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
         """The mean negative log-likelihood over the batch: the usual training loss."""
-        return -jnp.mean(self.log_likelihood(params, inputs, targets))
+        return self.nll_of_outputs(self.apply_fn(params, inputs), targets)
+
+    def nll_of_outputs(self, outputs: PyTree, targets: PyTree) -> jax.Array:
+        """``nll`` from the outputs of ``apply_fn`` (already computed)."""
+        return -jnp.mean(self.log_likelihood_of_outputs(outputs, targets))
 
 
 def check_model(model: Any) -> Model:

@@ -92,10 +92,7 @@ def value_and_grad(
         captured = capture(apply_fn, trainable, inputs)
         forward = probed_forward(apply_fn, captured, device_varying(trainable, axis_name), inputs)
 
-        def nll(outputs):
-            return -jnp.mean(model.log_likelihood_of_outputs(outputs, targets))
-
-        loss, output_cotangent = jax.value_and_grad(nll)(forward.outputs)
+        loss, output_cotangent = jax.value_and_grad(model.nll_of_outputs)(forward.outputs, targets)
         gradient = device_mean(forward.parameter_gradient(output_cotangent), axis_name)
         return (device_mean(loss, axis_name), forward), gradient
 

@@ -121,9 +121,7 @@ class CurvatureBatch:
         if self.forward is None:
             local = self.model.nll(self.params, self.inputs, self.targets)
         else:
-            local = -jnp.mean(
-                self.model.log_likelihood_of_outputs(self.forward.outputs, self.targets)
-            )
+            local = self.model.nll_of_outputs(self.forward.outputs, self.targets)
         return device_mean(local, self.axis_name)
 
     @functools.cached_property
