@@ -93,8 +93,8 @@ class NaturalGradientState(NamedTuple):
     key: jax.Array  # uint32 [2]: PRNG key for Monte-Carlo labels, split at every update
     damping: jax.Array  # float []: λ of the next update (adaptive) or of the last one
     curvature: NamedTuple  # the solver's arrays, e.g. DenseState (P, P) matrices
-    # λ of the stored factorisation: adaptive damping refactorises between refreshes
-    # when λ has moved (after a rejected step), so that the next solve uses it.
+    # λ of the stored factorisation: without rescale, adaptive damping refactorises
+    # between refreshes when λ has moved, so that the next solve uses it.
     factorised_damping: jax.Array | None = None
 
 
@@ -348,6 +348,10 @@ def scale_by_natural_gradient(
         adaptive damping reuses it). An approximate curvature (Kronecker, EKFAC,
         diagonal) gets the direction right more often than its length; an exact solve
         has α = 1. K-FAC's adaptive learning rate (Martens & Grosse 2015, §6.4).
+        With adaptive damping and ``refresh_every > 1`` it also spares the
+        refactorisations between refreshes: without ``rescale`` every move of λ is
+        refactorised at once, with it the direction keeps λ of the last refresh and the
+        step length follows the current λ.
 
     Non-floating leaves of ``params`` (integers, booleans, an equinox module's
     functions) are constants: the Fisher is over the floating leaves, and the other
@@ -459,10 +463,16 @@ def scale_by_natural_gradient(
         factorised_damping = jnp.asarray(damping_now, state.damping.dtype)
         every_step = _is_python_number(refresh_every) and refresh_every == 1
         if adaptive and _averages(curvature, params) and not every_step:
-            due = state.count % refresh_every == 0
-            moved = (state.damping != state.factorised_damping) & ~due
-            curvature_state = jax.lax.cond(moved, factorise, lambda c: c, curvature_state)
-            factorised_damping = jnp.where(moved | due, damping_now, state.factorised_damping)
+            refactorised = state.count % refresh_every == 0
+            if not rescale:
+                # The step's length comes from the factorisation alone: once λ has
+                # moved, the next step must use it. With rescale the quadratic model
+                # sets the length with the current λ, and the factorisation keeps λ of
+                # its last refresh (as K-FAC does), so λ can move at no cost.
+                moved = (state.damping != state.factorised_damping) & ~refactorised
+                curvature_state = jax.lax.cond(moved, factorise, lambda c: c, curvature_state)
+                refactorised = refactorised | moved
+            factorised_damping = jnp.where(refactorised, damping_now, state.factorised_damping)
 
         with matmul_precision(EXACT):
             direction, curvature_state = curvature.solve(

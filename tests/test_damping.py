@@ -193,6 +193,34 @@ def test_a_rejected_step_refactorises_with_the_larger_damping_before_the_next_re
     assert float(state.factorised_damping) == pytest.approx(1.0)
 
 
+def test_with_rescale_a_moved_damping_waits_for_the_next_refresh():
+    """With rescale the factorisation keeps λ of its refresh (0.1) while two rejected
+    steps raise λ to 10; the third update is α d, d = (F + 0.1 I)⁻¹ g, with α from the
+    quadratic model at λ = 10: α = gᵀd / dᵀ(F + 10 I)d."""
+    model, params, x, y = _rosenbrock()
+    tx = ng.scale_by_natural_gradient(
+        model,
+        damping=ng.LevenbergMarquardt(initial=0.1),
+        solver="dense",
+        refresh_every=5,
+        rescale=True,
+    )
+    state = tx.init(params)
+    g = jax.grad(model.nll)(params, x, y)
+    for _ in range(2):
+        rejected, state = tx.update(g, state, params, inputs=x, targets=y)
+        assert not np.any(rejected)
+    assert float(state.damping) == pytest.approx(10.0)
+    third, state = tx.update(g, state, params, inputs=x, targets=y)
+
+    fisher = ng.fisher(model, params, x)
+    d = jnp.linalg.solve(fisher + 0.1 * jnp.eye(2), g)
+    alpha = (g @ d) / (d @ (fisher + 10.0 * jnp.eye(2)) @ d)
+    assert np.all(third != 0)
+    np.testing.assert_allclose(third, alpha * d, rtol=1e-10)
+    assert float(state.factorised_damping) == pytest.approx(0.1)
+
+
 def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
     """With rescale, the adaptive damping reuses (F + λI)d; its prediction must equal the
     one from a fresh Fisher-vector product."""
