@@ -8,7 +8,7 @@ import jax
 
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.auto import choose_solver, kernel_work
-from natgrad_jax._curvature.kronecker import kronecker_route
+from natgrad_jax._curvature.kronecker import factored_share, kronecker_route
 from natgrad_jax._fisher import exact_rows_per_example, parameter_count
 from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._model import Model
@@ -74,6 +74,10 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     num_rows = num_examples * exact_rows_per_example(model, params, inputs)
     kernel = kernel_work(captured, captured.leaf_shapes, num_rows, num_examples)
     solver, reason = choose_solver(
-        parameter_count(params), num_rows, num_examples, woodbury_kernel=kernel
+        parameter_count(params),
+        num_rows,
+        num_examples,
+        woodbury_kernel=kernel,
+        factored_share=factored_share(captured, captured.leaf_shapes),
     )
     return "\n".join([*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"])

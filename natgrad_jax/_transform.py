@@ -166,6 +166,13 @@ def _averages(curvature, params) -> bool:
     return curvature.averages
 
 
+def _approximate(curvature, batch: CurvatureBatch) -> bool:
+    """Whether this batch's solve is an approximation (what ``rescale=None`` rescales)."""
+    if hasattr(curvature, "approximate_for"):
+        return curvature.approximate_for(batch)
+    return curvature.name in APPROXIMATE_SOLVERS
+
+
 def _check_averaging(curvature, params, decay, refresh_every) -> None:
     """Refuses decay/refresh_every for a representation that keeps no curvature. Values
     held as arrays (``optax.inject_hyperparams``) cannot be read here; such a
@@ -264,7 +271,7 @@ def scale_by_natural_gradient(
     max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
     axis_name: str | None = None,
     precision: str | None = None,
-    rescale: bool = False,
+    rescale: bool | None = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by the damped inverse Fisher of ``model``: d = (F + λI)⁻¹ g.
 
@@ -305,7 +312,8 @@ def scale_by_natural_gradient(
         step (needs ``targets``; see ``natgrad_jax._damping`` for when to use which).
       solver: how F is represented and solved against (see ``ng.choose_solver``):
         ``"auto"`` (per batch, whichever of dense, Woodbury and CG has the least
-        estimated cost; keeps no curvature across steps), ``"dense"`` (P×P, Cholesky
+        estimated cost, or K-FAC on a network of 10⁶ parameters or more that capture
+        explains; keeps no curvature across steps), ``"dense"`` (P×P, Cholesky
         with eigendecomposition fallback),
         ``"woodbury"`` (exact, through the M×M kernel of the M score rows),
         ``"cg"`` (matrix-free conjugate gradients, warm-started), ``"kronecker"``
@@ -351,7 +359,9 @@ def scale_by_natural_gradient(
         With adaptive damping and ``refresh_every > 1`` it also spares the
         refactorisations between refreshes: without ``rescale`` every move of λ is
         refactorised at once, with it the direction keeps λ of the last refresh and the
-        step length follows the current λ.
+        step length follows the current λ. ``None``: where the solve is an
+        approximation (``"kronecker"``, ``"ekfac"``, ``"diagonal"``,
+        ``"block_diagonal"``, and ``"auto"`` when it picks K-FAC).
 
     Non-floating leaves of ``params`` (integers, booleans, an equinox module's
     functions) are constants: the Fisher is over the floating leaves, and the other
@@ -435,6 +445,7 @@ def scale_by_natural_gradient(
             forward=forward,
         )
         _check_memory(curvature, params, gradient.dtype, max_curvature_bytes, batch)
+        rescaled = _approximate(curvature, batch) if rescale is None else rescale
 
         def refresh(curvature_state):
             with matmul_precision(precision):
@@ -464,7 +475,7 @@ def scale_by_natural_gradient(
         every_step = _is_python_number(refresh_every) and refresh_every == 1
         if adaptive and _averages(curvature, params) and not every_step:
             refactorised = state.count % refresh_every == 0
-            if not rescale:
+            if not rescaled:
                 # The step's length comes from the factorisation alone: once λ has
                 # moved, the next step must use it. With rescale the quadratic model
                 # sets the length with the current λ, and the factorisation keeps λ of
@@ -479,11 +490,11 @@ def scale_by_natural_gradient(
                 curvature_state, batch, gradient, damping_now
             )
             product = None  # (F + λI)d with the batch's exact Fisher, where it is needed
-            if rescale:
+            if rescaled:
                 direction, product = _rescaled(batch, gradient, direction, damping_now)
             if max_kl is not None:
                 max_kl_now = _value_at(max_kl, state.count)
-                if rescale:
+                if rescaled:
                     quadratic = jnp.vdot(direction, product).real
                 else:
                     quadratic = step_quadratic(curvature_state, gradient, direction)
@@ -665,8 +676,9 @@ def natural_gradient(
       precision: matmul precision of the curvature statistics (``None``: JAX's default,
         TF32 on recent GPUs; ``"highest"``: full float32); solves are always exact.
       rescale: scale each direction to the minimiser of the exact quadratic model along
-        it (see ``scale_by_natural_gradient``); ``None``: for the approximate solvers
-        (``"kronecker"``, ``"ekfac"``, ``"diagonal"``, ``"block_diagonal"``).
+        it (see ``scale_by_natural_gradient``); ``None``: where the solve is an
+        approximation (``"kronecker"``, ``"ekfac"``, ``"diagonal"``,
+        ``"block_diagonal"``, and ``"auto"`` when it picks K-FAC).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``inputs=`` (and ``targets=``)
@@ -705,9 +717,7 @@ def natural_gradient(
             max_curvature_bytes=max_curvature_bytes,
             axis_name=axis_name,
             precision=precision,
-            rescale=_resolve_solver(solver).name in APPROXIMATE_SOLVERS
-            if rescale is None
-            else rescale,
+            rescale=rescale,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
 from natgrad_jax._curvature.batch import CurvatureBatch
@@ -244,3 +245,37 @@ def test_exact_fisher_rows_taken_in_chunks_give_the_same_factors_and_update(appr
 
     scans = equations(jax.make_jaxpr(measured)(params).jaxpr, "scan")
     assert [e.params["length"] for e in scans] == [4]  # ⌈10 / 3⌉ chunks
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "outputs", "statistics"),
+    [(ng.Categorical(), 3, "exact"), (ng.Gaussian(scale=0.7), 40, "monte_carlo")],
+)
+def test_auto_on_a_large_captured_network_is_kfac_rescaled_by_the_exact_fisher(
+    monkeypatch, likelihood, outputs, statistics
+):
+    """Above ``KRONECKER_MIN_PARAMS`` (lowered here) ``"auto"`` takes K-FAC's direction d
+    from this batch (its factors from one Monte-Carlo label per example when the exact
+    Fisher has more than 32 rows per example) and the step α d with α = gᵀd / dᵀ(F + λI)d
+    from the dense exact Fisher F."""
+    from natgrad_jax._curvature import auto
+
+    monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)
+    params = init_mlp(jax.random.PRNGKey(0), [4, 8, outputs])
+    model = ng.Model(mlp, likelihood)
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+    y = likelihood.sample(jax.random.PRNGKey(2), mlp(params, x))
+    g = jax.grad(model.nll)(params, x, y)
+    assert "picks kronecker" in ng.describe(model, params, x)
+
+    def update(**options):
+        tx = ng.scale_by_natural_gradient(model, damping=0.1, **options)
+        return tx.update(g, tx.init(params), params, inputs=x, targets=y)[0]
+
+    chosen = ravel_pytree(update(solver="auto", rescale=None))[0]
+    d = ravel_pytree(update(solver="kronecker", fisher=statistics))[0]
+    flat_g = ravel_pytree(g)[0]
+    damped = ng.fisher(model, params, x) + 0.1 * jnp.eye(d.size)
+    alpha = (flat_g @ d) / (d @ damped @ d)
+    np.testing.assert_allclose(chosen, alpha * d, rtol=1e-10)
+    assert not np.allclose(alpha, 1.0, rtol=1e-3)  # the rescaling is not a no-op here

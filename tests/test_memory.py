@@ -81,8 +81,9 @@ def test_woodbury_on_captured_layers_is_not_refused_for_rows_it_never_forms():
 
 def test_a_deep_autoencoder_of_2_8m_parameters_takes_a_default_step_on_the_cpu():
     """The classic K-FAC benchmark network, 784-1000-500-250-30-250-500-1000-784
-    (P = 2,837,314), one jitted step of ``ng.natural_gradient(model, 1.0)``: no
-    memory-guard refusal, and the loss does not go up (adaptive damping)."""
+    (P = 2,837,314), one jitted step of ``ng.natural_gradient(model, 1.0)`` (``"auto"``
+    picks K-FAC here): no memory-guard refusal, and the loss does not go up (adaptive
+    damping)."""
     sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
     params = init_mlp(jax.random.PRNGKey(0), sizes, jnp.float32)
     assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 2_837_314
@@ -99,4 +100,4 @@ def test_a_deep_autoencoder_of_2_8m_parameters_takes_a_default_step_on_the_cpu()
     new_params, _, loss = step(params, optimizer.init(params))
     new_loss = model.nll(new_params, x, x)
     assert jnp.isfinite(new_loss) and new_loss <= loss
-    assert 'auto" picks cg' in ng.describe(model, params, x)
+    assert 'auto" picks kronecker' in ng.describe(model, params, x)

@@ -38,11 +38,12 @@ class Diagonal:
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats an update allocates, for the memory guard: the rows (``rows``, a
-        ``RowSizes``, with capture; else (M, P)) and a few P-vectors."""
+        ``RowSizes``, with capture; else (M, P)) and three P-vectors (the new diagonal,
+        the update and one temporary)."""
         del leaf_shapes
         if rows is None or not self.capture:
             rows = dense_row_sizes(num_params, num_rows)
-        return rows.stored + rows.per_example + 4 * num_params
+        return rows.stored + rows.per_example + 3 * num_params
 
     def init(self, params, dtype) -> DiagonalState:
         return DiagonalState(diagonal=jnp.zeros((parameter_count(params),), dtype))

@@ -116,6 +116,24 @@ def kronecker_route(layer, shape, max_factor_size: int | None = DEFAULT_MAX_FACT
     return f"A ⊗ G: {side(k)} ⊗ {side(d)}"
 
 
+def factored_leaves(captured, shapes) -> dict:
+    """{leaf index: (layer index, orientation)} of the leaves K-FAC factors, from what
+    ``capture`` found and the leaves' shapes."""
+    factored = {}
+    for index, layer in enumerate(captured.layers):
+        orientation = _orientation(layer, shapes[layer.leaf])
+        if orientation is not None and len(shapes[layer.leaf]) > 0:
+            factored[layer.leaf] = (index, orientation)
+    return factored
+
+
+def factored_share(captured, shapes) -> float:
+    """The share of the parameters that sit in leaves K-FAC factors (the rest get their
+    exact diagonal)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return sum(sizes[k] for k in factored_leaves(captured, shapes)) / max(sum(sizes), 1)
+
+
 def _mean_eigenvalue(factor):
     return (jnp.trace(factor) if factor.ndim == 2 else jnp.sum(factor)) / factor.shape[0]
 
@@ -224,13 +242,7 @@ class Kronecker:
     def factored_leaves(self, batch: CurvatureBatch) -> dict:
         """{leaf index: (layer index, orientation)} of the leaves K-FAC factors."""
         captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
-        shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
-        factored = {}
-        for index, layer in enumerate(captured.layers):
-            orientation = _orientation(layer, shapes[layer.leaf])
-            if orientation is not None and len(shapes[layer.leaf]) > 0:
-                factored[layer.leaf] = (index, orientation)
-        return factored
+        return factored_leaves(captured, [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)])
 
     def measured(self, batch: CurvatureBatch, dtype, sizes):
         """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals);
