@@ -136,12 +136,12 @@ def train(name, runner, data, batch, max_steps, max_seconds, target, eval_every)
             curve.append((t, trained_s, float(model_loss(params)) - CONSTANT))
             if curve[-1][2] <= target or trained_s > max_seconds:
                 break
-    progress(f"{name}: {steps} steps, loss {curve[-1][2]:.3f}, {trained_s:.1f} s")
-    return {
-        "curve": curve,
-        "compile_s": compile_s,
-        "step_ms": 1e3 * (trained_s - compile_s) / steps,
-    }
+    step_ms = 1e3 * (trained_s - compile_s) / steps
+    progress(
+        f"{name}: compile {compile_s:.1f} s, {step_ms:.1f} ms/step, {steps} steps, "
+        f"loss {curve[-1][2]:.3f}, {trained_s:.1f} s"
+    )
+    return {"curve": curve, "compile_s": compile_s, "step_ms": step_ms}
 
 
 def reached(curve, target):
