@@ -247,17 +247,12 @@ def test_exact_fisher_rows_taken_in_chunks_give_the_same_factors_and_update(appr
     assert [e.params["length"] for e in scans] == [4]  # ⌈10 / 3⌉ chunks
 
 
-@pytest.mark.parametrize(
-    ("likelihood", "outputs", "statistics"),
-    [(ng.Categorical(), 3, "exact"), (ng.Gaussian(scale=0.7), 40, "monte_carlo")],
-)
-def test_auto_on_a_large_captured_network_is_kfac_rescaled_by_the_exact_fisher(
-    monkeypatch, likelihood, outputs, statistics
-):
+def test_auto_on_a_large_captured_network_is_kfac_rescaled_by_the_exact_fisher(monkeypatch):
     """Above ``KRONECKER_MIN_PARAMS`` (lowered here) ``"auto"`` takes K-FAC's direction d
-    from this batch (its factors from one Monte-Carlo label per example when the exact
-    Fisher has more than 32 rows per example) and the step α d with α = gᵀd / dᵀ(F + λI)d
-    from the dense exact Fisher F."""
+    from this batch, its factors from one Monte-Carlo label per example because this
+    exact Fisher has more than 32 rows (40 outputs) per example, and the step α d with
+    α = gᵀd / dᵀ(F + λI)d from the dense exact Fisher F."""
+    likelihood, outputs, statistics = ng.Gaussian(scale=0.7), 40, "monte_carlo"
     from natgrad_jax._curvature import auto
 
     monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)

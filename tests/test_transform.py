@@ -439,7 +439,8 @@ def test_backtracking_linesearch_with_model_nll_as_value_fn():
     for _ in range(6):
         params, state = step(params, state)
         values.append(float(model.nll(params, x, y)))
-    assert all(b <= a for a, b in itertools.pairwise(values))
+    # Non-increasing, up to round-off once the minimum is reached.
+    assert all(b <= a + 1e-14 for a, b in itertools.pairwise(values))
     assert np.linalg.norm(jax.grad(model.nll)(params, x, y)) < 1e-8
 
 
