@@ -101,3 +101,18 @@ def test_a_deep_autoencoder_of_2_8m_parameters_takes_a_default_step_on_the_cpu()
     new_loss = model.nll(new_params, x, x)
     assert jnp.isfinite(new_loss) and new_loss <= loss
     assert 'auto" picks kronecker' in ng.describe(model, params, x)
+
+
+def test_auto_estimates_kfac_only_for_a_network_capture_explains():
+    """For P ≥ 10⁶ the guard counts K-FAC's memory when the batch's layers are captured,
+    and CG's when they are not (a large uncaptured network gets CG, not K-FAC)."""
+    from natgrad_jax._curvature.factored import RowSizes
+
+    shapes = [(1000, 1000), (1000,), (1000, 784), (784,)]
+    num_params, num_rows = sum(map(math.prod, shapes)), 512
+    choose = ng.choose_solver  # the decision the estimate must follow
+    for share, solver in ((1.0, "kronecker"), (0.5, "cg")):
+        rows = RowSizes(num_rows * num_params, captured_share=share)
+        assert choose(num_params, num_rows, factored_share=share)[0] == solver
+        expected = SOLVERS[solver]().memory(num_params, num_rows, shapes, rows)
+        assert SOLVERS["auto"]().memory(num_params, num_rows, shapes, rows) == expected

@@ -191,13 +191,13 @@ class Auto:
         return self._choice(batch) == "kronecker"
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
-        """Floats allocated by the solver this problem gets (K-FAC's where it may be
-        chosen: capture is not known here)."""
+        """Floats allocated by the solver this problem gets (with a batch, ``rows`` says
+        how much of the network capture explains, which decides K-FAC)."""
         name, _ = choose_solver(
             num_params,
             num_rows,
             allow_woodbury=self.allow_woodbury,
-            factored_share=1.0 if rows is not None else None,
+            factored_share=None if rows is None else rows.captured_share,
         )
         return _SOLVERS[name]().memory(num_params, num_rows, leaf_shapes, rows)
 

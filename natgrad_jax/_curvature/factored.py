@@ -339,6 +339,7 @@ class RowSizes(NamedTuple):
     per_example: int = 0
     row_floats: int = 0  # the part of ``stored`` proportional to the rows (g, dense rows)
     rows_per_example: int = 1
+    captured_share: float = 0.0  # the share of the parameters in captured layers
 
     def in_chunks_of(self, chunk_rows: int) -> RowSizes:
         """The sizes when the rows are taken ``chunk_rows`` per example at a time."""
@@ -366,7 +367,12 @@ def captured_row_sizes(captured: Capture, leaf_shapes, num_rows: int, num_exampl
         input_floats += 0 if layer.kind in ("add", "mul") else num_examples * t * k
         per_example += num_rows * k * d if t > 1 else 0
     rows_per_example = max(num_rows // max(num_examples, 1), 1)
-    return RowSizes(input_floats + row_floats, per_example, row_floats, rows_per_example)
+    sizes = [math.prod(shape) for shape in leaf_shapes]
+    fallback = sum(sizes[k] for k in captured.fallback)
+    captured_share = 1.0 - fallback / max(sum(sizes), 1)
+    return RowSizes(
+        input_floats + row_floats, per_example, row_floats, rows_per_example, captured_share
+    )
 
 
 def _per_example_is_smaller(a, g) -> bool:
