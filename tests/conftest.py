@@ -28,19 +28,3 @@ def enable_x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
-
-
-# The slowest tests (about a minute each on two cores) run first: with two workers
-# stealing work from each other's queues, a long test left to the end would keep one
-# worker busy while the other idles.
-SLOW_FIRST = (
-    "tests/test_sharding.py",
-    "tests/test_notebooks.py",
-    "tests/test_memory.py::test_a_deep_autoencoder",
-    "tests/test_capture_layers.py::test_language_model",
-    "tests/test_capture_layers.py::test_library_cnns",
-)
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))
