@@ -27,13 +27,21 @@ def _version(text: str) -> tuple[int, int]:
     return int(major.group()), int(minor.group())
 
 
+def add_default_flag(option: str, value: str, environ=os.environ) -> bool:
+    """Adds ``--option=value`` to ``XLA_FLAGS`` unless the option is already set there
+    (to any value); returns whether it did."""
+    flags = environ.get("XLA_FLAGS", "")
+    if option in flags:
+        return False
+    environ["XLA_FLAGS"] = f"{flags} --{option}={value}".strip()
+    return True
+
+
 def avoid_cpu_scheduler_deadlock(environ=os.environ, jax_version: str | None = None) -> bool:
     """Adds ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS``
     for jax ≥ 0.10 unless the option is already there; returns whether it did."""
     if jax_version is None:
         jax_version = metadata.version("jax")
-    flags = environ.get("XLA_FLAGS", "")
-    if _version(jax_version) < FIRST_AFFECTED_JAX or OPTION in flags:
+    if _version(jax_version) < FIRST_AFFECTED_JAX:
         return False
-    environ["XLA_FLAGS"] = f"{flags} --{OPTION}=false".strip()
-    return True
+    return add_default_flag(OPTION, "false", environ)
