@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks behind the README's GPU tables, in one script: the parts named as
-# arguments, in order (autoencoder, autotune_off, digits, memory, tests), each under a
+# arguments, in order (autoencoder, autotune_off, compile, digits, memory, tests), each under a
 # time limit,
 # on a machine whose Python already has jax with CUDA, optax, chex, scikit-learn,
 # matplotlib and pytest-xdist. Logs and figures go to $OUT (default gpu-results/).
@@ -26,9 +26,16 @@ for part in "$@"; do
       XLA_FLAGS=--xla_gpu_autotune_level=0 timeout "${AUTOTUNE_SECONDS:-90}" python3 \
         benchmarks/autoencoder.py --batch 512 --adam-steps 200 --ngd-steps 2000 \
         --max-seconds 25 --only "refresh every step" 2>&1 | tee "$OUT/autotune_off.txt" ;;
+    compile)  # each row's compilation in a fresh process, with and without autotuning
+      timeout "${COMPILE_SECONDS:-300}" python3 benchmarks/compile_times.py --batch 512 \
+        ${COMPILE_ONLY:+--only "$COMPILE_ONLY"} 2>&1 | tee "$OUT/compile.txt"
+      XLA_FLAGS=--xla_gpu_autotune_level=0 timeout "${COMPILE_SECONDS:-300}" python3 \
+        benchmarks/compile_times.py --batch 512 ${COMPILE_ONLY:+--only "$COMPILE_ONLY"} \
+        2>&1 | tee "$OUT/compile_autotune_off.txt" ;;
     memory)  # the memory guard's estimates against XLA's on this backend
       timeout "${MEMORY_SECONDS:-120}" python3 -m pytest -n 4 -p no:benchmark -q -rf \
-        tests/test_memory.py 2>&1 | tee "$OUT/memory.txt" | tail -20 ;;
+        --tb=line ${MEMORY_ONLY:+-k "$MEMORY_ONLY"} tests/test_memory.py 2>&1 \
+        | tee "$OUT/memory.txt" | tail -20 ;;
     digits)
       timeout "${DIGITS_SECONDS:-150}" python3 benchmarks/digits_mlp.py 2>&1 | tee "$OUT/digits.txt" ;;
     tests)

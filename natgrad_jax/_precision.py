@@ -34,6 +34,12 @@ def matmul_precision(precision: str | None):
     return jax.default_matmul_precision(precision)
 
 
+def statistics_precision(precision: str | None) -> str | None:
+    """The precision statistics take: ``precision``, else the one in effect now (read at
+    trace time, for statistics measured later inside an ``EXACT`` context)."""
+    return precision if precision is not None else jax.config.jax_default_matmul_precision
+
+
 def exact_matmuls(fn):
     """``fn`` with every matmul it traces at full precision (see the module docstring)."""
 

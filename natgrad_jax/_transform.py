@@ -41,7 +41,7 @@ from natgrad_jax._parameters import (
     trainable_part,
     with_frozen,
 )
-from natgrad_jax._precision import EXACT, matmul_precision
+from natgrad_jax._precision import EXACT, matmul_precision, statistics_precision
 from natgrad_jax._solvers import step_quadratic, trust_region_scale
 from natgrad_jax._value_and_grad import check_forward_pass
 
@@ -443,6 +443,7 @@ def scale_by_natural_gradient(
             num_samples=num_samples,
             axis_name=axis_name,
             forward=forward,
+            statistics_precision=statistics_precision(precision),
         )
         _check_memory(curvature, params, gradient.dtype, max_curvature_bytes, batch)
         rescaled = _approximate(curvature, batch) if rescale is None else rescale

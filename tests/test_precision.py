@@ -96,6 +96,19 @@ def test_transform_statistics_follow_its_precision_option(solver):
         assert HIGHEST in default
 
 
+def test_autos_kfac_statistics_follow_the_precision_option_and_its_solve_does_not(monkeypatch):
+    """``"auto"`` measures K-FAC's statistics inside its solve: those follow
+    ``precision=`` (TF32 here by default), the factorisation, solve and rescaling not."""
+    from natgrad_jax._curvature import auto
+
+    monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 20)  # P = 31 here
+    model, params, inputs, _ = _float32_problem()
+    assert "picks kronecker" in ng.describe(model, params, inputs)
+    default = _update_precisions("auto", None)
+    assert jax.lax.Precision.HIGH in default and HIGHEST in default, default
+    assert all(p == HIGHEST for p in _update_precisions("auto", "highest"))
+
+
 def test_float32_update_under_tf32_matches_float64():
     """With precision="highest" a float32 update does not depend on the TF32 default."""
     model, params, inputs, targets = mlp_problem("categorical")

@@ -45,6 +45,7 @@ from natgrad_jax._curvature.implicit import ConjugateGradient
 from natgrad_jax._curvature.kronecker import Kronecker, factored_share, split_shape
 from natgrad_jax._curvature.low_rank import Woodbury, WoodburyState
 from natgrad_jax._fisher import parameter_count
+from natgrad_jax._precision import EXACT, matmul_precision
 
 CG_ITERATIONS = 30  # warm-started CG to tol 1e-5 on the benchmarks: 10–60 iterations
 # Martens 2010's truncation of CG by the model's relative progress: on the digits
@@ -234,11 +235,16 @@ class Auto:
 def _kronecker_direction(batch: CurvatureBatch, vector, damping):
     """K-FAC's (A ⊗ G + damping)⁻¹ v from this batch's statistics alone, the output
     factors from one Monte-Carlo label per example where the exact Fisher has more than
-    ``KRONECKER_MAX_EXACT_ROWS`` rows per example."""
+    ``KRONECKER_MAX_EXACT_ROWS`` rows per example. The statistics take the transform's
+    precision (``batch.statistics_precision``), the factorisation and solve full float32
+    (see natgrad_jax._precision), as an explicit ``solver="kronecker"`` would."""
     rows_per_example = batch.num_rows // max(batch.num_examples, 1)
     if batch.kind == "exact" and rows_per_example > KRONECKER_MAX_EXACT_ROWS:
         batch = dataclasses.replace(batch, kind="monte_carlo", num_samples=1)
     kronecker = Kronecker()
     fresh = kronecker.init(batch.params, vector.dtype)
-    fresh = kronecker.refresh(fresh, batch, damping, decay=0.0, is_first=True)
-    return kronecker.solve(fresh, batch, vector, damping)[0]
+    with jax.default_matmul_precision(batch.statistics_precision):
+        measured = kronecker.measure(fresh, batch, decay=0.0, is_first=True)
+    with matmul_precision(EXACT):
+        factorised = kronecker.factorise(measured, batch, damping)
+        return kronecker.solve(factorised, batch, vector, damping)[0]

@@ -41,7 +41,9 @@ class CurvatureBatch:
     ``device_sum``, ``gather_rows`` and ``matvec`` then speak of the whole batch.
     ``forward``, when given (from ``ng.value_and_grad``), is the model's forward pass on
     this batch at ``params``: the statistics, products and loss are taken from it
-    instead of from new passes.
+    instead of from new passes. ``statistics_precision`` is the matmul precision of the
+    statistics a representation measures inside its solve (``"auto"``'s K-FAC): the
+    transform's ``precision=``, else the one in effect where ``update`` was traced.
     """
 
     model: Model
@@ -53,6 +55,7 @@ class CurvatureBatch:
     num_samples: int = 1
     axis_name: str | None = None
     forward: ForwardPass | None = None
+    statistics_precision: str | None = None
 
     @property
     def num_examples(self) -> int:
