@@ -235,6 +235,9 @@ def main():
         "ngd kronecker, refresh every 5": lambda: ng.natural_gradient(
             model, 1.0, refresh_every=5, **kronecker
         ),
+        "ngd kronecker, refresh every 5, momentum": lambda: ng.natural_gradient(
+            model, 1.0, refresh_every=5, momentum=True, **kronecker
+        ),
         "ngd ekfac, refresh every 5": lambda: ng.natural_gradient(
             model, 1.0, refresh_every=5, **{**kronecker, "solver": "ekfac"}
         ),

@@ -96,6 +96,8 @@ class NaturalGradientState(NamedTuple):
     # λ of the stored factorisation: without rescale, adaptive damping refactorises
     # between refreshes when λ has moved, so that the next solve uses it.
     factorised_damping: jax.Array | None = None
+    # With momentum: the last update's direction (flat, zeros after a rejected step).
+    previous_direction: jax.Array | None = None
 
 
 def _is_python_number(value) -> bool:
@@ -272,6 +274,7 @@ def scale_by_natural_gradient(
     axis_name: str | None = None,
     precision: str | None = None,
     rescale: bool | None = False,
+    momentum: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by the damped inverse Fisher of ``model``: d = (F + λI)⁻¹ g.
 
@@ -362,6 +365,10 @@ def scale_by_natural_gradient(
         step length follows the current λ. ``None``: where the solve is an
         approximation (``"kronecker"``, ``"ekfac"``, ``"diagonal"``,
         ``"block_diagonal"``, and ``"auto"`` when it picks K-FAC).
+      momentum: take the minimiser of the batch's exact quadratic model over the plane
+        of d and the previous update p, α d + μ p (K-FAC's momentum, Martens & Grosse
+        2015, §7: α and μ from a 2×2 system, so no momentum constant to tune). Implies
+        ``rescale``; costs one more forward-mode product per step and P floats of state.
 
     Non-floating leaves of ``params`` (integers, booleans, an equinox module's
     functions) are constants: the Fisher is over the floating leaves, and the other
@@ -425,6 +432,9 @@ def scale_by_natural_gradient(
             damping=jnp.asarray(initial_damping, dtype),
             curvature=curvature.init(params, dtype),
             factorised_damping=jnp.asarray(initial_damping, dtype),
+            previous_direction=(
+                jnp.zeros(ravel_pytree(params)[0].size, dtype) if momentum else None
+            ),
         )
 
     def precondition(updates, state, params, frozen, inputs, targets, forward):
@@ -447,6 +457,7 @@ def scale_by_natural_gradient(
         )
         _check_memory(curvature, params, gradient.dtype, max_curvature_bytes, batch)
         rescaled = _approximate(curvature, batch) if rescale is None else rescale
+        modelled = rescaled or momentum  # the quadratic model sets the step's length
 
         def refresh(curvature_state):
             with matmul_precision(precision):
@@ -476,7 +487,7 @@ def scale_by_natural_gradient(
         every_step = _is_python_number(refresh_every) and refresh_every == 1
         if adaptive and _averages(curvature, params) and not every_step:
             refactorised = state.count % refresh_every == 0
-            if not rescaled:
+            if not modelled:
                 # The step's length comes from the factorisation alone: once λ has
                 # moved, the next step must use it. With rescale the quadratic model
                 # sets the length with the current λ, and the factorisation keeps λ of
@@ -490,21 +501,25 @@ def scale_by_natural_gradient(
             direction, curvature_state = curvature.solve(
                 curvature_state, batch, gradient, damping_now
             )
-            product = None  # (F + λI)d with the batch's exact Fisher, where it is needed
-            if rescaled:
-                direction, product = _rescaled(batch, gradient, direction, damping_now)
+            fisher_quadratic = None  # dᵀFd with the batch's exact Fisher, where measured
+            if modelled:
+                span = [direction] + ([state.previous_direction] if momentum else [])
+                direction, fisher_quadratic = _minimise_quadratic_model(
+                    batch, gradient, jnp.stack(span), damping_now
+                )
             if max_kl is not None:
                 max_kl_now = _value_at(max_kl, state.count)
-                if rescaled:
-                    quadratic = jnp.vdot(direction, product).real
+                if modelled:
+                    quadratic = fisher_quadratic + damping_now * jnp.vdot(direction, direction)
                 else:
                     quadratic = step_quadratic(curvature_state, gradient, direction)
                 scale = trust_region_scale(quadratic, max_kl_now)
                 direction = direction * scale
-                product = None if product is None else product * scale
+                if modelled:
+                    fisher_quadratic = fisher_quadratic * scale**2
             if adaptive:
                 next_damping, accepted = _levenberg_marquardt(
-                    damping, batch, gradient, direction, damping_now, product
+                    damping, batch, gradient, direction, damping_now, fisher_quadratic
                 )
                 direction = jnp.where(accepted, direction, 0.0)
             else:
@@ -523,6 +538,7 @@ def scale_by_natural_gradient(
             damping=next_damping,
             curvature=curvature_state,
             factorised_damping=factorised_damping,
+            previous_direction=direction if momentum else None,
         )
         return new_updates, new_state
 
@@ -580,34 +596,53 @@ def scale_by_natural_gradient(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _rescaled(batch: CurvatureBatch, gradient, direction, damping):
-    """(α d, (F + λI) α d): d scaled to the minimiser of the exact quadratic model
-    m(−αd) = −α gᵀd + ½ α² dᵀ(F + λI)d, α = gᵀd / dᵀ(F + λI)d (0 if d is not a
-    descent direction of the model). For d = (F + λI)⁻¹g, α = 1; for an approximate
-    curvature (K-FAC) α corrects its scale (Martens & Grosse 2015, §6.4)."""
-    product = batch.matvec(direction) + jnp.asarray(damping, direction.dtype) * direction
-    curvature = jnp.vdot(direction, product).real
-    slope = jnp.vdot(gradient, direction).real
-    alpha = jnp.where(
-        (curvature > 0) & (slope > 0), slope / jnp.where(curvature > 0, curvature, 1.0), 0.0
-    )
-    return alpha * direction, alpha * product
+def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping):
+    """(δ, δᵀFδ): the minimiser δ = Σ_i c_i v_i of the batch's exact quadratic model
+    m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2 rows v_i of ``vectors``.
+
+    With v = d alone, δ = α d, α = gᵀd / dᵀ(F + λI)d (0 if d is not a descent direction
+    of the model): α = 1 for d = (F + λI)⁻¹g, and for an approximate curvature (K-FAC) α
+    corrects its scale (Martens & Grosse 2015, §6.4). With the previous update p as a
+    second row, c solves the 2×2 system Vᵀ(F + λI)V c = Vᵀg (§7), or falls back to d
+    alone where that system is singular (p = 0 after a rejected step, or p ∥ d). The
+    Fisher's inner products come from forward-mode products alone (``fisher_gram``).
+    """
+    fisher = batch.fisher_gram(vectors)
+    damped = fisher + jnp.asarray(damping, vectors.dtype) * (vectors @ vectors.T)
+    slopes = vectors @ gradient
+    curvature, slope = damped[0, 0], slopes[0]
+    descent = (curvature > 0) & (slope > 0)
+    alpha = jnp.where(descent, slope / jnp.where(descent, curvature, 1.0), 0.0)
+    coefficients = jnp.zeros_like(slopes).at[0].set(alpha)
+    if len(vectors) == 2:
+        determinant = damped[0, 0] * damped[1, 1] - damped[0, 1] * damped[1, 0]
+        tolerance = 100 * jnp.finfo(vectors.dtype).eps * damped[0, 0] * damped[1, 1]
+        regular = determinant > tolerance
+        safe = jnp.where(regular, determinant, 1.0)
+        plane = jnp.stack(
+            [
+                damped[1, 1] * slopes[0] - damped[0, 1] * slopes[1],
+                damped[0, 0] * slopes[1] - damped[1, 0] * slopes[0],
+            ]
+        )
+        coefficients = jnp.where(regular, plane / safe, coefficients)
+    return coefficients @ vectors, coefficients @ fisher @ coefficients
 
 
-def _levenberg_marquardt(rule, batch: CurvatureBatch, gradient, direction, damping, product=None):
+def _levenberg_marquardt(
+    rule, batch: CurvatureBatch, gradient, direction, damping, fisher_quadratic=None
+):
     """(next λ, whether to take the step), from the reduction ratio of the unit step −d.
 
-    ``product``: (F + λI)d where already computed (the quadratic model uses F d)."""
+    ``fisher_quadratic``: dᵀFd where already measured (else one Fisher-vector product)."""
     flat_params, unravel = ravel_pytree(batch.params)
     step = -direction
     moved = unravel(flat_params + step.astype(flat_params.dtype))
     moved_nll = device_mean(batch.model.nll(moved, batch.inputs, batch.targets), batch.axis_name)
     actual = moved_nll - batch.nll()
-    if product is None:
-        curvature_step = batch.matvec(step)
-    else:
-        curvature_step = -(product - jnp.asarray(damping, product.dtype) * direction)
-    predicted = jnp.vdot(gradient, step) + 0.5 * jnp.vdot(step, curvature_step)
+    if fisher_quadratic is None:
+        fisher_quadratic = jnp.vdot(step, batch.matvec(step))
+    predicted = jnp.vdot(gradient, step) + 0.5 * fisher_quadratic
     ratio = reduction_ratio(actual.astype(step.dtype), predicted)
     return rule.adapt(jnp.asarray(damping, step.dtype), ratio), rule.accepts(ratio)
 
@@ -644,6 +679,7 @@ def natural_gradient(
     axis_name: str | None = None,
     precision: str | None = None,
     rescale: bool | None = None,
+    momentum: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Natural gradient descent: θ ← θ − η (F + λI)⁻¹ ∇L, as an optax optimizer.
 
@@ -680,6 +716,8 @@ def natural_gradient(
         it (see ``scale_by_natural_gradient``); ``None``: where the solve is an
         approximation (``"kronecker"``, ``"ekfac"``, ``"diagonal"``,
         ``"block_diagonal"``, and ``"auto"`` when it picks K-FAC).
+      momentum: the minimiser of the exact quadratic model over the plane of the
+        direction and the previous update (see ``scale_by_natural_gradient``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``inputs=`` (and ``targets=``)
@@ -719,6 +757,7 @@ def natural_gradient(
             axis_name=axis_name,
             precision=precision,
             rescale=rescale,
+            momentum=momentum,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

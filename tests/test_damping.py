@@ -222,12 +222,12 @@ def test_with_rescale_a_moved_damping_waits_for_the_next_refresh():
 
 
 def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
-    """With rescale, the adaptive damping reuses (F + λI)d; its prediction must equal the
-    one from a fresh Fisher-vector product."""
+    """With rescale, the adaptive damping reuses the quadratic model's dᵀFd (forward-mode
+    products); its prediction must equal the one from a fresh Fisher-vector product."""
     from jax.flatten_util import ravel_pytree
 
     from natgrad_jax._curvature.batch import CurvatureBatch
-    from natgrad_jax._transform import _levenberg_marquardt, _rescaled
+    from natgrad_jax._transform import _levenberg_marquardt, _minimise_quadratic_model
 
     params = init_mlp(jax.random.PRNGKey(0), [3, 6, 2])
     model = ng.Model(mlp, ng.Gaussian(scale=0.5))
@@ -237,8 +237,8 @@ def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
     g = ravel_pytree(jax.grad(model.nll)(params, x, y))[0]
     rule = ng.LevenbergMarquardt(initial=0.3)
     for candidate in (g, jnp.cos(jnp.arange(g.size, dtype=g.dtype))):
-        direction, product = _rescaled(batch, g, candidate, 0.3)
-        reused = _levenberg_marquardt(rule, batch, g, direction, 0.3, product)
+        direction, fisher_quadratic = _minimise_quadratic_model(batch, g, candidate[None], 0.3)
+        reused = _levenberg_marquardt(rule, batch, g, direction, 0.3, fisher_quadratic)
         fresh = _levenberg_marquardt(rule, batch, g, direction, 0.3)
         np.testing.assert_allclose(reused[0], fresh[0], rtol=1e-12)
         assert bool(reused[1]) == bool(fresh[1])

@@ -15,6 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
+from natgrad_jax._curvature.batch import CurvatureBatch
 from tests.helpers import first_step_key, init_mlp, leaf_blocks, mlp
 
 N, T, K = 4, 3, 2
@@ -238,6 +239,29 @@ def test_matrix_free_products_equal_the_reference(problem):
     expected = problem["reference"] @ v
     got = ravel_pytree(ng.fisher_vector_product(model, params, x, unravel(v)))[0]
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["exact", "monte_carlo", "empirical"])
+def test_fisher_gram_equals_the_reference_quadratic_forms(problem, kind):
+    """VᵀFV from forward-mode products alone (what a step's quadratic model uses), with
+    and without the forward pass of ``ng.value_and_grad``, against the dense Fishers."""
+    model, params, x, y = (problem[k] for k in ("model", "params", "x", "y"))
+    key = jax.random.PRNGKey(4)
+    reference = {
+        "exact": problem["reference"],
+        "monte_carlo": ng.monte_carlo_fisher(model, params, x, key, 2),
+        "empirical": ng.empirical_fisher(model, params, x, y),
+    }[kind]
+    flat, _ = ravel_pytree(params)
+    vectors = jax.random.normal(jax.random.PRNGKey(8), (3, flat.size))
+    (_, forward), _ = ng.value_and_grad(model)(params, x, y)
+    for given in (None, forward):
+        batch = CurvatureBatch(
+            model, params, x, kind, targets=y, key=key, num_samples=2, forward=given
+        )
+        np.testing.assert_allclose(
+            batch.fisher_gram(vectors), vectors @ reference @ vectors.T, rtol=1e-10, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("solver", ["dense", "woodbury", "cg", "diagonal", "block_diagonal"])

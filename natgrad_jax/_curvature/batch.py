@@ -176,6 +176,38 @@ class CurvatureBatch:
 
         return product
 
+    def fisher_gram(self, vectors):
+        """VᵀFV, the (k, k) Fisher inner products of the k flat vectors stacked in
+        ``vectors``, from k forward-mode products J v through one forward pass (no
+        backward pass, unlike ``matvec``): what a step's quadratic model needs.
+
+        uᵀFv = 1/N Σ_n ⟨J_n u, F_out J_n v⟩ (exact) or 1/N Σ_n Σ_r (c_rᵀJ_n u)(c_rᵀJ_n v)
+        (sampled or the data's labels), in the vectors' dtype.
+        """
+        forward = self.forward_pass()
+        flat, unravel = ravel_pytree(self.params)
+        outputs = forward.outputs
+
+        def tangent(vector):
+            parameters = unravel(vector.astype(flat.dtype))
+            return forward.jvp(device_varying(parameters, self.axis_name))
+
+        tangents = jax.vmap(tangent)(vectors)  # leaves (k, N, ...)
+        if self.kind == "exact":
+            weighted = jax.vmap(functools.partial(self.model.likelihood.fisher_product, outputs))(
+                tangents
+            )
+            gram = sum(
+                jnp.tensordot(t, w, axes=(list(range(1, t.ndim)), list(range(1, w.ndim))))
+                for t, w in zip(jax.tree.leaves(tangents), jax.tree.leaves(weighted), strict=True)
+            )
+        else:
+            rows = jax.lax.stop_gradient(self.cotangent_rows(outputs))
+            projections = jax.vmap(functools.partial(_projections_on_rows, rows))(tangents)
+            gram = jnp.einsum("krn,lrn->kl", projections, projections)
+        gram = device_mean(gram / batch_size(self.inputs), self.axis_name)
+        return gram.astype(vectors.dtype)
+
     @property
     def num_rows(self) -> int:
         """M, the number of score rows: N·R (exact), N·S (Monte-Carlo) or N (empirical)."""
@@ -186,8 +218,8 @@ class CurvatureBatch:
         return self.num_examples * exact_rows_per_example(self.model, self.params, self.inputs)
 
 
-def _product_of_rows(rows, tangent):
-    """Σ_r c_r (c_rᵀ t) per example, for output rows c (leading axis R, then N)."""
+def _projections_on_rows(rows, tangent):
+    """c_rᵀ t per example, (R, N), for output rows c (leading axis R, then N)."""
     # An output that does not depend on the parameters (a mask) has t = 0 and may have
     # non-finite scores c (at masked positions); 0·c is 0 there, as in the Jacobian.
     per_leaf = jax.tree.map(
@@ -197,5 +229,10 @@ def _product_of_rows(rows, tangent):
         rows,
         tangent,
     )
-    weights = sum(jax.tree.leaves(per_leaf))  # (R, N): c_rᵀ t per example
+    return sum(jax.tree.leaves(per_leaf))
+
+
+def _product_of_rows(rows, tangent):
+    """Σ_r c_r (c_rᵀ t) per example, for output rows c (leading axis R, then N)."""
+    weights = _projections_on_rows(rows, tangent)
     return jax.tree.map(lambda c: jnp.einsum("rn,rn...->n...", weights.astype(c.dtype), c), rows)

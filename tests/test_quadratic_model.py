@@ -1,0 +1,97 @@
+"""The step's quadratic model: rescaling and momentum against a dense reference.
+
+m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ with F the batch's dense Fisher (``ng.fisher``); the
+minimiser over a span of vectors V solves Vᵀ(F + λI)V c = Vᵀg, written here with numpy.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad_jax as ng
+from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._transform import _minimise_quadratic_model
+from tests.helpers import init_mlp, mlp
+
+DAMPING = 0.1
+
+
+def _problem(seed=0):
+    params = init_mlp(jax.random.PRNGKey(seed), [3, 5, 4])
+    model = ng.Model(mlp, ng.Categorical())
+    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (7, 3))
+    y = model.likelihood.sample(jax.random.PRNGKey(seed + 2), mlp(params, x))
+    return model, params, x, y
+
+
+def _plane_minimiser(fisher, g, vectors):
+    vectors = np.asarray(vectors)
+    damped = fisher + DAMPING * np.eye(len(g))
+    coefficients = np.linalg.solve(vectors @ damped @ vectors.T, vectors @ g)
+    return coefficients, coefficients @ vectors
+
+
+def test_the_minimiser_over_a_plane_solves_the_two_by_two_model():
+    model, params, x, y = _problem()
+    batch = CurvatureBatch(model, params, x, "exact", targets=y)
+    fisher = np.asarray(ng.fisher(model, params, x))
+    g = ravel_pytree(jax.grad(model.nll)(params, x, y))[0]
+    d = g  # the plain gradient, and near the natural gradient a previous update p
+    natural = np.linalg.solve(fisher + DAMPING * np.eye(g.size), g)
+    p = jnp.asarray(natural) + 0.1 * jax.random.normal(jax.random.PRNGKey(9), g.shape)
+    coefficients, want = _plane_minimiser(fisher, np.asarray(g), [d, p])
+    assert min(abs(coefficients)) > 0.01 * max(abs(coefficients))  # both matter here
+    got, fisher_quadratic = _minimise_quadratic_model(batch, g, jnp.stack([d, p]), DAMPING)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    np.testing.assert_allclose(fisher_quadratic, want @ fisher @ want, rtol=1e-9)
+    # along d alone: α = gᵀd / dᵀ(F + λI)d
+    (alpha,), want_line = _plane_minimiser(fisher, np.asarray(g), [d])
+    line, _ = _minimise_quadratic_model(batch, g, d[None], DAMPING)
+    np.testing.assert_allclose(line, want_line, rtol=1e-9)
+    # a previous update of 0 (first step, rejected step) or parallel to d: d alone
+    for degenerate in (jnp.zeros_like(d), -2.0 * d):
+        plane, _ = _minimise_quadratic_model(batch, g, jnp.stack([d, degenerate]), DAMPING)
+        np.testing.assert_allclose(plane, alpha * d, rtol=1e-9)
+
+
+def test_momentum_steps_are_the_dense_plane_minimisers_of_each_batch():
+    """Two steps of the diagonal solver (exact diagonal, fixed λ) on two batches: step 1
+    is α d₁; step 2 the minimiser of batch 2's model over the plane of d₂ and step 1."""
+    model, params, x1, y1 = _problem()
+    _, _, x2, y2 = _problem(seed=5)
+    tx = ng.scale_by_natural_gradient(model, solver="diagonal", damping=DAMPING, momentum=True)
+    state = tx.init(params)
+    previous, steps = None, []
+    for x, y in ((x1, y1), (x2, y2)):
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = tx.update(g, state, params, inputs=x, targets=y)
+        fisher = np.asarray(ng.fisher(model, params, x))
+        flat_g = np.asarray(ravel_pytree(g)[0])
+        d = flat_g / (np.diag(fisher) + DAMPING)
+        span = [d] if previous is None else [d, previous]
+        coefficients, want = _plane_minimiser(fisher, flat_g, span)
+        got = ravel_pytree(updates)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-8)
+        np.testing.assert_allclose(state.previous_direction, got, rtol=1e-12)
+        previous = want
+        steps.append(coefficients)
+        params = optax.apply_updates(params, jax.tree.map(lambda u: -u, updates))
+    assert abs(steps[1][1]) > 1e-3  # the second step does use the first
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_momentum_trains_a_classifier_with_adaptive_damping(momentum):
+    """With Levenberg–Marquardt damping a rejected step leaves no momentum behind, and
+    the loss falls."""
+    model, params, x, y = _problem()
+    optimizer = ng.natural_gradient(model, 1.0, solver="diagonal", momentum=momentum)
+    state = optimizer.init(params)
+    start = model.nll(params, x, y)
+    for _ in range(15):
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = optimizer.update(g, state, params, inputs=x, targets=y)
+        params = optax.apply_updates(params, updates)
+    assert model.nll(params, x, y) < 0.7 * start
