@@ -166,15 +166,21 @@ def check_one_pass_in_shard_map(model, params, x, y, singles):
     """ng.value_and_grad inside shard_map: the loss, gradient and update of the whole
     batch, as on one device without it."""
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    for kind, solver, damping in (
-        ("exact", "kronecker", 1e-2),
-        ("empirical", ng.ConjugateGradient(tol=1e-13, max_iters=500), ng.LevenbergMarquardt()),
+    for kind, solver, damping, momentum in (
+        ("exact", "kronecker", 1e-2, False),
+        ("exact", "kronecker", ng.LevenbergMarquardt(), True),
+        (
+            "empirical",
+            ng.ConjugateGradient(tol=1e-13, max_iters=500),
+            ng.LevenbergMarquardt(),
+            False,
+        ),
     ):
-        options = dict(fisher=kind, solver=solver, damping=damping)
+        options = dict(fisher=kind, solver=solver, damping=damping, momentum=momentum)
         single_tx = ng.natural_gradient(model, 0.1, **options)
         tx = ng.natural_gradient(model, 0.1, axis_name="data", **options)
         g = jax.grad(model.nll)(params, x, y)
-        single = singles["kronecker"] if kind == "exact" else None
+        single = singles["kronecker"] if kind == "exact" and not momentum else None
         if single is None:
             single, _ = jax.jit(single_tx.update)(
                 g, single_tx.init(params), params, inputs=x, targets=y
@@ -191,9 +197,10 @@ def check_one_pass_in_shard_map(model, params, x, y, singles):
         loss, grads, updates = jax.jit(
             jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P())
         )(x, y)
-        close(loss, model.nll(params, x, y), f"one-pass loss[{kind}]")
-        close(ravel_pytree(grads)[0], ravel_pytree(g)[0], f"one-pass gradient[{kind}]")
-        close(ravel_pytree(updates)[0], ravel_pytree(single)[0], f"one-pass update[{kind}]")
+        name = f"{kind}{', momentum' if momentum else ''}"
+        close(loss, model.nll(params, x, y), f"one-pass loss[{name}]")
+        close(ravel_pytree(grads)[0], ravel_pytree(g)[0], f"one-pass gradient[{name}]")
+        close(ravel_pytree(updates)[0], ravel_pytree(single)[0], f"one-pass update[{name}]")
 
 
 def check_sharded_parameters(model, params, x, y, g, singles):

@@ -25,4 +25,4 @@ def test_sharded_batch_matches_single_device():
     assert result.stdout.count("ok update[") == 5
     assert result.stdout.count("ok sharded-params update[") == 2
     assert result.stdout.count("ok shard_map update[") == 10
-    assert result.stdout.count("ok one-pass update[") == 2
+    assert result.stdout.count("ok one-pass update[") == 3
