@@ -247,6 +247,24 @@ def test_exact_fisher_rows_taken_in_chunks_give_the_same_factors_and_update(appr
     assert [e.params["length"] for e in scans] == [4]  # ⌈10 / 3⌉ chunks
 
 
+def test_exact_diagonal_from_rows_in_chunks_is_the_dense_fishers_diagonal():
+    """``ng.Diagonal`` takes the 10 exact rows 3 at a time (4 chunks, one scan) and gets
+    diag(F) of the dense Fisher, including the elementwise-scaled leaf."""
+    model, params, x = _many_output_model()
+    want = np.diag(ng.fisher(model, params, x))
+
+    def diagonal(params, chunk_rows):
+        batch = CurvatureBatch(model, params, x, "exact")
+        solver = ng.Diagonal(chunk_rows=chunk_rows)
+        state = solver.init(params, jnp.float64)
+        return solver.measure(state, batch, 0.0, True).diagonal
+
+    for chunk_rows in (None, 3):
+        np.testing.assert_allclose(diagonal(params, chunk_rows), want, rtol=1e-12, atol=1e-14)
+    scans = equations(jax.make_jaxpr(lambda p: diagonal(p, 3))(params).jaxpr, "scan")
+    assert [e.params["length"] for e in scans] == [4]
+
+
 def test_auto_on_a_large_captured_network_is_kfac_rescaled_by_the_exact_fisher(monkeypatch):
     """Above ``KRONECKER_MIN_PARAMS`` (lowered here) ``"auto"`` takes K-FAC's direction d
     from this batch, its factors from one Monte-Carlo label per example because this

@@ -449,6 +449,25 @@ def sum_over_chunks(rows_of, chunks, statistic):
     return jax.lax.scan(add_chunk, zeros, chunks)[0]
 
 
+def summed_over_rows(batch, statistic, chunk_rows: int | None, dtype=None):
+    """(``statistic`` of the batch's factored score rows, the rows, whether complete).
+
+    ``statistic`` must be a sum over the output-Fisher rows (K-FAC's output factors,
+    exact diagonals). With more than ``chunk_rows`` rows per example it is accumulated
+    that many rows at a time (``sum_over_chunks``), and the rows returned are the first
+    chunk's (their layer inputs a are every row's; their g are not): incomplete.
+    ``chunk_rows=None``: all at once.
+    """
+    cotangents, rows_of = rows_of_cotangents(batch, dtype)
+    num_rows = jax.tree.leaves(cotangents)[0].shape[0]
+    if chunk_rows is None or num_rows <= chunk_rows:
+        rows = rows_of(cotangents)
+        return statistic(rows), rows, True
+    chunks = row_chunks(cotangents, chunk_rows)
+    first = rows_of(jax.tree.map(lambda c: c[0], chunks))
+    return sum_over_chunks(rows_of, chunks, statistic), first, False
+
+
 def rows_of_cotangents(batch, dtype=None):
     """(the batch's output-Fisher cotangent rows, ``rows_of``): one forward pass, and
     ``rows_of(cotangent_rows)`` the ``FactoredRows`` of those rows."""

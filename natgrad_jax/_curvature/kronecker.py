@@ -35,13 +35,7 @@ import numpy as np
 
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import (
-    RowSizes,
-    leaf_to_matrix,
-    row_chunks,
-    rows_of_cotangents,
-    sum_over_chunks,
-)
+from natgrad_jax._curvature.factored import RowSizes, leaf_to_matrix, summed_over_rows
 from natgrad_jax._solvers import batched_inverses, moving_average
 
 
@@ -247,7 +241,6 @@ class Kronecker:
     def measured(self, batch: CurvatureBatch, dtype, sizes):
         """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals);
         rows is None when the output-Fisher rows were taken in chunks."""
-        cotangents, rows_of = rows_of_cotangents(batch, dtype)
         factored = self.factored_leaves(batch)
         leaves = jax.tree.leaves(batch.params)
         # Per factored leaf: its layer, and whether its input and output factors are
@@ -267,20 +260,16 @@ class Kronecker:
             }
             return outputs, rows.diagonal(skip)
 
-        num_rows = jax.tree.leaves(cotangents)[0].shape[0]
-        if self.chunk_rows is None or num_rows <= self.chunk_rows:
-            rows = inputs_rows = rows_of(cotangents)
-            outputs, diagonal = summed(rows)
-        else:
-            chunks = row_chunks(cotangents, self.chunk_rows)
-            outputs, diagonal = sum_over_chunks(rows_of, chunks, summed)
-            rows, inputs_rows = None, rows_of(jax.tree.map(lambda c: c[0], chunks))
+        (outputs, diagonal), rows, complete = summed_over_rows(
+            batch, summed, self.chunk_rows, dtype
+        )
         factors = {}
         for k, (layer_index, input_diagonal, _) in plan.items():
-            inputs = inputs_rows.input_factor(layer_index, self.approximation, input_diagonal)
+            inputs = rows.input_factor(layer_index, self.approximation, input_diagonal)
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
-        return rows, factors, jnp.split(diagonal / batch.num_examples, np.cumsum(sizes)[:-1])
+        diagonals = jnp.split(diagonal / batch.num_examples, np.cumsum(sizes)[:-1])
+        return rows if complete else None, factors, diagonals
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
         """Averages this batch's factors and diagonals into the state (no inverses)."""
