@@ -175,6 +175,14 @@ def _approximate(curvature, batch: CurvatureBatch) -> bool:
     return curvature.name in APPROXIMATE_SOLVERS
 
 
+def _may_approximate(curvature, params) -> bool:
+    """Whether some batch's solve may be an approximation (where ``momentum=None`` keeps
+    the previous update in the state)."""
+    if hasattr(curvature, "may_approximate"):
+        return curvature.may_approximate(params)
+    return curvature.name in APPROXIMATE_SOLVERS
+
+
 def _check_averaging(curvature, params, decay, refresh_every) -> None:
     """Refuses decay/refresh_every for a representation that keeps no curvature. Values
     held as arrays (``optax.inject_hyperparams``) cannot be read here; such a
@@ -274,7 +282,7 @@ def scale_by_natural_gradient(
     axis_name: str | None = None,
     precision: str | None = None,
     rescale: bool | None = False,
-    momentum: bool = False,
+    momentum: bool | None = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by the damped inverse Fisher of ``model``: d = (F + λI)⁻¹ g.
 
@@ -369,6 +377,7 @@ def scale_by_natural_gradient(
         of d and the previous update p, α d + μ p (K-FAC's momentum, Martens & Grosse
         2015, §7: α and μ from a 2×2 system, so no momentum constant to tune). Implies
         ``rescale``; costs one more forward-mode product per step and P floats of state.
+        ``None``: where the solve is an approximation, as ``rescale=None``.
 
     Non-floating leaves of ``params`` (integers, booleans, an equinox module's
     functions) are constants: the Fisher is over the floating leaves, and the other
@@ -433,7 +442,9 @@ def scale_by_natural_gradient(
             curvature=curvature.init(params, dtype),
             factorised_damping=jnp.asarray(initial_damping, dtype),
             previous_direction=(
-                jnp.zeros(ravel_pytree(params)[0].size, dtype) if momentum else None
+                jnp.zeros(ravel_pytree(params)[0].size, dtype)
+                if momentum or (momentum is None and _may_approximate(curvature, params))
+                else None
             ),
         )
 
@@ -457,7 +468,8 @@ def scale_by_natural_gradient(
         )
         _check_memory(curvature, params, gradient.dtype, max_curvature_bytes, batch)
         rescaled = _approximate(curvature, batch) if rescale is None else rescale
-        modelled = rescaled or momentum  # the quadratic model sets the step's length
+        with_momentum = state.previous_direction is not None and (momentum or rescaled)
+        modelled = rescaled or with_momentum  # the quadratic model sets the step's length
 
         def refresh(curvature_state):
             with matmul_precision(precision):
@@ -503,7 +515,7 @@ def scale_by_natural_gradient(
             )
             fisher_quadratic = None  # dᵀFd with the batch's exact Fisher, where measured
             if modelled:
-                span = [direction] + ([state.previous_direction] if momentum else [])
+                span = [direction] + ([state.previous_direction] if with_momentum else [])
                 direction, fisher_quadratic = _minimise_quadratic_model(
                     batch, gradient, jnp.stack(span), damping_now
                 )
@@ -538,7 +550,7 @@ def scale_by_natural_gradient(
             damping=next_damping,
             curvature=curvature_state,
             factorised_damping=factorised_damping,
-            previous_direction=direction if momentum else None,
+            previous_direction=None if state.previous_direction is None else direction,
         )
         return new_updates, new_state
 
@@ -679,7 +691,7 @@ def natural_gradient(
     axis_name: str | None = None,
     precision: str | None = None,
     rescale: bool | None = None,
-    momentum: bool = False,
+    momentum: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Natural gradient descent: θ ← θ − η (F + λI)⁻¹ ∇L, as an optax optimizer.
 
@@ -717,7 +729,8 @@ def natural_gradient(
         approximation (``"kronecker"``, ``"ekfac"``, ``"diagonal"``,
         ``"block_diagonal"``, and ``"auto"`` when it picks K-FAC).
       momentum: the minimiser of the exact quadratic model over the plane of the
-        direction and the previous update (see ``scale_by_natural_gradient``).
+        direction and the previous update (see ``scale_by_natural_gradient``);
+        ``None``: where the solve is an approximation, as ``rescale``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``inputs=`` (and ``targets=``)

@@ -95,3 +95,31 @@ def test_momentum_trains_a_classifier_with_adaptive_damping(momentum):
         updates, state = optimizer.update(g, state, params, inputs=x, targets=y)
         params = optax.apply_updates(params, updates)
     assert model.nll(params, x, y) < 0.7 * start
+
+
+def test_natural_gradient_takes_momentum_where_the_solve_is_an_approximation(monkeypatch):
+    """``momentum=None`` (natural_gradient's default) keeps the previous update for the
+    approximate solvers and for "auto" on a network where it may pick K-FAC, and only
+    there; ``scale_by_natural_gradient`` keeps none unless asked."""
+    from natgrad_jax._curvature import auto
+
+    model, params, _, _ = _problem()
+
+    def holds_previous(solver, transform=ng.natural_gradient, **options):
+        state = transform(model, 1.0, solver=solver, **options).init(params)
+        is_ours = lambda s: isinstance(s, ng.NaturalGradientState)
+        (ours,) = [s for s in jax.tree.leaves(state, is_leaf=is_ours) if is_ours(s)]
+        return ours.previous_direction is not None
+
+    assert holds_previous("kronecker") and holds_previous("diagonal")
+    assert not holds_previous("dense") and not holds_previous("cg")
+    assert not holds_previous("auto")
+    monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 20)  # P = 44 here
+    assert holds_previous("auto")
+    assert not holds_previous("auto", damping=0.0)  # no K-FAC without damping
+
+    def scale(model, _, **options):
+        return ng.scale_by_natural_gradient(model, **options)
+
+    assert not holds_previous("kronecker", scale)
+    assert holds_previous("dense", scale, momentum=True)

@@ -187,6 +187,10 @@ class Auto:
             factored_share=factored_share(captured, shapes),
         )[0]
 
+    def may_approximate(self, params) -> bool:
+        """Whether some batch may get K-FAC: a network of ``KRONECKER_MIN_PARAMS`` or more."""
+        return self.allow_woodbury and parameter_count(params) >= KRONECKER_MIN_PARAMS
+
     def approximate_for(self, batch: CurvatureBatch) -> bool:
         """Whether this batch gets K-FAC (which the transform then rescales)."""
         return self._choice(batch) == "kronecker"
