@@ -203,12 +203,19 @@ def main():
         candidates[f"adam lr={lr:g}"] = lambda lr=lr: optax_runner(optax.adam(lr), model)
     candidates.update(
         {
-            "ngd defaults (auto, exact, adaptive damping)": ngd(learning_rate=1.0),
+            "ngd defaults (auto: kronecker)": ngd(learning_rate=1.0),
             "ngd defaults, two passes (jax.grad, then update)": lambda: optax_runner(
                 ng.natural_gradient(model, learning_rate=1.0), model
             ),
-            "ngd auto (woodbury, monte_carlo)": ngd(
-                learning_rate=1.0, fisher="monte_carlo", damping=1e-2, max_kl=0.05
+            "ngd cg, exact, adaptive damping": ngd(
+                learning_rate=1.0, solver=ng.ConjugateGradient(progress_tol=5e-4)
+            ),
+            "ngd woodbury, monte_carlo": ngd(
+                learning_rate=1.0,
+                fisher="monte_carlo",
+                solver="woodbury",
+                damping=1e-2,
+                max_kl=0.05,
             ),
             "ngd woodbury, empirical": ngd(
                 learning_rate=1.0, fisher="empirical", solver="woodbury", damping=1e-2, max_kl=0.05

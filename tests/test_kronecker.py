@@ -267,9 +267,9 @@ def test_exact_diagonal_from_rows_in_chunks_is_the_dense_fishers_diagonal():
 
 def test_auto_on_a_large_captured_network_is_kfac_rescaled_by_the_exact_fisher(monkeypatch):
     """Above ``KRONECKER_MIN_PARAMS`` (lowered here) ``"auto"`` takes K-FAC's direction d
-    from this batch, its factors from one Monte-Carlo label per example because this
-    exact Fisher has more than 32 rows (40 outputs) per example, and the step α d with
-    α = gᵀd / dᵀ(F + λI)d from the dense exact Fisher F."""
+    from this batch, its factors from one Monte-Carlo label per example (this exact
+    Fisher has 40 rows per example), and the step α d with α = gᵀd / dᵀ(F + λI)d from
+    the dense exact Fisher F."""
     likelihood, outputs, statistics = ng.Gaussian(scale=0.7), 40, "monte_carlo"
     from natgrad_jax._curvature import auto
 
