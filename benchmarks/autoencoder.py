@@ -235,8 +235,8 @@ def main():
         "ngd kronecker, refresh every 5": lambda: ng.natural_gradient(
             model, 1.0, refresh_every=5, **kronecker
         ),
-        "ngd kronecker, refresh every 5, momentum": lambda: ng.natural_gradient(
-            model, 1.0, refresh_every=5, momentum=True, **kronecker
+        "ngd kronecker, refresh every 5, no momentum": lambda: ng.natural_gradient(
+            model, 1.0, refresh_every=5, momentum=False, **kronecker
         ),
         "ngd ekfac, refresh every 5": lambda: ng.natural_gradient(
             model, 1.0, refresh_every=5, **{**kronecker, "solver": "ekfac"}
