@@ -198,6 +198,9 @@ def main():
     def ngd(**kwargs):
         return lambda: ngd_runner(ng.natural_gradient(model, **kwargs), model)
 
+    def fixed_damping(fisher, solver):  # λ = 1e-2 and a KL trust region instead of LM
+        return ngd(learning_rate=1.0, fisher=fisher, solver=solver, damping=1e-2, max_kl=0.05)
+
     candidates = {}
     for lr in (1e-3, 3e-3, 1e-2, 3e-2):
         candidates[f"adam lr={lr:g}"] = lambda lr=lr: optax_runner(optax.adam(lr), model)
@@ -210,36 +213,12 @@ def main():
             "ngd cg, exact, adaptive damping": ngd(
                 learning_rate=1.0, solver=ng.ConjugateGradient(progress_tol=5e-4)
             ),
-            "ngd woodbury, monte_carlo": ngd(
-                learning_rate=1.0,
-                fisher="monte_carlo",
-                solver="woodbury",
-                damping=1e-2,
-                max_kl=0.05,
-            ),
-            "ngd woodbury, empirical": ngd(
-                learning_rate=1.0, fisher="empirical", solver="woodbury", damping=1e-2, max_kl=0.05
-            ),
-            "ngd kronecker, exact": ngd(
-                learning_rate=1.0, fisher="exact", solver="kronecker", damping=1e-2, max_kl=0.05
-            ),
-            "ngd kronecker, monte_carlo": ngd(
-                learning_rate=1.0,
-                fisher="monte_carlo",
-                solver="kronecker",
-                damping=1e-2,
-                max_kl=0.05,
-            ),
-            "ngd cg, exact": ngd(
-                learning_rate=1.0,
-                fisher="exact",
-                solver=ng.ConjugateGradient(tol=1e-3, max_iters=20),
-                damping=1e-2,
-                max_kl=0.05,
-            ),
-            "ngd diagonal, exact": ngd(
-                learning_rate=1.0, fisher="exact", solver="diagonal", damping=1e-2, max_kl=0.05
-            ),
+            "ngd woodbury, monte_carlo": fixed_damping("monte_carlo", "woodbury"),
+            "ngd woodbury, empirical": fixed_damping("empirical", "woodbury"),
+            "ngd kronecker, exact": fixed_damping("exact", "kronecker"),
+            "ngd kronecker, monte_carlo": fixed_damping("monte_carlo", "kronecker"),
+            "ngd cg, exact": fixed_damping("exact", ng.ConjugateGradient(tol=1e-3, max_iters=20)),
+            "ngd diagonal, exact": fixed_damping("exact", "diagonal"),
         }
     )
     kfac_jax = optional_import("kfac_jax")
