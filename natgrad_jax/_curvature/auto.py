@@ -240,9 +240,10 @@ class Auto:
 
 def _kronecker_direction(batch: CurvatureBatch, vector, damping):
     """K-FAC's (A ⊗ G + damping)⁻¹ v from this batch's statistics alone, the output
-    factors of the exact Fisher from one Monte-Carlo label per example. The statistics take the transform's
-    precision (``batch.statistics_precision``), the factorisation and solve full float32
-    (see natgrad_jax._precision), as an explicit ``solver="kronecker"`` would."""
+    factors of the exact Fisher from one Monte-Carlo label per example. The statistics
+    take the transform's precision (``batch.statistics_precision``), the factorisation
+    and solve full float32 (see natgrad_jax._precision), as an explicit
+    ``solver="kronecker"`` would."""
     if batch.kind == "exact":
         batch = dataclasses.replace(batch, kind="monte_carlo", num_samples=1)
     kronecker = Kronecker()

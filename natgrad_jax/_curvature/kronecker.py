@@ -74,7 +74,23 @@ def split_shape(shape) -> tuple[int, int]:
 
 def _orientation(layer, shape) -> str | None:
     """'left_is_inputs' if the K×D view is the leaf as m×n, 'left_is_outputs' if it is the
-    transpose of it, None otherwise (the leaf then uses its diagonal)."""
+    transpose of it, None otherwise (the leaf then uses its diagonal).
+
+    Found by viewing the leaf's entry indices, once per layer description and shape (a
+    Layer's repr names everything ``leaf_to_matrix`` reads; an update asks several times).
+    """
+    key = (repr(layer), tuple(shape))
+    if key not in _ORIENTATIONS:
+        if len(_ORIENTATIONS) >= 1024:
+            _ORIENTATIONS.pop(next(iter(_ORIENTATIONS)))
+        _ORIENTATIONS[key] = _measured_orientation(layer, shape)
+    return _ORIENTATIONS[key]
+
+
+_ORIENTATIONS: dict = {}
+
+
+def _measured_orientation(layer, shape) -> str | None:
     m, n = split_shape(shape)
     with jax.ensure_compile_time_eval():
         index = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
