@@ -64,3 +64,15 @@ def test_seed_summaries_are_median_and_range():
     assert _common.seed_summary([30, 20, 25], 100) == "25 [20–30]"
     assert _common.seed_summary([5, None, 3], 10) == "5 [3–>10]"
     assert _common.seed_summary([None, None, 7], 10) == ">10 [7–>10]"
+
+
+def test_compile_times_measures_a_rows_lowering_and_compilation(monkeypatch):
+    """The per-row measurement that benchmarks/compile_times.py runs in a child process:
+    Adam's step on the autoencoder lowers to the matmuls of one forward (8) and one
+    backward (15) pass."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import compile_times
+
+    result = compile_times.measure("adam", 4)
+    assert result["dots"] == 23 and result["ops"] > result["dots"]
+    assert result["lower_s"] > 0 and result["compile_s"] > 0
