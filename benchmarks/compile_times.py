@@ -4,9 +4,11 @@ Each row is compiled in a fresh Python process, so no row reuses another's compi
 or XLA's GEMM autotuning results (which a long-running benchmark would share between
 rows). Per row it prints the seconds to trace and lower the jitted step, the seconds
 XLA takes to compile it, and the size of the lowered program (StableHLO operations,
-of which matmuls), next to Adam's.
+of which matmuls), next to Adam's; then the compile seconds of a second fresh process
+that finds the first one's executable in JAX's persistent compilation cache
+(``jax_compilation_cache_dir``), as a user's second run of a script would.
 
-    python benchmarks/compile_times.py                 # about 2 minutes on 2 CPU cores
+    python benchmarks/compile_times.py                 # about 3 minutes on 2 CPU cores
     python benchmarks/compile_times.py --batch 512     # as benchmarks/gpu.sh runs it
 
 ``XLA_FLAGS`` set for this script reaches every row (for instance
@@ -20,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 KRONECKER = dict(fisher="monte_carlo", solver="kronecker", decay=0.95)
@@ -72,6 +75,22 @@ def measure(row: str, batch: int) -> dict:
     }
 
 
+def measure_in_child(row: str, batch: int, cache: str) -> dict | None:
+    """``measure`` in a fresh process whose persistent compilation cache is ``cache``."""
+    environment = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
+    command = [sys.executable, __file__, "--row", row, "--batch", str(batch)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
+    if done.returncode != 0:
+        print(f"{row}: failed\n{done.stderr[-2000:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -91,14 +110,17 @@ def main():
         rows.insert(0, "adam")
     results = {}
     for row in rows:
-        command = [sys.executable, __file__, "--row", row, "--batch", str(args.batch)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(f"{row}: failed\n{done.stderr[-2000:]}")
+        with tempfile.TemporaryDirectory() as cache:
+            cold, warm = (measure_in_child(row, args.batch, cache) for _ in range(2))
+        if cold is None or warm is None:
             continue
-        results[row] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[row] = dict(cold, cached_s=warm["compile_s"])
         r = results[row]
-        print(f"{row}: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s", flush=True)
+        print(
+            f"{row}: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, "
+            f"from the cache {r['cached_s']:.1f} s",
+            flush=True,
+        )
     adam = results.get("adam", {}).get("compile_s", float("nan"))
     lines = [
         [
@@ -106,12 +128,13 @@ def main():
             f"{r['lower_s']:.1f}",
             f"{r['compile_s']:.1f}",
             f"{r['compile_s'] / adam:.1f}",
+            f"{r['cached_s']:.2f}",
             str(r["ops"]),
             str(r["dots"]),
         ]
         for row, r in results.items()
     ]
-    header = ["optimizer", "lower s", "compile s", "x Adam", "HLO ops", "matmuls"]
+    header = ["optimizer", "lower s", "compile s", "x Adam", "cached s", "HLO ops", "matmuls"]
     print()
     print(table(header, lines))
 
