@@ -18,7 +18,7 @@ its tolerance). One approximation is chosen for you: on a network of at least
 solve costs tens of Fisher-vector products per step, and K-FAC from this batch's
 statistics, its step set by the exact quadratic model (``rescale`` and, in
 ``natural_gradient``, ``momentum``), reaches a given loss as soon for less: on the
-digits MLP (P = 9,610) 25 steps at 2.7 Adam steps each against CG's 20–25 at 5.9; on
+digits MLP (P = 9,610) 25 steps at 2.4 Adam steps each against CG's 20–25 at 7.3; on
 the autoencoder (P = 2.8M, CPU) 30 steps either way at 0.53 s a step against 4.4 s.
 Its factors come from one Monte-Carlo label per example, as kfac-jax estimates them (the
 exact Fisher's statistics cost a backward pass per output row: 10 for ten classes, 784
