@@ -323,7 +323,7 @@ def scale_by_natural_gradient(
         step (needs ``targets``; see ``natgrad_jax._damping`` for when to use which).
       solver: how F is represented and solved against (see ``ng.choose_solver``):
         ``"auto"`` (per batch, whichever of dense, Woodbury and CG has the least
-        estimated cost, or K-FAC on a network of 10⁶ parameters or more that capture
+        estimated cost, or K-FAC on a network of 5,000 parameters or more that capture
         explains; keeps no curvature across steps), ``"dense"`` (P×P, Cholesky
         with eigendecomposition fallback),
         ``"woodbury"`` (exact, through the M×M kernel of the M score rows),
