@@ -24,8 +24,12 @@ Its factors come from one Monte-Carlo label per example, as kfac-jax estimates t
 exact Fisher's statistics cost a backward pass per output row: 10 for ten classes, 784
 for a Gaussian image model), while the quadratic model that sets the step stays on the
 batch's Fisher.
+On such a network ``"auto"`` keeps K-FAC's factors in its state and refreshes them every
+``KRONECKER_REFRESH_EVERY`` steps, averaged with ``KRONECKER_DECAY`` (K-FAC's usual
+cadence; the steps in between cost a preconditioned matmul, and the quadratic model sets
+each step's length with the current λ).
 ``choose_solver`` returns the choice with the estimates; ``ng.describe`` prints it.
-``"auto"`` keeps no curvature across steps (each batch may get another solver), so
+``"auto"`` keeps no other curvature across steps (each batch may get another solver), so
 ``decay`` and ``refresh_every`` need an explicit ``solver="dense"``, ``"kronecker"``,
 ``"diagonal"`` or ``"block_diagonal"``.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +47,13 @@ import numpy as np
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.dense import Dense
-from natgrad_jax._curvature.implicit import ConjugateGradient
-from natgrad_jax._curvature.kronecker import Kronecker, factored_share, split_shape
+from natgrad_jax._curvature.implicit import ConjugateGradient, ConjugateGradientState
+from natgrad_jax._curvature.kronecker import (
+    Kronecker,
+    KroneckerState,
+    factored_share,
+    split_shape,
+)
 from natgrad_jax._curvature.low_rank import Woodbury, WoodburyState
 from natgrad_jax._fisher import parameter_count
 from natgrad_jax._precision import EXACT, matmul_precision
@@ -55,6 +65,8 @@ AUTO_CG_PROGRESS_TOL = 5e-4
 CG_ITERATION_OVERHEAD = 1e6  # one loop iteration's latency, in multiply-adds (≈ 20–50 µs)
 KRONECKER_MIN_PARAMS = 5_000
 KRONECKER_MIN_FACTORED_SHARE = 0.99
+KRONECKER_REFRESH_EVERY = 5  # K-FAC's statistics and inverses, every this many K-FAC steps
+KRONECKER_DECAY = 0.95  # moving average of the factors across refreshes
 _SOLVERS = {
     "dense": Dense,
     "woodbury": Woodbury,
@@ -153,6 +165,19 @@ def choose_solver(
     return name, f"least estimated cost, P = {num_params}, M = {num_rows}: {estimates}"
 
 
+class AutoState(NamedTuple):
+    """Auto's state on a network where it may pick K-FAC: CG's, and K-FAC's factors."""
+
+    cg: ConjugateGradientState
+    kronecker: KroneckerState  # the averaged factors and the inverses of the last refresh
+    kronecker_steps: jax.Array  # int32 []: the K-FAC steps taken (refresh when ≡ 0)
+
+    @property
+    def quadratic(self):
+        """CG's measured dᵀ(F + λI)d (see ``step_quadratic``)."""
+        return self.cg.quadratic
+
+
 @dataclasses.dataclass(frozen=True)
 class Auto:
     """Per batch, the exact solver (dense, Woodbury, CG) of least estimated cost, or
@@ -163,7 +188,9 @@ class Auto:
 
     The state is CG's (its warm start); a dense, Woodbury or K-FAC solve records its
     direction and gᵀd there, so the trust region and the next warm start read this step
-    (with K-FAC the transform rescales the step and measures dᵀ(F + λI)d itself).
+    (with K-FAC the transform rescales the step and measures dᵀ(F + λI)d itself). Where
+    some batch may get K-FAC (``may_approximate``) it is an ``AutoState`` that also holds
+    K-FAC's factors between refreshes.
     """
 
     allow_woodbury: bool = True
@@ -209,7 +236,11 @@ class Auto:
         return _SOLVERS[name]().memory(num_params, num_rows, leaf_shapes, rows)
 
     def init(self, params, dtype):
-        return self.cg.init(params, dtype)
+        cg = self.cg.init(params, dtype)
+        if not self.may_approximate(params):
+            return cg
+        kronecker = Kronecker().init(params, dtype)
+        return AutoState(cg, kronecker, jnp.zeros([], jnp.int32))
 
     def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
         del batch, damping, decay, is_first
@@ -217,39 +248,55 @@ class Auto:
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         name = self._choice(batch)
+        cg_state = state.cg if isinstance(state, AutoState) else state
         if name == "cg":
-            return self.cg.solve(state, batch, vector, damping)
+            direction, cg_state = self.cg.solve(cg_state, batch, vector, damping)
+            return direction, _with_cg(state, cg_state)
         if name == "kronecker":
-            direction = _kronecker_direction(batch, vector, damping)
+            kronecker = _kronecker_refreshed(state, batch, damping)
+            with matmul_precision(EXACT):
+                direction, _ = Kronecker().solve(kronecker, batch, vector, damping)
+            state = state._replace(kronecker=kronecker, kronecker_steps=state.kronecker_steps + 1)
         elif name == "woodbury":
             direction, _ = Woodbury().solve(WoodburyState(), batch, vector, damping)
         else:
             dense = Dense()
             fresh = dense.refresh(dense.init(batch.params, vector.dtype), batch, damping, 0.0, True)
             direction, _ = dense.solve(fresh, batch, vector, damping)
-        # Record the exact solve in CG's state, so that the trust region reads this
-        # step's dᵀ(F + λI)d = gᵀd, not a stale one.
-        return direction, state._replace(
-            solution=direction.astype(state.solution.dtype),
-            iterations=jnp.zeros_like(state.iterations),
-            residual=jnp.zeros_like(state.residual),
-            quadratic=jnp.vdot(vector, direction).real.astype(state.quadratic.dtype),
-            fell_back=jnp.zeros_like(state.fell_back),
+        # Record the solve in CG's state, so that the trust region and the next warm
+        # start read this step's direction and gᵀd, not stale ones.
+        cg_state = cg_state._replace(
+            solution=direction.astype(cg_state.solution.dtype),
+            iterations=jnp.zeros_like(cg_state.iterations),
+            residual=jnp.zeros_like(cg_state.residual),
+            quadratic=jnp.vdot(vector, direction).real.astype(cg_state.quadratic.dtype),
+            fell_back=jnp.zeros_like(cg_state.fell_back),
         )
+        return direction, _with_cg(state, cg_state)
 
 
-def _kronecker_direction(batch: CurvatureBatch, vector, damping):
-    """K-FAC's (A ⊗ G + damping)⁻¹ v from this batch's statistics alone, the output
-    factors of the exact Fisher from one Monte-Carlo label per example. The statistics
-    take the transform's precision (``batch.statistics_precision``), the factorisation
-    and solve full float32 (see natgrad_jax._precision), as an explicit
+def _with_cg(state, cg_state):
+    """``state`` with CG's part replaced."""
+    return state._replace(cg=cg_state) if isinstance(state, AutoState) else cg_state
+
+
+def _kronecker_refreshed(state: AutoState, batch: CurvatureBatch, damping) -> KroneckerState:
+    """K-FAC's state for this step: every ``KRONECKER_REFRESH_EVERY`` K-FAC steps the
+    factors of this batch (the exact Fisher's output factors from one Monte-Carlo label
+    per example) averaged in and factorised with this λ, else the stored ones. The
+    statistics take the transform's precision (``batch.statistics_precision``), the
+    factorisation full float32 (see natgrad_jax._precision), as an explicit
     ``solver="kronecker"`` would."""
     if batch.kind == "exact":
         batch = dataclasses.replace(batch, kind="monte_carlo", num_samples=1)
     kronecker = Kronecker()
-    fresh = kronecker.init(batch.params, vector.dtype)
-    with jax.default_matmul_precision(batch.statistics_precision):
-        measured = kronecker.measure(fresh, batch, decay=0.0, is_first=True)
-    with matmul_precision(EXACT):
-        factorised = kronecker.factorise(measured, batch, damping)
-        return kronecker.solve(factorised, batch, vector, damping)[0]
+    steps = state.kronecker_steps
+
+    def refreshed(stored):
+        with jax.default_matmul_precision(batch.statistics_precision):
+            measured = kronecker.measure(stored, batch, KRONECKER_DECAY, is_first=steps == 0)
+        with matmul_precision(EXACT):
+            return kronecker.factorise(measured, batch, damping)
+
+    due = steps % KRONECKER_REFRESH_EVERY == 0
+    return jax.lax.cond(due, refreshed, lambda stored: stored, state.kronecker)
