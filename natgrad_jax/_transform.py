@@ -324,8 +324,8 @@ def scale_by_natural_gradient(
       solver: how F is represented and solved against (see ``ng.choose_solver``):
         ``"auto"`` (per batch, whichever of dense, Woodbury and CG has the least
         estimated cost, or K-FAC on a network of 5,000 parameters or more that capture
-        explains, whose factors it keeps and refreshes every 5 steps), ``"dense"`` (P×P, Cholesky
-        with eigendecomposition fallback),
+        explains, whose factors it keeps and refreshes every 5 steps), ``"dense"``
+        (P×P, Cholesky with eigendecomposition fallback),
         ``"woodbury"`` (exact, through the M×M kernel of the M score rows),
         ``"cg"`` (matrix-free conjugate gradients, warm-started), ``"kronecker"``
         (K-FAC on the layers ``ng.describe`` lists, no tagging), ``"ekfac"``

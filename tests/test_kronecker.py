@@ -325,4 +325,3 @@ def test_auto_keeps_kfac_factors_and_refreshes_them_every_five_kfac_steps(monkey
     assert int(states[1].curvature.kronecker_steps) == 7
     changed = [not np.allclose(a, b) for a, b in itertools.pairwise(history)]
     assert changed == [False, False, False, False, True, False]
-
