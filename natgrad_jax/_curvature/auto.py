@@ -18,8 +18,8 @@ its tolerance). One approximation is chosen for you: on a network of at least
 solve costs tens of Fisher-vector products per step, and K-FAC from this batch's
 statistics, its step set by the exact quadratic model (``rescale`` and, in
 ``natural_gradient``, ``momentum``), reaches a given loss as soon for less: on the
-digits MLP (P = 9,610) 25 steps at 2.4 Adam steps each against CG's 20–25 at 7.3; on
-the autoencoder (P = 2.8M, CPU) 30 steps either way at 0.53 s a step against 4.4 s.
+digits MLP (P = 9,610) 25–30 steps at 1.9 Adam steps each against CG's 20–25 at 6.4;
+on the autoencoder (P = 2.8M, CPU) 40 steps at 0.23 s a step against CG's 30 at 4.4 s.
 Its factors come from one Monte-Carlo label per example, as kfac-jax estimates them (the
 exact Fisher's statistics cost a backward pass per output row: 10 for ten classes, 784
 for a Gaussian image model), while the quadratic model that sets the step stays on the
