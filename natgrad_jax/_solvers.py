@@ -74,6 +74,7 @@ def _vector_inverse(diagonal, damping):
     return jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 0.0)
 
 
+@exact_matmuls
 def batched_inverses(factors, dampings) -> list:
     """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector),
     matrices of the same size inverted together in one batched factorisation."""

@@ -14,7 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._solvers import damped_inverse
+from natgrad_jax._solvers import batched_inverses, damped_inverse
 from tests.helpers import equations, mlp_problem
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -71,6 +71,10 @@ def test_dense_functions_compute_every_matmul_at_highest(function):
 def test_factorisations_run_at_highest():
     matrix = jnp.eye(3, dtype=jnp.float32) + 0.1
     precisions = traced_under_tf32(lambda a: damped_inverse(a, 1e-3), matrix)
+    assert precisions and all(p == HIGHEST for p in precisions), precisions
+    # K-FAC's and the block-diagonal's factorisations, wherever they are called from
+    pair = [matrix, jnp.eye(2, dtype=jnp.float32)]
+    precisions = traced_under_tf32(lambda fs: batched_inverses(fs, [1e-3, 1e-3]), pair)
     assert precisions and all(p == HIGHEST for p in precisions), precisions
 
 
