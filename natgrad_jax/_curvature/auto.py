@@ -56,7 +56,6 @@ from natgrad_jax._curvature.kronecker import (
 )
 from natgrad_jax._curvature.low_rank import Woodbury, WoodburyState
 from natgrad_jax._fisher import parameter_count
-from natgrad_jax._precision import EXACT, matmul_precision
 
 CG_ITERATIONS = 30  # warm-started CG to tol 1e-5 on the benchmarks: 10–60 iterations
 # Martens 2010's truncation of CG by the model's relative progress: on the digits
@@ -254,8 +253,7 @@ class Auto:
             return direction, _with_cg(state, cg_state)
         if name == "kronecker":
             kronecker = _kronecker_refreshed(state, batch, damping)
-            with matmul_precision(EXACT):
-                direction, _ = Kronecker().solve(kronecker, batch, vector, damping)
+            direction, _ = Kronecker().solve(kronecker, batch, vector, damping)
             state = state._replace(kronecker=kronecker, kronecker_steps=state.kronecker_steps + 1)
         elif name == "woodbury":
             direction, _ = Woodbury().solve(WoodburyState(), batch, vector, damping)
@@ -284,9 +282,9 @@ def _kronecker_refreshed(state: AutoState, batch: CurvatureBatch, damping) -> Kr
     """K-FAC's state for this step: every ``KRONECKER_REFRESH_EVERY`` K-FAC steps the
     factors of this batch (the exact Fisher's output factors from one Monte-Carlo label
     per example) averaged in and factorised with this λ, else the stored ones. The
-    statistics take the transform's precision (``batch.statistics_precision``), the
-    factorisation full float32 (see natgrad_jax._precision), as an explicit
-    ``solver="kronecker"`` would."""
+    refresh runs at the transform's statistics precision (``batch.statistics_precision``;
+    the factorisation is full float32 whatever it is), as an explicit
+    ``solver="kronecker"``'s refresh does."""
     if batch.kind == "exact":
         batch = dataclasses.replace(batch, kind="monte_carlo", num_samples=1)
     kronecker = Kronecker()
@@ -294,9 +292,7 @@ def _kronecker_refreshed(state: AutoState, batch: CurvatureBatch, damping) -> Kr
 
     def refreshed(stored):
         with jax.default_matmul_precision(batch.statistics_precision):
-            measured = kronecker.measure(stored, batch, KRONECKER_DECAY, is_first=steps == 0)
-        with matmul_precision(EXACT):
-            return kronecker.factorise(measured, batch, damping)
+            return kronecker.refresh(stored, batch, damping, KRONECKER_DECAY, steps == 0)
 
     due = steps % KRONECKER_REFRESH_EVERY == 0
     return jax.lax.cond(due, refreshed, lambda stored: stored, state.kronecker)
