@@ -1,9 +1,11 @@
 """natgrad_jax demo: natural gradient vs Adam on scikit-learn's handwritten digits.
 
 1. The Fisher of a logistic-regression model equals its closed form XᵀWX/N.
-2. A 64-16-10 tanh MLP trained with natural gradient descent and with Adam, each inside
-   an ``optax.chain`` with gradient clipping, on mini-batches of 256; the table prints
-   the full training-set NLL as training goes, then test accuracy and time per step.
+2. A 64-16-10 tanh MLP trained with natural gradient descent (a trust region of KL
+   0.05) and with Adam (the best learning rate of a grid), each inside an
+   ``optax.chain`` with gradient clipping, on mini-batches of 256; the table prints the
+   full training-set NLL as training goes, the steps and seconds to a target NLL, test
+   accuracy and time per step.
 
 Run:  python examples/demo.py   (about a minute on two CPU cores)
 """
@@ -25,6 +27,7 @@ BATCH = 256
 STEPS = 150
 REPORT_EVERY = 25
 TARGET_NLL = 0.05
+ADAM_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 def check_logistic_regression_fisher() -> None:
@@ -84,6 +87,16 @@ def train(name, optimizer, model, params, x_train, y_train):
     return params, history, step_times
 
 
+def _first_step_at_target(history):
+    return next((t for t, v in history.items() if v <= TARGET_NLL), None)
+
+
+def _steps_then_loss(history):
+    """Ranks a run: fewest steps to the target NLL, then lowest final NLL."""
+    first = _first_step_at_target(history)
+    return (STEPS + 1 if first is None else first, history[STEPS])
+
+
 def main() -> None:
     check_logistic_regression_fisher()
 
@@ -96,18 +109,27 @@ def main() -> None:
     params = init_mlp(jax.random.PRNGKey(0), [64, 16, 10])
     num_params = sum(p.size for p in jax.tree.leaves(params))
 
-    optimizers = {
-        "natural gradient": optax.chain(
-            optax.clip_by_global_norm(10.0),
-            ng.natural_gradient(model, learning_rate=1.0, damping=1e-2, max_kl=0.05),
-        ),
-        "adam": optax.chain(optax.clip_by_global_norm(10.0), optax.adam(1e-2)),
-    }
-    results = {
-        name: train(name, opt, model, params, x_train, y_train) for name, opt in optimizers.items()
-    }
+    def clipped(optimizer):
+        return optax.chain(optax.clip_by_global_norm(10.0), optimizer)
 
-    print(f"2. digits, 64-16-10 tanh MLP ({num_params} parameters), batch {BATCH}\n")
+    natural = train(
+        "natural gradient",
+        clipped(ng.natural_gradient(model, learning_rate=1.0, damping=1e-2, max_kl=0.05)),
+        model,
+        params,
+        x_train,
+        y_train,
+    )
+    adam_runs = {
+        lr: train("adam", clipped(optax.adam(lr)), model, params, x_train, y_train)
+        for lr in ADAM_LEARNING_RATES
+    }
+    best_lr = min(adam_runs, key=lambda lr: _steps_then_loss(adam_runs[lr][1]))
+    results = {"natural gradient": natural, f"adam, lr {best_lr:g}": adam_runs[best_lr]}
+    first = {n: _first_step_at_target(history) for n, (_, history, _) in results.items()}
+
+    print(f"2. digits, 64-16-10 tanh MLP ({num_params} parameters), batch {BATCH}")
+    print(f"   Adam's learning rate: the best of {', '.join(map(str, ADAM_LEARNING_RATES))}\n")
     names = list(results)
 
     def row(label, cells):
@@ -116,7 +138,6 @@ def main() -> None:
     row("training-set NLL", names)
     for t in range(0, STEPS + 1, REPORT_EVERY):
         row(f"  after {t} steps", [f"{results[n][1][t]:.4f}" for n in names])
-    first = {n: next((t for t, v in results[n][1].items() if v <= TARGET_NLL), None) for n in names}
     row(
         f"steps to NLL <= {TARGET_NLL}",
         [f"> {STEPS}" if first[n] is None else first[n] for n in names],
@@ -130,6 +151,7 @@ def main() -> None:
             for n in names
         ],
     )
+    row("  first step (compiles), s", [f"{results[n][2][0]:.2f}" for n in names])
     row(
         "test accuracy",
         [
