@@ -7,9 +7,9 @@ from typing import Any
 import jax
 
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.auto import choose_solver, kernel_work
-from natgrad_jax._curvature.kronecker import factored_share, kronecker_route
-from natgrad_jax._fisher import exact_rows_per_example, parameter_count
+from natgrad_jax._curvature.auto import auto_choice
+from natgrad_jax._curvature.kronecker import kronecker_route
+from natgrad_jax._fisher import exact_rows_per_example
 from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._model import Model
 from natgrad_jax._parameters import on_trainable
@@ -72,12 +72,5 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
         rows.append((name, str(shape), captured.route(leaf), kronecker))
     num_examples = jax.tree.leaves(inputs)[0].shape[0]
     num_rows = num_examples * exact_rows_per_example(model, params, inputs)
-    kernel = kernel_work(captured, captured.leaf_shapes, num_rows, num_examples)
-    solver, reason = choose_solver(
-        parameter_count(params),
-        num_rows,
-        num_examples,
-        woodbury_kernel=kernel,
-        factored_share=factored_share(captured, captured.leaf_shapes),
-    )
+    solver, reason = auto_choice(captured, captured.leaf_shapes, num_rows, num_examples)
     return "\n".join([*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"])

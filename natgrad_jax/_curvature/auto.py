@@ -164,6 +164,23 @@ def choose_solver(
     return name, f"least estimated cost, P = {num_params}, M = {num_rows}: {estimates}"
 
 
+def auto_choice(
+    captured, leaf_shapes, num_rows: int, num_examples: int, allow_woodbury: bool = True
+) -> tuple[str, str]:
+    """``choose_solver`` for a batch whose layers ``captured`` describes: Woodbury's
+    kernel work and K-FAC's factored share from the capture."""
+    return choose_solver(
+        sum(math.prod(shape) for shape in leaf_shapes),
+        num_rows,
+        num_examples,
+        allow_woodbury=allow_woodbury,
+        woodbury_kernel=kernel_work(captured, leaf_shapes, num_rows, num_examples)
+        if allow_woodbury
+        else None,
+        factored_share=factored_share(captured, leaf_shapes),
+    )
+
+
 class AutoState(NamedTuple):
     """Auto's state on a network where it may pick K-FAC: CG's, and K-FAC's factors."""
 
@@ -203,36 +220,40 @@ class Auto:
     def _choice(self, batch: CurvatureBatch) -> str:
         captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
         shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
-        kernel = kernel_work(captured, shapes, batch.num_rows, batch.num_examples)
-        return choose_solver(
-            parameter_count(batch.params),
-            batch.num_rows,
-            batch.num_examples,
-            allow_woodbury=self.allow_woodbury,
-            woodbury_kernel=kernel if self.allow_woodbury else None,
-            factored_share=factored_share(captured, shapes),
+        return auto_choice(
+            captured, shapes, batch.num_rows, batch.num_examples, self.allow_woodbury
         )[0]
 
     def may_approximate(self, params) -> bool:
         """Whether some batch may get K-FAC: a network of ``KRONECKER_MIN_PARAMS`` or more."""
-        return self.allow_woodbury and parameter_count(params) >= KRONECKER_MIN_PARAMS
+        return self._keeps_kronecker_state(parameter_count(params))
+
+    def _keeps_kronecker_state(self, num_params: int) -> bool:
+        return self.allow_woodbury and num_params >= KRONECKER_MIN_PARAMS
 
     def approximate_for(self, batch: CurvatureBatch) -> bool:
         """Whether this batch gets K-FAC (which the transform then rescales)."""
         return self._choice(batch) == "kronecker"
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
-        """Floats allocated by the solver this problem gets (with a batch, ``rows`` says
-        how much of the network capture explains, which decides K-FAC)."""
-        name, _ = choose_solver(
-            num_params,
-            num_rows,
-            allow_woodbury=self.allow_woodbury,
-            factored_share=None if rows is None else rows.captured_share,
-        )
-        if name == "kronecker" and rows is not None and rows.rows_per_example > 1:
-            rows = rows.in_chunks_of(1)  # one Monte-Carlo label per example
-        return _SOLVERS[name]().memory(num_params, num_rows, leaf_shapes, rows)
+        """Floats allocated by the solver this problem gets, plus K-FAC's factors and
+        inverses that the state keeps where some batch may get K-FAC. With ``rows``
+        computed from a batch's capture this is the choice ``solve`` makes; without (at
+        ``init``) the choice from the sizes alone."""
+        if rows is not None and rows.captured is not None:
+            name, _ = auto_choice(
+                rows.captured, leaf_shapes, num_rows, rows.num_examples, self.allow_woodbury
+            )
+        else:
+            name, _ = choose_solver(num_params, num_rows, allow_woodbury=self.allow_woodbury)
+        if name == "kronecker":
+            if rows is not None and rows.rows_per_example > 1:
+                rows = rows.in_chunks_of(1)  # one Monte-Carlo label per example
+            return Kronecker().memory(num_params, num_rows, leaf_shapes, rows)
+        floats = _SOLVERS[name]().memory(num_params, num_rows, leaf_shapes, rows)
+        if self._keeps_kronecker_state(num_params):
+            floats += Kronecker().state_floats(leaf_shapes)
+        return floats
 
     def init(self, params, dtype):
         cg = self.cg.init(params, dtype)

@@ -333,13 +333,15 @@ class RowSizes(NamedTuple):
     """Floats of one batch's score rows as a representation forms them, for the memory
     guard: ``stored`` (dense (M, P) rows, or a and g per captured layer plus the dense
     rows of the other leaves) and ``per_example`` (per-example gradients formed from a
-    and g for layers shared across positions)."""
+    and g for layers shared across positions). ``captured`` and ``num_examples`` are the
+    capture and batch size they were computed from (``solver="auto"`` decides from them)."""
 
     stored: int
     per_example: int = 0
     row_floats: int = 0  # the part of ``stored`` proportional to the rows (g, dense rows)
     rows_per_example: int = 1
-    captured_share: float = 0.0  # the share of the parameters in captured layers
+    captured: Capture | None = None
+    num_examples: int = 0
 
     def in_chunks_of(self, chunk_rows: int) -> RowSizes:
         """The sizes when the rows are taken ``chunk_rows`` per example at a time."""
@@ -367,11 +369,8 @@ def captured_row_sizes(captured: Capture, leaf_shapes, num_rows: int, num_exampl
         input_floats += 0 if layer.kind in ("add", "mul") else num_examples * t * k
         per_example += num_rows * k * d if t > 1 else 0
     rows_per_example = max(num_rows // max(num_examples, 1), 1)
-    sizes = [math.prod(shape) for shape in leaf_shapes]
-    fallback = sum(sizes[k] for k in captured.fallback)
-    captured_share = 1.0 - fallback / max(sum(sizes), 1)
     return RowSizes(
-        input_floats + row_floats, per_example, row_floats, rows_per_example, captured_share
+        input_floats + row_floats, per_example, row_floats, rows_per_example, captured, num_examples
     )
 
 

@@ -227,6 +227,14 @@ class Kronecker:
             rows = rows.in_chunks_of(self.chunk_rows)
         return factors + rows.stored + rows.per_example + 3 * num_params
 
+    def state_floats(self, leaf_shapes) -> int:
+        """Floats of the state ``init`` allocates: each leaf's two factors, their
+        inverses and its diagonal."""
+        return sum(
+            2 * sum(map(self._factor_floats, split_shape(shape))) + math.prod(shape)
+            for shape in leaf_shapes
+        )
+
     def _is_diagonal(self, side: int) -> bool:
         return self.max_factor_size is not None and side > self.max_factor_size
 
