@@ -126,3 +126,29 @@ def test_auto_counts_the_kfac_state_it_keeps_while_it_picks_cg():
     rows = captured_row_sizes(capture(_gated_mlp, params, jnp.zeros((batch, 64))), shapes, 256, 256)
     cg_alone = SOLVERS["cg"]().memory(sum(map(math.prod, shapes)), batch, shapes, rows)
     assert 4 * cg_alone < allocated / 2  # without the K-FAC state the estimate is too low
+
+
+@pytest.mark.parametrize(
+    "solver, likelihood", [("kronecker", ng.Categorical()), ("diagonal", ng.Gaussian(scale=1.0))]
+)
+def test_exact_fisher_statistics_never_form_all_output_rows(solver, likelihood):
+    """With 256 outputs the exact Fisher has 256 cotangent rows per example: 16 MiB of
+    (R, N, outputs) rows at N = 64. Taken 32 rows at a time (the default chunk), the
+    compiled update's temporaries stay under a third of that."""
+    outputs, batch = 256, 64
+    params = init_mlp(jax.random.PRNGKey(0), [outputs, 32, outputs], jnp.float32)
+    model = ng.Model(mlp, likelihood)
+    x = jax.ShapeDtypeStruct((batch, outputs), jnp.float32)
+    y = jax.eval_shape(
+        lambda: likelihood.sample(jax.random.PRNGKey(0), jnp.zeros((batch, outputs)))
+    )
+    tx = ng.scale_by_natural_gradient(
+        model, solver=solver, fisher="exact", damping=1e-2, max_curvature_bytes=None
+    )
+    state = jax.eval_shape(tx.init, params)
+    update = jax.jit(lambda g, s, p, x, y: tx.update(g, s, p, inputs=x, targets=y))
+    analysis = update.lower(params, state, params, x, y).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend gives no memory analysis")
+    all_rows = outputs * batch * outputs * 4
+    assert analysis.temp_size_in_bytes < all_rows / 3, (analysis.temp_size_in_bytes, all_rows)

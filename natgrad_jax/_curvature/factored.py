@@ -414,38 +414,45 @@ def factored_rows(batch, dtype=None) -> FactoredRows:
     With ``batch.axis_name`` each device computes (a, g) for its examples and gathers
     everyone's, so the rows — and all that is computed from them — are the whole batch's.
     """
-    cotangents, rows_of = rows_of_cotangents(batch, dtype)
-    return rows_of(cotangents)
+    cotangent_rows, rows_of = rows_of_cotangents(batch, dtype)
+    return rows_of(cotangent_rows())
 
 
-def row_chunks(cotangents, chunk_rows: int):
-    """The (R, ...) cotangent rows as (⌈R / chunk_rows⌉, chunk_rows, ...); the last chunk
-    is completed with zero rows, which add nothing to a sum of products of g."""
+def row_chunk(cotangents, index, chunk_rows: int):
+    """Rows [index·chunk_rows, (index + 1)·chunk_rows) of the (R, ...) cotangent rows.
+
+    The last chunk is the last ``chunk_rows`` rows with those an earlier chunk holds set
+    to zero, which add nothing to a sum of products of g. Under ``jit`` the slice fuses
+    with the elementwise formula of closed-form rows, so the R rows are never formed.
+    """
     num_rows = jax.tree.leaves(cotangents)[0].shape[0]
-    num_chunks = -(-num_rows // chunk_rows)
+    first = index * chunk_rows
+    start = jnp.minimum(first, num_rows - chunk_rows)
+    fresh = start + jnp.arange(chunk_rows) >= first
 
-    def chunked(c):
-        padding = [(0, num_chunks * chunk_rows - num_rows)] + [(0, 0)] * (c.ndim - 1)
-        return jnp.pad(c, padding).reshape(num_chunks, chunk_rows, *c.shape[1:])
+    def chunk(c):
+        rows = jax.lax.dynamic_slice_in_dim(c, start, chunk_rows, axis=0)
+        return rows * fresh.reshape((chunk_rows,) + (1,) * (c.ndim - 1)).astype(c.dtype)
 
-    return jax.tree.map(chunked, cotangents)
+    return jax.tree.map(chunk, cotangents)
 
 
-def sum_over_chunks(rows_of, chunks, statistic):
-    """Σ over the chunks of ``statistic(rows_of(chunk))``, one chunk's g at a time.
+def sum_over_chunks(rows_of, chunk_of, num_chunks: int, statistic):
+    """Σ over k < ``num_chunks`` of ``statistic(rows_of(chunk_of(k)))``, one chunk of
+    cotangent rows and their g at a time.
 
     For a statistic that is a sum over rows (K-FAC's output factors, exact diagonals)
-    this equals ``statistic(rows_of(all rows))`` without holding every row's g: an exact
-    Fisher with R rows per example (784 for a Gaussian image model) holds R·N·T·D floats
-    per layer unchunked.
+    this equals ``statistic(rows_of(all rows))`` without holding every row: an exact
+    Fisher with R rows per example (784 for a Gaussian image model, C for C classes)
+    holds R·N·outputs cotangent floats, and R·N·T·D floats of g per layer, unchunked.
     """
 
-    def add_chunk(total, chunk):
-        return jax.tree.map(jnp.add, total, statistic(rows_of(chunk))), None
+    def add_chunk(total, index):
+        return jax.tree.map(jnp.add, total, statistic(rows_of(chunk_of(index)))), None
 
-    first = jax.tree.map(lambda c: c[0], chunks)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda c: statistic(rows_of(c)), first))
-    return jax.lax.scan(add_chunk, zeros, chunks)[0]
+    shapes = jax.eval_shape(lambda: statistic(rows_of(chunk_of(0))))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.scan(add_chunk, zeros, jnp.arange(num_chunks))[0]
 
 
 def summed_over_rows(batch, statistic, chunk_rows: int | None, dtype=None):
@@ -453,28 +460,33 @@ def summed_over_rows(batch, statistic, chunk_rows: int | None, dtype=None):
 
     ``statistic`` must be a sum over the output-Fisher rows (K-FAC's output factors,
     exact diagonals). With more than ``chunk_rows`` rows per example it is accumulated
-    that many rows at a time (``sum_over_chunks``), and the rows returned are the first
-    chunk's (their layer inputs a are every row's; their g are not): incomplete.
-    ``chunk_rows=None``: all at once.
+    that many rows at a time (``sum_over_chunks``), each chunk's cotangent rows computed
+    in the loop, and the rows returned are the first chunk's (their layer inputs a are
+    every row's; their g are not): incomplete. ``chunk_rows=None``: all at once.
     """
-    cotangents, rows_of = rows_of_cotangents(batch, dtype)
-    num_rows = jax.tree.leaves(cotangents)[0].shape[0]
+    cotangent_rows, rows_of = rows_of_cotangents(batch, dtype)
+    num_rows = jax.tree.leaves(jax.eval_shape(cotangent_rows))[0].shape[0]
     if chunk_rows is None or num_rows <= chunk_rows:
-        rows = rows_of(cotangents)
+        rows = rows_of(cotangent_rows())
         return statistic(rows), rows, True
-    chunks = row_chunks(cotangents, chunk_rows)
-    first = rows_of(jax.tree.map(lambda c: c[0], chunks))
-    return sum_over_chunks(rows_of, chunks, statistic), first, False
+
+    def chunk_of(index):
+        return row_chunk(cotangent_rows(loop_index=index), index, chunk_rows)
+
+    num_chunks = -(-num_rows // chunk_rows)
+    first = rows_of(chunk_of(0))
+    return sum_over_chunks(rows_of, chunk_of, num_chunks, statistic), first, False
 
 
 def rows_of_cotangents(batch, dtype=None):
-    """(the batch's output-Fisher cotangent rows, ``rows_of``): one forward pass, and
-    ``rows_of(cotangent_rows)`` the ``FactoredRows`` of those rows."""
+    """(``cotangent_rows``, ``rows_of``) after one forward pass: ``cotangent_rows()``
+    the batch's output-Fisher cotangent rows (``cotangent_rows(loop_index=k)`` inside a
+    loop over chunks of them), and ``rows_of(rows)`` the ``FactoredRows`` of (some of)
+    those rows."""
     captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
     forward = batch.forward_pass()
     batch = dataclasses.replace(batch, params=device_varying(batch.params, batch.axis_name))
     activations = forward.layer_inputs
-    cotangents = jax.lax.stop_gradient(batch.cotangent_rows(forward.outputs))
     dtype = dtype or jnp.result_type(*jax.tree.leaves(batch.params), jnp.float32)
     inputs = tuple(
         None
@@ -501,4 +513,13 @@ def rows_of_cotangents(batch, dtype=None):
             num_examples=batch.num_examples,
         )
 
-    return cotangents, rows_of
+    def cotangent_rows(loop_index=None):
+        outputs = forward.outputs
+        if loop_index is not None:
+            # Ties the outputs to the loop's index, so that XLA forms the rows inside
+            # the loop, where a slice of them fuses with their formula, instead of
+            # hoisting all R rows out of it.
+            outputs, _ = jax.lax.optimization_barrier((outputs, loop_index))
+        return jax.lax.stop_gradient(batch.cotangent_rows(outputs))
+
+    return cotangent_rows, rows_of
