@@ -264,19 +264,25 @@ def test_fisher_gram_equals_the_reference_quadratic_forms(problem, kind):
         )
 
 
-@pytest.mark.parametrize("solver", ["dense", "woodbury", "cg", "diagonal", "block_diagonal"])
+@pytest.mark.parametrize(
+    "solver", ["dense", "woodbury", "cg", "diagonal", "diagonal in chunks", "block_diagonal"]
+)
 def test_every_exact_solver_solves_against_the_reference(problem, solver):
+    """``"diagonal in chunks"`` takes the exact rows (up to 12 per example here) two at
+    a time, each chunk's cotangent rows formed in the loop."""
     model, params, x, y, reference = (
         problem[k] for k in ("model", "params", "x", "y", "reference")
     )
     damping = 1e-2
     if solver == "cg":
         solver = ng.ConjugateGradient(tol=1e-13, max_iters=500)
+    if solver == "diagonal in chunks":
+        solver = ng.Diagonal(chunk_rows=2)
     tx = ng.scale_by_natural_gradient(model, fisher="exact", damping=damping, solver=solver)
     g = jax.grad(model.nll)(params, x, y)
     updates, _ = tx.update(g, tx.init(params), params, inputs=x)
     g, d = ravel_pytree(g)[0], ravel_pytree(updates)[0]
-    if solver == "diagonal":
+    if isinstance(solver, ng.Diagonal) or solver == "diagonal":
         matrix = np.diag(np.diag(reference))
     elif solver == "block_diagonal":
         matrix = leaf_blocks(reference, params)
@@ -380,6 +386,21 @@ def test_masked_rejects_a_mask_of_the_wrong_shape_or_dtype():
         lik.check_targets((logits, -jnp.ones((N, T))), labels)
     with pytest.raises(TypeError, match="wraps one"):
         ng.Masked(lik)
+
+
+def test_exact_kfac_factors_from_rows_in_chunks_equal_those_from_all_rows(problem):
+    """K-FAC's exact-Fisher factors and update with the rows taken two at a time (the
+    last chunk overlapping the one before) equal those from all rows at once."""
+    model, params, x, y = (problem[k] for k in ("model", "params", "x", "y"))
+    g = jax.grad(model.nll)(params, x, y)
+    results = []
+    for chunk_rows in (None, 2):
+        tx = ng.scale_by_natural_gradient(
+            model, fisher="exact", damping=1e-2, solver=ng.Kronecker(chunk_rows=chunk_rows)
+        )
+        results.append(tx.update(g, tx.init(params), params, inputs=x))
+    for got, want in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
 
 
 MULTI_EVENT = [case for case in ALL if case[0] not in ("categorical-NC", "bernoulli-N")]
