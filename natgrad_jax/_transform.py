@@ -14,6 +14,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from natgrad_jax._capture import capture
+from natgrad_jax._curvature import auto as auto_solver
 from natgrad_jax._curvature.auto import Auto
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.block import BlockDiagonal
@@ -183,14 +184,35 @@ def _may_approximate(curvature, params) -> bool:
     return curvature.name in APPROXIMATE_SOLVERS
 
 
+def _auto_cadence(auto: Auto, decay, refresh_every):
+    """``"auto"`` keeps curvature across steps only as K-FAC's factors: ``decay`` and
+    ``refresh_every``, when given, are their cadence, and the transform's own are off."""
+    if decay is not None:
+        auto = dataclasses.replace(auto, kronecker_decay=decay)
+    if refresh_every is not None:
+        auto = dataclasses.replace(auto, kronecker_refresh_every=refresh_every)
+    return auto, 0.0, 1
+
+
 def _check_averaging(curvature, params, decay, refresh_every) -> None:
-    """Refuses decay/refresh_every for a representation that keeps no curvature. Values
-    held as arrays (``optax.inject_hyperparams``) cannot be read here; such a
+    """Refuses decay/refresh_every (as given: ``None`` is unset) for a representation
+    that keeps no curvature, and for ``"auto"`` on a network where it never picks K-FAC.
+    Values held as arrays (``optax.inject_hyperparams``) cannot be read here; such a
     representation ignores them."""
     uses_averaging = (_is_python_number(decay) and decay != 0) or (
         _is_python_number(refresh_every) and refresh_every != 1
     )
-    if uses_averaging and not _averages(curvature, params):
+    if not uses_averaging:
+        return
+    if isinstance(curvature, Auto) and not curvature.may_approximate(params):
+        raise ValueError(
+            "solver 'auto' keeps curvature across steps only as K-FAC's factors, on "
+            f"networks of {auto_solver.KRONECKER_MIN_PARAMS:,} parameters or more (this one has "
+            f"{ravel_pytree(params)[0].size:,}), so decay and refresh_every do not apply "
+            "to it; use solver='dense', 'kronecker', 'diagonal' or 'block_diagonal' (or "
+            "leave them unset)."
+        )
+    if not isinstance(curvature, Auto) and not _averages(curvature, params):
         raise ValueError(
             f"solver {curvature.name!r} keeps no curvature across steps, so decay and "
             "refresh_every do not apply to it; use solver='dense', 'kronecker', "
@@ -273,8 +295,8 @@ def scale_by_natural_gradient(
     damping: ScalarOrSchedule | LevenbergMarquardt = 1e-3,
     solver: str | Any = "auto",
     max_kl: ScalarOrSchedule | None = None,
-    decay: float | jax.Array = 0.0,
-    refresh_every: int | jax.Array = 1,
+    decay: float | jax.Array | None = None,
+    refresh_every: int | jax.Array | None = None,
     statistics_every: int | None = None,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
@@ -334,9 +356,12 @@ def scale_by_natural_gradient(
         representation object such as ``ng.ConjugateGradient(tol=1e-6)``.
       max_kl: optional ε > 0 (number or schedule) bounding ½ dᵀ(F + λI)d.
       decay: in [0, 1): exponential moving average of the Fisher across refreshes,
-        F ← decay·F + (1 − decay)·F_batch (the first refresh takes F_batch).
+        F ← decay·F + (1 − decay)·F_batch (the first refresh takes F_batch). ``None``:
+        0, or with ``"auto"`` its K-FAC factors' 0.95.
       refresh_every: refactorise the curvature every this many updates; the updates in
-        between reuse the last factorisation (chosen by ``lax.cond``).
+        between reuse the last factorisation (chosen by ``lax.cond``). ``None``: 1, or
+        with ``"auto"`` every 5 of the steps it gives K-FAC (``"auto"`` keeps no other
+        curvature across steps: ``decay`` and ``refresh_every`` set its K-FAC cadence).
       statistics_every: measure the curvature statistics (Fisher, factors, diagonal)
         and average them into the state every this many updates (a Python int;
         ``None``: with every refactorisation). ``statistics_every=1,
@@ -419,19 +444,28 @@ def scale_by_natural_gradient(
         _check_nonnegative("damping", damping)
     if max_kl is not None:
         _check_positive("max_kl", max_kl)
-    _check_decay(decay)
-    _check_refresh_every(refresh_every)
-    _check_statistics_every(statistics_every, refresh_every)
+    if decay is not None:
+        _check_decay(decay)
+    if refresh_every is not None:
+        _check_refresh_every(refresh_every)
     if axis_name is not None and not isinstance(axis_name, str):
         raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
     curvature = _resolve_solver(solver)
-    if isinstance(curvature, Auto) and _is_python_number(damping) and damping == 0:
-        curvature = dataclasses.replace(curvature, allow_woodbury=False)  # Woodbury divides by λ
+    requested_cadence = (decay, refresh_every)  # as given, before "auto" takes them over
+    if isinstance(curvature, Auto):
+        curvature, decay, refresh_every = _auto_cadence(curvature, decay, refresh_every)
+        if _is_python_number(damping) and damping == 0:
+            curvature = dataclasses.replace(
+                curvature, allow_woodbury=False
+            )  # Woodbury divides by λ
+    decay = 0.0 if decay is None else decay
+    refresh_every = 1 if refresh_every is None else refresh_every
+    _check_statistics_every(statistics_every, refresh_every)
 
     def init_fn(params):
         params, _ = trainable_and_frozen(params)
         dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
-        _check_averaging(curvature, params, decay, refresh_every)
+        _check_averaging(curvature, params, *requested_cadence)
         _check_separate_cadences(curvature, statistics_every, refresh_every)
         _check_memory(curvature, params, dtype, max_curvature_bytes)
         initial_damping = damping.initial if adaptive else _value_at(damping, jnp.int32(0))
@@ -682,8 +716,8 @@ def natural_gradient(
     damping: ScalarOrSchedule | LevenbergMarquardt = DEFAULT_ADAPTIVE_DAMPING,
     solver: str | Any = "auto",
     max_kl: ScalarOrSchedule | None = None,
-    decay: float | jax.Array = 0.0,
-    refresh_every: int | jax.Array = 1,
+    decay: float | jax.Array | None = None,
+    refresh_every: int | jax.Array | None = None,
     statistics_every: int | None = None,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
@@ -714,8 +748,10 @@ def natural_gradient(
       solver: ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"kronecker"``,
         ``"diagonal"``, ``"block_diagonal"`` or a representation object.
       max_kl: optional ε > 0 bounding the KL of each step.
-      decay: EMA factor of the Fisher across refreshes, in [0, 1).
-      refresh_every: refactorise the curvature every this many steps.
+      decay: EMA factor of the Fisher across refreshes, in [0, 1) (``None``: see
+        ``scale_by_natural_gradient``; with ``"auto"`` that of its K-FAC factors).
+      refresh_every: refactorise the curvature every this many steps (``None``: see
+        ``scale_by_natural_gradient``; with ``"auto"`` its K-FAC factors' cadence).
       statistics_every: measure the curvature statistics every this many steps
         (``None``: with every refactorisation).
       num_samples: Monte-Carlo labels per example (``None`` means 1).

@@ -336,10 +336,15 @@ def test_choose_solver_compares_estimated_costs():
     assert ng.choose_solver(10)[0] == "dense, woodbury or cg"
 
 
-def test_auto_keeps_no_curvature_for_decay_or_refresh():
+def test_auto_refuses_decay_and_refresh_where_it_never_picks_kfac():
+    """Below 5,000 parameters ``"auto"`` keeps no curvature across steps: a cadence
+    would do nothing, so it is refused (explicitly passing the neutral values is not)."""
     model = ng.Model(mlp, ng.Categorical())
-    with pytest.raises(ValueError, match="'auto' keeps no curvature"):
-        ng.scale_by_natural_gradient(model, decay=0.9).init(init_mlp(jax.random.PRNGKey(0), [2, 3]))
+    params = init_mlp(jax.random.PRNGKey(0), [2, 3])
+    for cadence in ({"decay": 0.9}, {"refresh_every": 3}):
+        with pytest.raises(ValueError, match="'auto' keeps curvature across steps only as K-FAC"):
+            ng.scale_by_natural_gradient(model, **cadence).init(params)
+    ng.scale_by_natural_gradient(model, decay=0.0, refresh_every=1).init(params)
 
 
 def test_auto_solver_on_a_large_model_uses_woodbury_and_matches_dense():

@@ -325,3 +325,37 @@ def test_auto_keeps_kfac_factors_and_refreshes_them_every_five_kfac_steps(monkey
     assert int(states[1].curvature.kronecker_steps) == 7
     changed = [not np.allclose(a, b) for a, b in itertools.pairwise(history)]
     assert changed == [False, False, False, False, True, False]
+
+
+def test_auto_takes_refresh_every_and_decay_as_its_kfac_cadence(monkeypatch):
+    """``natural_gradient(model, lr, refresh_every=3, decay=0.5)`` with ``"auto"``: its
+    K-FAC factors equal an explicit ``solver="kronecker"`` with that cadence over five
+    steps (refreshed at the first and fourth), and ``refresh_every=1`` refreshes them at
+    every step."""
+    from natgrad_jax._curvature import auto
+
+    monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)
+    params = init_mlp(jax.random.PRNGKey(0), [4, 8, 3])
+    model = ng.Model(mlp, ng.Categorical())
+    for every, decay, refreshed in ((3, 0.5, [False, False, True, False]), (1, 0.0, [True] * 4)):
+        cadence = dict(refresh_every=every, decay=decay, damping=0.1)
+        explicit = ng.scale_by_natural_gradient(
+            model, fisher="monte_carlo", solver="kronecker", **cadence
+        )
+        chosen = ng.scale_by_natural_gradient(model, **cadence)
+        states = [explicit.init(params), chosen.init(params)]
+        history = []
+        for step in range(5):
+            x = jax.random.normal(jax.random.PRNGKey(10 + step), (6, 4))
+            y = jax.random.randint(jax.random.PRNGKey(20 + step), (6,), 0, 3)
+            g = jax.grad(model.nll)(params, x, y)
+            states = [
+                tx.update(g, state, params, inputs=x, targets=y)[1]
+                for tx, state in zip((explicit, chosen), states, strict=True)
+            ]
+            want, got = states[0].curvature, states[1].curvature.kronecker
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+            history.append(ravel_pytree(got)[0])
+        changed = [not np.allclose(a, b) for a, b in itertools.pairwise(history)]
+        assert changed == refreshed

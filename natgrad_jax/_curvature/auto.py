@@ -25,13 +25,12 @@ exact Fisher's statistics cost a backward pass per output row: 10 for ten classe
 for a Gaussian image model), while the quadratic model that sets the step stays on the
 batch's Fisher.
 On such a network ``"auto"`` keeps K-FAC's factors in its state and refreshes them every
-``KRONECKER_REFRESH_EVERY`` steps, averaged with ``KRONECKER_DECAY`` (K-FAC's usual
+``KRONECKER_REFRESH_EVERY`` K-FAC steps, averaged with ``KRONECKER_DECAY`` (K-FAC's usual
 cadence; the steps in between cost a preconditioned matmul, and the quadratic model sets
-each step's length with the current λ).
+each step's length with the current λ). The transform's ``refresh_every`` and ``decay``
+set this cadence (``Auto.kronecker_refresh_every`` and ``kronecker_decay``).
 ``choose_solver`` returns the choice with the estimates; ``ng.describe`` prints it.
-``"auto"`` keeps no other curvature across steps (each batch may get another solver), so
-``decay`` and ``refresh_every`` need an explicit ``solver="dense"``, ``"kronecker"``,
-``"diagonal"`` or ``"block_diagonal"``.
+``"auto"`` keeps no other curvature across steps (each batch may get another solver).
 """
 
 from __future__ import annotations
@@ -206,13 +205,17 @@ class Auto:
     direction and gᵀd there, so the trust region and the next warm start read this step
     (with K-FAC the transform rescales the step and measures dᵀ(F + λI)d itself). Where
     some batch may get K-FAC (``may_approximate``) it is an ``AutoState`` that also holds
-    K-FAC's factors between refreshes.
+    K-FAC's factors between refreshes: measured and factorised every
+    ``kronecker_refresh_every`` K-FAC steps and averaged with ``kronecker_decay`` (the
+    transform's ``refresh_every`` and ``decay`` when given).
     """
 
     allow_woodbury: bool = True
     cg: ConjugateGradient = dataclasses.field(
         default_factory=lambda: ConjugateGradient(progress_tol=AUTO_CG_PROGRESS_TOL)
     )
+    kronecker_refresh_every: int | jax.Array = KRONECKER_REFRESH_EVERY
+    kronecker_decay: float | jax.Array = KRONECKER_DECAY
 
     name = "auto"
     averages = False
@@ -273,7 +276,9 @@ class Auto:
             direction, cg_state = self.cg.solve(cg_state, batch, vector, damping)
             return direction, _with_cg(state, cg_state)
         if name == "kronecker":
-            kronecker = _kronecker_refreshed(state, batch, damping)
+            kronecker = _kronecker_refreshed(
+                state, batch, damping, self.kronecker_refresh_every, self.kronecker_decay
+            )
             direction, _ = Kronecker().solve(kronecker, batch, vector, damping)
             state = state._replace(kronecker=kronecker, kronecker_steps=state.kronecker_steps + 1)
         elif name == "woodbury":
@@ -299,9 +304,11 @@ def _with_cg(state, cg_state):
     return state._replace(cg=cg_state) if isinstance(state, AutoState) else cg_state
 
 
-def _kronecker_refreshed(state: AutoState, batch: CurvatureBatch, damping) -> KroneckerState:
-    """K-FAC's state for this step: every ``KRONECKER_REFRESH_EVERY`` K-FAC steps the
-    factors of this batch (the exact Fisher's output factors from one Monte-Carlo label
+def _kronecker_refreshed(
+    state: AutoState, batch: CurvatureBatch, damping, refresh_every, decay
+) -> KroneckerState:
+    """K-FAC's state for this step: every ``refresh_every`` K-FAC steps the factors of
+    this batch (the exact Fisher's output factors from one Monte-Carlo label
     per example) averaged in and factorised with this λ, else the stored ones. The
     refresh runs at the transform's statistics precision (``batch.statistics_precision``;
     the factorisation is full float32 whatever it is), as an explicit
@@ -313,7 +320,9 @@ def _kronecker_refreshed(state: AutoState, batch: CurvatureBatch, damping) -> Kr
 
     def refreshed(stored):
         with jax.default_matmul_precision(batch.statistics_precision):
-            return kronecker.refresh(stored, batch, damping, KRONECKER_DECAY, steps == 0)
+            return kronecker.refresh(stored, batch, damping, decay, steps == 0)
 
-    due = steps % KRONECKER_REFRESH_EVERY == 0
+    if isinstance(refresh_every, int) and refresh_every == 1:
+        return refreshed(state.kronecker)
+    due = steps % refresh_every == 0
     return jax.lax.cond(due, refreshed, lambda stored: stored, state.kronecker)
