@@ -207,10 +207,10 @@ def _check_averaging(curvature, params, decay, refresh_every) -> None:
     if isinstance(curvature, Auto) and not curvature.may_approximate(params):
         raise ValueError(
             "solver 'auto' keeps curvature across steps only as K-FAC's factors, on "
-            f"networks of {auto_solver.KRONECKER_MIN_PARAMS:,} parameters or more (this one has "
-            f"{ravel_pytree(params)[0].size:,}), so decay and refresh_every do not apply "
-            "to it; use solver='dense', 'kronecker', 'diagonal' or 'block_diagonal' (or "
-            "leave them unset)."
+            f"networks of {auto_solver.KRONECKER_MIN_PARAMS:,} parameters or more with "
+            f"damping > 0 (this one has {ravel_pytree(params)[0].size:,}), so decay and "
+            "refresh_every do not apply to it; use solver='dense', 'kronecker', "
+            "'diagonal' or 'block_diagonal' (or leave them unset)."
         )
     if not isinstance(curvature, Auto) and not _averages(curvature, params):
         raise ValueError(
@@ -454,10 +454,8 @@ def scale_by_natural_gradient(
     requested_cadence = (decay, refresh_every)  # as given, before "auto" takes them over
     if isinstance(curvature, Auto):
         curvature, decay, refresh_every = _auto_cadence(curvature, decay, refresh_every)
-        if _is_python_number(damping) and damping == 0:
-            curvature = dataclasses.replace(
-                curvature, allow_woodbury=False
-            )  # Woodbury divides by λ
+        if _is_python_number(damping) and damping == 0:  # Woodbury and K-FAC divide by λ
+            curvature = dataclasses.replace(curvature, allow_woodbury=False)
     decay = 0.0 if decay is None else decay
     refresh_every = 1 if refresh_every is None else refresh_every
     _check_statistics_every(statistics_every, refresh_every)
