@@ -61,7 +61,9 @@ SOLVERS = {
 }
 CHEAP_SOLVERS = ("kronecker", "cg", "diagonal")
 APPROXIMATE_SOLVERS = ("kronecker", "ekfac", "diagonal", "block_diagonal")
-DEFAULT_MAX_CURVATURE_BYTES = 4 * 2**30
+# A float: optax.inject_hyperparams makes every numeric default an array, and 2³² does
+# not fit the int32 an int becomes without jax_enable_x64.
+DEFAULT_MAX_CURVATURE_BYTES = 4.0 * 2**30
 # natural_gradient's damping: adaptive, so that a learning rate of 1 is safe on networks.
 DEFAULT_ADAPTIVE_DAMPING = LevenbergMarquardt()
 
@@ -300,7 +302,7 @@ def scale_by_natural_gradient(
     statistics_every: int | None = None,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
-    max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
+    max_curvature_bytes: float | None = DEFAULT_MAX_CURVATURE_BYTES,
     axis_name: str | None = None,
     precision: str | None = None,
     rescale: bool | None = False,
@@ -372,9 +374,11 @@ def scale_by_natural_gradient(
         ``None`` means 1). It fixes array shapes, so with ``optax.inject_hyperparams``
         list it in ``static_args``.
       seed: seed of the PRNG key held in the state for Monte-Carlo labels.
-      max_curvature_bytes: memory budget of the curvature representation; a solver
-        that would need more raises a ValueError at trace time, before allocating,
-        naming cheaper ones. ``None`` disables the check.
+      max_curvature_bytes: memory budget of the curvature representation (4 GiB); a
+        solver that would need more raises a ValueError at trace time, before
+        allocating, naming cheaper ones. ``None`` disables the check, and so does an
+        array (``optax.inject_hyperparams`` makes it one unless it is in
+        ``static_args``).
       axis_name: for use inside ``shard_map`` (or ``pmap``) with the batch split over
         this mapped axis: curvature statistics are all-reduced (Woodbury gathers the
         layers' inputs and output-gradients) so every device solves with the Fisher
@@ -719,7 +723,7 @@ def natural_gradient(
     statistics_every: int | None = None,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
-    max_curvature_bytes: int | None = DEFAULT_MAX_CURVATURE_BYTES,
+    max_curvature_bytes: float | None = DEFAULT_MAX_CURVATURE_BYTES,
     axis_name: str | None = None,
     precision: str | None = None,
     rescale: bool | None = None,

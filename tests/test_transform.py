@@ -461,6 +461,26 @@ def test_inject_hyperparams_gives_the_unwrapped_result():
     np.testing.assert_allclose(got, -0.1 * _natural_direction(model, params, x, g, 0.5), rtol=1e-9)
 
 
+def test_inject_hyperparams_with_the_defaults_in_float32():
+    """Without ``jax_enable_x64`` every numeric default becomes an int32 or float32
+    array: the 4 GiB memory budget among them (2³² overflows an int32)."""
+    jax.config.update("jax_enable_x64", False)  # the autouse fixture restores it
+    model, x, y = _logistic_problem()
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    params = jnp.array([0.1, -0.2, 0.3], jnp.float32)
+    injected = optax.inject_hyperparams(ng.natural_gradient, static_args=("model",))(
+        model=model, learning_rate=0.1
+    )
+    state = injected.init(params)
+    assert float(state.hyperparams["max_curvature_bytes"]) == 4 * 2**30
+    g = jax.grad(model.nll)(params, x, y)
+    got, _ = jax.jit(injected.update)(g, state, params, inputs=x, targets=y)
+    plain = ng.natural_gradient(model, 0.1)
+    expected, _ = plain.update(g, plain.init(params), params, inputs=x, targets=y)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 def test_inject_hyperparams_num_samples_must_be_static():
     model, x, y = _logistic_problem()
     factory = optax.inject_hyperparams(ng.natural_gradient, static_args=("model", "num_samples"))
