@@ -294,23 +294,20 @@ def test_auto_on_a_large_captured_network_is_kfac_rescaled_by_the_exact_fisher(m
     assert not np.allclose(alpha, 1.0, rtol=1e-3)  # the rescaling is not a no-op here
 
 
-def test_auto_keeps_kfac_factors_and_refreshes_them_every_five_kfac_steps(monkeypatch):
-    """On a network where it picks K-FAC, ``"auto"`` holds K-FAC's factors: over seven
-    steps on changing batches they equal those of an explicit Monte-Carlo
-    ``solver="kronecker"`` with ``decay=0.95, refresh_every=5`` (same keys), so they are
-    refreshed at the first and sixth steps only."""
-    from natgrad_jax._curvature import auto
-
-    monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)
+def _auto_against_explicit_kronecker(steps, auto_cadence, explicit_cadence):
+    """Runs ``"auto"`` (with ``auto_cadence``) and an explicit Monte-Carlo
+    ``solver="kronecker"`` (with ``explicit_cadence``) on the same changing batches;
+    asserts at every step that auto's K-FAC factors and inverses equal the explicit
+    ones, and returns which steps changed them (after the first) and auto's last state."""
     params = init_mlp(jax.random.PRNGKey(0), [4, 8, 3])
     model = ng.Model(mlp, ng.Categorical())
     explicit = ng.scale_by_natural_gradient(
-        model, fisher="monte_carlo", solver="kronecker", decay=0.95, refresh_every=5, damping=0.1
+        model, fisher="monte_carlo", solver="kronecker", damping=0.1, **explicit_cadence
     )
-    chosen = ng.scale_by_natural_gradient(model, damping=0.1)
+    chosen = ng.scale_by_natural_gradient(model, damping=0.1, **auto_cadence)
     states = [explicit.init(params), chosen.init(params)]
     history = []
-    for step in range(7):
+    for step in range(steps):
         x = jax.random.normal(jax.random.PRNGKey(10 + step), (6, 4))
         y = jax.random.randint(jax.random.PRNGKey(20 + step), (6,), 0, 3)
         g = jax.grad(model.nll)(params, x, y)
@@ -322,8 +319,20 @@ def test_auto_keeps_kfac_factors_and_refreshes_them_every_five_kfac_steps(monkey
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
         history.append(ravel_pytree(got)[0])
-    assert int(states[1].curvature.kronecker_steps) == 7
     changed = [not np.allclose(a, b) for a, b in itertools.pairwise(history)]
+    return changed, states[1]
+
+
+def test_auto_keeps_kfac_factors_and_refreshes_them_every_five_kfac_steps(monkeypatch):
+    """On a network where it picks K-FAC, ``"auto"`` holds K-FAC's factors: over seven
+    steps on changing batches they equal those of an explicit Monte-Carlo
+    ``solver="kronecker"`` with ``decay=0.95, refresh_every=5`` (same keys), so they are
+    refreshed at the first and sixth steps only."""
+    from natgrad_jax._curvature import auto
+
+    monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)
+    changed, state = _auto_against_explicit_kronecker(7, {}, dict(decay=0.95, refresh_every=5))
+    assert int(state.curvature.kronecker_steps) == 7
     assert changed == [False, False, False, False, True, False]
 
 
@@ -335,27 +344,7 @@ def test_auto_takes_refresh_every_and_decay_as_its_kfac_cadence(monkeypatch):
     from natgrad_jax._curvature import auto
 
     monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)
-    params = init_mlp(jax.random.PRNGKey(0), [4, 8, 3])
-    model = ng.Model(mlp, ng.Categorical())
     for every, decay, refreshed in ((3, 0.5, [False, False, True]), (1, 0.0, [True, True])):
-        cadence = dict(refresh_every=every, decay=decay, damping=0.1)
-        explicit = ng.scale_by_natural_gradient(
-            model, fisher="monte_carlo", solver="kronecker", **cadence
-        )
-        chosen = ng.scale_by_natural_gradient(model, **cadence)
-        states = [explicit.init(params), chosen.init(params)]
-        history = []
-        for step in range(len(refreshed) + 1):
-            x = jax.random.normal(jax.random.PRNGKey(10 + step), (6, 4))
-            y = jax.random.randint(jax.random.PRNGKey(20 + step), (6,), 0, 3)
-            g = jax.grad(model.nll)(params, x, y)
-            states = [
-                tx.update(g, state, params, inputs=x, targets=y)[1]
-                for tx, state in zip((explicit, chosen), states, strict=True)
-            ]
-            want, got = states[0].curvature, states[1].curvature.kronecker
-            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-            history.append(ravel_pytree(got)[0])
-        changed = [not np.allclose(a, b) for a, b in itertools.pairwise(history)]
+        cadence = dict(refresh_every=every, decay=decay)
+        changed, _ = _auto_against_explicit_kronecker(len(refreshed) + 1, cadence, cadence)
         assert changed == refreshed
