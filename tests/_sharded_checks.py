@@ -133,6 +133,9 @@ def check_shard_map(model, params, x, y, g, singles):
         "diagonal": "diagonal",
         "block_diagonal": "block_diagonal",
         "kronecker": "kronecker",
+        # Four exact rows per example (four classes) taken two at a time.
+        "diagonal-chunks": ng.Diagonal(chunk_rows=2),
+        "kronecker-chunks": ng.Kronecker(chunk_rows=2),
     }
     # The empirical Fisher's rows are gathered like the exact ones: checked for the
     # solvers whose sharded paths differ (rows, kernel, products, factors).

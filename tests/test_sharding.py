@@ -24,5 +24,5 @@ def test_sharded_batch_matches_single_device():
     assert "all sharded checks passed" in result.stdout
     assert result.stdout.count("ok update[") == 5
     assert result.stdout.count("ok sharded-params update[") == 2
-    assert result.stdout.count("ok shard_map update[") == 10
+    assert result.stdout.count("ok shard_map update[") == 12
     assert result.stdout.count("ok one-pass update[") == 3

@@ -450,8 +450,8 @@ def sum_over_chunks(rows_of, chunk_of, num_chunks: int, statistic):
     def add_chunk(total, index):
         return jax.tree.map(jnp.add, total, statistic(rows_of(chunk_of(index)))), None
 
-    shapes = jax.eval_shape(lambda: statistic(rows_of(chunk_of(0))))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # zeros_like of the shapes keeps their varying manual axes (inside shard_map).
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: statistic(rows_of(chunk_of(0)))))
     return jax.lax.scan(add_chunk, zeros, jnp.arange(num_chunks))[0]
 
 
