@@ -388,9 +388,16 @@ def test_masked_rejects_a_mask_of_the_wrong_shape_or_dtype():
         ng.Masked(lik)
 
 
-def test_exact_kfac_factors_from_rows_in_chunks_equal_those_from_all_rows(problem):
+@pytest.mark.parametrize(
+    "case",
+    [("poisson-NL", False), ("heteroscedastic-NTD", False), ("categorical-NTC", True)],
+    ids=lambda case: f"{case[0]}{'-masked' * case[1]}",
+)
+def test_exact_kfac_factors_from_rows_in_chunks_equal_those_from_all_rows(case):
     """K-FAC's exact-Fisher factors and update with the rows taken two at a time (the
-    last chunk overlapping the one before) equal those from all rows at once."""
+    last chunk overlapping the one before) equal those from all rows at once; on three
+    shapes (the chunks themselves are those of the exact diagonal, checked on all)."""
+    problem = _cached_problem(*case)
     model, params, x, y = (problem[k] for k in ("model", "params", "x", "y"))
     g = jax.grad(model.nll)(params, x, y)
     results = []
