@@ -26,7 +26,9 @@ SIZES = {  # (layer sizes, batch): P = 1,160, 2,762 and 85,002
 }
 
 
-def _allocated_and_estimated(solver, sizes, batch, apply_fn=mlp, extra_params=None):
+def _allocated_and_estimated(
+    solver, sizes, batch, apply_fn=mlp, extra_params=None, fisher="monte_carlo"
+):
     model = ng.Model(apply_fn, ng.Categorical())
     params = init_mlp(jax.random.PRNGKey(0), sizes, jnp.float32)
     if extra_params is not None:
@@ -34,7 +36,7 @@ def _allocated_and_estimated(solver, sizes, batch, apply_fn=mlp, extra_params=No
     inputs = jax.ShapeDtypeStruct((batch, sizes[0]), jnp.float32)
     targets = jax.ShapeDtypeStruct((batch,), jnp.int32)
     tx = ng.scale_by_natural_gradient(
-        model, solver=solver, fisher="monte_carlo", damping=1e-2, max_curvature_bytes=None
+        model, solver=solver, fisher=fisher, damping=1e-2, max_curvature_bytes=None
     )
     state = jax.eval_shape(tx.init, params)
     update = jax.jit(lambda g, s, p, x, y: tx.update(g, s, p, inputs=x, targets=y))
@@ -45,8 +47,9 @@ def _allocated_and_estimated(solver, sizes, batch, apply_fn=mlp, extra_params=No
     allocated = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
 
     shapes = tuple(leaf.shape for leaf in jax.tree.leaves(params))
-    rows = captured_row_sizes(capture(apply_fn, params, inputs), shapes, batch, batch)
-    floats = SOLVERS[solver]().memory(sum(map(math.prod, shapes)), batch, shapes, rows)
+    num_rows = batch * (sizes[-1] if fisher == "exact" else 1)  # exact: a row per class
+    rows = captured_row_sizes(capture(apply_fn, params, inputs), shapes, num_rows, batch)
+    floats = SOLVERS[solver]().memory(sum(map(math.prod, shapes)), num_rows, shapes, rows)
     return allocated, 4 * floats
 
 
@@ -112,20 +115,22 @@ def _gated_mlp(params, x):
 
 def test_auto_counts_the_kfac_state_it_keeps_while_it_picks_cg():
     """P ≥ 5,000, so the state keeps K-FAC's factors; the gate (4,096 of 89,098
-    parameters) is not factored, so every batch gets CG. The estimate (CG's memory plus
-    that state) is within 2× of XLA's, and is what ``"auto"`` picks for the batch."""
-    gate = {"gate": jnp.eye(64)}
+    parameters) is not factored, so the exact Fisher's 2,560 rows get CG. The estimate
+    (CG's memory plus that state) is within 2× of XLA's, and without the state it
+    would not be."""
+    gate = {"gate": jnp.eye(64, dtype=jnp.float32)}
     sizes, batch = [64, 256, 256, 10], 256
     params = {"mlp": init_mlp(jax.random.PRNGKey(0), sizes, jnp.float32), **gate}
     assert 'auto" picks cg' in ng.describe(
         ng.Model(_gated_mlp, ng.Categorical()), params, jnp.zeros((batch, 64))
     )
-    allocated, estimated = _allocated_and_estimated("auto", sizes, batch, _gated_mlp, gate)
+    allocated, estimated = _allocated_and_estimated(
+        "auto", sizes, batch, _gated_mlp, gate, fisher="exact"
+    )
     assert allocated / 2 <= estimated <= 2 * allocated, (allocated, estimated)
     shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
-    rows = captured_row_sizes(capture(_gated_mlp, params, jnp.zeros((batch, 64))), shapes, 256, 256)
-    cg_alone = SOLVERS["cg"]().memory(sum(map(math.prod, shapes)), batch, shapes, rows)
-    assert 4 * cg_alone < allocated / 2  # without the K-FAC state the estimate is too low
+    cg_alone = 4 * SOLVERS["cg"]().memory(sum(map(math.prod, shapes)), batch * 10, shapes)
+    assert cg_alone < allocated / 2  # the K-FAC state is most of it
 
 
 @pytest.mark.parametrize(
