@@ -228,12 +228,11 @@ class Kronecker:
         return factors + rows.stored + rows.per_example + 3 * num_params
 
     def state_floats(self, leaf_shapes) -> int:
-        """Floats of the state ``init`` allocates: each leaf's two factors, their
-        inverses and its diagonal."""
-        return sum(
-            2 * sum(map(self._factor_floats, split_shape(shape))) + math.prod(shape)
-            for shape in leaf_shapes
-        )
+        """Floats of the state ``init`` allocates (each leaf's two factors, their
+        inverses and its diagonal), read from ``init`` itself."""
+        params = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in leaf_shapes]
+        state = jax.eval_shape(lambda p: self.init(p, jnp.float32), params)
+        return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
 
     def _is_diagonal(self, side: int) -> bool:
         return self.max_factor_size is not None and side > self.max_factor_size
