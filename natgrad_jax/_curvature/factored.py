@@ -342,6 +342,9 @@ class RowSizes(NamedTuple):
     rows_per_example: int = 1
     captured: Capture | None = None
     num_examples: int = 0
+    # a and one output row per example of every captured layer: about what a forward
+    # pass linearised for Fisher-vector products keeps (CG).
+    activations: int = 0
 
     def in_chunks_of(self, chunk_rows: int) -> RowSizes:
         """The sizes when the rows are taken ``chunk_rows`` per example at a time."""
@@ -359,18 +362,25 @@ def captured_row_sizes(captured: Capture, leaf_shapes, num_rows: int, num_exampl
     a (N·T·K; none for biases and scales) and g (M·T·D; twice for a scale, g ⊙ x), plus
     M·K·D per-example gradients when T > 1; M rows of every leaf left to vmap."""
     row_floats = num_rows * sum(math.prod(leaf_shapes[k]) for k in captured.fallback)
-    input_floats, per_example = 0, 0
+    input_floats, per_example, output_floats = 0, 0, 0
     for layer in captured.layers:
         template = jax.ShapeDtypeStruct(leaf_shapes[layer.leaf], jnp.float32)
         k, d = jax.eval_shape(lambda leaf, layer=layer: leaf_to_matrix(layer, leaf), template).shape
         traced_examples = layer.output_shape[layer.output_example_axis]
         t = max(math.prod(layer.probe_shape) // max(traced_examples * d, 1), 1)
         row_floats += (1 + (layer.kind == "mul")) * num_rows * t * d
+        output_floats += (1 + (layer.kind == "mul")) * num_examples * t * d
         input_floats += 0 if layer.kind in ("add", "mul") else num_examples * t * k
         per_example += num_rows * k * d if t > 1 else 0
     rows_per_example = max(num_rows // max(num_examples, 1), 1)
     return RowSizes(
-        input_floats + row_floats, per_example, row_floats, rows_per_example, captured, num_examples
+        input_floats + row_floats,
+        per_example,
+        row_floats,
+        rows_per_example,
+        captured,
+        num_examples,
+        input_floats + output_floats,
     )
 
 

@@ -146,9 +146,11 @@ class ConjugateGradient:
             )
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
-        """Floats held at once, for the memory guard."""
-        del num_rows, leaf_shapes, rows
-        return 6 * num_params
+        """Floats held at once, for the memory guard: six vectors of P, and with a
+        batch (``rows``) the linearised forward pass of the Fisher-vector products (the
+        captured layers' inputs and outputs)."""
+        del num_rows, leaf_shapes
+        return 6 * num_params + (0 if rows is None else rows.activations)
 
     def init(self, params, dtype) -> ConjugateGradientState:
         return ConjugateGradientState(
