@@ -25,7 +25,11 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
      by a value c computed without the inputs (BatchNorm's running 1/σ) is followed
      through that product; its layer input is x ⊙ c.
 
-   Nested ``jit`` calls are entered recursively.
+   Nested ``jit`` calls are entered recursively. Leaves concatenated (then passed
+   through layout operations) before a ``dot_general`` along one of its free axes, or
+   before an ``add``, are a layer each: the same input, their slice of the output
+   (flax's ``OptimizedLSTMCell`` joins its four gates' kernels for one matmul).
+   Equations whose results are never used (dead code) are skipped.
 2. A leaf is **captured** if every use of it is such a layer (one layer per leaf); any
    other leaf (biases, embeddings, weights inside custom derivatives, tied weights) is
    left to the **fallback**: ``jax.vmap`` of per-example gradients restricted to those
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -101,6 +106,10 @@ class Layer:
     # example (BatchNorm's running 1/σ): (equation, operand) where c is read and the
     # layout operations that bring it to the operand's shape. The layer input is x ⊙ c.
     constant_factor: tuple | None = None
+    # A leaf concatenated with others before its layer (flax's OptimizedLSTMCell joins its
+    # gates' kernels for one matmul): (output axis, start, full size) of its slice of the
+    # layer's output. Its own layer is that slice: the same input, its share of g.
+    part: tuple | None = None
 
     @property
     def probe_shape(self) -> tuple:
@@ -111,7 +120,8 @@ class Layer:
     def summary(self) -> str:
         """How the leaf's per-example gradients are formed, for ``describe``."""
         steps = "".join(f", inside a scan of {length} steps" for length in self.scan_lengths)
-        return self._summary_of_one_step + steps
+        joined = ", concatenated with other leaves" if self.part else ""
+        return self._summary_of_one_step + joined + steps
 
     @property
     def _summary_of_one_step(self) -> str:
@@ -188,6 +198,7 @@ class _Use:
     primitive_name: str = ""
     scan_lengths: tuple = ()
     factor: tuple | None = None  # _Origin.factor of the parameter operand
+    part: tuple | None = None  # Layer.part
 
 
 class _Origin(NamedTuple):
@@ -201,6 +212,33 @@ class _Origin(NamedTuple):
     factor: tuple | None = None
 
 
+class _Concatenation(NamedTuple):
+    """A variable concatenated from parameter-derived parts along one axis."""
+
+    parts: tuple  # (_Origin, start, size) of each part, its chain resized to the part
+    axis: int  # the concatenation's axis, followed through later layout operations
+    shape: tuple  # the variable's shape
+
+
+def _leaves(derived) -> list[int]:
+    if isinstance(derived, _Concatenation):
+        return [origin.leaf for origin, _, _ in derived.parts]
+    return [derived.leaf]
+
+
+def _live_equations(jaxpr) -> list[bool]:
+    """Whether each equation feeds the jaxpr's outputs or has effects. A use by dead code
+    is no use: flax's ``nn.RNN`` traces its cell once outside the scan, for shapes."""
+    needed = {v for v in jaxpr.outvars if not _is_literal(v)}
+    live = [False] * len(jaxpr.eqns)
+    for k in reversed(range(len(jaxpr.eqns))):
+        eqn = jaxpr.eqns[k]
+        if eqn.effects or any(v in needed for v in eqn.outvars):
+            live[k] = True
+            needed.update(v for v in eqn.invars if not _is_literal(v))
+    return live
+
+
 def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
     """Walks a jaxpr, following parameter-derived variables.
 
@@ -211,17 +249,25 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
     weight entering the scan as a constant.
     """
     env = dict(origins)
-    for eqn in closed_jaxpr.jaxpr.eqns:
+    live = _live_equations(closed_jaxpr.jaxpr)
+    for eqn, is_live in zip(closed_jaxpr.jaxpr.eqns, live, strict=True):
         index = counter[0]
-        counter[0] += 1
+        counter[0] += 1 + (0 if is_live else _nested_equations(eqn))
+        if not is_live:
+            continue
         name = eqn.primitive.name
         derived = [None if _is_literal(v) else env.get(v) for v in eqn.invars]
         sides = [k for k in range(len(derived)) if derived[k] is not None]
         from_inputs = any(not _is_literal(v) and v in tainted for v in eqn.invars)
         if from_inputs:
             tainted.update(eqn.outvars)
+        if any(isinstance(derived[k], _Concatenation) for k in sides):
+            _follow_concatenation(eqn, index, sides, derived, env, uses, scan_lengths)
+            continue
         layer = _layer_kind(eqn, sides, derived)
-        if name == "mul" and len(sides) == 1 and not from_inputs and _is_factor(eqn, derived):
+        if name == "concatenate" and _concatenates_leaves(derived):
+            env[eqn.outvars[0]] = _concatenation(eqn, derived)
+        elif name == "mul" and len(sides) == 1 and not from_inputs and _is_factor(eqn, derived):
             origin = derived[sides[0]]
             factor = (index, 1 - sides[0], len(origin.chain))
             env[eqn.outvars[0]] = origin._replace(factor=factor)
@@ -247,7 +293,11 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
             body, num_consts = eqn.params["jaxpr"], eqn.params["num_consts"]
             carried = [k for k in sides if k >= num_consts]
             where = "scan, as a carry or scanned input"
-            uses.extend(_Use(derived[k].leaf, None, primitive_name=where) for k in carried)
+            uses.extend(
+                _Use(leaf, None, primitive_name=where)
+                for k in carried
+                for leaf in _leaves(derived[k])
+            )
             _analyse(
                 body,
                 _inner_origins(body, derived[:num_consts]),
@@ -257,10 +307,12 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
                 (*scan_lengths, eqn.params["length"]),
             )
         else:
-            uses.extend(_Use(derived[k].leaf, None, primitive_name=name) for k in sides)
+            uses.extend(
+                _Use(leaf, None, primitive_name=name) for k in sides for leaf in _leaves(derived[k])
+            )
     for var in closed_jaxpr.jaxpr.outvars:
         if not _is_literal(var) and var in env:
-            uses.append(_Use(env[var].leaf, None, primitive_name="output"))
+            uses.extend(_Use(leaf, None, primitive_name="output") for leaf in _leaves(env[var]))
 
 
 def _inner_origins(inner, derived) -> dict:
@@ -286,6 +338,115 @@ def _layer_kind(eqn, sides, derived) -> str | None:
     if name == "mul" and _scales_elementwise(eqn, side):
         return "mul"
     return None
+
+
+def _concatenates_leaves(derived) -> bool:
+    """A concatenation of distinct leaves only, each through layout operations."""
+    if not derived or any(not isinstance(d, _Origin) for d in derived):
+        return False
+    plain = all(not d.broadcast and d.factor is None for d in derived)
+    return plain and len({d.leaf for d in derived}) == len(derived)
+
+
+def _concatenation(eqn, derived) -> _Concatenation:
+    axis = eqn.params["dimension"]
+    sizes = [v.aval.shape[axis] for v in eqn.invars]
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+    parts = tuple(zip(derived, starts, sizes, strict=True))
+    return _Concatenation(parts, axis, tuple(eqn.outvars[0].aval.shape))
+
+
+def _follow_concatenation(eqn, index, sides, derived, env, uses, scan_lengths):
+    """A concatenation of leaves passed through a layout operation (each part's chain
+    gets the operation, resized to the part) or used by a layer (a use per part)."""
+    concatenation = derived[sides[0]]
+    followed = None
+    if len(sides) == 1 and len(eqn.invars) == 1:
+        followed = _after_layout(concatenation, eqn)
+    if followed is not None:
+        env[eqn.outvars[0]] = followed
+        return
+    parts = _part_uses(concatenation, index, sides, eqn, scan_lengths)
+    if parts is None:
+        name = f"{eqn.primitive.name} of a concatenation"
+        parts = [_Use(leaf, None, primitive_name=name) for leaf in _leaves(concatenation)]
+    uses.extend(parts)
+
+
+def _after_layout(concatenation: _Concatenation, eqn) -> _Concatenation | None:
+    """The concatenation after layout operation ``eqn``, or None where its axis does not
+    stay one axis of the result."""
+    name, params = eqn.primitive.name, dict(eqn.params)
+    shape, axis = concatenation.shape, concatenation.axis
+    new_shape = tuple(eqn.outvars[0].aval.shape)
+    resized = None  # the parameter that holds the result's shape
+    if name in ("convert_element_type", "copy", "copy_p"):
+        new_axis = axis
+    elif name == "transpose":
+        new_axis = list(params["permutation"]).index(axis)
+    elif name == "squeeze":
+        new_axis = axis - sum(d < axis for d in params["dimensions"])
+    elif name == "broadcast_in_dim":
+        new_axis, resized = params["broadcast_dimensions"][axis], "shape"
+    elif name == "reshape" and params.get("dimensions") is None:
+        leading = math.prod(shape[:axis])
+        same = [
+            b
+            for b in range(len(new_shape))
+            if math.prod(new_shape[:b]) == leading and new_shape[b] == shape[axis]
+        ]
+        if not same:
+            return None
+        new_axis, resized = same[0], "new_sizes"
+    else:
+        return None
+    parts = []
+    for origin, start, size in concatenation.parts:
+        part_params = dict(params)
+        if resized is not None:
+            part_params[resized] = tuple(
+                size if b == new_axis else s for b, s in enumerate(new_shape)
+            )
+        chain = (*origin.chain, (eqn.primitive, part_params))
+        parts.append((origin._replace(chain=chain), start, size))
+    return _Concatenation(tuple(parts), new_axis, new_shape)
+
+
+def _part_uses(concatenation: _Concatenation, index, sides, eqn, scan_lengths):
+    """One layer use per part of a concatenated operand: a matmul on it along one of its
+    free axes, or an add. None for anything else."""
+    if len(sides) != 1:
+        return None
+    side, name = sides[0], eqn.primitive.name
+    output = eqn.outvars[0].aval
+    if name == "dot_general":
+        (contracting, batch) = eqn.params["dimension_numbers"]
+        if batch[0] or batch[1] or concatenation.axis in contracting[side]:
+            return None
+        lhs_free = eqn.invars[0].aval.ndim - len(contracting[0])
+        free = [d for d in range(eqn.invars[side].aval.ndim) if d not in contracting[side]]
+        kind, output_axis = "dot", (lhs_free if side else 0) + free.index(concatenation.axis)
+    elif name == "add" and eqn.invars[side].aval.ndim == output.ndim:
+        kind, output_axis = "add", concatenation.axis
+    else:
+        return None
+    uses = []
+    for origin, start, size in concatenation.parts:
+        use = _layer_use(kind, index, origin, side, eqn, scan_lengths)
+        uses.append(
+            dataclasses.replace(
+                use,
+                output_aval=_resized(output, output_axis, size),
+                operand_aval=_resized(eqn.invars[side].aval, concatenation.axis, size),
+                part=(output_axis, start, output.shape[output_axis]),
+            )
+        )
+    return uses
+
+
+def _resized(aval, axis, size):
+    shape = tuple(size if k == axis else s for k, s in enumerate(aval.shape))
+    return jax.ShapeDtypeStruct(shape, aval.dtype)
 
 
 def _is_factor(eqn, derived) -> bool:
@@ -427,7 +588,7 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
         _, grown = _layer_uses(apply_fn, params, _grow_batch(inputs))
     except Exception:  # a model that only runs at one batch size: nothing is captured
         grown = []
-    grown_by_eqn = {u.eqn: u for u in grown if u.eqn is not None}
+    grown_by_eqn = {(u.eqn, u.leaf): u for u in grown if u.eqn is not None}
 
     by_leaf: dict[int, list[_Use]] = {}
     for use in uses:
@@ -475,8 +636,8 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
         if use.primitive_name == "output":
             return "returned by apply_fn itself"
         return f"used by {use.primitive_name}, which capture does not read"
-    twin = grown_by_eqn.get(use.eqn)
-    if twin is None or twin.leaf != leaf or twin.kind != use.kind:
+    twin = grown_by_eqn.get((use.eqn, leaf))
+    if twin is None or twin.kind != use.kind:
         return "its layer changes with the batch size"
     twin = _unbroadcast(twin, leaf_shape)
     output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
@@ -516,6 +677,7 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
         primitive_params=use.primitive_params if is_conv else None,
         scan_lengths=use.scan_lengths,
         constant_factor=_constant_factor(uses[0]),
+        part=use.part,
     )
 
 
@@ -530,12 +692,14 @@ def _constant_factor(use: _Use) -> tuple | None:
 
 
 def _evaluate(closed_jaxpr, args, probes, activations, counter):
-    """Runs a jaxpr with ``probes[k] = (layer, probe)`` added to the output of equation k;
-    ``activations`` receives each probed layer's input (and, under ``("factor", k)``, the
+    """Runs a jaxpr with the probes of ``probes[k] = [(layer, probe), ...]`` added to the
+    output of equation k (several where leaves were concatenated); ``activations``
+    receives each probed equation's layer input (and, under ``("factor", k)``, the
     constant factors of BatchNorm-like scales)."""
     factors = {
         layer.constant_factor[0]: layer.constant_factor[1]
-        for layer, _ in probes.values()
+        for pairs in probes.values()
+        for layer, _ in pairs
         if layer.constant_factor is not None
     }
     env = dict(zip(closed_jaxpr.jaxpr.constvars, closed_jaxpr.consts, strict=True))
@@ -558,11 +722,24 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
                 factor = values[factors[index]]
                 activations["factor", index] = jnp.broadcast_to(factor, outs[0].shape)
             if index in probes:
-                layer, probe = probes[index]
-                activations[index] = _layer_input(layer, values, activations)
-                outs = [outs[0] + probe.astype(outs[0].dtype)]
+                activations[index] = _layer_input(probes[index][0][0], values, activations)
+                outs = [outs[0] + _equation_probe(probes[index]).astype(outs[0].dtype)]
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in closed_jaxpr.jaxpr.outvars]
+
+
+def _equation_probe(pairs):
+    """The probe added to an equation's output: its layer's, or the probes of the parts
+    of a concatenated operand, each padded with zeros to its place."""
+    if pairs[0][0].part is None:
+        return pairs[0][1]
+    total = 0
+    for layer, probe in pairs:
+        axis, start, size = layer.part
+        widths = [(0, 0)] * probe.ndim
+        widths[axis] = (start, size - start - probe.shape[axis])
+        total = total + jnp.pad(probe, widths)
+    return total
 
 
 def _layer_input(layer: Layer, values, activations):
@@ -579,14 +756,16 @@ def _layer_input(layer: Layer, values, activations):
 
 def _count_equations(closed_jaxpr) -> int:
     """How many indices ``_analyse`` gives a jaxpr's equations, nested ones included."""
-    total = 0
-    for eqn in closed_jaxpr.jaxpr.eqns:
-        total += 1
-        if eqn.primitive.name in CALL_OPS and _inner_jaxpr(eqn) is not None:
-            total += _count_equations(_inner_jaxpr(eqn))
-        elif eqn.primitive.name == "scan":
-            total += _count_equations(eqn.params["jaxpr"])
-    return total
+    return sum(1 + _nested_equations(eqn) for eqn in closed_jaxpr.jaxpr.eqns)
+
+
+def _nested_equations(eqn) -> int:
+    """How many indices the equations nested in ``eqn`` (a call or a scan) take."""
+    if eqn.primitive.name in CALL_OPS and _inner_jaxpr(eqn) is not None:
+        return _count_equations(_inner_jaxpr(eqn))
+    if eqn.primitive.name == "scan":
+        return _count_equations(eqn.params["jaxpr"])
+    return 0
 
 
 def _evaluate_scan(eqn, values, probes, activations, counter):
@@ -604,7 +783,10 @@ def _evaluate_scan(eqn, values, probes, activations, counter):
 
     def step(carry, scanned):
         xs_t, probes_t = scanned
-        step_probes = {k: (probes[k][0], p) for k, p in zip(inside, probes_t, strict=True)}
+        step_probes = {
+            k: [(layer, p) for (layer, _), p in zip(probes[k], ps, strict=True)]
+            for k, ps in zip(inside, probes_t, strict=True)
+        }
         # Reads fall back to the values stashed before the scan (constant factors).
         step_inputs = collections.ChainMap({}, activations)
         outs = _evaluate(body, [*consts, *carry, *xs_t], step_probes, step_inputs, [start])
@@ -613,7 +795,7 @@ def _evaluate_scan(eqn, values, probes, activations, counter):
     carry, (ys, stacked_inputs) = jax.lax.scan(
         step,
         carry,
-        (xs, [probes[k][1] for k in inside]),
+        (xs, [[p for _, p in probes[k]] for k in inside]),
         length=eqn.params["length"],
         reverse=eqn.params["reverse"],
         unroll=eqn.params["unroll"],
@@ -631,9 +813,9 @@ def probed_apply(apply_fn, captured: Capture, params, inputs, probes):
     """
     closed = captured.jaxpr
     args = [*jax.tree.leaves(params), *jax.tree.leaves(inputs)]
-    by_eqn = {
-        layer.eqn: (layer, probe) for layer, probe in zip(captured.layers, probes, strict=True)
-    }
+    by_eqn = collections.defaultdict(list)
+    for layer, probe in zip(captured.layers, probes, strict=True):
+        by_eqn[layer.eqn].append((layer, probe))
     activations: dict[int, jax.Array] = {}
     flat_outputs = _evaluate(closed, args, by_eqn, activations, [0])
     outputs = jax.tree.unflatten(

@@ -307,13 +307,99 @@ def _flax_recurrent(cell_name):
     return module.apply, module.init(jax.random.PRNGKey(0), x), x
 
 
-@pytest.mark.parametrize("cell", ["GRUCell", "LSTMCell"])
+@pytest.mark.parametrize("cell", ["GRUCell", "LSTMCell", "OptimizedLSTMCell"])
 def test_flax_recurrent_cells_are_captured_and_match_the_dense_fisher(cell):
+    """OptimizedLSTMCell concatenates its gates' kernels (and biases) before one matmul,
+    and nn.RNN traces the cell once more outside the scan, as dead code."""
     apply, params, x = _flax_recurrent(cell)
     model = ng.Model(apply, ng.Categorical())
     assert "vmap" not in ng.describe(model, params, x)
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
+    assert_capture_rebuilds_vmap_gradients(
+        apply, capture(apply, params, x), params, x, cotangent, rtol=1e-10, atol=1e-12
+    )
     fisher = ng.fisher(model, params, x)
-    _check_updates(model, params, x, jnp.arange(N) % CLASSES, ["woodbury"], fisher)
+    _check_updates(model, params, x, jnp.arange(N) % CLASSES, ["woodbury", "diagonal"], fisher)
+
+
+def test_optimized_lstm_gets_the_kronecker_factors_of_the_plain_lstm():
+    """The two cells compute the same function of the same parameter tree: one matmul
+    on concatenated kernels or one per gate. K-FAC's factors and update are the same."""
+    lstm, params, x = _flax_recurrent("LSTMCell")
+    optimized, optimized_params, _ = _flax_recurrent("OptimizedLSTMCell")
+    cell = optimized_params["params"].pop("OptimizedLSTMCell_0")
+    optimized_params["params"]["LSTMCell_0"] = cell
+    assert jax.tree.structure(params) == jax.tree.structure(optimized_params)
+    rename = {"LSTMCell_0": "OptimizedLSTMCell_0", "Dense_0": "Dense_0"}
+
+    def optimized_with_lstm_names(p, x):
+        return optimized({"params": {rename[k]: v for k, v in p["params"].items()}}, x)
+
+    targets = jnp.arange(N) % CLASSES
+    results = []
+    for apply in (lstm, optimized_with_lstm_names):
+        model = ng.Model(apply, ng.Categorical())
+        tx = ng.scale_by_natural_gradient(model, damping=1e-2, solver="kronecker")
+        g = jax.grad(model.nll)(params, x, targets)
+        results.append(jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=targets))
+    for got, expected in zip(*map(jax.tree.leaves, results), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-13)
+
+
+def _concatenated(p, x):
+    """Kernels joined along their output axis, in (in, out) and in equinox's (out, in)
+    layout (transposed after the join), biases joined, reshaped and broadcast."""
+    kernel = jnp.concatenate([p["w1"], p["w2"]], axis=1)
+    bias = jnp.broadcast_to(jnp.concatenate([p["b1"], p["b2"]]).reshape(1, -1), (x.shape[0], 5))
+    h = jnp.tanh(x @ kernel.astype(x.dtype) + bias)
+    out = jnp.concatenate([p["v1"], p["v2"]], axis=0).T
+    return jnp.tanh(h) @ out
+
+
+def _concatenated_params():
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    shapes = {"w1": (4, 2), "w2": (4, 3), "b1": (2,), "b2": (3,), "v1": (1, 5), "v2": (2, 5)}
+    return {
+        name: jax.random.normal(key, shape)
+        for key, (name, shape) in zip(keys, shapes.items(), strict=True)
+    }
+
+
+def test_concatenated_leaves_are_captured_and_rebuild_vmap_gradients():
+    params = _concatenated_params()
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 4))
+    captured = capture(_concatenated, params, x)
+    assert captured.fallback == ()
+    parts = {captured.leaf_names[layer.leaf]: layer.part for layer in captured.layers}
+    assert parts == {
+        "['b1']": (1, 0, 5),
+        "['b2']": (1, 2, 5),
+        "['v1']": (1, 0, CLASSES),
+        "['v2']": (1, 1, CLASSES),
+        "['w1']": (1, 0, 5),
+        "['w2']": (1, 2, 5),
+    }
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
+    assert_capture_rebuilds_vmap_gradients(
+        _concatenated, captured, params, x, cotangent, rtol=1e-10, atol=1e-12
+    )
+    model = ng.Model(_concatenated, ng.Categorical())
+    _check_factored_products(model, params, x)
+    fisher = ng.fisher(model, params, x)
+    _check_updates(model, params, x, jnp.arange(N) % CLASSES, ["woodbury", "diagonal"], fisher)
+
+
+def test_leaves_joined_along_a_contracted_axis_fall_back_to_vmap():
+    """x @ concat([W1; W2]) sums two matmuls on slices of x: not one layer per leaf."""
+    params = {"w1": jnp.ones((2, 3)), "w2": jnp.ones((1, 3)), "w3": jnp.ones((3, 3))}
+    x = jnp.ones((N, 3))
+
+    def apply(p, x):
+        return x @ jnp.concatenate([p["w1"], p["w2"]], axis=0) + x * p["w3"].sum()
+
+    captured = capture(apply, params, x)
+    assert captured.fallback == (0, 1, 2)
+    assert captured.reasons[0].startswith("used by dot_general of a concatenation")
 
 
 def test_kfac_expand_and_reduce_factors_have_their_closed_forms():
