@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
 from tests.helpers import classifier_nll_before_and_after, init_mlp, mlp
+from tests.test_kronecker import multi_axis_biases
 
 
 def _shared_weight_model():
@@ -43,11 +44,16 @@ def test_one_example_is_solved_exactly():
     assert not np.allclose(k.ravel(), expected, rtol=1e-3)  # π-damping is not exact
 
 
-@pytest.mark.parametrize("make", ["mlp", "shared_weight", "40_gaussian_outputs"])
+@pytest.mark.parametrize(
+    "make", ["mlp", "shared_weight", "40_gaussian_outputs", "multi_axis_biases"]
+)
 def test_scalings_are_the_fishers_diagonal_in_the_kronecker_eigenbasis(make):
     """s = diag(Uᵀ F_ℓ U) for each factored leaf, U = U_left ⊗ U_right of the state (with
-    40 Gaussian outputs: 40 exact-Fisher rows per example, more than K-FAC's chunk)."""
-    if make in ("mlp", "40_gaussian_outputs"):
+    40 Gaussian outputs: 40 exact-Fisher rows per example, more than K-FAC's chunk; with
+    biases of several axes, U from their tensor-normal factors)."""
+    if make == "multi_axis_biases":
+        model, params, x = multi_axis_biases()
+    elif make in ("mlp", "40_gaussian_outputs"):
         width, likelihood = (4, ng.Categorical()) if make == "mlp" else (40, ng.Gaussian(1.0))
         params = init_mlp(jax.random.PRNGKey(0), [3, 5, width])
         model, x = ng.Model(mlp, likelihood), jax.random.normal(jax.random.PRNGKey(1), (7, 3))

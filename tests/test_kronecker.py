@@ -119,6 +119,60 @@ def test_leaves_kfac_cannot_factor_use_their_exact_diagonal():
         )
 
 
+def multi_axis_biases(num_examples=6):
+    """An attention-like bias (heads, head_dim) shared by 3 positions and a positional
+    table (positions, classes): views of 1 × 6, not the 2×3 and 3×2 their factors are
+    kept in. (N, 3, 4) inputs, Categorical over 2 classes."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {
+        "b": jax.random.normal(keys[0], (2, 3)) / 2,
+        "pos": jax.random.normal(keys[1], (3, 2)) / 2,
+        "v": jax.random.normal(keys[2], (6, 2)),
+        "w": jax.random.normal(keys[3], (4, 2, 3)) / 2,
+    }
+
+    def apply(p, x):
+        h = jnp.tanh(jnp.einsum("ntk,khd->nthd", x, p["w"]) + p["b"])
+        return jnp.mean(h.reshape(*x.shape[:2], 6) @ p["v"] + p["pos"], axis=1)
+
+    x = jax.random.normal(jax.random.PRNGKey(5), (num_examples, 3, 4))
+    return ng.Model(apply, ng.Categorical()), params, x
+
+
+def _rank_one_bias():
+    """One example, y = Σ_hd x_h w_d (x_h + b_hd): its score G = x wᵀ has rank one."""
+    w = jnp.arange(1.0, 4.0)
+
+    def apply(p, x):
+        return jnp.einsum("nhd,nh,d->n", x[:, :, None] + p["b"], x, w)[:, None]
+
+    params = {"b": jnp.zeros((2, 3))}
+    return ng.Model(apply, ng.Gaussian(scale=0.5)), params, jnp.array([[0.7, -1.3]])
+
+
+@pytest.mark.parametrize("make", [multi_axis_biases, _rank_one_bias], ids=["batch", "rank_one"])
+def test_biases_of_several_axes_get_tensor_normal_factors(make):
+    """L = E[G Gᵀ] and R = E[GᵀG] / E‖G‖² of the score rows G as m×n matrices are
+    partial traces of the Fisher block (m, n, m, n): L = Σ_j F[ij, kj] and
+    R = Σ_i F[ij, il] / tr F; for rank-one rows of one example L ⊗ R is the block."""
+    model, params, x = make()
+    text = ng.describe(model, params, x)
+    assert "tensor-normal" in next(row for row in text.splitlines() if "['b']" in row)
+    state = _refreshed_state(model, params, x)
+    blocks = _blocks(ng.fisher(model, params, x), params)
+    for k, name in enumerate(sorted(params)):
+        if name not in ("b", "pos"):
+            continue
+        m, n = params[name].shape
+        block = blocks[k].reshape(m, n, m, n)
+        left, right = state.leaves[k].left, state.leaves[k].right
+        np.testing.assert_allclose(left, np.einsum("ijkj->ik", block), rtol=1e-10)
+        expected_right = np.einsum("ijil->jl", block) / np.trace(blocks[k])
+        np.testing.assert_allclose(right, expected_right, rtol=1e-10)
+        if make is _rank_one_bias:
+            np.testing.assert_allclose(np.kron(left, right), blocks[k], rtol=1e-10, atol=1e-12)
+
+
 def test_training_with_kronecker_decay_and_refresh():
     start, end = classifier_nll_before_and_after(
         lambda model: ng.natural_gradient(

@@ -14,8 +14,9 @@ never worse than K-FAC in Frobenius norm), and the damped solve is exact in that
 
 It is exact when F is diagonal in that basis: for a single example (A = aaᵀ), and for
 any batch whose Fisher block is a Kronecker product. The factors and s come from the
-layer inputs and output-gradients that capture finds, like K-FAC's; a leaf that capture
-does not explain uses its exact diagonal.
+layer inputs and output-gradients that capture finds, like K-FAC's (a bias of several
+axes: its score rows as matrices, with K-FAC's tensor-normal factors); a leaf that
+capture does not explain uses its exact diagonal.
 
 Cadences (``statistics_every``, ``refresh_every``): ``measure`` averages the factors and
 re-estimates s in the current eigenbasis (cheap: a projection of the rows);
@@ -56,6 +57,10 @@ class EkfacState(NamedTuple):
 
 def _second_moments(rows, layer_index, orientation, left_basis, right_basis):
     """s = 1/N Σ_{n,r} (U_Lᵀ ∇W_{rn} U_R)² for one captured layer (leaf orientation)."""
+    if orientation == "tensor_normal":  # the rows ∇W_{rn} themselves, as m×n matrices
+        shape = (left_basis.shape[0], right_basis.shape[0])
+        rotated = left_basis.T @ rows.leaf_gradients(layer_index, shape) @ right_basis
+        return jnp.sum(rotated**2, axis=0) / rows.num_examples
     a, g = rows.layer_inputs(layer_index), rows.gradients[layer_index]  # (N, T, K), (R, N, T, D)
     a_basis, g_basis = (
         (left_basis, right_basis) if orientation == "left_is_inputs" else (right_basis, left_basis)

@@ -284,6 +284,24 @@ class FactoredRows:
                 per_layer.append(jnp.sum(per_example**2, axis=(0, 1)))
         return self._assemble(per_layer, jnp.sum(self.fallback_rows**2, axis=(0, 1)))
 
+    def leaf_gradients(self, index, shape):
+        """Score rows of bias or scale layer ``index`` (a = 1, positions summed) in its
+        leaf's layout, as ``shape`` (the leaf's m×n): (R·N, m, n)."""
+        layer = self.capture.layers[index]
+        g = jnp.sum(self.gradients[index], axis=2)
+        template = self.leaf_templates[layer.leaf]
+        to_leaf = jax.vmap(lambda row: matrix_to_leaf(layer, row[None], template))
+        return to_leaf(g.reshape(-1, g.shape[-1])).reshape(-1, *shape)
+
+    def tensor_normal_moments(self, index, shape, diagonal=(False, False)):
+        """(E[G Gᵀ], E[GᵀG]) of the score rows G of layer ``index`` as m×n matrices
+        (``leaf_gradients``), sums over the rows / N; ``diagonal=(left, right)`` as in
+        ``kronecker_factors``."""
+        g = self.leaf_gradients(index, shape)
+        left = jnp.sum(g**2, axis=(0, 2)) if diagonal[0] else jnp.einsum("rij,rkj->ik", g, g)
+        right = jnp.sum(g**2, axis=(0, 1)) if diagonal[1] else jnp.einsum("rji,rjk->ik", g, g)
+        return left / self.num_examples, right / self.num_examples
+
     def kronecker_factors(self, index, approximation: str = "expand", diagonal=(False, False)):
         """(A, G) of layer ``index``, whose Kronecker product approximates its block;
         ``diagonal=(for A, for G)`` asks for a factor's diagonal only (a vector).

@@ -13,8 +13,11 @@ factored Tikhonov ("π") damping (Martens & Grosse 2015, section 6.3):
     ΔW = (A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹,  π = √((tr A / K) / (tr G / D)).
 
 Parameters are plain pytrees from flax (linen, nnx), equinox, haiku or hand-written
-code: layers are found by ``capture``. A leaf that capture does not explain, or whose
-K×D view is not a reshape of the leaf, falls back to the exact diagonal of its block.
+code: layers are found by ``capture``. A bias or scale of several axes whose 1 × size
+view is not the shape its factors are kept in gets tensor-normal factors of its score
+rows as matrices (``_tensor_normal``). A leaf that capture does not explain, or a
+matmul's whose K×D view is not a reshape of the leaf, falls back to the exact diagonal
+of its block.
 
 Factors are stored per leaf as a "left" (m×m, m = product of the leading axes) and a
 "right" (n×n, n = product of the trailing axes) matrix, split after the first or before
@@ -74,7 +77,8 @@ def split_shape(shape) -> tuple[int, int]:
 
 def _orientation(layer, shape) -> str | None:
     """'left_is_inputs' if the K×D view is the leaf as m×n, 'left_is_outputs' if it is the
-    transpose of it, None otherwise (the leaf then uses its diagonal).
+    transpose of it; else 'tensor_normal' for a bias or scale (the factors of its score
+    rows as m×n matrices), None for other layers (the leaf then uses its diagonal).
 
     Found by viewing the leaf's entry indices, once per layer description and shape (a
     Layer's repr names everything ``leaf_to_matrix`` reads; an update asks several times).
@@ -100,7 +104,18 @@ def _measured_orientation(layer, shape) -> str | None:
         return "left_is_inputs"
     if view.shape == as_matrix.T.shape and np.array_equal(view, as_matrix.T):
         return "left_is_outputs"
-    return None
+    return "tensor_normal" if layer.kind in ("add", "mul") else None
+
+
+def _tensor_normal(left, right):
+    """Tensor-normal factors (Ren & Goldfarb 2021) of score rows G viewed as m×n
+    matrices, from (E[G Gᵀ], E[GᵀG]): L ⊗ R with L = E[G Gᵀ] and R = E[GᵀG] / E‖G‖²,
+    whose trace is the block's, E‖G‖². Exact for rank-one rows u vᵀ of one example, as
+    A ⊗ G is for a dense layer's a gᵀ. For a bias of several axes (an attention bias
+    (heads, head_dim), a positional table) whose layer view (1 × size) is not the shape
+    its factors are kept in."""
+    total = jnp.trace(left) if left.ndim == 2 else jnp.sum(left)
+    return left, right / jnp.maximum(total, jnp.finfo(right.dtype).tiny)
 
 
 DEFAULT_MAX_FACTOR_SIZE = 4096
@@ -116,13 +131,16 @@ def kronecker_route(layer, shape, max_factor_size: int | None = DEFAULT_MAX_FACT
         lambda leaf: leaf_to_matrix(layer, leaf), jax.ShapeDtypeStruct(shape, jnp.float32)
     )
     k, d = view.shape
-    if _orientation(layer, shape) is None:
-        m, n = split_shape(shape)
+    m, n = split_shape(shape)
+    orientation = _orientation(layer, shape)
+    if orientation is None:
         return (
             f"exact diagonal: its {k}×{d} layer view is not the leaf as {m}×{n} (the "
             "shapes its factors are kept in) or its transpose"
         )
     side = lambda s: f"{s}×{s}" if max_factor_size is None or s <= max_factor_size else f"diag({s})"
+    if orientation == "tensor_normal":
+        return f"L ⊗ R of its rows as {m}×{n} (tensor-normal): {side(m)} ⊗ {side(n)}"
     return f"A ⊗ G: {side(k)} ⊗ {side(d)}"
 
 
@@ -268,25 +286,30 @@ class Kronecker:
         leaves = jax.tree.leaves(batch.params)
         # Per factored leaf: its layer, and whether its input and output factors are
         # kept as diagonals.
-        plan = {}
+        plan, tensor_normal = {}, {}
         for k, (layer_index, orientation) in factored.items():
-            left, right = map(self._is_diagonal, split_shape(np.shape(leaves[k])))
+            shape = split_shape(np.shape(leaves[k]))
+            left, right = map(self._is_diagonal, shape)
+            if orientation == "tensor_normal":
+                tensor_normal[k] = (layer_index, shape, (left, right))
+                continue
             in_order = orientation == "left_is_inputs"
             plan[k] = (layer_index, *((left, right) if in_order else (right, left)))
         # The exact diagonal only where the leaf is not factored (zeros elsewhere).
-        skip = {layer_index for layer_index, _, _ in plan.values()}
+        skip = {layer_index for layer_index, _ in factored.values()}
 
         def summed(rows):  # statistics that are sums over the output-Fisher rows
             outputs = {
                 k: rows.output_factor(layer_index, self.approximation, output_diagonal)
                 for k, (layer_index, _, output_diagonal) in plan.items()
             }
-            return outputs, rows.diagonal(skip)
+            moments = {k: rows.tensor_normal_moments(*how) for k, how in tensor_normal.items()}
+            return outputs, moments, rows.diagonal(skip)
 
-        (outputs, diagonal), rows, complete = summed_over_rows(
+        (outputs, moments, diagonal), rows, complete = summed_over_rows(
             batch, summed, self.chunk_rows, dtype
         )
-        factors = {}
+        factors = {k: _tensor_normal(*pair) for k, pair in moments.items()}
         for k, (layer_index, input_diagonal, _) in plan.items():
             inputs = rows.input_factor(layer_index, self.approximation, input_diagonal)
             pair = (inputs, outputs[k])
