@@ -171,6 +171,13 @@ def test_biases_of_several_axes_get_tensor_normal_factors(make):
         np.testing.assert_allclose(right, expected_right, rtol=1e-10)
         if make is _rank_one_bias:
             np.testing.assert_allclose(np.kron(left, right), blocks[k], rtol=1e-10, atol=1e-12)
+    if make is multi_axis_biases:  # sums over the 2 exact rows: the same one row at a time
+        whole, chunked = (
+            _kronecker_update(model, params, x, ng.Kronecker(chunk_rows=chunk))
+            for chunk in (None, 1)
+        )
+        for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
 
 
 def test_training_with_kronecker_decay_and_refresh():
