@@ -261,6 +261,9 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
         from_inputs = any(not _is_literal(v) and v in tainted for v in eqn.invars)
         if from_inputs:
             tainted.update(eqn.outvars)
+        if name == "pvary":  # inside shard_map: the same values, marked device-varying
+            env.update((v, d) for v, d in zip(eqn.outvars, derived, strict=True) if d is not None)
+            continue
         if any(isinstance(derived[k], _Concatenation) for k in sides):
             _follow_concatenation(eqn, index, sides, derived, env, uses, scan_lengths)
             continue
@@ -508,11 +511,15 @@ def _trace(apply_fn, params, inputs):
 
 def _layer_uses(apply_fn, params, inputs):
     closed = _trace(apply_fn, params, inputs)
-    num_leaves = len(jax.tree.leaves(params))
+    return closed, _uses(closed, len(jax.tree.leaves(params)))
+
+
+def _uses(closed, num_leaves) -> list[_Use]:
+    """Every use of the first ``num_leaves`` inputs (the parameter leaves) of a jaxpr."""
     origins = {v: _Origin(k, (), False) for k, v in enumerate(closed.jaxpr.invars[:num_leaves])}
     uses: list[_Use] = []
     _analyse(closed, origins, uses, [0], set(closed.jaxpr.invars[num_leaves:]))
-    return closed, uses
+    return uses
 
 
 def _grow_batch(inputs):
@@ -811,17 +818,40 @@ def probed_apply(apply_fn, captured: Capture, params, inputs, probes):
     w.r.t. ``probes[k]`` is the output-gradient g of layer k, and ``inputs_of_layers[k]``
     its input a.
     """
-    closed = captured.jaxpr
+    closed, layers = _traced_here(apply_fn, captured, params, inputs)
     args = [*jax.tree.leaves(params), *jax.tree.leaves(inputs)]
     by_eqn = collections.defaultdict(list)
-    for layer, probe in zip(captured.layers, probes, strict=True):
+    for layer, probe in zip(layers, probes, strict=True):
         by_eqn[layer.eqn].append((layer, probe))
     activations: dict[int, jax.Array] = {}
     flat_outputs = _evaluate(closed, args, by_eqn, activations, [0])
     outputs = jax.tree.unflatten(
         jax.tree.structure(jax.eval_shape(apply_fn, params, inputs)), flat_outputs
     )
-    return outputs, [activations[layer.eqn] for layer in captured.layers]
+    return outputs, [activations[layer.eqn] for layer in layers]
+
+
+def _traced_here(apply_fn, captured: Capture, params, inputs):
+    """The jaxpr to evaluate and the captured layers at its equations.
+
+    Inside ``shard_map`` (values varying over mapped axes) ``apply_fn`` is traced again
+    on the values themselves: a primitive there needs its operands to vary alike (a
+    literal 0 and the examples in a ReLU, a replicated kernel and a sharded batch), and
+    tracing inserts the casts (``pvary``) that the analysis's jaxpr, traced on shapes
+    alone, lacks. Its layers are found again, leaf by leaf.
+    """
+    if not any(varying_axes(value) for value in jax.tree.leaves((params, inputs))):
+        return captured.jaxpr, captured.layers
+    closed = jax.make_jaxpr(apply_fn)(params, inputs)
+    uses = _uses(closed, len(jax.tree.leaves(params)))
+    found = {(use.leaf, use.part): use for use in uses if use.eqn is not None}
+    layers = []
+    for layer in captured.layers:
+        use = found[layer.leaf, layer.part]
+        layers.append(
+            dataclasses.replace(layer, eqn=use.eqn, constant_factor=_constant_factor(use))
+        )
+    return closed, tuple(layers)
 
 
 def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cotangent_rows):

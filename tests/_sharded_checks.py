@@ -85,6 +85,7 @@ def main():
     check_sharded_parameters(model, params, x, y, g, singles)
     check_shard_map(model, params, x, y, g, singles)
     check_one_pass_in_shard_map(model, params, x, y, singles)
+    check_layers_traced_inside_shard_map()
     print("all sharded checks passed")
 
 
@@ -223,6 +224,58 @@ def check_sharded_parameters(model, params, x, y, g, singles):
         sharded, _ = jax.jit(tx.update)(g_s, tx.init(params), params_s, inputs=xs, targets=ys)
         reference = ravel_pytree(singles[name])[0]
         close(ravel_pytree(sharded)[0], reference, f"sharded-params update[{name}]")
+
+
+def _layers_that_need_varying_operands(p, x):
+    """A convolution, a bias of two axes, ReLU (a custom_jvp whose literal 0 meets the
+    examples), a mean (a literal divisor) and a scan whose carry starts from the
+    examples, with two kernels concatenated before its matmul. x: (N, 6, 2)."""
+    layout = ("NWC", "WIO", "NWC")
+    h = jax.lax.conv_general_dilated(x, p["conv"], (1,), "SAME", dimension_numbers=layout)
+    h = jax.nn.relu(h + p["positions"])
+
+    def step(c, h_t):
+        return jnp.tanh(h_t @ jnp.concatenate([p["k1"], p["k2"]], axis=1) + c), None
+
+    c, _ = jax.lax.scan(step, 0.0 * x[:, 0, :1] + jnp.zeros(4), jnp.swapaxes(h, 0, 1))
+    return c @ p["out"] + jnp.mean(h, axis=1) @ p["mean_out"]
+
+
+def check_layers_traced_inside_shard_map():
+    """Inside shard_map the jaxpr is traced again on the device-varying values (the
+    primitives above need their operands to vary alike): updates as on one device."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 7)
+    shapes = {
+        "conv": (3, 2, 3),
+        "positions": (6, 3),
+        "k1": (3, 2),
+        "k2": (3, 2),
+        "out": (4, 3),
+        "mean_out": (3, 3),
+    }
+    params = {
+        n: jax.random.normal(k, s) / 2 for k, (n, s) in zip(keys[:-1], shapes.items(), strict=True)
+    }
+    x = jax.random.normal(keys[-1], (16, 6, 2))
+    model = ng.Model(_layers_that_need_varying_operands, ng.Categorical())
+    assert "vmap" not in ng.describe(model, params, x)
+    y = model.likelihood.sample(jax.random.PRNGKey(2), model.apply_fn(params, x))
+    g = jax.grad(model.nll)(params, x, y)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    for solver in ("kronecker", "woodbury", "diagonal"):
+        single_tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2)
+        single, _ = jax.jit(single_tx.update)(g, single_tx.init(params), params, inputs=x)
+        tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2, axis_name="data")
+
+        def step(x, tx=tx):
+            return tx.update(g, tx.init(params), params, inputs=x)[0]
+
+        mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("data"), out_specs=P()))
+        close(
+            ravel_pytree(mapped(x))[0],
+            ravel_pytree(single)[0],
+            f"traced-inside update[{solver}]",
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The batch is sharded along its example axis over a mesh. Under plain ``jax.jit``
 (GSPMD), and inside ``shard_map`` with ``axis_name`` (explicit all-reduces and
-gathers), every Fisher function and solver must give the single-device numbers.
+gathers), every Fisher function and solver must give the single-device numbers, on
+layers whose primitives need device-varying operands too (convolutions, ReLU, scans).
 """
 
 import pathlib
@@ -26,3 +27,4 @@ def test_sharded_batch_matches_single_device():
     assert result.stdout.count("ok sharded-params update[") == 2
     assert result.stdout.count("ok shard_map update[") == 12
     assert result.stdout.count("ok one-pass update[") == 3
+    assert result.stdout.count("ok traced-inside update[") == 3

@@ -109,7 +109,7 @@ def _conv_patches(layer: Layer, x):
     one_hot = jnp.moveaxis(jnp.eye(k, dtype=x.dtype).reshape(k, *window), 0, out_axis)
     exact = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     params = dict(layer.primitive_params, precision=exact, preferred_element_type=None)
-    patches = layer.primitive.bind(x, one_hot, **params)
+    patches = layer.primitive.bind(x, _varying_like(one_hot, x), **params)
     spec = layer.primitive_params["dimension_numbers"].out_spec
     patches = jnp.transpose(patches, (spec[0], *spec[2:], spec[1]))
     return patches.reshape(patches.shape[0], -1, k)
@@ -123,7 +123,7 @@ def _embedding_rows(layer: Layer, indices):
     params = dict(layer.primitive_params)
     if params.get("fill_value") is not None or "FILL" in str(params.get("mode")):
         params["fill_value"] = -1.0  # out-of-range indices read no row
-    rows = layer.primitive.bind(numbers, indices, **params)
+    rows = layer.primitive.bind(_varying_like(numbers, indices), indices, **params)
     example, positions, (feature,) = _output_layout(layer)
     leading = (example, *positions, feature)  # the other axes have size one
     rows = jnp.moveaxis(rows, leading, range(len(leading)))
