@@ -847,7 +847,13 @@ def _traced_here(apply_fn, captured: Capture, params, inputs):
     found = {(use.leaf, use.part): use for use in uses if use.eqn is not None}
     layers = []
     for layer in captured.layers:
-        use = found[layer.leaf, layer.part]
+        use = found.get((layer.leaf, layer.part))
+        if use is None:
+            name = captured.leaf_names[layer.leaf]
+            raise ValueError(
+                f"apply_fn traced on device-varying values (inside shard_map) does not use "
+                f"{name} as the layer it is traced on shapes alone: {layer.summary}."
+            )
         layers.append(
             dataclasses.replace(layer, eqn=use.eqn, constant_factor=_constant_factor(use))
         )

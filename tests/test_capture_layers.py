@@ -314,11 +314,12 @@ def test_flax_recurrent_cells_are_captured_and_match_the_dense_fisher(cell):
     apply, params, x = _flax_recurrent(cell)
     model = ng.Model(apply, ng.Categorical())
     assert "vmap" not in ng.describe(model, params, x)
-    if cell == "OptimizedLSTMCell":
+    if cell == "OptimizedLSTMCell":  # its update: the next test, against LSTMCell's
         cotangent = jax.random.normal(jax.random.PRNGKey(3), (N, CLASSES))
         assert_capture_rebuilds_vmap_gradients(
             apply, capture(apply, params, x), params, x, cotangent, rtol=1e-10, atol=1e-12
         )
+        return
     fisher = ng.fisher(model, params, x)
     _check_updates(model, params, x, jnp.arange(N) % CLASSES, ["woodbury"], fisher)
 
