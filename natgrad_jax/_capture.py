@@ -31,7 +31,8 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
    (flax's ``OptimizedLSTMCell`` joins its four gates' kernels for one matmul).
    Equations whose results are never used (dead code) are skipped.
 2. A leaf is **captured** if every use of it is such a layer (one layer per leaf); any
-   other leaf (biases, embeddings, weights inside custom derivatives, tied weights) is
+   other leaf (weights inside custom derivatives, tied weights, a weight multiplied by
+   a computed value before its matmul) is
    left to the **fallback**: ``jax.vmap`` of per-example gradients restricted to those
    leaves. Nothing is silently approximated: ``describe`` lists both sets.
 3. The example axis of each layer's input is the axis whose size follows the batch
@@ -39,7 +40,9 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
    compared. A layer whose input has no such axis is left to the fallback.
 4. The jaxpr is then evaluated by a small interpreter that adds a zero "probe" to the
    output of every captured layer and returns the layer inputs: the gradient w.r.t. a
-   probe is g, from one batched backward pass.
+   probe is g, from one batched backward pass. Inside ``shard_map`` the function is
+   first traced again on the device-varying values and its layers found again there
+   (``_traced_here``), so that its primitives get the casts JAX requires.
 
 Assumes examples do not interact (no batch normalisation across the batch), as every
 per-example Fisher does.

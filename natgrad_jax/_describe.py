@@ -37,7 +37,8 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     inputs and output-gradients of a layer that capture found in the traced model
     (matmul, convolution, bias add, elementwise scale), or by ``jax.vmap`` (with the
     reason) — which Woodbury and the diagonal use; and whether Kronecker factors it
-    (A ⊗ G, with the factors' sizes) or uses the exact diagonal (with the reason).
+    (A ⊗ G, with the factors' sizes; a bias of several axes: tensor-normal L ⊗ R) or
+    uses the exact diagonal (with the reason).
     ``"dense"``, ``"block_diagonal"`` and ``"cg"`` do not depend on capture: they use
     vmap-ed score rows or Fisher-vector products. The last lines say what
     ``solver="auto"`` picks for the exact Fisher of this batch, with its estimates of
