@@ -4,6 +4,8 @@ Three small flax models, each with the layers capture reads (see ``ng.describe``
 
 * **CNN** on 16×16×3 images: two convolutions, LayerNorm, a dense head (10 classes);
 * **GRU** over 20 steps of 8 features (``nn.RNN(nn.GRUCell)``), a dense head;
+* **LSTM** likewise with ``nn.OptimizedLSTMCell`` (its gates' kernels concatenated
+  before one matmul);
 * **transformer language model**: token embedding, positional table, causal
   self-attention, MLP, LayerNorms; per-token logits over 64 tokens of length 16.
 
@@ -65,6 +67,19 @@ def gru():
     return Gru(), x, y, ng.Categorical()
 
 
+def lstm():
+    import flax.linen as nn
+
+    class Lstm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.RNN(nn.OptimizedLSTMCell(32))(x)[:, -1])
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, 20, 8))
+    y = jax.random.randint(jax.random.PRNGKey(2), (BATCH,), 0, 10)
+    return Lstm(), x, y, ng.Categorical()
+
+
 def transformer():
     import flax.linen as nn
 
@@ -109,7 +124,7 @@ def main():
     report_run_time()
     print(f"machine: {machine()}\n")
     rows = []
-    for make in (cnn, gru, transformer):
+    for make in (cnn, gru, lstm, transformer):
         num_params, grad_ms, times = measure(make)
         rows.append(
             [
