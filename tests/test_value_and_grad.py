@@ -9,6 +9,8 @@ import pytest
 import natgrad_jax as ng
 from natgrad_jax._curvature.batch import CurvatureBatch
 from tests.helpers import equations, init_mlp, mlp
+from tests.test_capture_layers import _concatenated, _concatenated_params
+from tests.test_kronecker import multi_axis_biases
 
 SIZES = [3, 5, 5, 3]  # two tanh layers: a forward pass has two tanh equations
 NUM_TANH_PER_FORWARD = len(SIZES) - 2
@@ -87,6 +89,28 @@ def test_one_pass_agrees_with_a_leaf_left_to_the_fallback():
     two = train(optimizer, model, params, x, y, steps=1, one_pass=False)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _concatenated_kernels():
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+    return ng.Model(_concatenated, ng.Categorical()), _concatenated_params(), x
+
+
+@pytest.mark.parametrize("make", [_concatenated_kernels, multi_axis_biases])
+def test_one_pass_on_concatenated_kernels_and_biases_of_several_axes(make):
+    """Probes assembled from concatenated leaves' parts, and tensor-normal factors: the
+    one-pass update, and J v by the transposed pullback against jax.jvp."""
+    model, params, x = make()
+    y = jnp.arange(x.shape[0]) % 2
+    optimizer = ng.natural_gradient(model, 1.0, solver="kronecker", damping=1e-2)
+    one = train(optimizer, model, params, x, y, steps=1, one_pass=True)
+    two = train(optimizer, model, params, x, y, steps=1, one_pass=False)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    (_, forward), _ = ng.value_and_grad(model)(params, x, y)
+    tangent = jax.tree.map(jnp.ones_like, params)
+    expected = jax.jvp(lambda p: model.apply_fn(p, x), (params,), (tangent,))[1]
+    np.testing.assert_allclose(forward.jvp(tangent), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_loss_and_gradient_are_those_of_the_nll():
