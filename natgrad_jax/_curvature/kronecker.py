@@ -16,8 +16,8 @@ Parameters are plain pytrees from flax (linen, nnx), equinox, haiku or hand-writ
 code: layers are found by ``capture``. A bias or scale of several axes whose 1 × size
 view is not the shape its factors are kept in gets tensor-normal factors of its score
 rows as matrices (``_tensor_normal``). A leaf that capture does not explain, or a
-matmul's whose K×D view is not a reshape of the leaf, falls back to the exact diagonal
-of its block.
+layer's whose K×D view is not a reshape of the leaf (nor a bias or scale), falls back
+to the exact diagonal of its block.
 
 Factors are stored per leaf as a "left" (m×m, m = product of the leading axes) and a
 "right" (n×n, n = product of the trailing axes) matrix, split after the first or before
