@@ -491,11 +491,17 @@ def test_haiku_biases_added_through_broadcast_to_are_captured():
     [
         lambda: _conv_model(*CONVS["2d_strided_padded_dilated"]),
         lambda: (_rnn, _recurrent_params(), jax.random.normal(jax.random.PRNGKey(1), (N, 6, 2))),
+        lambda: (
+            _concatenated,
+            _concatenated_params(),
+            jax.random.normal(jax.random.PRNGKey(1), (N, 4)),
+        ),
     ],
-    ids=["conv", "scan"],
+    ids=["conv", "scan", "concatenated"],
 )
 def test_captured_layers_in_float32(apply_params_inputs):
-    """Patches (HIGHEST precision) and scan probes keep float32 per-example gradients."""
+    """Patches (HIGHEST precision), scan probes and the parts of concatenated kernels keep
+    float32 per-example gradients."""
     apply, params, x = apply_params_inputs()
     params, x = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x))
     captured = capture(apply, params, x)

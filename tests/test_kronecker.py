@@ -180,6 +180,26 @@ def test_biases_of_several_axes_get_tensor_normal_factors(make):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
 
 
+def test_tensor_normal_factors_in_float32():
+    """From float32 parameters and inputs: float32 factors, the partial traces of the
+    (float64) Fisher block to float32 accuracy."""
+    model, params, x = multi_axis_biases()
+    blocks = _blocks(ng.fisher(model, params, x), params)
+    params32, x32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x))
+    tx = ng.scale_by_natural_gradient(model, damping=1e-3, solver="kronecker")
+    g = jax.tree.map(jnp.ones_like, params32)
+    state = jax.jit(tx.update)(g, tx.init(params32), params32, inputs=x32)[1].curvature
+    for k, name in enumerate(sorted(params)):
+        if name in ("b", "pos"):
+            m, n = params[name].shape
+            block = blocks[k].reshape(m, n, m, n)
+            left, right = state.leaves[k].left, state.leaves[k].right
+            assert left.dtype == right.dtype == jnp.float32
+            np.testing.assert_allclose(left, np.einsum("ijkj->ik", block), rtol=2e-4, atol=1e-6)
+            expected_right = np.einsum("ijil->jl", block) / np.trace(blocks[k])
+            np.testing.assert_allclose(right, expected_right, rtol=2e-4, atol=1e-6)
+
+
 def test_training_with_kronecker_decay_and_refresh():
     start, end = classifier_nll_before_and_after(
         lambda model: ng.natural_gradient(
