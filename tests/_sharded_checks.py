@@ -89,13 +89,16 @@ def main():
     print("all sharded checks passed")
 
 
+def mapped(fn, *batch_args):
+    """``fn`` inside shard_map over 8 devices, its arguments split along their first
+    axis, its result replicated."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    specs = tuple(P("data") for _ in batch_args)
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P()))(*batch_args)
+
+
 def check_shard_map(model, params, x, y, g, singles):
     """Inside shard_map with axis_name: explicit all-reduces give the whole batch's numbers."""
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-
-    def mapped(fn, *batch_args):
-        specs = tuple(P("data") for _ in batch_args)
-        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P()))(*batch_args)
 
     close(
         mapped(lambda x: ng.fisher(model, params, x, axis_name="data"), x),
@@ -169,7 +172,6 @@ def check_shard_map(model, params, x, y, g, singles):
 def check_one_pass_in_shard_map(model, params, x, y, singles):
     """ng.value_and_grad inside shard_map: the loss, gradient and update of the whole
     batch, as on one device without it."""
-    mesh = Mesh(np.array(jax.devices()), ("data",))
     for kind, solver, damping, momentum in (
         ("exact", "kronecker", 1e-2, False),
         ("exact", "kronecker", ng.LevenbergMarquardt(), True),
@@ -197,10 +199,7 @@ def check_one_pass_in_shard_map(model, params, x, y, singles):
             )
             return loss, grads, updates
 
-        specs = (P("data"), P("data"))
-        loss, grads, updates = jax.jit(
-            jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P())
-        )(x, y)
+        loss, grads, updates = mapped(step, x, y)
         name = f"{kind}{', momentum' if momentum else ''}"
         close(loss, model.nll(params, x, y), f"one-pass loss[{name}]")
         close(ravel_pytree(grads)[0], ravel_pytree(g)[0], f"one-pass gradient[{name}]")
@@ -261,7 +260,6 @@ def check_layers_traced_inside_shard_map():
     assert "vmap" not in ng.describe(model, params, x)
     y = model.likelihood.sample(jax.random.PRNGKey(2), model.apply_fn(params, x))
     g = jax.grad(model.nll)(params, x, y)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
     for solver in ("kronecker", "woodbury"):  # factors; rows and their kernel
         single_tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2)
         single, _ = jax.jit(single_tx.update)(g, single_tx.init(params), params, inputs=x)
@@ -270,9 +268,8 @@ def check_layers_traced_inside_shard_map():
         def step(x, tx=tx):
             return tx.update(g, tx.init(params), params, inputs=x)[0]
 
-        mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("data"), out_specs=P()))
         close(
-            ravel_pytree(mapped(x))[0],
+            ravel_pytree(mapped(step, x))[0],
             ravel_pytree(single)[0],
             f"traced-inside update[{solver}]",
         )

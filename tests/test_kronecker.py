@@ -150,6 +150,14 @@ def _rank_one_bias():
     return ng.Model(apply, ng.Gaussian(scale=0.5)), params, jnp.array([[0.7, -1.3]])
 
 
+def _partial_traces(block, shape):
+    """(Σ_j F[ij, kj], Σ_i F[ij, il] / tr F) of a leaf's Fisher block, the leaf as m×n:
+    the tensor-normal factors L and R of its score rows."""
+    m, n = shape
+    square = block.reshape(m, n, m, n)
+    return np.einsum("ijkj->ik", square), np.einsum("ijil->jl", square) / np.trace(block)
+
+
 @pytest.mark.parametrize("make", [multi_axis_biases, _rank_one_bias], ids=["batch", "rank_one"])
 def test_biases_of_several_axes_get_tensor_normal_factors(make):
     """L = E[G Gᵀ] and R = E[GᵀG] / E‖G‖² of the score rows G as m×n matrices are
@@ -163,11 +171,9 @@ def test_biases_of_several_axes_get_tensor_normal_factors(make):
     for k, name in enumerate(sorted(params)):
         if name not in ("b", "pos"):
             continue
-        m, n = params[name].shape
-        block = blocks[k].reshape(m, n, m, n)
+        expected_left, expected_right = _partial_traces(blocks[k], params[name].shape)
         left, right = state.leaves[k].left, state.leaves[k].right
-        np.testing.assert_allclose(left, np.einsum("ijkj->ik", block), rtol=1e-10)
-        expected_right = np.einsum("ijil->jl", block) / np.trace(blocks[k])
+        np.testing.assert_allclose(left, expected_left, rtol=1e-10)
         np.testing.assert_allclose(right, expected_right, rtol=1e-10)
         if make is _rank_one_bias:
             np.testing.assert_allclose(np.kron(left, right), blocks[k], rtol=1e-10, atol=1e-12)
@@ -191,12 +197,10 @@ def test_tensor_normal_factors_in_float32():
     state = jax.jit(tx.update)(g, tx.init(params32), params32, inputs=x32)[1].curvature
     for k, name in enumerate(sorted(params)):
         if name in ("b", "pos"):
-            m, n = params[name].shape
-            block = blocks[k].reshape(m, n, m, n)
+            expected_left, expected_right = _partial_traces(blocks[k], params[name].shape)
             left, right = state.leaves[k].left, state.leaves[k].right
             assert left.dtype == right.dtype == jnp.float32
-            np.testing.assert_allclose(left, np.einsum("ijkj->ik", block), rtol=2e-4, atol=1e-6)
-            expected_right = np.einsum("ijil->jl", block) / np.trace(blocks[k])
+            np.testing.assert_allclose(left, expected_left, rtol=2e-4, atol=1e-6)
             np.testing.assert_allclose(right, expected_right, rtol=2e-4, atol=1e-6)
 
 
