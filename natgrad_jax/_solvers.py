@@ -48,7 +48,15 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
 
 def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
     """``damped_inverse`` of each of B same-size matrices (B, P, P) with its own λ (B,),
-    in one batched Cholesky; the eigendecompositions run only if one of them needs it."""
+    in one batched Cholesky; the eigendecompositions run only if one of them needs it.
+
+    The ``lax.cond`` is not free on XLA's CPU backend even when its fallback never runs:
+    on the README demo's autoencoder (five factor sizes) a K-FAC refresh step took 36 ms
+    with it against 16 ms without, and 0.9 s more to compile (jax 0.10.2). One ``cond``
+    for all sizes instead of one per size hung the CPU runtime in each of three tries,
+    so it is one per size; dropping the fallback would give NaN (not the
+    pseudo-inverse) for a singular factor at λ = 0.
+    """
     matrices = 0.5 * (matrices + jnp.swapaxes(matrices, -1, -2))
     size, dtype = matrices.shape[-1], matrices.dtype
     identity = jnp.eye(size, dtype=dtype)
