@@ -84,14 +84,20 @@ def _vector_inverse(diagonal, damping):
 @exact_matmuls
 def batched_inverses(factors, dampings) -> list:
     """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector),
-    matrices of the same size inverted together in one batched factorisation."""
+    matrices of the same size inverted together in one batched factorisation.
+
+    A 1×1 matrix is inverted as the scalar it is (the same pseudo-inverse: 0 where the
+    damped value is not positive), without a factorisation of its own: a network's
+    biases each have one (their input factor), and a batched Cholesky for them would
+    add a ``lax.cond`` and an eigendecomposition branch to compile.
+    """
     inverses = [
-        _vector_inverse(f, d) if f.ndim == 1 else None
+        _vector_inverse(f.reshape(-1), d).reshape(f.shape) if f.ndim == 1 or f.size == 1 else None
         for f, d in zip(factors, dampings, strict=True)
     ]
     by_size: dict[int, list[int]] = {}
     for index, factor in enumerate(factors):
-        if factor.ndim == 2:
+        if inverses[index] is None:
             by_size.setdefault(factor.shape[0], []).append(index)
     for indices in by_size.values():
         stacked = damped_inverses(

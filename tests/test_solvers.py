@@ -56,17 +56,20 @@ def test_trust_region_scale(max_kl, active):
 
 def test_batched_inverses_equal_one_at_a_time_with_a_singular_one_among_them():
     """Same-size matrices share one factorisation call; a singular undamped one takes
-    the pseudo-inverse without spoiling the others; vectors are diagonals."""
+    the pseudo-inverse without spoiling the others; vectors are diagonals; 1×1 matrices
+    need no factorisation (an undamped zero's pseudo-inverse is 0)."""
     rng = np.random.default_rng(0)
     roots = rng.normal(size=(3, 5, 5))
     matrices = [r @ r.T for r in roots]
     singular = np.outer(roots[0][0], roots[0][0])  # rank one
     factors = [matrices[0], jnp.arange(1.0, 4.0), singular, matrices[1], rng.normal(size=(2, 2))]
     factors[4] = factors[4] @ factors[4].T
-    dampings = [1e-2, 0.5, 0.0, 1.0, 1e-3]
+    factors += [np.array([[2.5]]), np.zeros((1, 1))]  # 1×1: inverted as scalars
+    dampings = [1e-2, 0.5, 0.0, 1.0, 1e-3, 0.5, 0.0]
     got = batched_inverses([jnp.asarray(f) for f in factors], [jnp.asarray(d) for d in dampings])
     for factor, damping, inverse in zip(factors, dampings, got, strict=True):
         factor = np.asarray(factor)
+        assert inverse.shape == factor.shape
         if factor.ndim == 1:
             np.testing.assert_allclose(inverse, 1.0 / (factor + damping), rtol=1e-12)
         else:
