@@ -1,6 +1,7 @@
 """Run by test_sharding.py in a subprocess with 8 forced host devices (not collected)."""
 
 import os
+import sys
 
 # Host devices even where a GPU is the default platform.
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -29,15 +30,38 @@ def close(a, b, what, rtol=1e-6):
     print(f"ok {what} {error:.1e}")
 
 
-def main():
-    assert len(jax.devices()) == 8
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    batch = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
+SOLVERS = {
+    "dense": "dense",
+    "woodbury": "woodbury",
+    "cg": ng.ConjugateGradient(tol=1e-13, max_iters=500),
+    "diagonal": "diagonal",
+    "kronecker": "kronecker",
+}
+
+
+def problem():
+    """A 3-8-4 MLP classifier, 32 examples and their sampled labels, and the gradient."""
     model = ng.Model(mlp, ng.Categorical())
     params = init_mlp(jax.random.PRNGKey(0), [3, 8, 4])
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 3))
     y = model.likelihood.sample(jax.random.PRNGKey(2), model.apply_fn(params, x))
+    return model, params, x, y, jax.grad(model.nll)(params, x, y)
+
+
+def single_device_updates(model, params, x, y, g):
+    """The one-device update of each solver (exact Fisher): every check's reference."""
+    singles = {}
+    for name, solver in SOLVERS.items():
+        tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2)
+        singles[name] = jax.jit(tx.update)(g, tx.init(params), params, inputs=x, targets=y)[0]
+    return singles
+
+
+def check_gspmd(model, params, x, y, g, singles):
+    """Under plain jit, a batch sharded over the mesh gives the one-device numbers."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
     assert len(xs.sharding.device_set) == 8
 
@@ -56,37 +80,40 @@ def main():
         ravel_pytree(ng.fisher_vector_product(model, params, x, v))[0],
         "fvp",
     )
-
-    g = jax.grad(model.nll)(params, x, y)
-    solvers = {
-        "dense": "dense",
-        "woodbury": "woodbury",
-        "cg": ng.ConjugateGradient(tol=1e-13, max_iters=500),
-        "diagonal": "diagonal",
-        "kronecker": "kronecker",
-    }
-    singles = {}  # single-device updates (exact Fisher), the reference of every check
-    for name, solver in solvers.items():
+    for name, solver in SOLVERS.items():
         tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2)
         update = jax.jit(tx.update)
-        single, _ = update(g, tx.init(params), params, inputs=x, targets=y)
-        singles[name] = single
         # Parameters, gradients and optimizer state replicated over the mesh.
         params_r, g_r = jax.device_put((params, g), replicated)
         state = jax.device_put(tx.init(params), replicated)
         shardings = jax.tree.map(lambda a: a.sharding, state)
         sharded, state = update(g_r, state, params_r, inputs=xs, targets=ys)
-        close(ravel_pytree(sharded)[0], ravel_pytree(single)[0], f"update[{name}]")
+        close(ravel_pytree(sharded)[0], ravel_pytree(singles[name])[0], f"update[{name}]")
         # The second step finds the state as it left it: no resharding, no recompilation.
         assert jax.tree.map(lambda a: a.sharding, state) == shardings, f"{name} state resharded"
         before = update._cache_size()
         _, state = update(g_r, state, params_r, inputs=xs, targets=ys)
         assert update._cache_size() == before, f"{name} recompiled on the second step"
-    check_sharded_parameters(model, params, x, y, g, singles)
-    check_shard_map(model, params, x, y, g, singles)
-    check_one_pass_in_shard_map(model, params, x, y, singles)
-    check_layers_traced_inside_shard_map()
-    print("all sharded checks passed")
+
+
+def main(part):
+    """Runs one part of the checks (``gspmd``, ``shard_map`` or ``traced_inside``), so
+    that the test suite's workers can share them."""
+    assert len(jax.devices()) == 8
+    if part == "traced_inside":
+        check_layers_traced_inside_shard_map()
+    else:
+        model, params, x, y, g = problem()
+        singles = single_device_updates(model, params, x, y, g)
+        if part == "gspmd":
+            check_gspmd(model, params, x, y, g, singles)
+            check_sharded_parameters(model, params, x, y, g, singles)
+        elif part == "shard_map":
+            check_shard_map(model, params, x, y, g, singles)
+            check_one_pass_in_shard_map(model, params, x, y, singles)
+        else:
+            raise ValueError(f"unknown part {part!r}")
+    print(f"sharded checks passed: {part}")
 
 
 def mapped(fn, *batch_args):
@@ -276,4 +303,4 @@ def check_layers_traced_inside_shard_map():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])
