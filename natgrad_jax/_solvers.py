@@ -54,8 +54,8 @@ def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
     autoencoder they were 0.9 s of the default step's 3.3 s of XLA compilation (jax
     0.10.2, CPU; five sizes, 1×1 included, before ``batched_inverses`` took those as
     scalars); at run time, while every factor is positive definite, the step costs the
-    same as without them. One ``cond`` for all sizes instead of one
-    per size hung XLA's CPU runtime in each of four tries, so it is one per size.
+    same as without them. One ``cond`` for all sizes instead of one per size hung XLA's
+    CPU runtime in each of four tries, so it is one per size.
     """
     matrices = 0.5 * (matrices + jnp.swapaxes(matrices, -1, -2))
     size, dtype = matrices.shape[-1], matrices.dtype

@@ -156,14 +156,11 @@ def check_shard_map(model, params, x, y, g, singles):
         ng.kl_divergence(model, params, other, x),
         "shard_map kl",
     )
+    # SOLVERS (whose single-device updates are in ``singles``) and the other paths.
     solvers = {
-        "dense": "dense",
-        "woodbury": "woodbury",
+        **SOLVERS,
         "woodbury-vmap": ng.Woodbury(capture=False),
-        "cg": ng.ConjugateGradient(tol=1e-13, max_iters=500),
-        "diagonal": "diagonal",
         "block_diagonal": "block_diagonal",
-        "kronecker": "kronecker",
         # Four exact rows per example (four classes) taken two at a time.
         "diagonal-chunks": ng.Diagonal(chunk_rows=2),
         "kronecker-chunks": ng.Kronecker(chunk_rows=2),
