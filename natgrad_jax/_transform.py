@@ -553,7 +553,7 @@ def scale_by_natural_gradient(
             if modelled:
                 span = [direction] + ([state.previous_direction] if with_momentum else [])
                 direction, fisher_quadratic = _minimise_quadratic_model(
-                    batch, gradient, jnp.stack(span), damping_now
+                    batch, gradient, span, damping_now
                 )
             if max_kl is not None:
                 max_kl_now = _value_at(max_kl, state.count)
@@ -646,7 +646,8 @@ def scale_by_natural_gradient(
 
 def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping):
     """(δ, δᵀFδ): the minimiser δ = Σ_i c_i v_i of the batch's exact quadratic model
-    m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2 rows v_i of ``vectors``.
+    m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2 flat ``vectors`` v_i (a
+    sequence, or the rows of an array).
 
     With v = d alone, δ = α d, α = gᵀd / dᵀ(F + λI)d (0 if d is not a descent direction
     of the model): α = 1 for d = (F + λI)⁻¹g, and for an approximate curvature (K-FAC) α
@@ -655,16 +656,17 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping)
     alone where that system is singular (p = 0 after a rejected step, or p ∥ d). The
     Fisher's inner products come from forward-mode products alone (``fisher_gram``).
     """
+    dtype = vectors[0].dtype
     fisher = batch.fisher_gram(vectors)
-    damped = fisher + jnp.asarray(damping, vectors.dtype) * inner_products(vectors, vectors)
-    slopes = vectors @ gradient
+    damped = fisher + jnp.asarray(damping, dtype) * inner_products(vectors, vectors)
+    slopes = inner_products(vectors, [gradient])[:, 0]
     curvature, slope = damped[0, 0], slopes[0]
     descent = (curvature > 0) & (slope > 0)
     alpha = jnp.where(descent, slope / jnp.where(descent, curvature, 1.0), 0.0)
     coefficients = jnp.zeros_like(slopes).at[0].set(alpha)
     if len(vectors) == 2:
         determinant = damped[0, 0] * damped[1, 1] - damped[0, 1] * damped[1, 0]
-        tolerance = 100 * jnp.finfo(vectors.dtype).eps * damped[0, 0] * damped[1, 1]
+        tolerance = 100 * jnp.finfo(dtype).eps * damped[0, 0] * damped[1, 1]
         regular = determinant > tolerance
         safe = jnp.where(regular, determinant, 1.0)
         plane = jnp.stack(
@@ -674,7 +676,8 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping)
             ]
         )
         coefficients = jnp.where(regular, plane / safe, coefficients)
-    return coefficients @ vectors, coefficients @ fisher @ coefficients
+    step = sum(c * v for c, v in zip(coefficients, vectors, strict=True))
+    return step, coefficients @ fisher @ coefficients
 
 
 def _levenberg_marquardt(

@@ -178,12 +178,14 @@ class CurvatureBatch:
         return product
 
     def fisher_gram(self, vectors):
-        """VᵀFV, the (k, k) Fisher inner products of the k flat vectors stacked in
-        ``vectors``, from k forward-mode products J v through one forward pass (no
+        """VᵀFV, the (k, k) Fisher inner products of k flat vectors (a sequence, or the
+        rows of an array), from k forward-mode products J v through one forward pass (no
         backward pass, unlike ``matvec``): what a step's quadratic model needs.
 
         uᵀFv = 1/N Σ_n ⟨J_n u, F_out J_n v⟩ (exact) or 1/N Σ_n Σ_r (c_rᵀJ_n u)(c_rᵀJ_n v)
-        (sampled or the data's labels), in the vectors' dtype.
+        (sampled or the data's labels), in the vectors' dtype. One product per vector,
+        not a ``vmap`` over them, which would stack the vectors and transpose their
+        batched weight blocks: copies of P floats each.
         """
         forward = self.forward_pass()
         flat, unravel = ravel_pytree(self.params)
@@ -193,21 +195,17 @@ class CurvatureBatch:
             parameters = unravel(vector.astype(flat.dtype))
             return forward.jvp(device_varying(parameters, self.axis_name))
 
-        tangents = jax.vmap(tangent)(vectors)  # leaves (k, N, ...)
+        tangents = [tangent(vector) for vector in vectors]
         if self.kind == "exact":
-            weighted = jax.vmap(functools.partial(self.model.likelihood.fisher_product, outputs))(
-                tangents
-            )
-            gram = sum(
-                inner_products(t.reshape(len(t), -1), w.reshape(len(w), -1))
-                for t, w in zip(jax.tree.leaves(tangents), jax.tree.leaves(weighted), strict=True)
-            )
+            product = functools.partial(self.model.likelihood.fisher_product, outputs)
+            weighted = [ravel_pytree(product(t))[0] for t in tangents]
+            gram = inner_products([ravel_pytree(t)[0] for t in tangents], weighted)
         else:
             rows = jax.lax.stop_gradient(self.cotangent_rows(outputs))
-            projections = jax.vmap(functools.partial(_projections_on_rows, rows))(tangents)
-            gram = jnp.einsum("krn,lrn->kl", projections, projections)
+            projections = [_projections_on_rows(rows, t).ravel() for t in tangents]
+            gram = inner_products(projections, projections)
         gram = device_mean(gram / batch_size(self.inputs), self.axis_name)
-        return gram.astype(vectors.dtype)
+        return gram.astype(vectors[0].dtype)
 
     @property
     def num_rows(self) -> int:
