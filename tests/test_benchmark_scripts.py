@@ -76,3 +76,25 @@ def test_compile_times_measures_a_rows_lowering_and_compilation(monkeypatch):
     result = compile_times.measure("adam", 4)
     assert result["dots"] == 23 and result["ops"] > result["dots"]
     assert result["lower_s"] > 0 and result["compile_s"] > 0
+
+
+def test_step_profile_sorts_a_programs_operations_into_kinds_and_times_them(monkeypatch):
+    """benchmarks/step_profile.py: a matmul, a Cholesky factorisation (LAPACK) and a
+    transposed concatenation (a copy) are told apart in the compiled program, and a
+    traced step reports time for the kinds it ran."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import step_profile
+
+    def step(params, state, x):
+        factor = jax.numpy.linalg.cholesky(x @ x.T + jax.numpy.eye(len(x)))
+        return params + factor, jax.numpy.concatenate([state[32:], state[:32]]).T * 2.0
+
+    square = jax.numpy.ones((64, 64))
+    compiled = jax.jit(step).lower(square, square, square).compile()
+    kinds = step_profile.instruction_kinds(compiled.as_text())
+    assert {"matmul", "LAPACK", "copy"} <= set(kinds.values())
+    run = step_profile.Runner(compiled, square, square, [square])
+    run()
+    totals = step_profile.traced_milliseconds(run, kinds)
+    assert run.count == 2 and totals["wall"] > 0
+    assert totals["matmul"] > 0 and totals["LAPACK"] > 0
