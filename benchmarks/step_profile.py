@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import optax
 from _common import init_mlp, machine, report_run_time, table
-from autoencoder import SIZES, autoencoder, load
+from autoencoder import SIZES, autoencoder, load, ngd_step, optax_step
 
 import natgrad_jax as ng
 
@@ -37,22 +37,12 @@ KINDS = ("matmul", "LAPACK", "copy", "conditional", "other")
 
 
 def steps(model):
-    """(name, init, step) of Adam and of the default natural-gradient step."""
-    adam = optax.adam(3e-4)
-
-    def adam_step(params, state, x):
-        grads = jax.grad(model.nll)(params, x, x)
-        updates, state = adam.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    ngd = ng.natural_gradient(model, 1.0)
-
-    def ngd_step(params, state, x):
-        (_, forward), grads = ng.value_and_grad(model)(params, x, x)
-        updates, state = ngd.update(grads, state, params, inputs=x, targets=x, forward_pass=forward)
-        return optax.apply_updates(params, updates), state
-
-    return [("adam", adam.init, adam_step), ("ngd defaults", ngd.init, ngd_step)]
+    """(name, (init, step)) of Adam and of the default natural-gradient step, as
+    ``autoencoder.py`` runs them."""
+    return [
+        ("adam", optax_step(optax.adam(3e-4), model)),
+        ("ngd defaults", ngd_step(ng.natural_gradient(model, 1.0), model)),
+    ]
 
 
 def instruction_kinds(hlo_text: str) -> dict:
@@ -135,7 +125,7 @@ def main():
     rng = np.random.default_rng(0)
     batches = [data[rng.choice(len(data), args.batch, replace=False)] for _ in range(64)]
     rows = []
-    for name, init, step in steps(model):
+    for name, (init, step) in steps(model):
         params = init_mlp(jax.random.PRNGKey(0), SIZES)
         state = init(params)
         compiled = jax.jit(step).lower(params, state, batches[0]).compile()
