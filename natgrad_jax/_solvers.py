@@ -78,8 +78,7 @@ def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
     )
 
     def with_fallback(inverses):
-        symmetric = 0.5 * (damped + jnp.swapaxes(damped, -1, -2))
-        pseudo_inverses = jax.vmap(_eigh_pseudo_inverse)(symmetric)
+        pseudo_inverses = jax.vmap(_eigh_pseudo_inverse)(damped)  # eigh symmetrises
         return jnp.where(positive_definite[:, None, None], inverses, pseudo_inverses)
 
     return jax.lax.cond(jnp.all(positive_definite), lambda x: x, with_fallback, inverses)
