@@ -11,9 +11,14 @@ from natgrad_jax._xla_flags import add_default_flag
 
 # The suite's time is mostly XLA compiling small programs, and on the CPU most of that
 # is LLVM's optimisation passes, which buy nothing at these sizes: without them the
-# suite runs about a third faster. Set before jax starts a backend; the subprocesses
-# (notebooks, the 8-device checks) inherit it. Benchmarks and users keep XLA's default.
+# suite runs about a third faster. XLA's default CPU fusion emitters take longer again
+# than its classic ones (``xla_cpu_use_fusion_emitters=false``): with the classic ones
+# XLA compiled test_kronecker.py's programs in 42% of the time (52 s to 22 s, jax
+# 0.10.2; 54 s to 23 s, jax 0.9.1). Set before jax starts a backend;
+# the subprocesses (notebooks, the 8-device checks) inherit them. Benchmarks and users
+# keep XLA's defaults.
 add_default_flag("xla_backend_optimization_level", "0")
+add_default_flag("xla_cpu_use_fusion_emitters", "false")
 
 # Run as a subprocess by test_sharding.py: it forces 8 host devices and float64 at
 # import, which must not happen inside the test session (doctest collection).
