@@ -134,19 +134,19 @@ class EKFAC:
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
         for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
-            leaf = old._replace(diagonal=average(old.diagonal, diagonal))
-            if k in factored:
-                left, right = average(old.left, factors[k][0]), average(old.right, factors[k][1])
-                leaf = leaf._replace(left=left, right=right)
-                if refactorise:
-                    leaf = leaf._replace(
-                        left_basis=jnp.linalg.eigh(left)[1], right_basis=jnp.linalg.eigh(right)[1]
-                    )
-                moments = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)
-                # In a new basis the old moments mean nothing: start from this batch's.
-                scaling = moments if refactorise else average(old.scaling, moments)
-                leaf = leaf._replace(scaling=scaling)
-            new_leaves.append(leaf)
+            if k not in factored:
+                new_leaves.append(old._replace(diagonal=average(old.diagonal, diagonal)))
+                continue
+            left, right = average(old.left, factors[k][0]), average(old.right, factors[k][1])
+            leaf = old._replace(left=left, right=right)  # its diagonal is not used
+            if refactorise:
+                leaf = leaf._replace(
+                    left_basis=jnp.linalg.eigh(left)[1], right_basis=jnp.linalg.eigh(right)[1]
+                )
+            moments = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)
+            # In a new basis the old moments mean nothing: start from this batch's.
+            scaling = moments if refactorise else average(old.scaling, moments)
+            new_leaves.append(leaf._replace(scaling=scaling))
         return EkfacState(tuple(new_leaves))
 
     def measure(self, state: EkfacState, batch: CurvatureBatch, decay, is_first):

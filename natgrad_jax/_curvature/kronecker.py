@@ -114,8 +114,13 @@ def _tensor_normal(left, right):
     A ⊗ G is for a dense layer's a gᵀ. For a bias of several axes (an attention bias
     (heads, head_dim), a positional table) whose layer view (1 × size) is not the shape
     its factors are kept in."""
-    total = jnp.trace(left) if left.ndim == 2 else jnp.sum(left)
-    return left, right / jnp.maximum(total, jnp.finfo(right.dtype).tiny)
+    return left, right / jnp.maximum(_trace(left), jnp.finfo(right.dtype).tiny)
+
+
+def _trace(factor):
+    """The trace of a factor kept as a matrix or as its diagonal. Summed from the
+    diagonal: ``jnp.trace`` masks all n² entries first, an n×n pass per factor."""
+    return jnp.sum(jnp.diagonal(factor) if factor.ndim == 2 else factor)
 
 
 DEFAULT_MAX_FACTOR_SIZE = 4096
@@ -163,7 +168,7 @@ def factored_share(captured, shapes) -> float:
 
 
 def _mean_eigenvalue(factor):
-    return (jnp.trace(factor) if factor.ndim == 2 else jnp.sum(factor)) / factor.shape[0]
+    return _trace(factor) / factor.shape[0]
 
 
 def _pi_dampings(left, right, damping):
@@ -324,12 +329,12 @@ class Kronecker:
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
         for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
-            left, right = factors.get(k, (old.left, old.right))
-            if k in factors:
-                left, right = average(old.left, left), average(old.right, right)
-            new_leaves.append(
-                old._replace(left=left, right=right, diagonal=average(old.diagonal, diagonal))
-            )
+            if k in factors:  # its diagonal is not used: left as it is
+                left, right = factors[k]
+                new = old._replace(left=average(old.left, left), right=average(old.right, right))
+            else:
+                new = old._replace(diagonal=average(old.diagonal, diagonal))
+            new_leaves.append(new)
         return KroneckerState(tuple(new_leaves))
 
     def factorise(self, state: KroneckerState, batch: CurvatureBatch, damping):
