@@ -292,6 +292,30 @@ def test_every_exact_solver_solves_against_the_reference(problem, solver):
     np.testing.assert_allclose(d, expected, rtol=1e-7, atol=1e-10)
 
 
+def test_ekfac_is_the_reference_blocks_diagonal_in_its_eigenbasis(problem):
+    """EKFAC's second moments are exact whatever its eigenbasis: s = diag(Uᵀ F_ℓ U) for
+    each leaf's block F_ℓ of the reference Fisher (U = U_left ⊗ U_right of the state),
+    and the update solves (U diag(s) Uᵀ + λI) d = g leaf by leaf."""
+    model, params, x, y, reference = (
+        problem[k] for k in ("model", "params", "x", "y", "reference")
+    )
+    damping = 1e-2
+    tx = ng.scale_by_natural_gradient(model, fisher="exact", damping=damping, solver="ekfac")
+    g = jax.grad(model.nll)(params, x, y)
+    updates, state = tx.update(g, tx.init(params), params, inputs=x)
+    g, d = ravel_pytree(g)[0], ravel_pytree(updates)[0]
+    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
+    for k, leaf in enumerate(state.curvature.leaves):
+        block = reference[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]
+        basis = np.kron(leaf.left_basis, leaf.right_basis)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(len(basis)), atol=1e-10)  # factored
+        scaling = np.asarray(leaf.scaling).ravel()
+        np.testing.assert_allclose(scaling, np.diag(basis.T @ block @ basis), atol=1e-12)
+        approx = basis @ np.diag(scaling) @ basis.T + damping * np.eye(len(basis))
+        expected = np.linalg.solve(approx, g[edges[k] : edges[k + 1]])
+        np.testing.assert_allclose(d[edges[k] : edges[k + 1]], expected, rtol=1e-8, atol=1e-12)
+
+
 def test_scores_empirical_fisher_and_nll_follow_the_closed_form_log_likelihood(problem):
     model, params, x, y, weights = (problem[k] for k in ("model", "params", "x", "y", "weights"))
     apply_fn, log_prob = problem["apply_fn"], problem["log_prob"]
