@@ -434,6 +434,28 @@ def test_exact_kfac_factors_from_rows_in_chunks_equal_those_from_all_rows(case):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [("bernoulli-NL", False), ("poisson-NL", False), ("bernoulli-NL", True)],
+    ids=lambda case: f"{case[0]}{'-masked' * case[1]}",
+)
+def test_exact_kfac_blocks_of_one_example_are_the_reference_blocks(case):
+    """With one example and no weight shared over positions, a dense layer's Fisher
+    block is (a aᵀ) ⊗ Σ_r g_r g_rᵀ over its output-Fisher rows r, one per label (and
+    masked label): K-FAC's left ⊗ right is then each leaf's block of the reference."""
+    model, params, x, _, ce, _, apply_fn, weights = _problem(*case)
+    x = jax.tree.map(lambda a: a[:1], x)
+    weights = None if weights is None else weights[:1]
+    reference = np.asarray(_reference_fisher(apply_fn, ce, params, _inputs_only(x), weights))
+    tx = ng.scale_by_natural_gradient(model, fisher="exact", damping=1e-2, solver="kronecker")
+    g = jax.tree.map(jnp.ones_like, params)
+    _, state = tx.update(g, tx.init(params), params, inputs=x)
+    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
+    for k, leaf in enumerate(state.curvature.leaves):
+        block = reference[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]
+        np.testing.assert_allclose(np.kron(leaf.left, leaf.right), block, atol=1e-12)
+
+
 MULTI_EVENT = [case for case in ALL if case[0] not in ("categorical-NC", "bernoulli-N")]
 
 
