@@ -128,6 +128,23 @@ def leaf_blocks(matrix, params):
     return out
 
 
+def assert_ekfac_is_exact_in_its_eigenbasis(leaves, fisher, params, gradient, update, damping):
+    """For each leaf's EKFAC state: its basis U = U_left ⊗ U_right is orthogonal (the leaf
+    is factored), its scalings are diag(Uᵀ F_ℓ U) for the leaf's block F_ℓ of ``fisher``,
+    and its piece of the flat ``update`` solves (U diag(s) Uᵀ + λI) d = g."""
+    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
+    for leaf, lo, hi in zip(leaves, edges[:-1], edges[1:], strict=True):
+        basis = np.kron(leaf.left_basis, leaf.right_basis)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(len(basis)), atol=1e-10)
+        scaling = np.asarray(leaf.scaling).ravel()
+        block = np.asarray(fisher)[lo:hi, lo:hi]
+        np.testing.assert_allclose(scaling, np.diag(basis.T @ block @ basis), rtol=1e-9, atol=1e-12)
+        approx = basis @ np.diag(scaling) @ basis.T + damping * np.eye(len(basis))
+        np.testing.assert_allclose(
+            update[lo:hi], np.linalg.solve(approx, gradient[lo:hi]), rtol=1e-8
+        )
+
+
 def vmap_gradients(apply, params, x, cotangent):
     """Per-example pullbacks of ``cotangent`` through ``apply``, one example at a time."""
 

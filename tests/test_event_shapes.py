@@ -16,7 +16,13 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
 from natgrad_jax._curvature.batch import CurvatureBatch
-from tests.helpers import first_step_key, init_mlp, leaf_blocks, mlp
+from tests.helpers import (
+    assert_ekfac_is_exact_in_its_eigenbasis,
+    first_step_key,
+    init_mlp,
+    leaf_blocks,
+    mlp,
+)
 
 N, T, K = 4, 3, 2
 
@@ -304,16 +310,9 @@ def test_ekfac_is_the_reference_blocks_diagonal_in_its_eigenbasis(problem):
     g = jax.grad(model.nll)(params, x, y)
     updates, state = tx.update(g, tx.init(params), params, inputs=x)
     g, d = ravel_pytree(g)[0], ravel_pytree(updates)[0]
-    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
-    for k, leaf in enumerate(state.curvature.leaves):
-        block = reference[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]
-        basis = np.kron(leaf.left_basis, leaf.right_basis)
-        np.testing.assert_allclose(basis.T @ basis, np.eye(len(basis)), atol=1e-10)  # factored
-        scaling = np.asarray(leaf.scaling).ravel()
-        np.testing.assert_allclose(scaling, np.diag(basis.T @ block @ basis), atol=1e-12)
-        approx = basis @ np.diag(scaling) @ basis.T + damping * np.eye(len(basis))
-        expected = np.linalg.solve(approx, g[edges[k] : edges[k + 1]])
-        np.testing.assert_allclose(d[edges[k] : edges[k + 1]], expected, rtol=1e-8, atol=1e-12)
+    assert_ekfac_is_exact_in_its_eigenbasis(
+        state.curvature.leaves, reference, params, g, d, damping
+    )
 
 
 def test_scores_empirical_fisher_and_nll_follow_the_closed_form_log_likelihood(problem):

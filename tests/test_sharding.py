@@ -14,6 +14,8 @@ import sys
 import jax
 import pytest
 
+from natgrad_jax._xla_flags import _version
+
 ROOT = pathlib.Path(__file__).parent.parent
 
 
@@ -41,7 +43,7 @@ def test_sharded_batch_matches_single_device(part):
 
 
 @pytest.mark.skipif(
-    tuple(int(part) for part in jax.__version__.split(".")[:2]) >= (0, 10),
+    _version(jax.__version__) >= (0, 10),
     reason="on jax 0.10.2's CPU runtime the example's jitted step never completes on 8 (or 2) "
     "forced host devices: every thread idles (with or without async dispatch, the "
     "concurrency-optimised scheduler, the thunk runtime or gloo collectives); Adam's step "
