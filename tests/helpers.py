@@ -119,12 +119,17 @@ def first_step_key(seed):
     return jax.random.split(jax.random.PRNGKey(seed))[1]
 
 
+def leaf_slices(params) -> list[slice]:
+    """Each leaf's range of the flat parameter vector (ravel_pytree order)."""
+    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
+    return [slice(lo, hi) for lo, hi in itertools.pairwise(edges)]
+
+
 def leaf_blocks(matrix, params):
     """``matrix`` (ravel_pytree order) with everything off the per-leaf diagonal blocks zeroed."""
-    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
     out = np.zeros_like(matrix)
-    for lo, hi in itertools.pairwise(edges):
-        out[lo:hi, lo:hi] = matrix[lo:hi, lo:hi]
+    for leaf in leaf_slices(params):
+        out[leaf, leaf] = matrix[leaf, leaf]
     return out
 
 
@@ -132,16 +137,15 @@ def assert_ekfac_is_exact_in_its_eigenbasis(leaves, fisher, params, gradient, up
     """For each leaf's EKFAC state: its basis U = U_left ⊗ U_right is orthogonal (the leaf
     is factored), its scalings are diag(Uᵀ F_ℓ U) for the leaf's block F_ℓ of ``fisher``,
     and its piece of the flat ``update`` solves (U diag(s) Uᵀ + λI) d = g."""
-    edges = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
-    for leaf, lo, hi in zip(leaves, edges[:-1], edges[1:], strict=True):
+    for leaf, where in zip(leaves, leaf_slices(params), strict=True):
         basis = np.kron(leaf.left_basis, leaf.right_basis)
         np.testing.assert_allclose(basis.T @ basis, np.eye(len(basis)), atol=1e-10)
         scaling = np.asarray(leaf.scaling).ravel()
-        block = np.asarray(fisher)[lo:hi, lo:hi]
+        block = np.asarray(fisher)[where, where]
         np.testing.assert_allclose(scaling, np.diag(basis.T @ block @ basis), rtol=1e-9, atol=1e-12)
         approx = basis @ np.diag(scaling) @ basis.T + damping * np.eye(len(basis))
         np.testing.assert_allclose(
-            update[lo:hi], np.linalg.solve(approx, gradient[lo:hi]), rtol=1e-8
+            update[where], np.linalg.solve(approx, gradient[where]), rtol=1e-8
         )
 
 

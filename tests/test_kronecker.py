@@ -10,14 +10,18 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
 from natgrad_jax._curvature.batch import CurvatureBatch
-from tests.helpers import classifier_nll_before_and_after, equations, init_mlp, mlp
+from tests.helpers import (
+    classifier_nll_before_and_after,
+    equations,
+    init_mlp,
+    leaf_slices,
+    mlp,
+)
 from tests.test_capture import _tricky_model, equinox_mlp
 
 
 def _blocks(matrix, params):
-    sizes = [leaf.size for leaf in jax.tree.leaves(params)]
-    edges = np.cumsum([0, *sizes])
-    return [np.asarray(matrix)[lo:hi, lo:hi] for lo, hi in itertools.pairwise(edges)]
+    return [np.asarray(matrix)[where, where] for where in leaf_slices(params)]
 
 
 def _refreshed_state(model, params, x, damping=1e-3):
@@ -108,12 +112,11 @@ def test_leaves_kfac_cannot_factor_use_their_exact_diagonal():
     tx = ng.scale_by_natural_gradient(model, damping=0.1, solver="kronecker")
     updates, _ = tx.update(g, tx.init(params), params, inputs=x)
     diagonal = np.diag(np.asarray(ng.fisher(model, params, x)))
-    offsets = np.cumsum([0] + [leaf.size for leaf in jax.tree.leaves(params)])
     names = ["custom", "out", "scale", "tied"]  # the leaves in ravel order
-    for k, name in enumerate(names):
+    for name, where in zip(names, leaf_slices(params), strict=True):
         if name in ("out", "scale"):  # factored: a matmul and an elementwise scale
             continue
-        d = diagonal[offsets[k] : offsets[k + 1]]
+        d = diagonal[where]
         np.testing.assert_allclose(
             updates[name].ravel(), np.asarray(g[name]).ravel() / (d + 0.1), rtol=1e-10
         )
