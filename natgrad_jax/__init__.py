@@ -35,12 +35,8 @@ from natgrad_jax._transform import NaturalGradientState as NaturalGradientState
 from natgrad_jax._transform import natural_gradient as natural_gradient
 from natgrad_jax._transform import scale_by_natural_gradient as scale_by_natural_gradient
 from natgrad_jax._value_and_grad import value_and_grad as value_and_grad
-from natgrad_jax._xla_flags import avoid_cpu_scheduler_deadlock
 
 __version__ = "0.1.0"
-
-# Importing the modules above starts no jax backend, so this still takes effect.
-avoid_cpu_scheduler_deadlock()
 
 __all__ = [
     "EKFAC",

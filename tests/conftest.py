@@ -4,10 +4,19 @@ Each test runs with ``jax_enable_x64``; tests of float32 behaviour ask for float
 arrays explicitly. The doctests under ``natgrad_jax/`` run with JAX's defaults.
 """
 
+import os
+
 import jax
 import pytest
 
-from natgrad_jax._xla_flags import add_default_flag
+
+def add_default_flag(option: str, value: str) -> None:
+    """Adds ``--option=value`` to ``XLA_FLAGS`` unless the option is already set there
+    (to any value: a run can override the suite's choice)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if option not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --{option}={value}".strip()
+
 
 # The suite's time is mostly XLA compiling small programs, and on the CPU most of that
 # is LLVM's optimisation passes, which buy nothing at these sizes: without them the
