@@ -8,10 +8,26 @@ pseudo-inverted, so a PSD input never produces NaN.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
 from natgrad_jax._precision import exact_matmuls
+
+
+def _each(function, matrices: jax.Array) -> jax.Array:
+    """``function`` of each matrix of a (B, P, P) stack, with one LAPACK call per matrix.
+
+    Never one batched call: jaxlib 0.10's CPU LAPACK kernels split a batch of large
+    matrices into tasks on XLA's intra-op thread pool and block the calling pool thread
+    until those finish. When as many such calls run at once as the pool has threads (one
+    per device on 8 host devices, or concurrent ones on a 2-core machine), every thread
+    waits for tasks none is free to run, and the step never completes. XLA runs
+    independent calls in parallel anyway: six 1000×1000 Cholesky inverses took 225 ms
+    one by one against 232 ms batched (fastest of 10, 2-core CPU, jax 0.10.2).
+    """
+    return jnp.stack([function(matrix) for matrix in matrices])
 
 
 def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:
@@ -25,67 +41,16 @@ def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:
     return (eigenvectors * inverse_eigenvalues) @ eigenvectors.T
 
 
-def _cholesky_inverse(damped: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(A⁻¹ from the Cholesky factor of A, whether A is numerically positive definite).
-
-    The factorisation reads one triangle (no symmetrising copy), and its pivots alone
-    tell whether it succeeded: a failed factor is NaN, and a NaN entry reaches the
-    pivots of the rows after it. "Numerically positive definite" means the pivots are
-    finite and the smallest pivot² exceeds P·eps times the largest diagonal entry: some
-    LAPACK builds return a finite but meaningless factor for a singular matrix."""
-    size, dtype = damped.shape[-1], damped.dtype
-    factor = jax.lax.linalg.cholesky(damped, symmetrize_input=False)  # the lower triangle
-    pivots = jnp.abs(jnp.diagonal(factor))
-    positive_definite = jnp.all(jnp.isfinite(pivots)) & (
-        jnp.min(pivots) ** 2 > size * jnp.finfo(dtype).eps * jnp.max(jnp.abs(jnp.diagonal(damped)))
-    )
-    identity = jnp.eye(size, dtype=dtype)
-    return jax.scipy.linalg.cho_solve((factor, True), identity), positive_definite
-
-
-def damped_matrix_inverses(matrices, dampings) -> list:
-    """(M + λI)⁻¹ of each symmetric PSD matrix M with its own λ, never NaN: Cholesky where
-    M + λI is numerically positive definite, the eigendecomposition pseudo-inverse
-    otherwise. One ``lax.cond`` for all of them, so the eigendecompositions run only in
-    the rare step where a factorisation fails (they then run for every matrix: the
-    branch is one program).
-
-    Each matrix has its own LAPACK calls, even where several have the same size, and
-    never one batched call: jaxlib 0.10's CPU LAPACK kernels split a batch of large
-    matrices into tasks on XLA's intra-op thread pool and block the calling pool thread
-    until those finish; when as many such calls run at once as the pool has threads
-    (one per device on 8 host devices, or concurrent ones on a 2-core machine), every
-    thread waits for tasks none is free to run, and the step never completes. XLA runs
-    independent calls in parallel anyway: six 1000×1000 inverses took 225 ms one by one
-    against 232 ms batched (fastest of 10, 2-core CPU, jax 0.10.2).
-
-    The solves run outside the ``cond``: on the 2.8M-parameter autoencoder's six
-    1000×1000 factors that took a refresh's factorisation from 260 to 208 ms against
-    the Cholesky solves inside it. The fallback branch is compiled even when it never
-    runs (0.9 s of the README demo's 3.3 s of XLA compilation, jax 0.10.2, CPU).
-    """
-    damped = [
-        m + jnp.asarray(d, m.dtype) * jnp.eye(m.shape[-1], dtype=m.dtype)
-        for m, d in zip(matrices, dampings, strict=True)
-    ]
-    inverses, positive_definite = zip(*map(_cholesky_inverse, damped), strict=True)
-
-    def with_fallback(inverses):
-        return [
-            jnp.where(ok, inverse, _eigh_pseudo_inverse(matrix))  # eigh symmetrises
-            for inverse, ok, matrix in zip(inverses, positive_definite, damped, strict=True)
-        ]
-
-    all_positive_definite = jnp.all(jnp.stack(positive_definite))
-    return jax.lax.cond(all_positive_definite, lambda x: x, with_fallback, list(inverses))
-
-
 @exact_matmuls
 def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
     r"""(M + λI)⁻¹ for a symmetric PSD matrix M, never NaN.
 
     Cholesky when M + λI is numerically positive definite; otherwise the
-    eigendecomposition pseudo-inverse (``damped_matrix_inverses``).
+    eigendecomposition pseudo-inverse. "Numerically positive definite" means the
+    factor is finite and its smallest pivot² exceeds P·eps times the largest diagonal
+    entry: some LAPACK builds return a finite but meaningless factor for a singular
+    matrix instead of NaN. The choice is made with ``lax.cond``, so the
+    eigendecomposition runs only when it is needed.
 
     Args:
       matrix: a symmetric (P, P) matrix, PSD up to round-off.
@@ -94,7 +59,44 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
     Returns:
       The (P, P) inverse (pseudo-inverse on the null space when λ = 0).
     """
-    return damped_matrix_inverses([matrix], [damping])[0]
+    return damped_inverses(matrix[None], jnp.reshape(damping, (1,)))[0]
+
+
+def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
+    """``damped_inverse`` of each of B same-size matrices (B, P, P) with its own λ (B,),
+    one Cholesky each (``_each``); the eigendecompositions run only if one needs it.
+
+    The Cholesky factorisation reads one triangle (no symmetrising copy), its pivots
+    alone tell whether it succeeded (a failed factor is NaN, and a NaN entry reaches
+    the pivots of the rows after it), and the solves run outside the ``lax.cond``, whose
+    other branch replaces the failed inverses by pseudo-inverses. On the 2.8M-parameter
+    autoencoder's six 1000×1000 factors this took a refresh's factorisation from 260 to
+    208 ms (fastest of 15 runs, 2-core CPU, jax 0.10.2) against the Cholesky solves
+    inside the ``cond`` after a symmetrising copy and a scan of every entry for NaN.
+
+    The fallback's branch is compiled even when it never runs: on the README demo's
+    autoencoder it was 0.9 s of the default step's 3.3 s of XLA compilation (jax
+    0.10.2, CPU). One ``cond`` for all sizes would pass a list of inverses instead of
+    one stacked array per size: tried, on that autoencoder the steps between refreshes
+    spent 60 ms more in copies (80 against 20 ms), so it is one ``cond`` per size.
+    """
+    size, dtype = matrices.shape[-1], matrices.dtype
+    identity = jnp.eye(size, dtype=dtype)
+    damped = matrices + jnp.asarray(dampings, dtype)[:, None, None] * identity
+    factors = _each(partial(jax.lax.linalg.cholesky, symmetrize_input=False), damped)  # lower
+    pivots = jnp.abs(jnp.diagonal(factors, axis1=-2, axis2=-1))
+    scale = jnp.max(jnp.abs(jnp.diagonal(damped, axis1=-2, axis2=-1)), axis=-1)
+    eps = jnp.finfo(dtype).eps
+    positive_definite = jnp.all(jnp.isfinite(pivots), axis=-1) & (
+        jnp.min(pivots, axis=-1) ** 2 > size * eps * scale
+    )
+    inverses = _each(lambda factor: jax.scipy.linalg.cho_solve((factor, True), identity), factors)
+
+    def with_fallback(inverses):
+        pseudo_inverses = _each(_eigh_pseudo_inverse, damped)  # eigh symmetrises
+        return jnp.where(positive_definite[:, None, None], inverses, pseudo_inverses)
+
+    return jax.lax.cond(jnp.all(positive_definite), lambda x: x, with_fallback, inverses)
 
 
 def _vector_inverse(diagonal, damping):
@@ -104,21 +106,29 @@ def _vector_inverse(diagonal, damping):
 
 @exact_matmuls
 def batched_inverses(factors, dampings) -> list:
-    """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector).
+    """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector),
+    matrices of the same size inverted together (``damped_inverses``).
 
     A 1×1 matrix is inverted as the scalar it is (the same pseudo-inverse: 0 where the
     damped value is not positive), without a factorisation of its own: a network's
-    biases each have one (their input factor).
+    biases each have one (their input factor), and a Cholesky for them would add a
+    ``lax.cond`` and an eigendecomposition branch to compile.
     """
-    is_scalar = [f.ndim == 1 or f.size == 1 for f in factors]
-    matrices = [
-        (f, d) for f, d, scalar in zip(factors, dampings, is_scalar, strict=True) if not scalar
+    inverses = [
+        _vector_inverse(f.reshape(-1), d).reshape(f.shape) if f.ndim == 1 or f.size == 1 else None
+        for f, d in zip(factors, dampings, strict=True)
     ]
-    matrix_inverses = iter(damped_matrix_inverses(*zip(*matrices, strict=True)) if matrices else [])
-    return [
-        _vector_inverse(f.reshape(-1), d).reshape(f.shape) if scalar else next(matrix_inverses)
-        for f, d, scalar in zip(factors, dampings, is_scalar, strict=True)
-    ]
+    by_size: dict[int, list[int]] = {}
+    for index, factor in enumerate(factors):
+        if inverses[index] is None:
+            by_size.setdefault(factor.shape[0], []).append(index)
+    for indices in by_size.values():
+        stacked = damped_inverses(
+            jnp.stack([factors[i] for i in indices]), jnp.stack([dampings[i] for i in indices])
+        )
+        for position, index in enumerate(indices):
+            inverses[index] = stacked[position]
+    return inverses
 
 
 def inner_products(vectors, others) -> jax.Array:
