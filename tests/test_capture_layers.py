@@ -1,6 +1,8 @@
 """Capture of convolutions (KFC) and elementwise scales against vmap-ed per-example gradients
 and dense score rows; flax and equinox CNNs and normalisation layers end to end."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,8 @@ from jax.flatten_util import ravel_pytree
 import natgrad_jax as ng
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import factored_rows
-from natgrad_jax._curvature.kronecker import Kronecker
+from natgrad_jax._curvature.factored import factored_rows, leaf_to_matrix
+from natgrad_jax._curvature.kronecker import Kronecker, _numpy_view
 from tests.helpers import assert_capture_rebuilds_vmap_gradients, optional_import
 
 N, CLASSES = 5, 3
@@ -510,3 +512,31 @@ def test_captured_layers_in_float32(apply_params_inputs):
     assert_capture_rebuilds_vmap_gradients(
         apply, captured, params, x, cotangent, rtol=2e-4, atol=2e-5
     )
+
+
+def _captured_models():
+    """(name, apply_fn, params, inputs): every kind of captured layer, multi-axis
+    kernels, (out, in) kernels of several layouts, leaves joined before their matmul."""
+    model, params, inputs = _flax_language_model()
+    yield "language model", model.apply_fn, params, inputs
+    for name, config in CONVS.items():
+        yield name, *_conv_model(*config)
+    yield "concatenated", _concatenated, _concatenated_params(), jnp.ones((N, 4))
+
+
+def test_numpy_layout_views_are_leaf_to_matrix():
+    """K-FAC reads a leaf's orientation from the K×D view of its entry indices, computed
+    with NumPy when ``leaf_to_matrix`` is layout operations only; that view must be the
+    one jax computes, on every captured layer it is computed for."""
+    computed_with_numpy = 0
+    for name, apply_fn, params, inputs in _captured_models():
+        shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
+        for layer in capture(apply_fn, params, inputs).layers:
+            index = np.arange(math.prod(shapes[layer.leaf]), dtype=np.float32)
+            index = index.reshape(shapes[layer.leaf])
+            view = _numpy_view(layer, index)
+            if view is not None:
+                computed_with_numpy += 1
+                want = np.asarray(leaf_to_matrix(layer, jnp.asarray(index)))
+                np.testing.assert_array_equal(view, want, err_msg=f"{name}: {layer}")
+    assert computed_with_numpy == 22 + 4 * len(CONVS) + 6  # every layer of the models

@@ -94,11 +94,40 @@ def _orientation(layer, shape) -> str | None:
 _ORIENTATIONS: dict = {}
 
 
+# Layout primitives and their NumPy equivalents, for ``_numpy_view``.
+_NUMPY_LAYOUT = {
+    "transpose": lambda x, params: np.transpose(x, params["permutation"]),
+    "reshape": lambda x, params: np.reshape(x, params["new_sizes"]),
+    "squeeze": lambda x, params: np.squeeze(x, tuple(params["dimensions"])),
+    "convert_element_type": lambda x, params: x,
+    "copy": lambda x, params: x,
+    "copy_p": lambda x, params: x,
+}
+
+
+def _numpy_view(layer, index: np.ndarray) -> np.ndarray | None:
+    """``leaf_to_matrix`` of a NumPy array, evaluated with NumPy from its jaxpr when that
+    holds layout primitives only (a dense layer's transpose and reshape, a bias's
+    reshape); None otherwise. Evaluating it with jax compiles each of its operations for
+    the leaf's shape: that took 0.4–0.6 s of the first trace of the 2.8M-parameter
+    autoencoder's default step, this 0.04 s."""
+    jaxpr = jax.make_jaxpr(lambda leaf: leaf_to_matrix(layer, leaf))(index).jaxpr
+    if any(e.primitive.name not in _NUMPY_LAYOUT or len(e.invars) != 1 for e in jaxpr.eqns):
+        return None
+    values = {jaxpr.invars[0]: index}
+    for equation in jaxpr.eqns:
+        layout = _NUMPY_LAYOUT[equation.primitive.name]
+        values[equation.outvars[0]] = layout(values[equation.invars[0]], equation.params)
+    return values[jaxpr.outvars[0]]
+
+
 def _measured_orientation(layer, shape) -> str | None:
     m, n = split_shape(shape)
-    with jax.ensure_compile_time_eval():
-        index = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
-        view = np.asarray(leaf_to_matrix(layer, jnp.asarray(index)))
+    index = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+    view = _numpy_view(layer, index)
+    if view is None:
+        with jax.ensure_compile_time_eval():
+            view = np.asarray(leaf_to_matrix(layer, jnp.asarray(index)))
     as_matrix = index.reshape(m, n)
     if view.shape == as_matrix.shape and np.array_equal(view, as_matrix):
         return "left_is_inputs"
