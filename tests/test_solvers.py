@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from natgrad_jax._solvers import (
+    _GROUP,
     batched_inverses,
     damped_inverse,
+    damped_inverses,
     inner_products,
     trust_region_scale,
 )
@@ -94,6 +96,25 @@ def test_batched_inverses_equal_one_at_a_time_with_a_singular_one_among_them():
     assert len(shapes("triangular_solve")) == 2 * 4
     assert all(len(shape) == 2 for shape in shapes("triangular_solve"))
     assert [e.primitive.name for e in five_by_five.jaxpr.eqns].count("cond") == 2
+
+
+def test_more_same_size_matrices_than_a_group_are_inverted_in_a_loop_of_single_calls():
+    """Eleven matrices of one size, a singular undamped one among them: a ``lax.map`` over
+    groups of ``_GROUP`` separate one-matrix calls (padded with identities), and every
+    inverse is still its own (pseudo-)inverse."""
+    rng = np.random.default_rng(1)
+    roots = rng.normal(size=(11, 4, 4))
+    matrices = np.einsum("bij,bkj->bik", roots, roots)
+    matrices[7] = np.outer(roots[7][0], roots[7][0])  # rank one
+    dampings = np.where(np.arange(11) == 7, 0.0, 10.0 ** -np.arange(11))
+    got = damped_inverses(jnp.asarray(matrices), jnp.asarray(dampings))
+    for matrix, damping, inverse in zip(matrices, dampings, got, strict=True):
+        want = np.linalg.pinv(matrix + damping * np.eye(4), rcond=1e-10)
+        np.testing.assert_allclose(inverse, want, rtol=1e-7, atol=1e-9)
+    jaxpr = jax.make_jaxpr(damped_inverses)(jnp.asarray(matrices), jnp.asarray(dampings))
+    choleskys = equations(jaxpr.jaxpr, "cholesky")
+    assert _GROUP < 11 and [e.invars[0].aval.shape for e in choleskys] == [(4, 4)] * _GROUP
+    assert equations(jaxpr.jaxpr, "scan")  # the loop over the groups
 
 
 @pytest.mark.parametrize(("rows", "columns"), [(1, 1), (2, 2), (3, 1)])
