@@ -113,6 +113,11 @@ class Layer:
     # gates' kernels for one matmul): (output axis, start, full size) of its slice of the
     # layer's output. Its own layer is that slice: the same input, its share of g.
     part: tuple | None = None
+    # A bias added to the output of a matmul or convolution that nothing else reads
+    # (directly, or through transposes read once each): (leaf of that layer, the axes
+    # of its output the add's other operand has, in order). Its output-gradients g are
+    # then this bias's, transposed; K-FAC checks the layouts agree and shares G.
+    follows: tuple | None = None
 
     @property
     def probe_shape(self) -> tuple:
@@ -202,6 +207,7 @@ class _Use:
     scan_lengths: tuple = ()
     factor: tuple | None = None  # _Origin.factor of the parameter operand
     part: tuple | None = None  # Layer.part
+    follows: tuple | None = None  # Layer.follows
 
 
 class _Origin(NamedTuple):
@@ -253,6 +259,7 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
     """
     env = dict(origins)
     live = _live_equations(closed_jaxpr.jaxpr)
+    layer_outputs = _LayerOutputs(closed_jaxpr.jaxpr, live)
     for eqn, is_live in zip(closed_jaxpr.jaxpr.eqns, live, strict=True):
         index = counter[0]
         counter[0] += 1 + (0 if is_live else _nested_equations(eqn))
@@ -264,11 +271,15 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
         from_inputs = any(not _is_literal(v) and v in tainted for v in eqn.invars)
         if from_inputs:
             tainted.update(eqn.outvars)
+        if name == "transpose":
+            layer_outputs.transpose(eqn)
         if name == "pvary":  # inside shard_map: the same values, marked device-varying
             env.update((v, d) for v, d in zip(eqn.outvars, derived, strict=True) if d is not None)
             continue
         if any(isinstance(derived[k], _Concatenation) for k in sides):
+            found = len(uses)
             _follow_concatenation(eqn, index, sides, derived, env, uses, scan_lengths)
+            layer_outputs.link(eqn, uses[found:])
             continue
         layer = _layer_kind(eqn, sides, derived)
         if name == "concatenate" and _concatenates_leaves(derived):
@@ -278,7 +289,9 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
             factor = (index, 1 - sides[0], len(origin.chain))
             env[eqn.outvars[0]] = origin._replace(factor=factor)
         elif layer is not None:
-            uses.append(_layer_use(layer, index, derived[sides[0]], sides[0], eqn, scan_lengths))
+            use = _layer_use(layer, index, derived[sides[0]], sides[0], eqn, scan_lengths)
+            layer_outputs.link(eqn, [use])
+            uses.append(use)
         elif name in BIAS_OPS and sides == [0] and len(eqn.invars) == 1:
             origin = derived[0]
             env[eqn.outvars[0]] = origin._replace(
@@ -319,6 +332,55 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
     for var in closed_jaxpr.jaxpr.outvars:
         if not _is_literal(var) and var in env:
             uses.extend(_Use(leaf, None, primitive_name="output") for leaf in _leaves(env[var]))
+
+
+class _LayerOutputs:
+    """The outputs of a jaxpr's matmul and convolution layers that one equation reads
+    (directly, or through transposes read once each), for ``Layer.follows``: a bias
+    added to one of them has that layer's output-gradients g, transposed."""
+
+    def __init__(self, jaxpr, live):
+        read = [
+            v for eqn, is_live in zip(jaxpr.eqns, live, strict=True) if is_live for v in eqn.invars
+        ]
+        self._readers = collections.Counter(
+            v for v in (*read, *jaxpr.outvars) if not _is_literal(v)
+        )
+        # variable -> ({Layer.part: leaf} of the layer, the layer output's axes it has)
+        self._outputs = {}
+
+    def _read_once(self, var) -> bool:
+        return not _is_literal(var) and var in self._outputs and self._readers[var] == 1
+
+    def transpose(self, eqn):
+        if self._read_once(eqn.invars[0]):
+            leaves, axes = self._outputs[eqn.invars[0]]
+            permuted = tuple(axes[p] for p in eqn.params["permutation"])
+            self._outputs[eqn.outvars[0]] = (leaves, permuted)
+
+    def link(self, eqn, uses):
+        """Records the output of a matmul or convolution layer's ``uses`` (one per part
+        of concatenated leaves), or sets ``follows`` on the uses of a bias ``add``."""
+        if uses and all(use.kind in ("dot", "conv") for use in uses):
+            axes = tuple(range(eqn.outvars[0].aval.ndim))
+            self._outputs[eqn.outvars[0]] = ({use.part: use.leaf for use in uses}, axes)
+        for use in uses:
+            if use.kind == "add":
+                use.follows = self._followed(eqn, use)
+
+    def _followed(self, eqn, use) -> tuple | None:
+        """The leaf of the layer whose output (or a transpose of it, read once) the add
+        takes as it is (same shape and dtype) and alone, with that part of it the
+        bias's part is, and the axes; the gradient w.r.t. that output is then the add's
+        output-gradient."""
+        other, out = eqn.invars[1 - use.param_operand], eqn.outvars[0]
+        if not self._read_once(other):
+            return None
+        if other.aval.shape != out.aval.shape or other.aval.dtype != out.aval.dtype:
+            return None
+        leaves, axes = self._outputs[other]
+        part = None if use.part is None else (axes[use.part[0]], *use.part[1:])
+        return (leaves[part], axes) if part in leaves else None
 
 
 def _inner_origins(inner, derived) -> dict:
@@ -688,6 +750,7 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
         scan_lengths=use.scan_lengths,
         constant_factor=_constant_factor(uses[0]),
         part=use.part,
+        follows=use.follows,
     )
 
 

@@ -8,7 +8,7 @@ import jax
 
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.auto import auto_choice
-from natgrad_jax._curvature.kronecker import kronecker_route
+from natgrad_jax._curvature.kronecker import kronecker_route, shared_output_factors
 from natgrad_jax._fisher import exact_rows_per_example
 from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._model import Model
@@ -37,8 +37,9 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     inputs and output-gradients of a layer that capture found in the traced model
     (matmul, convolution, bias add, elementwise scale), or by ``jax.vmap`` (with the
     reason) — which Woodbury and the diagonal use; and whether Kronecker factors it
-    (A ⊗ G, with the factors' sizes; a bias of several axes: tensor-normal L ⊗ R) or
-    uses the exact diagonal (with the reason).
+    (A ⊗ G, with the factors' sizes; a bias of several axes: tensor-normal L ⊗ R; a bias
+    added straight to its weight's output shares that weight's G and π) or uses the
+    exact diagonal (with the reason).
     ``"dense"``, ``"block_diagonal"`` and ``"cg"`` do not depend on capture: they use
     vmap-ed score rows or Fisher-vector products. The last lines say what
     ``solver="auto"`` picks for the exact Fisher of this batch, with its estimates of
@@ -58,7 +59,7 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
       >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
       >>> print(ng.describe(model, params, jnp.zeros((8, 3))))
       leaf   shape   per-example gradients (woodbury, diagonal)  kronecker
-      ['b']  (2,)    captured: bias add, output (8, 2)           A ⊗ G: 1×1 ⊗ 2×2
+      ['b']  (2,)    captured: bias add, output (8, 2)           A ⊗ G: 1×1 ⊗ 2×2 (G and π of ['w'])
       ['w']  (3, 2)  captured: matmul, input (8, 3)              A ⊗ G: 3×3 ⊗ 2×2
       solver="auto" picks dense:
         least estimated cost, P = 8, M = 16: dense 1.2e+03, woodbury 3.7e+03, cg 3.0e+07
@@ -68,8 +69,11 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     captured = capture(model.apply_fn, params, inputs)
     rows = [COLUMNS]
     leaves = zip(captured.leaf_names, captured.leaf_shapes, strict=True)
+    shared = shared_output_factors(captured, captured.leaf_shapes)
     for leaf, (name, shape) in enumerate(leaves):
         kronecker = kronecker_route(captured.layer_of(leaf), shape)
+        if leaf in shared:
+            kronecker += f" (G and π of {captured.leaf_names[shared[leaf]]})"
         rows.append((name, str(shape), captured.route(leaf), kronecker))
     num_examples = jax.tree.leaves(inputs)[0].shape[0]
     num_rows = num_examples * exact_rows_per_example(model, params, inputs)

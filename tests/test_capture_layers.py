@@ -13,7 +13,12 @@ import natgrad_jax as ng
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows, leaf_to_matrix
-from natgrad_jax._curvature.kronecker import Kronecker, _numpy_view
+from natgrad_jax._curvature.kronecker import (
+    Kronecker,
+    _numpy_view,
+    _same_g,
+    shared_output_factors,
+)
 from tests.helpers import assert_capture_rebuilds_vmap_gradients, optional_import
 
 N, CLASSES = 5, 3
@@ -461,7 +466,7 @@ def test_language_model_is_captured_and_matches_the_dense_fisher():
     text = ng.describe(model, params, (tokens, mask))
     assert "vmap" not in text and "embedding lookup" in text
     for name in ("query", "key", "value", "out"):  # multi-axis kernels get factors
-        line = next(row for row in text.splitlines() if f"['{name}']['kernel']" in row)
+        line = next(row for row in text.splitlines() if f"['{name}']['kernel'] " in row[:60])
         assert "A ⊗ G: 8×8 ⊗ 8×8" in line
     fisher = jax.jit(lambda p, x: ng.fisher(model, p, x))
     reference = fisher(params, (tokens, mask))
@@ -540,3 +545,106 @@ def test_numpy_layout_views_are_leaf_to_matrix():
                 want = np.asarray(leaf_to_matrix(layer, jnp.asarray(index)))
                 np.testing.assert_array_equal(view, want, err_msg=f"{name}: {layer}")
     assert computed_with_numpy == 22 + 4 * len(CONVS) + 6  # every layer of the models
+
+
+def _residual(p, x):
+    """The matmul's output is read twice (the bias's add and a skip connection): its g
+    is the sum of both paths', not the bias's."""
+    h = x @ p["w"]
+    return jnp.tanh(h + p["b"]) @ p["v"] + h[:, :CLASSES]
+
+
+def _transposed_square(p, x):
+    """A per-token matmul (N, T, D) with T = D, transposed to (N, D, T) before a bias
+    of T entries is added: same shape, but the bias's features are the tokens."""
+    h = jnp.swapaxes(x @ p["w"], 1, 2) + p["b"]
+    return jnp.mean(jnp.tanh(h), axis=1) @ p["v"]
+
+
+def _bias_models():
+    """(name, model, params, inputs, the biases expected to share their weight's G)."""
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    square = {
+        "b": jnp.linspace(-0.5, 0.5, 3),
+        "v": jax.random.normal(keys[0], (3, CLASSES)),
+        "w": jax.random.normal(keys[1], (4, 3)),
+    }
+    residual = {**square, "w": jax.random.normal(keys[2], (4, 3 + CLASSES))}
+    residual["v"] = jax.random.normal(keys[0], (3 + CLASSES, CLASSES))
+    residual["b"] = jnp.linspace(-0.5, 0.5, 3 + CLASSES)
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 4))
+    yield "residual", ng.Model(_residual, ng.Categorical()), residual, x, set()
+    tokens = jnp.stack([x[:, :3]] * 4, -1)
+    yield "transposed", ng.Model(_transposed_square, ng.Categorical()), square, tokens, set()
+    apply, params, images = _flax_cnn()
+    yield (
+        "flax cnn",
+        ng.Model(apply, ng.Categorical()),
+        params,
+        images,
+        {"['Conv_0']['bias']", "['Conv_1']['bias']", "['Dense_0']['bias']"},
+    )
+    model, params, inputs = _flax_language_model()
+    dense = {f"['Dense_{k}']['bias']" for k in range(3)}
+    out = "['MultiHeadDotProductAttention_0']['out']['bias']"
+    yield "language model", model, params, inputs, dense | {out}
+    apply, params, sequences = _flax_recurrent("OptimizedLSTMCell")  # gates' kernels joined
+    gates = {f"['params']['OptimizedLSTMCell_0']['h{gate}']['bias']" for gate in "fgio"}
+    lstm = ng.Model(apply, ng.Categorical())
+    yield "optimized lstm", lstm, params, sequences, gates | {"['params']['Dense_0']['bias']"}
+    eqx = optional_import("equinox")
+    net = eqx.nn.MLP(4, CLASSES, 5, 1, key=jax.random.PRNGKey(0))
+    net = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, net)
+    params, static = eqx.partition(net, eqx.is_array)
+    apply = lambda p, x: jax.vmap(eqx.combine(p, static))(x)  # W @ x, then a transpose
+    yield (
+        "equinox mlp",
+        ng.Model(apply, ng.Categorical()),
+        params,
+        x,
+        {".layers[0].bias", ".layers[1].bias"},
+    )
+
+
+def _output_factors(model, params, inputs, layer_indices):
+    """{(layer index, approximation): G from the layer's own g}, exact Fisher, jitted."""
+
+    @jax.jit
+    def factors(params, inputs):
+        rows = factored_rows(CurvatureBatch(model, params, inputs, "exact"))
+        return {
+            (k, how): rows.output_factor(k, how)
+            for k in layer_indices
+            for how in ("expand", "reduce")
+        }
+
+    return factors(params, inputs)
+
+
+def test_biases_share_their_weights_output_factor_exactly_where_their_g_is_the_weights():
+    """K-FAC keeps one G for a bias added straight to its weight's output (directly,
+    through a transpose: equinox's W @ x under vmap, or as slices of a matmul on joined
+    kernels and an add of joined biases: flax's OptimizedLSTMCell). Every bias captured
+    as following a matmul or convolution has its own output factor computed from its own
+    g here: equal to the weight's G where it is shared, different where the output is read
+    again (a skip connection: not following) or the bias runs along another axis of it
+    (the layouts disagree); for K-FAC's "expand" and "reduce" alike."""
+    for name, model, params, inputs, expected in _bias_models():
+        captured = capture(model.apply_fn, params, inputs)
+        shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
+        shared = shared_output_factors(captured, shapes)
+        assert {captured.leaf_names[k] for k in shared} == expected, name
+        index = {layer.leaf: k for k, layer in enumerate(captured.layers)}
+        pairs = [(layer.leaf, layer.follows[0]) for layer in captured.layers if layer.follows]
+        assert set(shared.items()) <= set(pairs) and (pairs or not expected), name
+        used = sorted({index[k] for pair in pairs for k in pair})
+        factors = _output_factors(model, params, inputs, used)
+        for bias, weight in pairs:
+            layouts_agree = _same_g(captured.layer_of(bias), captured.layer_of(weight))
+            for how in ("expand", "reduce"):
+                own, weights = factors[index[bias], how], factors[index[weight], how]
+                same = own.shape == weights.shape and np.allclose(own, weights, rtol=1e-12, atol=0)
+                # The layout check agrees with the numbers (multi-axis attention biases
+                # have their weight's g too, but keep tensor-normal factors: not shared).
+                assert same == layouts_agree, (name, captured.leaf_names[bias], how)
+                assert same or bias not in shared, (name, captured.leaf_names[bias], how)

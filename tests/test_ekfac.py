@@ -10,6 +10,7 @@ import natgrad_jax as ng
 from tests.helpers import (
     assert_ekfac_is_exact_in_its_eigenbasis,
     classifier_nll_before_and_after,
+    equations,
     init_mlp,
     mlp,
 )
@@ -140,3 +141,23 @@ def test_ekfac_is_between_kfac_and_the_exact_fisher():
     ekfac_distance = jnp.linalg.norm(ekfac_update - exact) / jnp.linalg.norm(exact)
     kfac_distance = jnp.linalg.norm(kfac_update - exact) / jnp.linalg.norm(exact)
     assert ekfac_distance < 0.5 * kfac_distance
+
+
+def test_biases_take_their_weights_eigenbasis_of_g():
+    """A bias added straight to its weight's output has the weight's G: one
+    eigendecomposition serves both (two per weight, none per bias), and the basis the
+    bias gets diagonalises its own G (in the last layer A and G are both 5×5, so the
+    weight's A basis would fit the shapes but not this)."""
+    params = init_mlp(jax.random.PRNGKey(0), [5, 5, 5])
+    model, x = ng.Model(mlp, ng.Categorical()), jax.random.normal(jax.random.PRNGKey(1), (7, 5))
+    tx = ng.scale_by_natural_gradient(model, solver="ekfac", damping=1e-2)
+    g = jax.tree.map(jnp.ones_like, params)
+    jaxpr = jax.make_jaxpr(lambda s: tx.update(g, s, params, inputs=x))(tx.init(params)).jaxpr
+    assert len(equations(jaxpr, "eigh")) == 4  # two weights, A and G each
+    _, state = jax.jit(tx.update)(g, tx.init(params), params, inputs=x)
+    leaves = state.curvature.leaves  # [b, w, b, w]
+    for bias, weight in zip(leaves[::2], leaves[1::2], strict=True):
+        np.testing.assert_array_equal(bias.right, weight.right)
+        rotated = np.asarray(bias.right_basis.T @ bias.right @ bias.right_basis)
+        np.testing.assert_allclose(rotated, np.diag(np.diag(rotated)), atol=1e-10)
+        np.testing.assert_array_equal(bias.left_basis, np.ones((1, 1)))

@@ -31,6 +31,20 @@ def _refreshed_state(model, params, x, damping=1e-3):
     return tx.update(g, tx.init(params), params, inputs=x)[1].curvature
 
 
+def _mlp_pi_dampings(leaves, damping):
+    """(left, right) π-dampings of each leaf of an MLP's [b, w, b, w, ...] state, written
+    out: a weight's π = √((tr A / K) / (tr G / D)) (A = left, G = right); its bias
+    (a 1×1 A_b and a G_b equal to the weight's G) takes the weight's π."""
+    root = np.sqrt(damping)
+    dampings = []
+    for bias, weight in zip(leaves[::2], leaves[1::2], strict=True):
+        left, right = np.asarray(weight.left), np.asarray(weight.right)
+        pi = np.sqrt((np.trace(left) / len(left)) / (np.trace(right) / len(right)))
+        np.testing.assert_allclose(bias.right, right, rtol=1e-12)  # one G, measured once
+        dampings += [(pi * root, root / pi)] * 2
+    return dampings
+
+
 def _deep_linear(params, x):
     for layer in params:
         x = x @ layer["w"] + layer["b"]
@@ -76,17 +90,18 @@ def test_kronecker_solve_is_the_pi_damped_factored_inverse(damping):
     tx = ng.scale_by_natural_gradient(model, damping=damping, solver="kronecker")
     updates, state = tx.update(g, tx.init(params), params, inputs=x)
     dense_blocks = _blocks(ng.fisher(model, params, x), params)
-    for leaf, grad, update, block in zip(
-        state.curvature.leaves,
+    leaves = state.curvature.leaves
+    for leaf, (left_damping, right_damping), grad, update, block in zip(
+        leaves,
+        _mlp_pi_dampings(leaves, damping),
         jax.tree.leaves(g),
         jax.tree.leaves(updates),
         dense_blocks,
         strict=True,
     ):
         left, right = np.asarray(leaf.left), np.asarray(leaf.right)
-        pi = np.sqrt((np.trace(left) / len(left)) / (np.trace(right) / len(right)))
-        left_damped = left + pi * np.sqrt(damping) * np.eye(len(left))
-        right_damped = right + np.sqrt(damping) / pi * np.eye(len(right))
+        left_damped = left + left_damping * np.eye(len(left))
+        right_damped = right + right_damping * np.eye(len(right))
         v = np.asarray(grad).reshape(len(left), len(right))
         # Pseudo-inverses: undamped, the first layer's G has rank 2 < 4.
         pinv = lambda m: np.linalg.pinv(m, rcond=1e-10, hermitian=True)
@@ -270,13 +285,14 @@ def test_a_factor_over_max_factor_size_keeps_the_diagonal_of_the_full_factor():
 
 
 def test_factors_are_inverted_one_call_each_under_one_fallback_branch():
-    """An 8-8-8-8 MLP has twelve factors: the biases' 1×1 and 8×8, the kernels' 8×8.
-    The update factorises the nine 8×8 ones one LAPACK call each (jaxlib 0.10's batched
-    calls can deadlock; nine is over ``_GROUP``, so a loop of eight calls), the 1×1 ones
-    as scalars, under one ``lax.cond`` fallback for the size, and still equals the
-    per-leaf π-damped inverses."""
+    """An 8-8-8-8-8-8 MLP has twenty factors: the kernels' 8×8 A and G, the biases'
+    1×1 and their G, which is their kernel's (shared, not factorised again). The update
+    factorises the ten 8×8 ones one LAPACK call each (jaxlib 0.10's batched calls can
+    deadlock; ten is over ``_GROUP``, so a loop of eight calls), the 1×1 ones as
+    scalars, under one ``lax.cond`` fallback for the size, and still equals the
+    π-damped inverses."""
     model = ng.Model(mlp, ng.Categorical())
-    params = init_mlp(jax.random.PRNGKey(0), [8, 8, 8, 8])
+    params = init_mlp(jax.random.PRNGKey(0), [8] * 6)
     x = jax.random.normal(jax.random.PRNGKey(1), (10, 8))
     tx = ng.scale_by_natural_gradient(model, solver="kronecker", damping=1e-2)
     g = jax.tree.map(jnp.ones_like, params)
@@ -284,6 +300,8 @@ def test_factors_are_inverted_one_call_each_under_one_fallback_branch():
     jaxpr = jax.make_jaxpr(update)(tx.init(params)).jaxpr
     choleskys = equations(jaxpr, "cholesky")
     assert [e.invars[0].aval.shape for e in choleskys] == [(8, 8)] * 8
+    loops = [e for e in equations(jaxpr, "scan") if equations(e.params["jaxpr"].jaxpr, "cholesky")]
+    assert [e.params["length"] for e in loops] == [2]  # ten matrices, padded to two groups
     fallbacks = [
         e
         for e in equations(jaxpr, "cond")
@@ -291,12 +309,10 @@ def test_factors_are_inverted_one_call_each_under_one_fallback_branch():
     ]
     assert len(fallbacks) == 1
     _, state = update(tx.init(params))
-    for leaf in state.curvature.leaves:
-        pi = jnp.sqrt((jnp.trace(leaf.left) / len(leaf.left)) / (jnp.trace(leaf.right) / 8))
-        root = jnp.sqrt(1e-2)
-        for factor, inverse, damping in (
-            (leaf.left, leaf.left_inverse, pi * root),
-            (leaf.right, leaf.right_inverse, root / pi),
+    leaves = state.curvature.leaves
+    for leaf, dampings in zip(leaves, _mlp_pi_dampings(leaves, 1e-2), strict=True):
+        for factor, inverse, damping in zip(
+            (leaf.left, leaf.right), (leaf.left_inverse, leaf.right_inverse), dampings, strict=True
         ):
             want = np.linalg.inv(factor + damping * np.eye(len(factor)))
             np.testing.assert_allclose(inverse, want, rtol=1e-8)

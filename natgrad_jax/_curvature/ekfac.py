@@ -138,16 +138,37 @@ class EKFAC:
                 new_leaves.append(old._replace(diagonal=average(old.diagonal, diagonal)))
                 continue
             left, right = average(old.left, factors[k][0]), average(old.right, factors[k][1])
-            leaf = old._replace(left=left, right=right)  # its diagonal is not used
-            if refactorise:
-                leaf = leaf._replace(
-                    left_basis=jnp.linalg.eigh(left)[1], right_basis=jnp.linalg.eigh(right)[1]
-                )
+            new_leaves.append(old._replace(left=left, right=right))  # its diagonal is unused
+        if refactorise:
+            new_leaves = self._with_eigenbases(new_leaves, batch)
+        for k, (old, leaf) in enumerate(zip(state.leaves, new_leaves, strict=True)):
+            if k not in factored:
+                continue
             moments = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)
             # In a new basis the old moments mean nothing: start from this batch's.
             scaling = moments if refactorise else average(old.scaling, moments)
-            new_leaves.append(leaf._replace(scaling=scaling))
+            new_leaves[k] = leaf._replace(scaling=scaling)
         return EkfacState(tuple(new_leaves))
+
+    def _with_eigenbases(self, leaves, batch) -> list:
+        """The leaves with the eigenbases of their current factors; a bias that shares its
+        weight's G (``Kronecker.shared_output_factors``) takes the weight's basis of it."""
+        factored = self._kronecker.factored_leaves(batch)
+        shared = self._kronecker.shared_output_factors(batch)
+        leaves = list(leaves)
+        for k in sorted(set(factored) - set(shared)):
+            left_basis, right_basis = (
+                jnp.linalg.eigh(f)[1] for f in (leaves[k].left, leaves[k].right)
+            )
+            leaves[k] = leaves[k]._replace(left_basis=left_basis, right_basis=right_basis)
+        for bias, weight in shared.items():
+            input_is_left = factored[weight][1] == "left_is_inputs"
+            weight_leaf = leaves[weight]
+            g_basis = weight_leaf.right_basis if input_is_left else weight_leaf.left_basis
+            leaves[bias] = leaves[bias]._replace(
+                left_basis=jnp.ones_like(leaves[bias].left), right_basis=g_basis
+            )
+        return leaves
 
     def measure(self, state: EkfacState, batch: CurvatureBatch, decay, is_first):
         """Averages the factors, the diagonals and s (in the current basis)."""
@@ -159,16 +180,11 @@ class EKFAC:
         factored = self._kronecker.factored_leaves(batch)
         # Only the rows are needed here: the factors were averaged by ``measure``.
         rows = factored_rows(batch, state.leaves[0].diagonal.dtype)
-        new_leaves = []
-        for k, leaf in enumerate(state.leaves):
-            if k in factored:
-                left_basis = jnp.linalg.eigh(leaf.left)[1]
-                right_basis = jnp.linalg.eigh(leaf.right)[1]
-                scaling = _second_moments(rows, *factored[k], left_basis, right_basis)
-                leaf = leaf._replace(
-                    left_basis=left_basis, right_basis=right_basis, scaling=scaling
-                )
-            new_leaves.append(leaf)
+        new_leaves = self._with_eigenbases(state.leaves, batch)
+        for k in factored:
+            leaf = new_leaves[k]
+            scaling = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)
+            new_leaves[k] = leaf._replace(scaling=scaling)
         return EkfacState(tuple(new_leaves))
 
     def refresh(self, state: EkfacState, batch: CurvatureBatch, damping, decay, is_first):

@@ -58,7 +58,7 @@ def _dot_dims(layer: Layer):
     return list(w_contract), w_free, list(x_contract), x_free
 
 
-def _output_layout(layer: Layer):
+def output_layout(layer: Layer):
     """(example axis, position axes, feature axes) of the layer's output."""
     if layer.kind == "conv":
         spec = layer.primitive_params["dimension_numbers"].out_spec
@@ -84,7 +84,7 @@ def _output_layout(layer: Layer):
 def _normalise_gradient(layer: Layer, g):
     """g (leading row axis, then the scan steps and the layer's output) → (R, N, T, D);
     positions T are the scan steps, then the output's own position axes."""
-    example, positions, features = _output_layout(layer)
+    example, positions, features = output_layout(layer)
     steps = len(layer.scan_lengths)
     body = [1 + steps + d for d in range(g.ndim - 1 - steps)]
     order = [body[example], *range(1, 1 + steps), *(body[d] for d in (*positions, *features))]
@@ -124,7 +124,7 @@ def _embedding_rows(layer: Layer, indices):
     if params.get("fill_value") is not None or "FILL" in str(params.get("mode")):
         params["fill_value"] = -1.0  # out-of-range indices read no row
     rows = layer.primitive.bind(_varying_like(numbers, indices), indices, **params)
-    example, positions, (feature,) = _output_layout(layer)
+    example, positions, (feature,) = output_layout(layer)
     leading = (example, *positions, feature)  # the other axes have size one
     rows = jnp.moveaxis(rows, leading, range(len(leading)))
     rows = jnp.take(rows, 0, axis=len(positions) + 1)

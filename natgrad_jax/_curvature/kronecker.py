@@ -7,7 +7,9 @@ its weight (as a K×D matrix) is approximated by
 
 exact for a single example and for deep linear networks with a Gaussian likelihood (g
 does not depend on the example there). A bias is a layer with a = 1, so its block is
-E[g gᵀ] — exact when each bias is used once per example. The damped solve uses
+E[g gᵀ] — exact when each bias is used once per example; added straight to its
+weight's output, it has the weight's g, and shares its G and π
+(``shared_output_factors``). The damped solve uses
 factored Tikhonov ("π") damping (Martens & Grosse 2015, section 6.3):
 
     ΔW = (A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹,  π = √((tr A / K) / (tr G / D)).
@@ -38,7 +40,12 @@ import numpy as np
 
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import RowSizes, leaf_to_matrix, summed_over_rows
+from natgrad_jax._curvature.factored import (
+    RowSizes,
+    leaf_to_matrix,
+    output_layout,
+    summed_over_rows,
+)
 from natgrad_jax._solvers import batched_inverses, moving_average
 
 
@@ -189,6 +196,57 @@ def factored_leaves(captured, shapes) -> dict:
     return factored
 
 
+def shared_output_factors(captured, shapes, factored=None) -> dict:
+    """{bias leaf: weight leaf} of the biases whose output factor is their weight's G.
+
+    A bias added to the output of a factored matmul or convolution that nothing else
+    reads (``Layer.follows``) has that layer's output-gradients g, so when its output
+    features are the weight's, in the same order, its factor over them equals the
+    weight's G, statistics and all. K-FAC then keeps one: the bias is damped with its
+    weight's π, as the weight's homogeneous coordinate is in Martens & Grosse (2015),
+    with the cross terms between weight and bias left out,
+
+        Δb = (A_b + π√λ)⁻¹ (G + √λ/π I)⁻¹ v_b,  π = π of the weight,
+
+    so that the bias needs no factorisation of its own (A_b is 1×1: one per position).
+    """
+    factored = factored_leaves(captured, shapes) if factored is None else factored
+    layers = {layer.leaf: layer for layer in captured.layers}
+    shared = {}
+    for leaf, (_, orientation) in factored.items():
+        bias = layers[leaf]
+        weight = None if bias.follows is None else bias.follows[0]
+        if orientation != "left_is_inputs" or weight not in factored:
+            continue
+        if factored[weight][1] == "tensor_normal":
+            continue
+        m, n = split_shape(shapes[weight])
+        outputs = n if factored[weight][1] == "left_is_inputs" else m
+        if split_shape(shapes[leaf]) == (1, outputs) and _same_g(bias, layers[weight]):
+            shared[leaf] = weight
+    return shared
+
+
+def _same_g(bias, weight) -> bool:
+    """Whether the bias's g, normalised to (rows, examples, positions, features), is the
+    weight's: the axes of the bias's output, taken back through ``follows`` to the
+    weight's output, hold its examples, positions and features (in order) there too.
+    Axes of size one are left out: they do not change the flattened features."""
+    if bias.scan_lengths != weight.scan_lengths:
+        return False
+    axes = bias.follows[1]
+    size = lambda d: weight.output_shape[d]
+    example, positions, features = output_layout(bias)
+    weight_example, weight_positions, weight_features = output_layout(weight)
+    return (
+        axes[example] == weight_example
+        and [axes[d] for d in features if size(axes[d]) > 1]
+        == [d for d in weight_features if size(d) > 1]
+        and sorted(axes[d] for d in positions if size(axes[d]) > 1)
+        == sorted(d for d in weight_positions if size(d) > 1)
+    )
+
+
 def factored_share(captured, shapes) -> float:
     """The share of the parameters that sit in leaves K-FAC factors (the rest get their
     exact diagonal)."""
@@ -313,11 +371,18 @@ class Kronecker:
         captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
         return factored_leaves(captured, [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)])
 
+    def shared_output_factors(self, batch: CurvatureBatch) -> dict:
+        """{bias leaf: weight leaf} of the biases that share their weight's G."""
+        captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
+        shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
+        return shared_output_factors(captured, shapes)
+
     def measured(self, batch: CurvatureBatch, dtype, sizes):
         """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals);
         rows is None when the output-Fisher rows were taken in chunks."""
         factored = self.factored_leaves(batch)
         leaves = jax.tree.leaves(batch.params)
+        shared = self.shared_output_factors(batch)
         # Per factored leaf: its layer, and whether its input and output factors are
         # kept as diagonals.
         plan, tensor_normal = {}, {}
@@ -336,7 +401,9 @@ class Kronecker:
             outputs = {
                 k: rows.output_factor(layer_index, self.approximation, output_diagonal)
                 for k, (layer_index, _, output_diagonal) in plan.items()
+                if k not in shared
             }
+            outputs.update((bias, outputs[weight]) for bias, weight in shared.items())
             moments = {k: rows.tensor_normal_moments(*how) for k, how in tensor_normal.items()}
             return outputs, moments, rows.diagonal(skip)
 
@@ -368,18 +435,30 @@ class Kronecker:
 
     def factorise(self, state: KroneckerState, batch: CurvatureBatch, damping):
         """The π-damped inverses of the factored leaves' current factors (same-size
-        factors of all leaves in one batched factorisation)."""
-        factored = sorted(self.factored_leaves(batch))
-        factors, dampings = [], []
-        for k in factored:
-            leaf = state.leaves[k]
-            factors.extend((leaf.left, leaf.right))
-            dampings.extend(_pi_dampings(leaf.left, leaf.right, damping))
-        inverses = iter(batched_inverses(factors, dampings))
+        factors of all leaves in one batched factorisation); a bias that shares its
+        weight's G (``shared_output_factors``) takes the weight's inverse of it."""
+        factored = self.factored_leaves(batch)
+        shared = self.shared_output_factors(batch)
+        owned = sorted(set(factored) - set(shared))
+        dampings = {
+            k: _pi_dampings(state.leaves[k].left, state.leaves[k].right, damping) for k in owned
+        }
+        input_side = {k: 0 if factored[k][1] == "left_is_inputs" else 1 for k in shared.values()}
+        factors = [f for k in owned for f in (state.leaves[k].left, state.leaves[k].right)]
+        factors += [state.leaves[bias].left for bias in shared]  # 1×1: no factorisation
+        damping_of = [d for k in owned for d in dampings[k]]
+        damping_of += [dampings[weight][input_side[weight]] for weight in shared.values()]
+        inverses = iter(batched_inverses(factors, damping_of))
         new_leaves = list(state.leaves)
-        for k in factored:
+        for k in owned:
             new_leaves[k] = new_leaves[k]._replace(
                 left_inverse=next(inverses), right_inverse=next(inverses)
+            )
+        for bias, weight in shared.items():
+            inverses_of_weight = (new_leaves[weight].left_inverse, new_leaves[weight].right_inverse)
+            g_inverse = inverses_of_weight[1 - input_side[weight]]
+            new_leaves[bias] = new_leaves[bias]._replace(
+                left_inverse=next(inverses), right_inverse=g_inverse
             )
         return KroneckerState(tuple(new_leaves))
 
