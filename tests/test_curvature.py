@@ -215,19 +215,19 @@ def test_cg_on_a_rank_deficient_fisher_never_goes_uphill_nor_past_the_trust_regi
     )
     g = jax.grad(model.nll)(params, x, y)
     flat_g = ravel_pytree(g)[0]
-    a = np.asarray(_reference_fisher(model, params, x, y, "monte_carlo")) + damping * np.eye(
-        len(flat_g)
-    )
+    identity = damping * np.eye(len(flat_g))
+    a = np.asarray(_reference_fisher(model, params, x, y, "monte_carlo")) + identity
+    exact = np.asarray(_reference_fisher(model, params, x, y, "exact")) + identity
     state = tx.init(params)
     for stale in (1e3, -1e3, 1e-2):  # warm starts far uphill, and one nearby
         warm = stale * jax.random.normal(jax.random.PRNGKey(2), flat_g.shape)
         state = state._replace(curvature=state.curvature._replace(solution=warm))
-        updates, new_state = tx.update(g, state, params, inputs=x, targets=y)
+        updates, _ = tx.update(g, state, params, inputs=x, targets=y)
         d = np.asarray(ravel_pytree(updates)[0])
         assert 0.5 * d @ a @ d - flat_g @ d < 0  # downhill on the quadratic model
-        assert 0.5 * d @ a @ d <= max_kl * (1 + 1e-6)
-        # The trust region scaled the step by c ≤ 1 using the measured form q of CG's step.
-        assert 0.5 * d @ a @ d <= 0.5 * float(new_state.curvature.quadratic) * (1 + 1e-6)
+        # max_kl bounds the KL's quadratic with the exact Fisher (the sampled one's rank
+        # is 3 here: the step is large where it is blind).
+        assert 0.5 * d @ exact @ d <= max_kl * (1 + 1e-6)
 
 
 def test_cauchy_point_minimises_the_quadratic_model_along_the_gradient():
@@ -245,7 +245,11 @@ def test_cauchy_point_minimises_the_quadratic_model_along_the_gradient():
 
 def test_cg_with_monte_carlo_fisher_and_trust_region_trains_an_autoencoder_in_float32():
     """The run that used to diverge (NLL 68.7 → 10²⁴): digits autoencoder 64-128-16-128-64,
-    default CG, damping 1e-4, max_kl 1e-2, 300 steps of batch 128, float32."""
+    default CG, damping 1e-4, max_kl 1e-2, batch 128, float32. Bounded by the sampled
+    Fisher's quadratic, its first step still took the full-data NLL to 413 (the exact
+    Fisher's KL of that step was 804, not 0.01); bounded by the exact Fisher's, the NLL
+    falls at every one of the first ten steps, and by 8 of its 9.7 above the Gaussian's
+    log-normaliser (32 log 2π = 58.8) in 100."""
     from sklearn.datasets import load_digits
 
     data = jnp.asarray(load_digits().data / 16.0, jnp.float32)
@@ -262,13 +266,16 @@ def test_cg_with_monte_carlo_fisher_and_trust_region_trains_an_autoencoder_in_fl
         return jax.tree.map(jnp.add, params, updates), state
 
     full_nll = jax.jit(lambda p: model.nll(p, data, data))
-    start = float(full_nll(params))
+    history = [float(full_nll(params))]
     state = optimizer.init(params)
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for count in range(1, 101):
         params, state = step(params, state, data[rng.choice(len(data), 128, replace=False)])
-    end = float(full_nll(params))
-    assert np.isfinite(end) and end < start
+        if count <= 10 or count == 100:
+            history.append(float(full_nll(params)))
+    assert history[0] == pytest.approx(68.54, abs=0.01)
+    assert all(np.diff(history[:11]) < 0), history
+    assert history[-1] < history[0] - 8.0, history
 
 
 @pytest.mark.parametrize("kind", ["monte_carlo", "empirical"])

@@ -11,7 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from tests.helpers import mlp_problem
+from tests.helpers import init_mlp, mlp, mlp_problem
 
 
 def _logistic_problem(n=40, d=3, seed=0):
@@ -99,6 +99,38 @@ def test_trust_region_bounds_quadratic_kl_with_equality_when_active(max_kl):
     else:
         np.testing.assert_allclose(d, unconstrained, rtol=1e-10)
     assert max_kl != 1e-4 or kl == pytest.approx(max_kl)  # the smallest bound is active
+
+
+@pytest.mark.parametrize("fisher", ["monte_carlo", "empirical"])
+@pytest.mark.parametrize("solver", ["cg", "woodbury", "kronecker", "diagonal"])
+def test_max_kl_bounds_the_kl_of_the_exact_fisher_whatever_fisher_the_solve_uses(fisher, solver):
+    """A Gaussian of 8 outputs: one sampled (or observed) label per example shows the
+    solve one direction of each example's outputs, and its step moves the others. The
+    trust region scales the unconstrained step to ½ dᵀ(F + λI)d = ε with F the exact
+    Fisher (written out densely here), and the step's measured KL is then about ε."""
+    model = ng.Model(mlp, ng.Gaussian(scale=0.5))
+    params = init_mlp(jax.random.PRNGKey(0), [4, 6, 8])
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
+    y = model.likelihood.sample(jax.random.PRNGKey(2), model.apply_fn(params, x))
+    g = _gradient(model, params, x, y)
+    damping, max_kl = 1e-4, 1e-3
+
+    def step(max_kl):
+        tx = ng.scale_by_natural_gradient(
+            model, fisher=fisher, solver=solver, damping=damping, max_kl=max_kl
+        )
+        return ravel_pytree(tx.update(g, tx.init(params), params, inputs=x, targets=y)[0])[0]
+
+    size = ravel_pytree(g)[0].size
+    exact = ng.fisher(model, params, x) + damping * jnp.eye(size)
+    unconstrained, d = step(None), step(max_kl)
+    assert 0.5 * unconstrained @ exact @ unconstrained > 10 * max_kl  # the bound is active
+    np.testing.assert_allclose(0.5 * d @ exact @ d, max_kl, rtol=1e-8)
+    scale = jnp.sqrt(2 * max_kl / (unconstrained @ exact @ unconstrained))
+    np.testing.assert_allclose(d, scale * unconstrained, rtol=1e-8, atol=1e-12 / size)
+    _, unravel = ravel_pytree(params)
+    moved = jax.tree.map(jnp.subtract, params, unravel(d))
+    assert float(ng.kl_divergence(model, params, moved, x)) == pytest.approx(max_kl, rel=0.05)
 
 
 @pytest.mark.parametrize("learning_rate", [0.5, optax.linear_schedule(0.9, 0.1, 3)])
