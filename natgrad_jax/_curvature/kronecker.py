@@ -196,7 +196,10 @@ def factored_leaves(captured, shapes) -> dict:
     return factored
 
 
-def shared_output_factors(captured, shapes, factored=None) -> dict:
+AS_MATRIX = ("left_is_inputs", "left_is_outputs")  # the orientations with A and G factors
+
+
+def shared_output_factors(captured, shapes) -> dict:
     """{bias leaf: weight leaf} of the biases whose output factor is their weight's G.
 
     A bias added to the output of a factored matmul or convolution that nothing else
@@ -208,20 +211,20 @@ def shared_output_factors(captured, shapes, factored=None) -> dict:
 
         Δb = (A_b + π√λ)⁻¹ (G + √λ/π I)⁻¹ v_b,  π = π of the weight,
 
-    so that the bias needs no factorisation of its own (A_b is 1×1: one per position).
+    so that the bias needs no factorisation of its own (A_b, 1×1, is inverted as a
+    scalar).
     """
-    factored = factored_leaves(captured, shapes) if factored is None else factored
+    factored = factored_leaves(captured, shapes)
     layers = {layer.leaf: layer for layer in captured.layers}
     shared = {}
     for leaf, (_, orientation) in factored.items():
         bias = layers[leaf]
         weight = None if bias.follows is None else bias.follows[0]
-        if orientation != "left_is_inputs" or weight not in factored:
-            continue
-        if factored[weight][1] == "tensor_normal":
+        weight_orientation = factored[weight][1] if weight in factored else None
+        if orientation != "left_is_inputs" or weight_orientation not in AS_MATRIX:
             continue
         m, n = split_shape(shapes[weight])
-        outputs = n if factored[weight][1] == "left_is_inputs" else m
+        outputs = n if weight_orientation == "left_is_inputs" else m
         if split_shape(shapes[leaf]) == (1, outputs) and _same_g(bias, layers[weight]):
             shared[leaf] = weight
     return shared
