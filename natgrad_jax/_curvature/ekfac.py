@@ -34,7 +34,7 @@ import numpy as np
 
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows
-from natgrad_jax._curvature.kronecker import Kronecker, split_shape
+from natgrad_jax._curvature.kronecker import Kronecker, output_side, split_shape
 from natgrad_jax._solvers import moving_average
 
 
@@ -162,9 +162,8 @@ class EKFAC:
             )
             leaves[k] = leaves[k]._replace(left_basis=left_basis, right_basis=right_basis)
         for bias, weight in shared.items():
-            input_is_left = factored[weight][1] == "left_is_inputs"
-            weight_leaf = leaves[weight]
-            g_basis = weight_leaf.right_basis if input_is_left else weight_leaf.left_basis
+            bases_of_weight = (leaves[weight].left_basis, leaves[weight].right_basis)
+            g_basis = bases_of_weight[output_side(factored[weight][1])]
             leaves[bias] = leaves[bias]._replace(
                 left_basis=jnp.ones_like(leaves[bias].left), right_basis=g_basis
             )

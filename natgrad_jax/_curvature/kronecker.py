@@ -196,7 +196,10 @@ def factored_leaves(captured, shapes) -> dict:
     return factored
 
 
-AS_MATRIX = ("left_is_inputs", "left_is_outputs")  # the orientations with A and G factors
+def output_side(orientation: str) -> int:
+    """Where a weight's G sits in its (left, right) factors: 1 when left is A (flax's
+    (in, out) kernels), 0 when left is G (equinox's (out, in) weights)."""
+    return {"left_is_inputs": 1, "left_is_outputs": 0}[orientation]
 
 
 def shared_output_factors(captured, shapes) -> dict:
@@ -221,10 +224,9 @@ def shared_output_factors(captured, shapes) -> dict:
         bias = layers[leaf]
         weight = None if bias.follows is None else bias.follows[0]
         weight_orientation = factored[weight][1] if weight in factored else None
-        if orientation != "left_is_inputs" or weight_orientation not in AS_MATRIX:
+        if orientation != "left_is_inputs" or weight_orientation in (None, "tensor_normal"):
             continue
-        m, n = split_shape(shapes[weight])
-        outputs = n if weight_orientation == "left_is_inputs" else m
+        outputs = split_shape(shapes[weight])[output_side(weight_orientation)]
         if split_shape(shapes[leaf]) == (1, outputs) and _same_g(bias, layers[weight]):
             shared[leaf] = weight
     return shared
@@ -446,11 +448,11 @@ class Kronecker:
         dampings = {
             k: _pi_dampings(state.leaves[k].left, state.leaves[k].right, damping) for k in owned
         }
-        input_side = {k: 0 if factored[k][1] == "left_is_inputs" else 1 for k in shared.values()}
+        g_side = {k: output_side(factored[k][1]) for k in shared.values()}
         factors = [f for k in owned for f in (state.leaves[k].left, state.leaves[k].right)]
         factors += [state.leaves[bias].left for bias in shared]  # 1×1: no factorisation
         damping_of = [d for k in owned for d in dampings[k]]
-        damping_of += [dampings[weight][input_side[weight]] for weight in shared.values()]
+        damping_of += [dampings[weight][1 - g_side[weight]] for weight in shared.values()]
         inverses = iter(batched_inverses(factors, damping_of))
         new_leaves = list(state.leaves)
         for k in owned:
@@ -459,7 +461,7 @@ class Kronecker:
             )
         for bias, weight in shared.items():
             inverses_of_weight = (new_leaves[weight].left_inverse, new_leaves[weight].right_inverse)
-            g_inverse = inverses_of_weight[1 - input_side[weight]]
+            g_inverse = inverses_of_weight[g_side[weight]]
             new_leaves[bias] = new_leaves[bias]._replace(
                 left_inverse=next(inverses), right_inverse=g_inverse
             )
