@@ -629,22 +629,53 @@ def test_biases_share_their_weights_output_factor_exactly_where_their_g_is_the_w
     g here: equal to the weight's G where it is shared, different where the output is read
     again (a skip connection: not following) or the bias runs along another axis of it
     (the layouts disagree); for K-FAC's "expand" and "reduce" alike."""
-    for name, model, params, inputs, expected in _bias_models():
-        captured = capture(model.apply_fn, params, inputs)
-        shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
-        shared = shared_output_factors(captured, shapes)
-        assert {captured.leaf_names[k] for k in shared} == expected, name
-        index = {layer.leaf: k for k, layer in enumerate(captured.layers)}
-        pairs = [(layer.leaf, layer.follows[0]) for layer in captured.layers if layer.follows]
-        assert set(shared.items()) <= set(pairs) and (pairs or not expected), name
-        used = sorted({index[k] for pair in pairs for k in pair})
-        factors = _output_factors(model, params, inputs, used)
-        for bias, weight in pairs:
-            layouts_agree = _same_g(captured.layer_of(bias), captured.layer_of(weight))
-            for how in ("expand", "reduce"):
-                own, weights = factors[index[bias], how], factors[index[weight], how]
-                same = own.shape == weights.shape and np.allclose(own, weights, rtol=1e-12, atol=0)
-                # The layout check agrees with the numbers (multi-axis attention biases
-                # have their weight's g too, but keep tensor-normal factors: not shared).
-                assert same == layouts_agree, (name, captured.leaf_names[bias], how)
-                assert same or bias not in shared, (name, captured.leaf_names[bias], how)
+    for case in _bias_models():
+        _check_shared_biases(*case)
+
+
+def test_haiku_biases_share_their_weights_output_factor():
+    """haiku adds its biases through ``broadcast_to`` (Linear and Conv2D)."""
+    hk = optional_import("haiku")
+    to_f64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+    mlp = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([5, CLASSES])(x)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 4))
+    mlp_params = to_f64(mlp.init(jax.random.PRNGKey(0), x))
+    expected = {f"['mlp/~/linear_{k}']['b']" for k in range(2)}
+    _check_shared_biases(
+        "haiku mlp", ng.Model(mlp.apply, ng.Categorical()), mlp_params, x, expected
+    )
+
+    def cnn(images):
+        h = jnp.tanh(hk.Conv2D(3, 3)(images))
+        return hk.Linear(CLASSES)(h.reshape(images.shape[0], -1))
+
+    cnn = hk.without_apply_rng(hk.transform(cnn))
+    images = jax.random.normal(jax.random.PRNGKey(1), (N, 5, 5, 2))
+    cnn_params = to_f64(cnn.init(jax.random.PRNGKey(0), images))
+    expected = {"['conv2_d']['b']", "['linear']['b']"}
+    _check_shared_biases(
+        "haiku cnn", ng.Model(cnn.apply, ng.Categorical()), cnn_params, images, expected
+    )
+
+
+def _check_shared_biases(name, model, params, inputs, expected):
+    """The biases sharing their weight's G are ``expected`` (names), and every bias that
+    follows a layer has its own G equal to the weight's exactly where the layouts agree."""
+    captured = capture(model.apply_fn, params, inputs)
+    shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
+    shared = shared_output_factors(captured, shapes)
+    assert {captured.leaf_names[k] for k in shared} == expected, name
+    index = {layer.leaf: k for k, layer in enumerate(captured.layers)}
+    pairs = [(layer.leaf, layer.follows[0]) for layer in captured.layers if layer.follows]
+    assert set(shared.items()) <= set(pairs) and (pairs or not expected), name
+    used = sorted({index[k] for pair in pairs for k in pair})
+    factors = _output_factors(model, params, inputs, used)
+    for bias, weight in pairs:
+        layouts_agree = _same_g(captured.layer_of(bias), captured.layer_of(weight))
+        for how in ("expand", "reduce"):
+            own, weights = factors[index[bias], how], factors[index[weight], how]
+            same = own.shape == weights.shape and np.allclose(own, weights, rtol=1e-12, atol=0)
+            # The layout check agrees with the numbers (multi-axis attention biases
+            # have their weight's g too, but keep tensor-normal factors: not shared).
+            assert same == layouts_agree, (name, captured.leaf_names[bias], how)
+            assert same or bias not in shared, (name, captured.leaf_names[bias], how)
