@@ -141,12 +141,11 @@ class EKFAC:
             new_leaves.append(old._replace(left=left, right=right))  # its diagonal is unused
         if refactorise:
             new_leaves = self._with_eigenbases(new_leaves, batch)
-        for k, (old, leaf) in enumerate(zip(state.leaves, new_leaves, strict=True)):
-            if k not in factored:
-                continue
+        for k in factored:
+            leaf = new_leaves[k]
             moments = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)
             # In a new basis the old moments mean nothing: start from this batch's.
-            scaling = moments if refactorise else average(old.scaling, moments)
+            scaling = moments if refactorise else average(state.leaves[k].scaling, moments)
             new_leaves[k] = leaf._replace(scaling=scaling)
         return EkfacState(tuple(new_leaves))
 
