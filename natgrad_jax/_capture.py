@@ -64,6 +64,7 @@ import numpy as np
 from natgrad_jax._eager import is_traced
 from natgrad_jax._fisher import varying_axes
 from natgrad_jax._independence import inner_tainted
+from natgrad_jax._jaxpr import inner_jaxpr, scan_counts
 
 PyTree = Any
 
@@ -181,13 +182,6 @@ def _is_literal(var) -> bool:
     return isinstance(var, jex_core.Literal)
 
 
-def _inner_jaxpr(eqn):
-    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    if isinstance(inner, jex_core.ClosedJaxpr):
-        return inner
-    return jex_core.ClosedJaxpr(inner, ()) if inner is not None else None
-
-
 @dataclasses.dataclass
 class _Use:
     """Where a parameter-derived value was consumed."""
@@ -298,8 +292,8 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
                 chain=(*origin.chain, (eqn.primitive, eqn.params)),
                 broadcast=origin.broadcast or name == "broadcast_in_dim",
             )
-        elif name in CALL_OPS and _inner_jaxpr(eqn) is not None:
-            inner = _inner_jaxpr(eqn)
+        elif name in CALL_OPS and inner_jaxpr(eqn) is not None:
+            inner = inner_jaxpr(eqn)
             _analyse(
                 inner,
                 _inner_origins(inner, derived),
@@ -309,7 +303,7 @@ def _analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()):
                 scan_lengths,
             )
         elif name == "scan":
-            body, num_consts = eqn.params["jaxpr"], eqn.params["num_consts"]
+            body, (num_consts, _) = inner_jaxpr(eqn), scan_counts(eqn)
             carried = [k for k in sides if k >= num_consts]
             where = "scan, as a carry or scanned input"
             uses.extend(
@@ -785,8 +779,8 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
         index = counter[0]
         counter[0] += 1
         values = [read(v) for v in eqn.invars]
-        if eqn.primitive.name in CALL_OPS and _inner_jaxpr(eqn) is not None:
-            outs = _evaluate(_inner_jaxpr(eqn), values, probes, activations, counter)
+        if eqn.primitive.name in CALL_OPS and inner_jaxpr(eqn) is not None:
+            outs = _evaluate(inner_jaxpr(eqn), values, probes, activations, counter)
         elif eqn.primitive.name == "scan":
             outs = _evaluate_scan(eqn, values, probes, activations, counter)
         else:
@@ -834,23 +828,23 @@ def _count_equations(closed_jaxpr) -> int:
 
 def _nested_equations(eqn) -> int:
     """How many indices the equations nested in ``eqn`` (a call or a scan) take."""
-    if eqn.primitive.name in CALL_OPS and _inner_jaxpr(eqn) is not None:
-        return _count_equations(_inner_jaxpr(eqn))
+    if eqn.primitive.name in CALL_OPS and inner_jaxpr(eqn) is not None:
+        return _count_equations(inner_jaxpr(eqn))
     if eqn.primitive.name == "scan":
-        return _count_equations(eqn.params["jaxpr"])
+        return _count_equations(inner_jaxpr(eqn))
     return 0
 
 
 def _evaluate_scan(eqn, values, probes, activations, counter):
     """A scan whose body holds probed layers: rerun as ``lax.scan`` with the probes as
     extra scanned inputs and the layers' inputs as extra stacked outputs."""
-    body = eqn.params["jaxpr"]
+    body = inner_jaxpr(eqn)
     start = counter[0]
     counter[0] += _count_equations(body)
     inside = sorted(k for k in probes if start <= k < counter[0])
     if not inside:
         return _bind(eqn, values)
-    num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    num_consts, num_carry = scan_counts(eqn)
     consts, carry = values[:num_consts], values[num_consts : num_consts + num_carry]
     xs = values[num_consts + num_carry :]
 

@@ -27,6 +27,28 @@ def _is_array(leaf) -> bool:
     return isinstance(leaf, jax.Array | np.ndarray | np.generic)
 
 
+def _split(tree):
+    """``(treedef, static, arrays)``: ``static`` holds every leaf with ``_ARRAY`` in place of
+    the array leaves, which are ``arrays``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    static = tuple(_ARRAY if _is_array(leaf) else leaf for leaf in leaves)
+    return treedef, static, [leaf for leaf in leaves if _is_array(leaf)]
+
+
+def _join(treedef, static, arrays):
+    """The inverse of ``_split``."""
+    arrays = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(arrays) if s is _ARRAY else s for s in static])
+
+
+def eval_shape(fn, *args):
+    """``jax.eval_shape(fn, *args)`` with the leaves of ``args`` that are not arrays (an
+    equinox module's activation functions, Python numbers) held static, as
+    ``equinox.filter_eval_shape`` does: shapes and dtypes of the result, no FLOPs."""
+    treedef, static, arrays = _split(args)
+    return jax.eval_shape(lambda arrays: fn(*_join(treedef, static, arrays)), arrays)
+
+
 def compiled_when_eager(fn=None, *, eager_checks=None):
     """``fn(*args, **kwargs)``, run under ``jax.jit`` when no argument is traced.
 
@@ -39,10 +61,8 @@ def compiled_when_eager(fn=None, *, eager_checks=None):
         return functools.partial(compiled_when_eager, eager_checks=eager_checks)
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
-    def run(treedef, static_leaves, array_leaves):
-        arrays = iter(array_leaves)
-        leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in static_leaves]
-        args, kwargs = jax.tree.unflatten(treedef, leaves)
+    def run(treedef, static, arrays):
+        args, kwargs = _join(treedef, static, arrays)
         return fn(*args, **kwargs)
 
     @functools.wraps(fn)
@@ -51,12 +71,11 @@ def compiled_when_eager(fn=None, *, eager_checks=None):
             return fn(*args, **kwargs)
         if eager_checks is not None:
             eager_checks(*args, **kwargs)
-        leaves, treedef = jax.tree.flatten((args, kwargs))
-        static = tuple(_ARRAY if _is_array(leaf) else leaf for leaf in leaves)
+        treedef, static, arrays = _split((args, kwargs))
         try:
             hash(static)
         except TypeError:
             return fn(*args, **kwargs)
-        return run(treedef, static, [leaf for leaf in leaves if _is_array(leaf)])
+        return run(treedef, static, arrays)
 
     return wrapped

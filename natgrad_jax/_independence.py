@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax._eager import is_traced
+from natgrad_jax._jaxpr import scan_counts
 
 PyTree = Any
 
@@ -154,8 +155,8 @@ def inner_tainted(eqn, inner, tainted) -> set:
     outer = [None if isinstance(v, jax.extend.core.Literal) else v for v in eqn.invars]
     found = {v for v, o in zip(inner.invars, outer, strict=False) if o is not None and o in tainted}
     if eqn.primitive.name == "scan":  # the carry may pick up the inputs in a later step
-        start = eqn.params["num_consts"]
-        found |= set(inner.invars[start : start + eqn.params["num_carry"]])
+        num_consts, num_carry = scan_counts(eqn)
+        found |= set(inner.invars[num_consts : num_consts + num_carry])
     return found
 
 

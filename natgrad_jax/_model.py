@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from natgrad_jax._eager import eval_shape
 from natgrad_jax._likelihoods import Likelihood, concrete_values
 
 PyTree = Any
@@ -110,8 +111,7 @@ class Model:
     def check_targets(self, params: PyTree, inputs: PyTree, targets: PyTree) -> None:
         """Raises a clear error if ``targets`` do not fit the model's outputs (see
         ``Likelihood.check_targets``); costs one abstract evaluation, no computation."""
-        outputs = jax.eval_shape(self.apply_fn, params, inputs)
-        self.likelihood.check_targets(outputs, targets)
+        self.likelihood.check_targets(eval_shape(self.apply_fn, params, inputs), targets)
 
     def nll(self, params: PyTree, inputs: PyTree, targets: PyTree) -> jax.Array:
         """The mean negative log-likelihood over the batch: the usual training loss."""
