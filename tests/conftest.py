@@ -43,9 +43,7 @@ def add_default_flags(flags: dict[str, str]) -> None:
 # of the time (52 s to 22 s, jax 0.10.2; 54 s to 23 s, jax 0.9.1). Set before jax
 # starts a backend; the subprocesses (notebooks, the 8-device checks) inherit them.
 # Benchmarks and users keep XLA's defaults.
-add_default_flags(
-    {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
-)
+add_default_flags({"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"})
 
 # Run as a subprocess by test_sharding.py: it forces 8 host devices and float64 at
 # import, which must not happen inside the test session (doctest collection).

@@ -192,9 +192,7 @@ def test_flax_nnx_model_trains_with_the_defaults_as_its_plain_jax_twin():
 
     graphdef, params = nnx.split(Mlp(nnx.Rngs(0)))
     nnx_model = ng.Model(lambda p, x: nnx.merge(graphdef, p)(x), ng.Categorical())
-    twin = ng.Model(
-        lambda p, x: jnp.tanh(x @ p[0] + p[1]) @ p[2] + p[3], ng.Categorical()
-    )
+    twin = ng.Model(lambda p, x: jnp.tanh(x @ p[0] + p[1]) @ p[2] + p[3], ng.Categorical())
     weights = [params["hidden"]["kernel"], params["hidden"]["bias"]]
     weights += [params["out"]["kernel"], params["out"]["bias"]]
     weights = [jnp.asarray(w[...]) for w in weights]
