@@ -16,6 +16,8 @@ from natgrad_jax._curvature.kronecker import Kronecker as Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury as Woodbury
 from natgrad_jax._damping import LevenbergMarquardt as LevenbergMarquardt
 from natgrad_jax._describe import describe as describe
+from natgrad_jax._diagnostics import Diagnostics as Diagnostics
+from natgrad_jax._diagnostics import diagnostics as diagnostics
 from natgrad_jax._fisher import empirical_fisher as empirical_fisher
 from natgrad_jax._fisher import fisher as fisher
 from natgrad_jax._fisher import fisher_hessian as fisher_hessian
@@ -31,7 +33,7 @@ from natgrad_jax._likelihoods import Likelihood as Likelihood
 from natgrad_jax._likelihoods import Masked as Masked
 from natgrad_jax._likelihoods import Poisson as Poisson
 from natgrad_jax._model import Model as Model
-from natgrad_jax._transform import NaturalGradientState as NaturalGradientState
+from natgrad_jax._state import NaturalGradientState as NaturalGradientState
 from natgrad_jax._transform import natural_gradient as natural_gradient
 from natgrad_jax._transform import scale_by_natural_gradient as scale_by_natural_gradient
 from natgrad_jax._value_and_grad import value_and_grad as value_and_grad
@@ -45,6 +47,7 @@ __all__ = [
     "Categorical",
     "ConjugateGradient",
     "Dense",
+    "Diagnostics",
     "Diagonal",
     "ForwardPass",
     "Gaussian",
@@ -58,6 +61,7 @@ __all__ = [
     "Woodbury",
     "choose_solver",
     "describe",
+    "diagnostics",
     "empirical_fisher",
     "fisher",
     "fisher_hessian",

@@ -44,6 +44,7 @@ from natgrad_jax._parameters import (
 )
 from natgrad_jax._precision import EXACT, matmul_precision, statistics_precision
 from natgrad_jax._solvers import inner_products, step_quadratic, trust_region_scale
+from natgrad_jax._state import NaturalGradientState, RejectedSteps
 from natgrad_jax._value_and_grad import check_forward_pass
 
 PyTree = Any
@@ -87,20 +88,6 @@ MASKED_MSG = (
 def _has_masked_leaves(tree) -> bool:
     is_masked = lambda leaf: isinstance(leaf, optax.MaskedNode)
     return any(map(is_masked, jax.tree.leaves(tree, is_leaf=is_masked)))
-
-
-class NaturalGradientState(NamedTuple):
-    """State of ``scale_by_natural_gradient``: arrays only (jit, shard, checkpoint)."""
-
-    count: jax.Array  # int32 []: number of updates done so far
-    key: jax.Array  # uint32 [2]: PRNG key for Monte-Carlo labels, split at every update
-    damping: jax.Array  # float []: λ of the next update (adaptive) or of the last one
-    curvature: NamedTuple  # the solver's arrays, e.g. DenseState (P, P) matrices
-    # λ of the stored factorisation: without rescale, adaptive damping refactorises
-    # between refreshes when λ has moved, so that the next solve uses it.
-    factorised_damping: jax.Array | None = None
-    # With momentum: the last update's direction (flat, zeros after a rejected step).
-    previous_direction: jax.Array | None = None
 
 
 def _is_python_number(value) -> bool:
@@ -337,10 +324,18 @@ def scale_by_natural_gradient(
     the dtype of each update leaf and solves in at least float32.
 
     **Non-finite values.** A numerically indefinite Fisher never yields NaN (the solve
-    falls back to an eigendecomposition). A non-finite *gradient* or Fisher entry
-    propagates to the update; wrap the optimizer in ``optax.apply_if_finite`` to skip
-    such steps (zero update, inner state untouched, skipped steps counted in its
-    state) — the tests check this composition.
+    falls back to an eigendecomposition). When the gradient or the step holds a NaN or
+    an infinity, ``ng.diagnostics(state).rejected_non_finite`` counts the update, and:
+
+    * with Levenberg–Marquardt damping (``natural_gradient``'s default) the step is
+      skipped: the update is zero and the state is left as it was (λ, curvature,
+      cadence), so training resumes unchanged at the next finite batch;
+    * with a fixed or scheduled damping the non-finite update is passed on, as optax's
+      own transforms do; wrap the optimizer in ``optax.apply_if_finite`` to skip such
+      steps (zero update, inner state untouched, skipped steps counted in its state).
+
+    Steps the Levenberg–Marquardt rule rejects because the batch loss would not have
+    decreased are counted apart (``rejected_no_decrease``).
 
     Args:
       model: the ``ng.Model`` whose Fisher preconditions the updates.
@@ -488,6 +483,7 @@ def scale_by_natural_gradient(
                 if momentum or (momentum is None and _may_approximate(curvature, params))
                 else None
             ),
+            rejected=RejectedSteps.none(),
         )
 
     def precondition(updates, state, params, frozen, inputs, targets, forward):
@@ -570,13 +566,14 @@ def scale_by_natural_gradient(
                 direction = direction * scale
                 if modelled:
                     fisher_quadratic = fisher_quadratic * scale**2
+            finite = jnp.all(jnp.isfinite(gradient)) & jnp.all(jnp.isfinite(direction))
             if adaptive:
                 next_damping, accepted = _levenberg_marquardt(
                     damping, batch, gradient, direction, damping_now, fisher_quadratic
                 )
-                direction = jnp.where(accepted, direction, 0.0)
+                direction = jnp.where(accepted & finite, direction, 0.0)
             else:
-                next_damping = jnp.asarray(damping_now, state.damping.dtype)
+                next_damping, accepted = jnp.asarray(damping_now, state.damping.dtype), True
         if axis_name is not None:
             # Every device holds the same direction and curvature; say so to shard_map.
             direction = _invariant(direction, axis_name)
@@ -592,7 +589,13 @@ def scale_by_natural_gradient(
             curvature=curvature_state,
             factorised_damping=factorised_damping,
             previous_direction=None if state.previous_direction is None else direction,
+            rejected=RejectedSteps(
+                non_finite=state.rejected.non_finite + ~finite,
+                no_decrease=state.rejected.no_decrease + (finite & ~accepted),
+            ),
         )
+        if adaptive:  # a skipped non-finite step leaves the state as it found it
+            new_state = _keep_unless(finite, new_state, state._replace(rejected=new_state.rejected))
         return new_updates, new_state
 
     # Called outside any trace, the update runs compiled (one compilation per input
@@ -647,6 +650,11 @@ def scale_by_natural_gradient(
         return merge_updates(directions, updates, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _keep_unless(condition: jax.Array, new: NamedTuple, old: NamedTuple) -> NamedTuple:
+    """``new`` where ``condition`` holds, else ``old`` (same structure)."""
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
 def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping):

@@ -88,9 +88,97 @@ def test_damping_increases_when_the_quadratic_model_overshoots():
     model = ng.Model(residuals, ng.Gaussian(scale=1.0))
     x, y = jnp.zeros((1, 1)), jnp.zeros((1, 2))
     rule = ng.LevenbergMarquardt(initial=1e-6, min_damping=1e-8)
-    dampings, losses = _steps(model, jnp.array([-1.2, 1.0]), x, y, rule, 1)
-    assert dampings[0] == pytest.approx(1e-5)
-    assert losses[1] == losses[0]
+    optimizer = ng.natural_gradient(model, 1.0, damping=rule, solver="dense")
+    params, state = jnp.array([-1.2, 1.0]), optimizer.init(jnp.array([-1.2, 1.0]))
+    grads = jax.grad(model.nll)(params, x, y)
+    updates, state = optimizer.update(grads, state, params, inputs=x, targets=y)
+    np.testing.assert_array_equal(updates, jnp.zeros(2))
+    report = ng.diagnostics(state)
+    assert float(report.damping) == pytest.approx(1e-5)
+    assert (int(report.rejected_no_decrease), int(report.rejected_non_finite)) == (1, 0)
+    assert int(report.steps) == 1
+
+
+def _nan_at(step: int, grads):
+    return jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads) if step else grads
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"solver": "kronecker", "refresh_every": 3},
+        {"solver": "ekfac", "refresh_every": 3, "momentum": True},
+        {"solver": "cg", "fisher": "monte_carlo"},
+    ],
+    ids=["defaults", "kronecker", "ekfac", "cg"],
+)
+@pytest.mark.parametrize("where", ["gradient", "inputs"])
+def test_a_non_finite_step_is_skipped_counted_and_leaves_the_trajectory_unchanged(options, where):
+    """The defaults (Levenberg–Marquardt) given a NaN at step 2 (in the gradient, or in
+    the batch's inputs and so in the gradient and the Fisher): the parameters do not
+    move, ``diagnostics`` counts one non-finite rejection and no other, and the next
+    steps are those of a run that never saw the bad batch (cadences, λ, curvature and
+    momentum all as they were)."""
+    model = ng.Model(mlp, ng.Categorical())
+    params = init_mlp(jax.random.PRNGKey(0), [4, 8, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
+    y = jnp.argmax(x[:, :3] + 0.5 * x[:, 3:], axis=1)
+    optimizer = ng.natural_gradient(model, 1.0, **options)
+
+    @jax.jit
+    def step(params, state, bad):
+        inputs = jnp.where(bad & (where == "inputs"), jnp.nan, x)
+        grads = jax.grad(model.nll)(params, inputs, y)
+        if where == "gradient":
+            grads = jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads)
+        updates, state = optimizer.update(grads, state, params, inputs=inputs, targets=y)
+        return optax.apply_updates(params, updates), state
+
+    def train(bad_steps):
+        trajectory, state, current = [], optimizer.init(params), params
+        for bad in bad_steps:
+            current, state = step(current, state, bad)
+            trajectory.append(current)
+        return trajectory, state
+
+    with_nan, state = train([False, False, True, False, False, False, False])
+    without, clean_state = train([False, False, False, False, False, False])
+    for a, b in zip(with_nan[1], with_nan[2], strict=True):
+        np.testing.assert_array_equal(a["w"], b["w"])
+    for a, b in zip(with_nan[3:], without[2:], strict=True):
+        np.testing.assert_allclose(
+            jax.flatten_util.ravel_pytree(a)[0], jax.flatten_util.ravel_pytree(b)[0], rtol=1e-12
+        )
+    report, clean = ng.diagnostics(state), ng.diagnostics(clean_state)
+    assert int(report.rejected_non_finite) == 1 and int(clean.rejected_non_finite) == 0
+    assert int(report.rejected_no_decrease) == int(clean.rejected_no_decrease)
+    assert int(report.steps) == int(clean.steps) == 6
+    assert float(report.damping) == float(clean.damping)
+    assert model.nll(with_nan[-1], x, y) < model.nll(params, x, y)
+
+
+def test_a_non_finite_gradient_with_fixed_damping_is_passed_on_and_counted():
+    """With a fixed damping the transform behaves as optax's own (NaN in, NaN out; skip
+    with ``optax.apply_if_finite``), and ``diagnostics`` still counts the update."""
+    model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+    optimizer = ng.natural_gradient(model, 1.0, damping=1e-2)
+    w, x = jnp.zeros(2), jnp.ones((3, 2))
+    updates, state = optimizer.update(jnp.array([jnp.nan, 1.0]), optimizer.init(w), w, inputs=x)
+    assert bool(jnp.all(jnp.isnan(updates)))
+    report = ng.diagnostics(state)
+    assert (int(report.rejected_non_finite), int(report.rejected_no_decrease)) == (1, 0)
+    np.testing.assert_allclose(report.damping, 1e-2)
+
+
+def test_diagnostics_needs_exactly_one_natural_gradient_state():
+    model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+    one = ng.natural_gradient(model, 1.0, damping=1e-2)
+    two = optax.chain(one, ng.natural_gradient(model, 1.0, damping=1e-2))
+    assert int(ng.diagnostics(one.init(jnp.zeros(2))).steps) == 0
+    for state in (optax.adam(1e-3).init(jnp.zeros(2)), two.init(jnp.zeros(2))):
+        with pytest.raises(ValueError, match="one natural-gradient"):
+            ng.diagnostics(state)
 
 
 @pytest.mark.parametrize("initial", [1e-8, 1e3])
