@@ -573,7 +573,8 @@ def scale_by_natural_gradient(
                 )
                 direction = jnp.where(accepted & finite, direction, 0.0)
             else:
-                next_damping, accepted = jnp.asarray(damping_now, state.damping.dtype), True
+                next_damping = jnp.asarray(damping_now, state.damping.dtype)
+                accepted = jnp.asarray(True)
         if axis_name is not None:
             # Every device holds the same direction and curvature; say so to shard_map.
             direction = _invariant(direction, axis_name)
