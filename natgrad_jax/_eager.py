@@ -41,12 +41,25 @@ def _join(treedef, static, arrays):
     return jax.tree.unflatten(treedef, [next(arrays) if s is _ARRAY else s for s in static])
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _call_on_arrays(fn, treedef, static, arrays):
+    return fn(*_join(treedef, static, arrays))
+
+
 def eval_shape(fn, *args):
     """``jax.eval_shape(fn, *args)`` with the leaves of ``args`` that are not arrays (an
     equinox module's activation functions, Python numbers) held static, as
-    ``equinox.filter_eval_shape`` does: shapes and dtypes of the result, no FLOPs."""
+    ``equinox.filter_eval_shape`` does: shapes and dtypes of the result, no FLOPs. Like
+    ``jax.eval_shape``, a second call with the same ``fn`` and shapes does not trace
+    ``fn`` again."""
     treedef, static, arrays = _split(args)
-    return jax.eval_shape(lambda arrays: fn(*_join(treedef, static, arrays)), arrays)
+    if all(leaf is _ARRAY for leaf in static):
+        return jax.eval_shape(fn, *args)
+    try:
+        hash(static)
+    except TypeError:
+        return jax.eval_shape(lambda arrays: fn(*_join(treedef, static, arrays)), arrays)
+    return jax.eval_shape(functools.partial(_call_on_arrays, fn, treedef, static), arrays)
 
 
 def compiled_when_eager(fn=None, *, eager_checks=None):

@@ -197,6 +197,27 @@ def test_eager_updates_compile_once():
 # --- equinox modules ----------------------------------------------------------------------
 
 
+def test_eager_updates_of_a_whole_equinox_module_trace_it_once():
+    """The defaults on a module passed whole (functions among its leaves): the target
+    check and the compiled update trace the network at the first call only."""
+    eqx, mlp, _, x, y = _equinox_problem()
+    traces = []
+
+    def apply_fn(module, x):
+        traces.append(1)
+        return jax.vmap(module)(x)
+
+    model = ng.Model(apply_fn, ng.Categorical())
+    optimizer = ng.natural_gradient(model, 1.0)
+    state, counts = optimizer.init(mlp), []
+    for _ in range(3):
+        grads = eqx.filter_grad(model.nll)(mlp, x, y)
+        updates, state = optimizer.update(grads, state, mlp, inputs=x, targets=y)
+        mlp = eqx.apply_updates(mlp, updates)
+        counts.append(len(traces))
+    assert counts[1] - counts[0] == counts[2] - counts[1] == 1  # filter_grad's own trace
+
+
 def _equinox_problem():
     eqx = optional_import("equinox")
     mlp = eqx.nn.MLP(3, 4, 5, 1, key=jax.random.PRNGKey(0))
