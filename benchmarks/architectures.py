@@ -19,6 +19,10 @@ here falls back to per-example ``vmap`` for any leaf (the script checks it).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see "CPU threads" in docs/guide.md
+
 import argparse
 
 import jax

@@ -23,6 +23,10 @@ kfac-jax 0.0.8 needs jax ≤ 0.9.1 (see digits_mlp.py for the environment).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see "CPU threads" in docs/guide.md
+
 import argparse
 import math
 import time

@@ -16,6 +16,10 @@ Saves ``curvature_scaling_P.png`` and ``..._N.png`` in ``benchmarks/results/`` (
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see "CPU threads" in docs/guide.md
+
 import argparse
 
 import jax

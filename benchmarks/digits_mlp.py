@@ -18,6 +18,10 @@ kfac-jax 0.0.8 needs jax ≤ 0.9.1; in a separate environment:
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see "CPU threads" in docs/guide.md
+
 import argparse
 import time
 

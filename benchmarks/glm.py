@@ -11,6 +11,10 @@ and SGD (best of a learning-rate grid) and optax's L-BFGS.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see "CPU threads" in docs/guide.md
+
 import argparse
 import time
 

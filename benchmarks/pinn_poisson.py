@@ -17,6 +17,10 @@ grid first falls below 1e-5, 1e-6 and 1e-7, and the error at the end of its budg
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see "CPU threads" in docs/guide.md
+
 import argparse
 import time
 

@@ -16,6 +16,10 @@ CPU only: on a GPU the trace holds kernels, not XLA operations, and every row wo
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see "CPU threads" in docs/guide.md
+
 import argparse
 import collections
 import gzip

@@ -13,6 +13,14 @@ Run:  python examples/demo.py   (about two minutes on two CPU cores)
 
 from __future__ import annotations
 
+import os
+
+# Before scipy loads its OpenBLAS: jaxlib's CPU factorisations (K-FAC's refresh steps)
+# call it, and its worker threads compete with XLA's own for the cores. One thread made
+# the refresh steps faster on a quiet machine and kept them fast on a busy one (see
+# "CPU threads" in docs/guide.md). A value already set is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import time
 
 import jax

@@ -45,6 +45,10 @@ def add_default_flags(flags: dict[str, str]) -> None:
 # Benchmarks and users keep XLA's defaults.
 add_default_flags({"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"})
 
+# One OpenBLAS thread for jaxlib's CPU factorisations: with two workers on two cores,
+# OpenBLAS's own pool would compete with XLA's (see "CPU threads" in docs/guide.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # Run as a subprocess by test_sharding.py: it forces 8 host devices and float64 at
 # import, which must not happen inside the test session (doctest collection).
 collect_ignore = ["_sharded_checks.py"]
