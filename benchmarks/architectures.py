@@ -28,6 +28,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 from _common import (
+    EVERY_STEP_REFRESHES,
     add_output_arguments,
     machine,
     median_ms,
@@ -125,6 +126,7 @@ def main():
     parser.parse_args()
     report_run_time()
     print(f"machine: {machine()}\n")
+    print(EVERY_STEP_REFRESHES + "\n")
     rows = []
     for make in (cnn, gru, lstm, transformer):
         num_params, grad_ms, times = measure(make)

@@ -24,6 +24,7 @@ import argparse
 
 import jax
 from _common import (
+    EVERY_STEP_REFRESHES,
     add_output_arguments,
     init_mlp,
     machine,
@@ -147,6 +148,7 @@ def main():
     args = parser.parse_args()
     report_run_time()
     print(f"machine: {machine()}\n")
+    print(EVERY_STEP_REFRESHES + "\n")
     dense_overhead()
     widths = [13, 53, 1333, 13333] if not args.quick else [13, 53]
     p_points = [64 * h + h + 10 * h + 10 for h in widths]

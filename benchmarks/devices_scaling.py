@@ -15,7 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see "CPU threads" in docs/
 
 import jax
 import numpy as np
-from _common import init_mlp, machine, median_ms, mlp, report_run_time, table
+from _common import EVERY_STEP_REFRESHES, init_mlp, machine, median_ms, mlp, report_run_time, table
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -27,6 +27,7 @@ BATCH = 512
 def main():
     report_run_time()
     print(f"machine: {machine()}; {len(jax.devices())} devices\n")
+    print(EVERY_STEP_REFRESHES + "\n")
     model = ng.Model(mlp, ng.Categorical())
     params = init_mlp(jax.random.PRNGKey(0), [64, 128, 10])
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, 64))
