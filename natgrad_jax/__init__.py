@@ -14,6 +14,7 @@ from natgrad_jax._curvature.ekfac import EKFAC as EKFAC
 from natgrad_jax._curvature.implicit import ConjugateGradient as ConjugateGradient
 from natgrad_jax._curvature.kronecker import Kronecker as Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury as Woodbury
+from natgrad_jax._curvature.solver import Solver as Solver
 from natgrad_jax._damping import LevenbergMarquardt as LevenbergMarquardt
 from natgrad_jax._describe import describe as describe
 from natgrad_jax._diagnostics import Diagnostics as Diagnostics
@@ -58,6 +59,7 @@ __all__ = [
     "Model",
     "NaturalGradientState",
     "Poisson",
+    "Solver",
     "Woodbury",
     "choose_solver",
     "describe",

@@ -181,13 +181,3 @@ def moving_average(average, new, decay, is_first):
     """decay·average + (1 − decay)·new, or ``new`` itself at the first measurement."""
     decay = jnp.asarray(decay, new.dtype)
     return jnp.where(is_first, new, decay * average + (1 - decay) * new)
-
-
-def step_quadratic(curvature_state, gradient: jax.Array, direction: jax.Array) -> jax.Array:
-    """dᵀ(F + λI)d of the step (½ of it is the step's quadratic KL).
-
-    A representation that solves exactly with its own matrix has d = A⁻¹g, so this is
-    gᵀd; one that does not (CG) measures it and keeps it in its state as ``quadratic``.
-    """
-    measured = getattr(curvature_state, "quadratic", None)
-    return jnp.vdot(gradient, direction).real if measured is None else measured

@@ -14,7 +14,6 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature import auto as auto_solver
 from natgrad_jax._curvature.auto import Auto
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.block import BlockDiagonal
@@ -25,6 +24,7 @@ from natgrad_jax._curvature.factored import captured_row_sizes
 from natgrad_jax._curvature.implicit import ConjugateGradient
 from natgrad_jax._curvature.kronecker import Kronecker
 from natgrad_jax._curvature.low_rank import Woodbury
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
 from natgrad_jax._eager import compiled_when_eager
 from natgrad_jax._fisher import (
@@ -43,7 +43,7 @@ from natgrad_jax._parameters import (
     with_frozen,
 )
 from natgrad_jax._precision import EXACT, matmul_precision, statistics_precision
-from natgrad_jax._solvers import inner_products, step_quadratic, trust_region_scale
+from natgrad_jax._solvers import inner_products, trust_region_scale
 from natgrad_jax._state import NaturalGradientState, RejectedSteps
 from natgrad_jax._value_and_grad import check_forward_pass
 
@@ -61,7 +61,6 @@ SOLVERS = {
     "ekfac": EKFAC,
 }
 CHEAP_SOLVERS = ("kronecker", "cg", "diagonal")
-APPROXIMATE_SOLVERS = ("kronecker", "ekfac", "diagonal", "block_diagonal")
 # A float: optax.inject_hyperparams makes every numeric default an array, and 2³² does
 # not fit the int32 an int becomes without jax_enable_x64.
 DEFAULT_MAX_CURVATURE_BYTES = 4.0 * 2**30
@@ -128,85 +127,40 @@ def _check_statistics_every(statistics_every, refresh_every) -> None:
         raise ValueError("statistics_every needs refresh_every as a Python int.")
 
 
-def _check_separate_cadences(curvature, statistics_every, refresh_every) -> None:
+def _check_separate_cadences(curvature: Solver, params, statistics_every, refresh_every) -> None:
     separate = statistics_every is not None and statistics_every != refresh_every
-    if separate and not all(hasattr(curvature, m) for m in ("measure", "factorise")):
+    if separate and not curvature.averages_for(params):
         raise ValueError(
-            f"solver {getattr(curvature, 'name', curvature)!r} cannot measure and factorise "
-            "on separate cadences; use solver='dense', 'kronecker', 'diagonal' or "
-            "'block_diagonal', or leave statistics_every=None."
+            f"solver {curvature.name!r} cannot measure and factorise on separate "
+            "cadences; use solver='dense', 'kronecker', 'diagonal' or 'block_diagonal', "
+            "or leave statistics_every=None."
         )
 
 
-def _resolve_solver(solver):
+def _resolve_solver(solver) -> Solver:
     if isinstance(solver, str):
         if solver not in SOLVERS:
             raise ValueError(f"Unknown solver {solver!r}; choose one of {tuple(SOLVERS)}.")
         return SOLVERS[solver]()
-    if all(hasattr(solver, method) for method in ("init", "refresh", "solve", "memory")):
+    if isinstance(solver, Solver):
         return solver
     raise TypeError(
-        f"solver must be one of {tuple(SOLVERS)} or an object with init/refresh/solve/"
-        f"memory methods, got {solver!r}."
+        f"solver must be one of {tuple(SOLVERS)} or an ng.Solver (a subclass implementing "
+        f"init, solve and memory), got {solver!r}."
     )
 
 
-def _averages(curvature, params) -> bool:
-    """Whether the representation keeps a curvature that decay/refresh_every act on."""
-    if hasattr(curvature, "averages_for"):
-        return curvature.averages_for(params)
-    return curvature.averages
-
-
-def _approximate(curvature, batch: CurvatureBatch) -> bool:
-    """Whether this batch's solve is an approximation (what ``rescale=None`` rescales)."""
-    if hasattr(curvature, "approximate_for"):
-        return curvature.approximate_for(batch)
-    return curvature.name in APPROXIMATE_SOLVERS
-
-
-def _may_approximate(curvature, params) -> bool:
-    """Whether some batch's solve may be an approximation (where ``momentum=None`` keeps
-    the previous update in the state)."""
-    if hasattr(curvature, "may_approximate"):
-        return curvature.may_approximate(params)
-    return curvature.name in APPROXIMATE_SOLVERS
-
-
-def _auto_cadence(auto: Auto, decay, refresh_every):
-    """``"auto"`` keeps curvature across steps only as K-FAC's factors: ``decay`` and
-    ``refresh_every``, when given, are their cadence, and the transform's own are off."""
-    if decay is not None:
-        auto = dataclasses.replace(auto, kronecker_decay=decay)
-    if refresh_every is not None:
-        auto = dataclasses.replace(auto, kronecker_refresh_every=refresh_every)
-    return auto, 0.0, 1
-
-
-def _check_averaging(curvature, params, decay, refresh_every) -> None:
-    """Refuses decay/refresh_every (as given: ``None`` is unset) for a representation
-    that keeps no curvature, and for ``"auto"`` on a network where it never picks K-FAC.
-    Values held as arrays (``optax.inject_hyperparams``) cannot be read here; such a
-    representation ignores them."""
+def _check_averaging(curvature: Solver, params, decay, refresh_every) -> None:
+    """Refuses decay/refresh_every (as given: ``None`` is unset) for a solver that keeps
+    no curvature across steps (``Solver.averaging_refusal`` says why). Values held as
+    arrays (``optax.inject_hyperparams``) cannot be read here; such a solver ignores
+    them."""
     uses_averaging = (_is_python_number(decay) and decay != 0) or (
         _is_python_number(refresh_every) and refresh_every != 1
     )
-    if not uses_averaging:
-        return
-    if isinstance(curvature, Auto) and not curvature.may_approximate(params):
-        raise ValueError(
-            "solver 'auto' keeps curvature across steps only as K-FAC's factors, on "
-            f"networks of {auto_solver.KRONECKER_MIN_PARAMS:,} parameters or more with "
-            f"damping > 0 (this one has {ravel_pytree(params)[0].size:,}), so decay and "
-            "refresh_every do not apply to it; use solver='dense', 'kronecker', "
-            "'diagonal' or 'block_diagonal' (or leave them unset)."
-        )
-    if not isinstance(curvature, Auto) and not _averages(curvature, params):
-        raise ValueError(
-            f"solver {curvature.name!r} keeps no curvature across steps, so decay and "
-            "refresh_every do not apply to it; use solver='dense', 'kronecker', "
-            "'diagonal' or 'block_diagonal' (or leave decay=0, refresh_every=1)."
-        )
+    refusal = curvature.averaging_refusal(params) if uses_averaging else None
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def _check_memory(curvature, params, dtype, max_bytes, batch=None) -> None:
@@ -456,11 +410,10 @@ def scale_by_natural_gradient(
     if axis_name is not None and not isinstance(axis_name, str):
         raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
     curvature = _resolve_solver(solver)
-    requested_cadence = (decay, refresh_every)  # as given, before "auto" takes them over
-    if isinstance(curvature, Auto):
-        curvature, decay, refresh_every = _auto_cadence(curvature, decay, refresh_every)
-        if _is_python_number(damping) and damping == 0:  # Woodbury and K-FAC divide by λ
-            curvature = dataclasses.replace(curvature, allow_woodbury=False)
+    requested_cadence = (decay, refresh_every)  # as given, before a solver takes them over
+    curvature, decay, refresh_every = curvature.with_cadence(decay, refresh_every)
+    if _is_python_number(damping) and damping == 0:
+        curvature = curvature.without_damping()
     decay = 0.0 if decay is None else decay
     refresh_every = 1 if refresh_every is None else refresh_every
     _check_statistics_every(statistics_every, refresh_every)
@@ -469,7 +422,7 @@ def scale_by_natural_gradient(
         params, _ = trainable_and_frozen(params)
         dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
         _check_averaging(curvature, params, *requested_cadence)
-        _check_separate_cadences(curvature, statistics_every, refresh_every)
+        _check_separate_cadences(curvature, params, statistics_every, refresh_every)
         _check_memory(curvature, params, dtype, max_curvature_bytes)
         initial_damping = damping.initial if adaptive else _value_at(damping, jnp.int32(0))
         return NaturalGradientState(
@@ -480,7 +433,7 @@ def scale_by_natural_gradient(
             factorised_damping=jnp.asarray(initial_damping, dtype),
             previous_direction=(
                 jnp.zeros(ravel_pytree(params)[0].size, dtype)
-                if momentum or (momentum is None and _may_approximate(curvature, params))
+                if momentum or (momentum is None and curvature.may_approximate(params))
                 else None
             ),
             rejected=RejectedSteps.none(),
@@ -505,7 +458,7 @@ def scale_by_natural_gradient(
             statistics_precision=statistics_precision(precision),
         )
         _check_memory(curvature, params, gradient.dtype, max_curvature_bytes, batch)
-        rescaled = _approximate(curvature, batch) if rescale is None else rescale
+        rescaled = curvature.approximate_for(batch) if rescale is None else rescale
         with_momentum = state.previous_direction is not None and (momentum or rescaled)
         modelled = rescaled or with_momentum  # the quadratic model sets the step's length
 
@@ -535,7 +488,7 @@ def scale_by_natural_gradient(
             curvature_state = every(refresh_every, factorise, curvature_state)
         factorised_damping = jnp.asarray(damping_now, state.damping.dtype)
         every_step = _is_python_number(refresh_every) and refresh_every == 1
-        if adaptive and _averages(curvature, params) and not every_step:
+        if adaptive and curvature.averages_for(params) and not every_step:
             refactorised = state.count % refresh_every == 0
             if not modelled:
                 # The step's length comes from the factorisation alone: once λ has
@@ -560,7 +513,11 @@ def scale_by_natural_gradient(
             if max_kl is not None:
                 max_kl_now = _value_at(max_kl, state.count)
                 quadratic = _kl_quadratic(
-                    batch, curvature_state, gradient, direction, damping_now, fisher_quadratic
+                    batch,
+                    curvature.step_quadratic(curvature_state, gradient, direction),
+                    direction,
+                    damping_now,
+                    fisher_quadratic,
                 )
                 scale = trust_region_scale(quadratic, max_kl_now)
                 direction = direction * scale
@@ -694,9 +651,7 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping)
     return step, coefficients @ fisher @ coefficients
 
 
-def _kl_quadratic(
-    batch: CurvatureBatch, curvature_state, gradient, direction, damping, fisher_quadratic
-):
+def _kl_quadratic(batch: CurvatureBatch, step_quadratic, direction, damping, fisher_quadratic):
     """dᵀ(F + λI)d with F the batch's *exact* Fisher: twice the step's KL to second
     order, which ``max_kl`` bounds whatever Fisher estimate the solve used.
 
@@ -705,13 +660,14 @@ def _kl_quadratic(
     KL elsewhere (a 64-output Gaussian autoencoder's CG step with one Monte-Carlo label
     per example: 0.01 by the sampled Fisher, 804 by the exact one). One forward-mode
     product measures it. With the exact Fisher, the solver's own measure is used:
-    ``fisher_quadratic`` (dᵀFd, from the quadratic model) or ``step_quadratic``.
+    ``fisher_quadratic`` (dᵀFd, from the quadratic model) or ``step_quadratic`` (the
+    solver's ``Solver.step_quadratic``).
     """
     if batch.kind != "exact":
         exact = dataclasses.replace(batch, kind="exact")
         fisher_quadratic = exact.fisher_gram([direction])[0, 0]
     if fisher_quadratic is None:
-        return step_quadratic(curvature_state, gradient, direction)
+        return step_quadratic
     return fisher_quadratic + jnp.asarray(damping, direction.dtype) * jnp.vdot(direction, direction)
 
 

@@ -747,3 +747,70 @@ def test_rescale_scales_the_direction_to_the_minimiser_of_the_exact_quadratic_mo
     updates, _ = default.update(g, default.init(params), params, inputs=x, targets=y)
     expected = rescaled if solver != "dense" else plain  # on for approximate solvers only
     np.testing.assert_allclose(-ravel_pytree(updates)[0], expected, rtol=1e-10, atol=1e-14)
+
+
+# --- a solver written outside the library ------------------------------------------------
+
+
+class _ScaledIdentity(ng.Solver):
+    """F ≈ c·I with c = tr(F)/P of the batch's Fisher, through the base class alone."""
+
+    name = "scaled_identity"
+    approximate = True
+
+    def init(self, params, dtype):
+        return ()
+
+    def memory(self, num_params, num_rows, leaf_shapes=(), rows=None):
+        return num_rows * num_params
+
+    def solve(self, state, batch, vector, damping):
+        rows = batch.score_rows()
+        scale = batch.device_sum(jnp.sum(rows**2)) / (batch.num_examples * vector.size)
+        return vector / (scale + damping), state
+
+
+def test_a_solver_written_against_the_base_class_plugs_into_the_transform():
+    """A scaled identity written here: the transform solves with it, and, as it declares
+    itself approximate, ``natural_gradient`` scales its direction d to the minimiser of
+    the batch's exact quadratic model, α = gᵀd / dᵀ(F + λI)d (F the dense Fisher)."""
+    model, params, x, y = mlp_problem("categorical")
+    g = _gradient(model, params, x, y)
+    flat_g = ravel_pytree(g)[0]
+    fisher = ng.fisher(model, params, x)
+    damping = 1e-2
+    d = flat_g / (np.trace(fisher) / len(fisher) + damping)
+
+    plain = ng.scale_by_natural_gradient(model, solver=_ScaledIdentity(), damping=damping)
+    updates, _ = plain.update(g, plain.init(params), params, inputs=x)
+    np.testing.assert_allclose(ravel_pytree(updates)[0], d, rtol=1e-10)
+
+    rescaled = ng.natural_gradient(model, 1.0, solver=_ScaledIdentity(), damping=damping)
+    updates, _ = jax.jit(rescaled.update)(g, rescaled.init(params), params, inputs=x, targets=y)
+    alpha = (flat_g @ d) / (d @ (fisher + damping * np.eye(len(fisher))) @ d)
+    assert abs(alpha - 1) > 0.5  # the rescale is visible
+    np.testing.assert_allclose(ravel_pytree(updates)[0], -alpha * d, rtol=1e-8)
+
+
+def test_a_solver_outside_the_base_class_or_without_its_methods_is_refused():
+    class DuckTyped:
+        name = "duck"
+
+        def init(self, params, dtype): ...
+        def refresh(self, state, batch, damping, decay, is_first): ...
+        def solve(self, state, batch, vector, damping): ...
+        def memory(self, num_params, num_rows, leaf_shapes=(), rows=None): ...
+
+    class Incomplete(ng.Solver):
+        name = "incomplete"
+
+        def init(self, params, dtype):
+            return ()
+
+    model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+    with pytest.raises(TypeError, match=r"ng\.Solver"):
+        ng.scale_by_natural_gradient(model, solver=DuckTyped())
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
+    with pytest.raises(ValueError, match="keeps no curvature"):
+        ng.scale_by_natural_gradient(model, solver=_ScaledIdentity(), decay=0.9).init(jnp.zeros(2))

@@ -54,6 +54,7 @@ from natgrad_jax._curvature.kronecker import (
     split_shape,
 )
 from natgrad_jax._curvature.low_rank import Woodbury, WoodburyState
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
 
 CG_ITERATIONS = 30  # warm-started CG to tol 1e-5 on the benchmarks: 10–60 iterations
@@ -187,14 +188,9 @@ class AutoState(NamedTuple):
     kronecker: KroneckerState  # the averaged factors and the inverses of the last refresh
     kronecker_steps: jax.Array  # int32 []: the K-FAC steps taken (refresh when ≡ 0)
 
-    @property
-    def quadratic(self):
-        """CG's measured dᵀ(F + λI)d (see ``step_quadratic``)."""
-        return self.cg.quadratic
-
 
 @dataclasses.dataclass(frozen=True)
-class Auto:
+class Auto(Solver):
     """Per batch, the exact solver (dense, Woodbury, CG) of least estimated cost, or
     K-FAC from this batch's statistics on a large captured network (module docstring).
 
@@ -226,6 +222,30 @@ class Auto:
         return auto_choice(
             captured, shapes, batch.num_rows, batch.num_examples, self.allow_woodbury
         )[0]
+
+    def with_cadence(self, decay, refresh_every):
+        """The transform's ``decay`` and ``refresh_every``, when given, become the cadence
+        of K-FAC's factors (the only curvature "auto" keeps); the transform's own are off."""
+        if decay is not None:
+            self = dataclasses.replace(self, kronecker_decay=decay)
+        if refresh_every is not None:
+            self = dataclasses.replace(self, kronecker_refresh_every=refresh_every)
+        return self, None, None
+
+    def without_damping(self) -> Auto:
+        """Woodbury and K-FAC divide by λ: with λ = 0 neither is picked."""
+        return dataclasses.replace(self, allow_woodbury=False)
+
+    def averaging_refusal(self, params) -> str | None:
+        if self.may_approximate(params):
+            return None
+        return (
+            "solver 'auto' keeps curvature across steps only as K-FAC's factors, on "
+            f"networks of {KRONECKER_MIN_PARAMS:,} parameters or more with damping > 0 "
+            f"(this one has {parameter_count(params):,}), so decay and refresh_every do "
+            "not apply to it; use solver='dense', 'kronecker', 'diagonal' or "
+            "'block_diagonal' (or leave them unset)."
+        )
 
     def may_approximate(self, params) -> bool:
         """Whether some batch may get K-FAC: a network of ``KRONECKER_MIN_PARAMS`` or more."""
@@ -265,9 +285,10 @@ class Auto:
         kronecker = Kronecker().init(params, dtype)
         return AutoState(cg, kronecker, jnp.zeros([], jnp.int32))
 
-    def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
-        del batch, damping, decay, is_first
-        return state
+    def step_quadratic(self, state, gradient, direction):
+        """dᵀ(F + λI)d of the step: recorded in CG's state whichever solver ran."""
+        cg_state = state.cg if isinstance(state, AutoState) else state
+        return self.cg.step_quadratic(cg_state, gradient, direction)
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         name = self._choice(batch)

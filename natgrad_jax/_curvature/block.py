@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._solvers import batched_inverses, moving_average
 
 
@@ -31,10 +32,11 @@ def _split(vector, sizes):
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockDiagonal:
+class BlockDiagonal(Solver):
     """One dense block per pytree leaf; Cholesky (eigendecomposition fallback) per block."""
 
     name = "block_diagonal"
+    approximate = True
     averages = True
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
@@ -65,9 +67,6 @@ class BlockDiagonal:
         del batch
         inverses = tuple(batched_inverses(state.blocks, [damping] * len(state.blocks)))
         return state._replace(inverses=inverses)
-
-    def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
-        return self.factorise(self.measure(state, batch, decay, is_first), batch, damping)
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         del damping

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
 from natgrad_jax._solvers import damped_inverse, moving_average
 
@@ -25,7 +26,7 @@ class DenseState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Dense:
+class Dense(Solver):
     """Dense P×P Fisher; solves with Cholesky of F + λI (eigendecomposition fallback)."""
 
     name = "dense"
@@ -54,10 +55,6 @@ class Dense:
         """(F + λI)⁻¹ of the current F."""
         del batch
         return state._replace(inverse=damped_inverse(state.fisher, damping))
-
-    def refresh(self, state: DenseState, batch: CurvatureBatch, damping, decay, is_first):
-        """Measures F on ``batch``, averages it into the state and refactorises F + λI."""
-        return self.factorise(self.measure(state, batch, decay, is_first), batch, damping)
 
     def solve(self, state: DenseState, batch: CurvatureBatch, vector, damping):
         """(F + λI)⁻¹ v with the factorisation of the last refresh."""

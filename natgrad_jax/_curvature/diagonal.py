@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import FactoredRows, dense_row_sizes, summed_over_rows
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
 from natgrad_jax._solvers import moving_average
 
@@ -25,7 +26,7 @@ class DiagonalState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Diagonal:
+class Diagonal(Solver):
     """diag(F) + λ, inverted elementwise (zero where both vanish: pseudo-inverse).
 
     With ``capture=True`` (the default) the diagonal of a captured dense layer is
@@ -38,6 +39,7 @@ class Diagonal:
     capture: bool = True
     chunk_rows: int | None = 32
     name = "diagonal"
+    approximate = True
     averages = True
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
@@ -69,9 +71,6 @@ class Diagonal:
         """Nothing to factorise: the solve divides elementwise."""
         del batch, damping
         return state
-
-    def refresh(self, state: DiagonalState, batch: CurvatureBatch, damping, decay, is_first):
-        return self.factorise(self.measure(state, batch, decay, is_first), batch, damping)
 
     def solve(self, state: DiagonalState, batch: CurvatureBatch, vector, damping):
         del batch

@@ -35,6 +35,7 @@ import numpy as np
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows
 from natgrad_jax._curvature.kronecker import Kronecker, output_side, split_shape
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._solvers import moving_average
 
 
@@ -75,7 +76,7 @@ def _second_moments(rows, layer_index, orientation, left_basis, right_basis):
 
 
 @dataclasses.dataclass(frozen=True)
-class EKFAC:
+class EKFAC(Solver):
     """EKFAC: K-FAC's eigenbasis with the Fisher's own second moments in it.
 
     Args:
@@ -97,6 +98,7 @@ class EKFAC:
     approximation: str = "expand"
 
     name = "ekfac"
+    approximate = True
     averages = True
 
     @property

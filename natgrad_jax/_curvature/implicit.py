@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
 
 
@@ -101,7 +102,7 @@ def cauchy_point(matvec, gradient):
 
 
 @dataclasses.dataclass(frozen=True)
-class ConjugateGradient:
+class ConjugateGradient(Solver):
     """CG on (F + λI) x = g with matrix-free Fisher products.
 
     Args:
@@ -161,9 +162,10 @@ class ConjugateGradient:
             fell_back=jnp.zeros([], bool),
         )
 
-    def refresh(self, state, batch, damping, decay, is_first):
-        del batch, damping, decay, is_first
-        return state
+    def step_quadratic(self, state, gradient, direction):
+        """dᵀ(F + λI)d as measured by the solve (not gᵀd: CG stops short of the solution)."""
+        del gradient, direction
+        return state.quadratic
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         damping = jnp.asarray(damping, vector.dtype)

@@ -46,6 +46,7 @@ from natgrad_jax._curvature.factored import (
     output_layout,
     summed_over_rows,
 )
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._solvers import batched_inverses, moving_average
 
 
@@ -282,7 +283,7 @@ APPROXIMATIONS = ("expand", "reduce")
 
 
 @dataclasses.dataclass(frozen=True)
-class Kronecker:
+class Kronecker(Solver):
     """K-FAC: per captured layer A ⊗ G with π-damping; exact diagonal for other leaves.
 
     Args:
@@ -318,6 +319,7 @@ class Kronecker:
     chunk_rows: int | None = 32
 
     name = "kronecker"
+    approximate = True
     averages = True
 
     def __post_init__(self):
@@ -466,10 +468,6 @@ class Kronecker:
                 left_inverse=next(inverses), right_inverse=g_inverse
             )
         return KroneckerState(tuple(new_leaves))
-
-    def refresh(self, state: KroneckerState, batch: CurvatureBatch, damping, decay, is_first):
-        measured = self.measure(state, batch, decay, is_first)
-        return self.factorise(measured, batch, damping)
 
     def solve(self, state: KroneckerState, batch: CurvatureBatch, vector, damping):
         factored = self.factored_leaves(batch)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import dense_row_sizes, factored_rows
+from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
 
 
@@ -110,7 +111,7 @@ def woodbury_solve(rows, num_examples, vector, damping):
 
 
 @dataclasses.dataclass(frozen=True)
-class Woodbury:
+class Woodbury(Solver):
     """Woodbury solve with this batch's score rows: exact, O(M² P + M³) per step.
 
     With ``capture=True`` (the default) the kernel SSᵀ and the products S v, Sᵀ u come
@@ -162,9 +163,12 @@ class Woodbury:
             previous=jnp.zeros(parameter_count(params), dtype), quadratic=jnp.zeros([], dtype)
         )
 
-    def refresh(self, state, batch, damping, decay, is_first):
-        del batch, damping, decay, is_first
-        return state
+    def step_quadratic(self, state, gradient, direction):
+        """dᵀ(F + λI)d: gᵀd for the plain solve; measured in the solve with SPRING
+        momentum, whose d is not (F + λI)⁻¹g."""
+        if state.quadratic is None:
+            return super().step_quadratic(state, gradient, direction)
+        return state.quadratic
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         if self.capture:

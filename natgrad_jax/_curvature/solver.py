@@ -1,0 +1,145 @@
+r"""The contract between the natural-gradient transform and a curvature solver.
+
+A solver represents the Fisher F of a batch (densely, by factors, or matrix-free) and
+solves (F + λI) d = g against it. The transform owns the cadence (when to measure, when
+to factorise), the step's length, the trust region and the damping; a solver owns its
+arrays (a ``NamedTuple`` state: jit, shard, checkpoint) and the linear algebra.
+
+Every solver states three facts as class attributes, which the transform reads instead
+of inspecting the object:
+
+* ``name``: the ``solver=`` string, used in messages and by ``ng.describe``;
+* ``approximate``: whether ``solve`` returns an approximation of (F + λI)⁻¹g (K-FAC,
+  diagonal) rather than the solution to a tolerance; ``natural_gradient`` then sets the
+  step's length from the batch's exact quadratic model (``rescale``);
+* ``averages``: whether the state keeps a curvature across steps, which ``decay`` and
+  ``refresh_every`` act on; such a solver implements ``measure`` and ``factorise``.
+
+A solver whose answer depends on the parameters or the batch (``"auto"``) refines them
+with ``averages_for``, ``may_approximate`` and ``approximate_for``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class Solver(abc.ABC):
+    """Base class of every ``solver=`` of the natural-gradient transform.
+
+    Subclasses implement ``init``, ``solve`` and ``memory``; those that keep curvature
+    across steps (``averages = True``) implement ``measure`` and ``factorise`` too, and
+    ``refresh`` is their composition. Write one as a frozen dataclass whose fields are its
+    options, as the solvers of natgrad_jax are.
+
+    Example:
+      A scaled identity, F ≈ c·I with c the mean of the diagonal of the batch's Fisher
+      (a solver in ten lines; ``tests/test_transform.py`` checks it against its
+      definition through the transform):
+
+      >>> import dataclasses, jax.numpy as jnp, natgrad_jax as ng
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class ScaledIdentity(ng.Solver):
+      ...     name = "scaled_identity"
+      ...     approximate = True
+      ...     def init(self, params, dtype):
+      ...         return ()
+      ...     def memory(self, num_params, num_rows, leaf_shapes=(), rows=None):
+      ...         return num_rows * num_params
+      ...     def solve(self, state, batch, vector, damping):
+      ...         scale = jnp.mean(jnp.sum(batch.score_rows() ** 2, axis=0)) / batch.num_examples
+      ...         return vector / (scale + damping), state
+      >>> model = ng.Model(lambda w, x: x @ w, ng.Bernoulli())
+      >>> tx = ng.scale_by_natural_gradient(model, solver=ScaledIdentity(), damping=0.1)
+      >>> w, x = jnp.zeros(2), jnp.eye(2)
+      >>> updates, _ = tx.update(jnp.ones(2), tx.init(w), w, inputs=x)
+      >>> updates  # F = diag(1/8, 1/8) at w = 0, so c = 1/8 and d = g / (1/8 + 0.1)
+      Array([4.44444..., 4.44444...], dtype=float32)
+    """
+
+    name: ClassVar[str]
+    approximate: ClassVar[bool] = False
+    averages: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def init(self, params: PyTree, dtype) -> NamedTuple | tuple:
+        """The state before the first update (arrays of ``dtype``, the solve's dtype)."""
+
+    @abc.abstractmethod
+    def solve(self, state, batch, vector: jax.Array, damping) -> tuple[jax.Array, Any]:
+        """``(direction, state)``: (F + λI)⁻¹ ``vector`` (flat, ``ravel_pytree`` order of
+        the trainable leaves), with the state of the last refresh or of this batch."""
+
+    @abc.abstractmethod
+    def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
+        """Floats an update allocates, for the memory guard (``max_curvature_bytes``);
+        ``rows`` (``RowSizes``, from the batch's capture) is None at ``init``."""
+
+    def measure(self, state, batch, decay, is_first):
+        """Measures the curvature statistics on ``batch`` and averages them into the
+        state with ``decay`` (``is_first``: replace instead). Keeps nothing by default."""
+        del batch, decay, is_first
+        return state
+
+    def factorise(self, state, batch, damping):
+        """Prepares ``solve`` from the stored statistics (inverses, eigenbases) at λ =
+        ``damping``. Nothing to prepare by default."""
+        del batch, damping
+        return state
+
+    def refresh(self, state, batch, damping, decay, is_first):
+        """``measure`` then ``factorise``: what the transform runs every ``refresh_every``
+        steps when statistics and factorisation share one cadence."""
+        return self.factorise(self.measure(state, batch, decay, is_first), batch, damping)
+
+    def step_quadratic(self, state, gradient: jax.Array, direction: jax.Array) -> jax.Array:
+        """dᵀ(F + λI)d of the last solve (½ of it is the step's quadratic KL). A solver that
+        solves exactly with its own matrix has d = A⁻¹g, so this is gᵀd; an inexact one
+        (CG) measures it during the solve and overrides this."""
+        del state
+        return jnp.vdot(gradient, direction).real
+
+    def with_cadence(self, decay, refresh_every) -> tuple[Solver, Any, Any]:
+        """``(solver, decay, refresh_every)`` for the transform: a solver that keeps its
+        own cadence (``"auto"``'s K-FAC factors) takes the transform's over and returns
+        ``None`` for both; by default the transform keeps them."""
+        return self, decay, refresh_every
+
+    def without_damping(self) -> Solver:
+        """This solver for λ = 0 (a fixed damping of zero): one that would divide by λ
+        in some of its choices (``"auto"``'s Woodbury) turns them off."""
+        return self
+
+    def averaging_refusal(self, params: PyTree) -> str | None:
+        """Why ``decay``/``refresh_every`` cannot apply to this solver on ``params``, or
+        None when they can."""
+        if self.averages_for(params):
+            return None
+        return (
+            f"solver {self.name!r} keeps no curvature across steps, so decay and "
+            "refresh_every do not apply to it; use solver='dense', 'kronecker', "
+            "'diagonal' or 'block_diagonal' (or leave decay=0, refresh_every=1)."
+        )
+
+    def averages_for(self, params: PyTree) -> bool:
+        """Whether, for these parameters, the state keeps curvature that ``decay`` and
+        ``refresh_every`` act on."""
+        del params
+        return self.averages
+
+    def may_approximate(self, params: PyTree) -> bool:
+        """Whether some batch's solve may be an approximation (the transform then keeps
+        the previous update in its state for ``momentum=None``)."""
+        del params
+        return self.approximate
+
+    def approximate_for(self, batch) -> bool:
+        """Whether this batch's solve is an approximation (what ``rescale=None`` rescales)."""
+        del batch
+        return self.approximate
