@@ -61,9 +61,10 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax._cache import FifoCache
 from natgrad_jax._eager import is_traced
 from natgrad_jax._fisher import varying_axes
-from natgrad_jax._independence import inner_tainted
+from natgrad_jax._independence import abstract_leaf, grown_batch, inner_tainted
 from natgrad_jax._jaxpr import inner_jaxpr, scan_counts
 
 PyTree = Any
@@ -581,30 +582,15 @@ def _uses(closed, num_leaves) -> list[_Use]:
     return uses
 
 
-def _grow_batch(inputs):
-    return jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(
-            (a.shape[0] + 1, *a.shape[1:]), a.dtype, weak_type=a.weak_type
-        ),
-        inputs,
-    )
-
-
 def _example_axis(shape, grown_shape):
     changed = [k for k, (a, b) in enumerate(zip(shape, grown_shape, strict=True)) if a + 1 == b]
     unchanged = all(a == b for a, b in zip(shape, grown_shape, strict=True) if a + 1 != b)
     return changed[0] if len(changed) == 1 and unchanged else None
 
 
-def _struct(leaf):
-    return jax.ShapeDtypeStruct(
-        np.shape(leaf), jnp.result_type(leaf), weak_type=bool(getattr(leaf, "weak_type", False))
-    )
-
-
 def _signature(tree):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((s.shape, str(s.dtype), s.weak_type) for s in map(_struct, leaves))
+    return treedef, tuple((s.shape, str(s.dtype), s.weak_type) for s in map(abstract_leaf, leaves))
 
 
 def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
@@ -623,20 +609,17 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
     """
     precision = jax.config.jax_default_matmul_precision
     key = (apply_fn, _signature(params), _signature(inputs), precision)
-    if key in _CACHE:
-        return _CACHE[key]
-    found = _analyse_capture(apply_fn, *jax.tree.map(_struct, (params, inputs)))
+    if key in _CAPTURED:
+        return _CAPTURED[key]
+    found = _analyse_capture(apply_fn, *jax.tree.map(abstract_leaf, (params, inputs)))
     # An apply_fn that closes over traced values (frozen leaves inside jit) holds them
     # in the jaxpr: valid in this trace only, so not kept.
     if not is_traced(found.jaxpr.consts):
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = found
+        _CAPTURED.put(key, found)
     return found
 
 
-_CACHE: dict = {}
-_CACHE_SIZE = 64
+_CAPTURED = FifoCache(size=64)
 
 
 def _conv_batch_axes(use) -> tuple[int, int]:
@@ -651,7 +634,7 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
     shapes = tuple(tuple(np.shape(leaf)) for _, leaf in leaves_with_paths)
     closed, uses = _layer_uses(apply_fn, params, inputs)
     try:
-        _, grown = _layer_uses(apply_fn, params, _grow_batch(inputs))
+        _, grown = _layer_uses(apply_fn, params, grown_batch(inputs))
     except Exception:  # a model that only runs at one batch size: nothing is captured
         grown = []
     grown_by_eqn = {(u.eqn, u.leaf): u for u in grown if u.eqn is not None}

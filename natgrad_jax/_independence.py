@@ -21,6 +21,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax._cache import FifoCache
 from natgrad_jax._eager import is_traced
 from natgrad_jax._jaxpr import scan_counts
 
@@ -38,8 +39,21 @@ INTERACTING_MSG = (
 _RELATIVE_TOLERANCE = 1e-6
 
 
-def _struct(leaf):
-    return jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf))
+def abstract_leaf(leaf) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and weak type of an array, a tracer, a struct or a Python number."""
+    weak_type = bool(getattr(leaf, "weak_type", False))
+    return jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf), weak_type=weak_type)
+
+
+def grown_batch(inputs: PyTree) -> PyTree:
+    """The abstract ``inputs`` with one example more (axis 0 of every leaf)."""
+
+    def grow(leaf):
+        struct = abstract_leaf(leaf)
+        shape = (struct.shape[0] + 1, *struct.shape[1:])
+        return jax.ShapeDtypeStruct(shape, struct.dtype, weak_type=struct.weak_type)
+
+    return jax.tree.map(grow, inputs)
 
 
 def _probe_value(leaf, key):
@@ -105,8 +119,8 @@ def interacting_examples(apply_fn, params: PyTree, inputs: PyTree) -> tuple[int,
     param_arrays, rebuild = _split_static(params)
     try:
         trace = jax.make_jaxpr(lambda p, x: apply_fn(rebuild(p), x))
-        closed = trace(*jax.tree.map(_struct, (param_arrays, inputs)))
-        grown = trace(jax.tree.map(_struct, param_arrays), _grow_batch(inputs))
+        closed = trace(*jax.tree.map(abstract_leaf, (param_arrays, inputs)))
+        grown = trace(jax.tree.map(abstract_leaf, param_arrays), grown_batch(inputs))
     except Exception:  # the computation that follows raises its own, clearer error
         return ()
     if is_traced(closed.consts) or not _reduces_over_examples(closed, grown, len(param_arrays)):
@@ -135,11 +149,6 @@ def interacting_examples(apply_fn, params: PyTree, inputs: PyTree) -> tuple[int,
         threshold = _RELATIVE_TOLERANCE * max(own, float(jnp.finfo(tangent.dtype).tiny))
         interacting.update(1 + int(k) for k in np.flatnonzero(others > threshold))
     return tuple(sorted(interacting))
-
-
-def _grow_batch(inputs):
-    grow = lambda a: jax.ShapeDtypeStruct((a.shape[0] + 1, *a.shape[1:]), a.dtype)
-    return jax.tree.map(grow, inputs)
 
 
 def _reduces_over_examples(closed, grown, num_params: int) -> bool:
@@ -194,9 +203,7 @@ def check_independent_examples(apply_fn, params: PyTree, inputs: PyTree) -> None
         shown = ", ".join(map(str, examples[:5])) + (", …" if len(examples) > 5 else "")
         raise ValueError(INTERACTING_MSG.format(examples=shown))
     if key is not None:
-        if len(_CHECKED) >= _CACHE_SIZE:
-            _CHECKED.pop(next(iter(_CHECKED)))
-        _CHECKED[key] = True
+        _CHECKED.put(key, True)
 
 
 def _shapes(tree):
@@ -206,5 +213,4 @@ def _shapes(tree):
     )
 
 
-_CHECKED: dict = {}
-_CACHE_SIZE = 64
+_CHECKED = FifoCache(size=64)

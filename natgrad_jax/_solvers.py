@@ -12,6 +12,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from natgrad_jax._precision import exact_matmuls
 
@@ -115,9 +116,17 @@ def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.all(positive_definite), lambda x: x, with_fallback, inverses)
 
 
-def _vector_inverse(diagonal, damping):
-    damped = diagonal + damping
+def damped_reciprocal(values: jax.Array, damping) -> jax.Array:
+    """1 / (values + λ) where that is positive, else 0: the damped pseudo-inverse of a
+    diagonal (a Fisher's diagonal, or its second moments in an eigenbasis)."""
+    damped = values + jnp.asarray(damping, values.dtype)
     return jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 0.0)
+
+
+def split_by_sizes(vector: jax.Array, sizes) -> list[jax.Array]:
+    """``vector`` cut along its last axis into consecutive pieces of ``sizes`` (the
+    trainable leaves of a flat parameter vector, in ``ravel_pytree`` order)."""
+    return jnp.split(vector, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 
 @exact_matmuls
@@ -131,7 +140,7 @@ def batched_inverses(factors, dampings) -> list:
     ``lax.cond`` and an eigendecomposition branch to compile.
     """
     inverses = [
-        _vector_inverse(f.reshape(-1), d).reshape(f.shape) if f.ndim == 1 or f.size == 1 else None
+        damped_reciprocal(f.reshape(-1), d).reshape(f.shape) if f.ndim == 1 or f.size == 1 else None
         for f, d in zip(factors, dampings, strict=True)
     ]
     by_size: dict[int, list[int]] = {}

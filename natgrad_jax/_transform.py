@@ -221,11 +221,6 @@ def _invariant(value, axis_name):
     return value
 
 
-def _increment(count: jax.Array) -> jax.Array:
-    """count + 1, saturating instead of overflowing int32."""
-    return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
-
-
 def _solve_dtype(dtype) -> jnp.dtype:
     """The dtype the curvature is stored and solved in: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -541,7 +536,7 @@ def scale_by_natural_gradient(
         new_updates = unravel(direction.astype(flat_updates.dtype))
         new_updates = jax.tree.map(lambda new, old: new.astype(old.dtype), new_updates, updates)
         new_state = NaturalGradientState(
-            count=_increment(state.count),
+            count=optax.safe_int32_increment(state.count),
             key=key,
             damping=next_damping,
             curvature=curvature_state,

@@ -13,11 +13,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.solver import Solver
-from natgrad_jax._solvers import batched_inverses, moving_average
+from natgrad_jax._solvers import batched_inverses, moving_average, split_by_sizes
 
 
 class BlockDiagonalState(NamedTuple):
@@ -25,10 +24,6 @@ class BlockDiagonalState(NamedTuple):
 
     blocks: tuple  # per leaf, (P_ℓ, P_ℓ) float: the (averaged) Fisher block
     inverses: tuple  # per leaf, (P_ℓ, P_ℓ) float: (F_ℓ + λI)⁻¹ at the last refresh
-
-
-def _split(vector, sizes):
-    return jnp.split(vector, np.cumsum(sizes)[:-1], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +49,8 @@ class BlockDiagonal(Solver):
         dtype = state.blocks[0].dtype
         rows = batch.score_rows().astype(dtype)
         measured = [
-            batch.device_sum(r.T @ r) / batch.num_examples for r in _split(rows, batch.leaf_sizes)
+            batch.device_sum(r.T @ r) / batch.num_examples
+            for r in split_by_sizes(rows, batch.leaf_sizes)
         ]
         blocks = tuple(
             moving_average(old, new, decay, is_first)
@@ -70,6 +66,6 @@ class BlockDiagonal(Solver):
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         del damping
-        pieces = _split(vector, batch.leaf_sizes)
+        pieces = split_by_sizes(vector, batch.leaf_sizes)
         solved = [inv @ piece for inv, piece in zip(state.inverses, pieces, strict=True)]
         return jnp.concatenate(solved), state

@@ -16,7 +16,7 @@ from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import FactoredRows, dense_row_sizes, summed_over_rows
 from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
-from natgrad_jax._solvers import moving_average
+from natgrad_jax._solvers import damped_reciprocal, moving_average
 
 
 class DiagonalState(NamedTuple):
@@ -74,6 +74,4 @@ class Diagonal(Solver):
 
     def solve(self, state: DiagonalState, batch: CurvatureBatch, vector, damping):
         del batch
-        damped = state.diagonal + jnp.asarray(damping, state.diagonal.dtype)
-        safe = jnp.where(damped > 0, damped, 1.0)
-        return jnp.where(damped > 0, vector / safe, 0.0), state
+        return vector * damped_reciprocal(state.diagonal, damping), state

@@ -36,7 +36,7 @@ from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import factored_rows
 from natgrad_jax._curvature.kronecker import Kronecker, output_side, split_shape
 from natgrad_jax._curvature.solver import Solver
-from natgrad_jax._solvers import moving_average
+from natgrad_jax._solvers import damped_reciprocal, moving_average, split_by_sizes
 
 
 class EkfacLeafState(NamedTuple):
@@ -194,12 +194,11 @@ class EKFAC(Solver):
     def solve(self, state: EkfacState, batch: CurvatureBatch, vector, damping):
         factored = self._kronecker.factored_leaves(batch)
         sizes = [leaf.diagonal.size for leaf in state.leaves]
-        pieces = jnp.split(vector, np.cumsum(sizes)[:-1])
+        pieces = split_by_sizes(vector, sizes)
         solved = []
         for k, (leaf, piece) in enumerate(zip(state.leaves, pieces, strict=True)):
             scale = leaf.scaling if k in factored else leaf.diagonal
-            damped = scale + jnp.asarray(damping, scale.dtype)
-            inverse = jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 0.0)
+            inverse = damped_reciprocal(scale, damping)
             if k in factored:
                 matrix = piece.reshape(scale.shape)
                 rotated = leaf.left_basis.T @ matrix @ leaf.right_basis

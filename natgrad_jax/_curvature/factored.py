@@ -40,6 +40,7 @@ from natgrad_jax._fisher import (
     device_varying,
     varying_axes,
 )
+from natgrad_jax._solvers import split_by_sizes
 
 PyTree = Any
 
@@ -211,7 +212,7 @@ class FactoredRows:
 
     def _split(self, flat):
         sizes = [t.size for t in self.leaf_templates]
-        pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
+        pieces = split_by_sizes(flat, sizes)
         return [p.reshape(t.shape) for p, t in zip(pieces, self.leaf_templates, strict=True)]
 
     def _fallback_part(self, leaves):

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax._cache import FifoCache
 from natgrad_jax._capture import capture
 from natgrad_jax._curvature.batch import CurvatureBatch
 from natgrad_jax._curvature.factored import (
@@ -47,7 +48,12 @@ from natgrad_jax._curvature.factored import (
     summed_over_rows,
 )
 from natgrad_jax._curvature.solver import Solver
-from natgrad_jax._solvers import batched_inverses, moving_average
+from natgrad_jax._solvers import (
+    batched_inverses,
+    damped_reciprocal,
+    moving_average,
+    split_by_sizes,
+)
 
 
 class KroneckerLeafState(NamedTuple):
@@ -92,14 +98,10 @@ def _orientation(layer, shape) -> str | None:
     Layer's repr names everything ``leaf_to_matrix`` reads; an update asks several times).
     """
     key = (repr(layer), tuple(shape))
-    if key not in _ORIENTATIONS:
-        if len(_ORIENTATIONS) >= 1024:
-            _ORIENTATIONS.pop(next(iter(_ORIENTATIONS)))
-        _ORIENTATIONS[key] = _measured_orientation(layer, shape)
-    return _ORIENTATIONS[key]
+    return _ORIENTATIONS.get(key, lambda: _measured_orientation(layer, shape))
 
 
-_ORIENTATIONS: dict = {}
+_ORIENTATIONS = FifoCache(size=1024)
 
 
 # Layout primitives and their NumPy equivalents, for ``_numpy_view``.
@@ -422,7 +424,7 @@ class Kronecker(Solver):
             inputs = rows.input_factor(layer_index, self.approximation, input_diagonal)
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
-        diagonals = jnp.split(diagonal / batch.num_examples, np.cumsum(sizes)[:-1])
+        diagonals = split_by_sizes(diagonal / batch.num_examples, sizes)
         return rows if complete else None, factors, diagonals
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
@@ -472,14 +474,12 @@ class Kronecker(Solver):
     def solve(self, state: KroneckerState, batch: CurvatureBatch, vector, damping):
         factored = self.factored_leaves(batch)
         sizes = [leaf.diagonal.size for leaf in state.leaves]
-        pieces = jnp.split(vector, np.cumsum(sizes)[:-1])
+        pieces = split_by_sizes(vector, sizes)
         solved = []
         for k, (leaf, piece) in enumerate(zip(state.leaves, pieces, strict=True)):
             if k in factored:
                 matrix = piece.reshape(leaf.left.shape[0], leaf.right.shape[0])
                 solved.append(_precondition(leaf.left_inverse, matrix, leaf.right_inverse).ravel())
             else:
-                damped = leaf.diagonal + jnp.asarray(damping, leaf.diagonal.dtype)
-                safe = jnp.where(damped > 0, damped, 1.0)
-                solved.append(jnp.where(damped > 0, piece / safe, 0.0))
+                solved.append(piece * damped_reciprocal(leaf.diagonal, damping))
         return jnp.concatenate(solved), state
