@@ -182,11 +182,13 @@ def auto_choice(
 
 
 class AutoState(NamedTuple):
-    """Auto's state on a network where it may pick K-FAC: CG's, and K-FAC's factors."""
+    """Auto's state: CG's (its warm start, and the record of every solve), and K-FAC's
+    factors on a network where some batch may get K-FAC (else ``None``)."""
 
     cg: ConjugateGradientState
-    kronecker: KroneckerState  # the averaged factors and the inverses of the last refresh
-    kronecker_steps: jax.Array  # int32 []: the K-FAC steps taken (refresh when ≡ 0)
+    # The averaged factors and the inverses of the last refresh.
+    kronecker: KroneckerState | None = None
+    kronecker_steps: jax.Array | None = None  # int32 []: K-FAC steps taken (refresh when ≡ 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +199,11 @@ class Auto(Solver):
     ``cg`` is the ``ConjugateGradient`` used when CG is chosen: by default to a residual
     of 1e-5 or until the quadratic model stops improving (``progress_tol=5e-4``).
 
-    The state is CG's (its warm start); a dense, Woodbury or K-FAC solve records its
-    direction and gᵀd there, so the trust region and the next warm start read this step
-    (with K-FAC the transform rescales the step and measures dᵀ(F + λI)d itself). Where
-    some batch may get K-FAC (``may_approximate``) it is an ``AutoState`` that also holds
-    K-FAC's factors between refreshes: measured and factorised every
+    The state is an ``AutoState``. Its ``cg`` part is CG's (its warm start); a dense,
+    Woodbury or K-FAC solve records its direction and gᵀd there, so the trust region and
+    the next warm start read this step (with K-FAC the transform rescales the step and
+    measures dᵀ(F + λI)d itself). Where some batch may get K-FAC (``may_approximate``)
+    it also holds K-FAC's factors between refreshes: measured and factorised every
     ``kronecker_refresh_every`` K-FAC steps and averaged with ``kronecker_decay`` (the
     transform's ``refresh_every`` and ``decay`` when given).
     """
@@ -281,21 +283,19 @@ class Auto(Solver):
     def init(self, params, dtype):
         cg = self.cg.init(params, dtype)
         if not self.may_approximate(params):
-            return cg
-        kronecker = Kronecker().init(params, dtype)
-        return AutoState(cg, kronecker, jnp.zeros([], jnp.int32))
+            return AutoState(cg)
+        return AutoState(cg, Kronecker().init(params, dtype), jnp.zeros([], jnp.int32))
 
     def step_quadratic(self, state, gradient, direction):
         """dᵀ(F + λI)d of the step: recorded in CG's state whichever solver ran."""
-        cg_state = state.cg if isinstance(state, AutoState) else state
-        return self.cg.step_quadratic(cg_state, gradient, direction)
+        return self.cg.step_quadratic(state.cg, gradient, direction)
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         name = self._choice(batch)
-        cg_state = state.cg if isinstance(state, AutoState) else state
+        cg_state = state.cg
         if name == "cg":
             direction, cg_state = self.cg.solve(cg_state, batch, vector, damping)
-            return direction, _with_cg(state, cg_state)
+            return direction, state._replace(cg=cg_state)
         if name == "kronecker":
             kronecker = _kronecker_refreshed(
                 state, batch, damping, self.kronecker_refresh_every, self.kronecker_decay
@@ -317,12 +317,7 @@ class Auto(Solver):
             quadratic=jnp.vdot(vector, direction).real.astype(cg_state.quadratic.dtype),
             fell_back=jnp.zeros_like(cg_state.fell_back),
         )
-        return direction, _with_cg(state, cg_state)
-
-
-def _with_cg(state, cg_state):
-    """``state`` with CG's part replaced."""
-    return state._replace(cg=cg_state) if isinstance(state, AutoState) else cg_state
+        return direction, state._replace(cg=cg_state)
 
 
 def _kronecker_refreshed(
