@@ -3,6 +3,7 @@ r"""Optax transforms that precondition gradients by the damped inverse Fisher.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -387,222 +388,355 @@ def scale_by_natural_gradient(
       Martens, 2020, New insights and perspectives on the natural gradient method.
       Schulman et al., 2015, Trust region policy optimization.
     """
-    model = check_model(model)
-    if fisher not in FISHER_KINDS:
-        raise ValueError(f"Unknown fisher={fisher!r}; choose one of {FISHER_KINDS}.")
-    num_samples = 1 if num_samples is None else check_num_samples(num_samples)
-    if num_samples != 1 and fisher != "monte_carlo":
-        raise ValueError(f'num_samples applies to fisher="monte_carlo" only, not {fisher!r}.')
-    adaptive = isinstance(damping, LevenbergMarquardt)
-    if not adaptive:
-        _check_nonnegative("damping", damping)
-    if max_kl is not None:
-        _check_positive("max_kl", max_kl)
-    if decay is not None:
-        _check_decay(decay)
-    if refresh_every is not None:
-        _check_refresh_every(refresh_every)
-    if axis_name is not None and not isinstance(axis_name, str):
-        raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
-    curvature = _resolve_solver(solver)
-    requested_cadence = (decay, refresh_every)  # as given, before a solver takes them over
-    curvature, decay, refresh_every = curvature.with_cadence(decay, refresh_every)
-    if _is_python_number(damping) and damping == 0:
-        curvature = curvature.without_damping()
-    decay = 0.0 if decay is None else decay
-    refresh_every = 1 if refresh_every is None else refresh_every
-    _check_statistics_every(statistics_every, refresh_every)
+    options = _validated_options(
+        model=model,
+        fisher=fisher,
+        damping=damping,
+        solver=solver,
+        max_kl=max_kl,
+        decay=decay,
+        refresh_every=refresh_every,
+        statistics_every=statistics_every,
+        num_samples=num_samples,
+        seed=seed,
+        max_curvature_bytes=max_curvature_bytes,
+        axis_name=axis_name,
+        precision=precision,
+        rescale=rescale,
+        momentum=momentum,
+    )
 
     def init_fn(params):
-        params, _ = trainable_and_frozen(params)
-        dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
-        _check_averaging(curvature, params, *requested_cadence)
-        _check_separate_cadences(curvature, params, statistics_every, refresh_every)
-        _check_memory(curvature, params, dtype, max_curvature_bytes)
-        initial_damping = damping.initial if adaptive else _value_at(damping, jnp.int32(0))
-        return NaturalGradientState(
-            count=jnp.zeros([], jnp.int32),
-            key=jax.random.PRNGKey(seed),
-            damping=jnp.asarray(initial_damping, dtype),
-            curvature=curvature.init(params, dtype),
-            factorised_damping=jnp.asarray(initial_damping, dtype),
-            previous_direction=(
-                jnp.zeros(ravel_pytree(params)[0].size, dtype)
-                if momentum or (momentum is None and curvature.may_approximate(params))
-                else None
-            ),
-            rejected=RejectedSteps.none(),
-        )
-
-    def precondition(updates, state, params, frozen, inputs, targets, forward):
-        """The update on the trainable leaves: (F + λI)⁻¹ g and the next state."""
-        key, step_key = jax.random.split(state.key)
-        damping_now = state.damping if adaptive else _value_at(damping, state.count)
-        flat_updates, unravel = ravel_pytree(updates)
-        gradient = flat_updates.astype(_solve_dtype(flat_updates.dtype))
-        batch = CurvatureBatch(
-            with_frozen(model, frozen),
-            params,
-            inputs,
-            fisher,
-            targets=targets,
-            key=step_key,
-            num_samples=num_samples,
-            axis_name=axis_name,
-            forward=forward,
-            statistics_precision=statistics_precision(precision),
-        )
-        _check_memory(curvature, params, gradient.dtype, max_curvature_bytes, batch)
-        rescaled = curvature.approximate_for(batch) if rescale is None else rescale
-        with_momentum = state.previous_direction is not None and (momentum or rescaled)
-        modelled = rescaled or with_momentum  # the quadratic model sets the step's length
-
-        def refresh(curvature_state):
-            with matmul_precision(precision):
-                return curvature.refresh(
-                    curvature_state, batch, damping_now, decay, is_first=state.count == 0
-                )
-
-        def measure(curvature_state):
-            with matmul_precision(precision):
-                return curvature.measure(curvature_state, batch, decay, is_first=state.count == 0)
-
-        def factorise(curvature_state):
-            with matmul_precision(EXACT):
-                return curvature.factorise(curvature_state, batch, damping_now)
-
-        def every(period, fn, curvature_state):
-            if _is_python_number(period) and period == 1:
-                return fn(curvature_state)
-            return jax.lax.cond(state.count % period == 0, fn, lambda c: c, curvature_state)
-
-        if statistics_every is None or statistics_every == refresh_every:
-            curvature_state = every(refresh_every, refresh, state.curvature)
-        else:
-            curvature_state = every(statistics_every, measure, state.curvature)
-            curvature_state = every(refresh_every, factorise, curvature_state)
-        factorised_damping = jnp.asarray(damping_now, state.damping.dtype)
-        every_step = _is_python_number(refresh_every) and refresh_every == 1
-        if adaptive and curvature.averages_for(params) and not every_step:
-            refactorised = state.count % refresh_every == 0
-            if not modelled:
-                # The step's length comes from the factorisation alone: once λ has
-                # moved, the next step must use it. With rescale the quadratic model
-                # sets the length with the current λ, and the factorisation keeps λ of
-                # its last refresh (as K-FAC does), so λ can move at no cost.
-                moved = (state.damping != state.factorised_damping) & ~refactorised
-                curvature_state = jax.lax.cond(moved, factorise, lambda c: c, curvature_state)
-                refactorised = refactorised | moved
-            factorised_damping = jnp.where(refactorised, damping_now, state.factorised_damping)
-
-        with matmul_precision(EXACT):
-            direction, curvature_state = curvature.solve(
-                curvature_state, batch, gradient, damping_now
-            )
-            fisher_quadratic = None  # dᵀFd with the batch's exact Fisher, where measured
-            if modelled:
-                span = [direction] + ([state.previous_direction] if with_momentum else [])
-                direction, fisher_quadratic = _minimise_quadratic_model(
-                    batch, gradient, span, damping_now
-                )
-            if max_kl is not None:
-                max_kl_now = _value_at(max_kl, state.count)
-                quadratic = _kl_quadratic(
-                    batch,
-                    curvature.step_quadratic(curvature_state, gradient, direction),
-                    direction,
-                    damping_now,
-                    fisher_quadratic,
-                )
-                scale = trust_region_scale(quadratic, max_kl_now)
-                direction = direction * scale
-                if modelled:
-                    fisher_quadratic = fisher_quadratic * scale**2
-            finite = jnp.all(jnp.isfinite(gradient)) & jnp.all(jnp.isfinite(direction))
-            if adaptive:
-                next_damping, accepted = _levenberg_marquardt(
-                    damping, batch, gradient, direction, damping_now, fisher_quadratic
-                )
-                direction = jnp.where(accepted & finite, direction, 0.0)
-            else:
-                next_damping = jnp.asarray(damping_now, state.damping.dtype)
-                accepted = jnp.asarray(True)
-        if axis_name is not None:
-            # Every device holds the same direction and curvature; say so to shard_map.
-            direction = _invariant(direction, axis_name)
-            curvature_state = jax.tree.map(lambda a: _invariant(a, axis_name), curvature_state)
-            next_damping = _invariant(next_damping, axis_name)
-            factorised_damping = _invariant(factorised_damping, axis_name)
-        new_updates = unravel(direction.astype(flat_updates.dtype))
-        new_updates = jax.tree.map(lambda new, old: new.astype(old.dtype), new_updates, updates)
-        new_state = NaturalGradientState(
-            count=optax.safe_int32_increment(state.count),
-            key=key,
-            damping=next_damping,
-            curvature=curvature_state,
-            factorised_damping=factorised_damping,
-            previous_direction=None if state.previous_direction is None else direction,
-            rejected=RejectedSteps(
-                non_finite=state.rejected.non_finite + ~finite,
-                no_decrease=state.rejected.no_decrease + (finite & ~accepted),
-            ),
-        )
-        if adaptive:  # a skipped non-finite step leaves the state as it found it
-            new_state = _keep_unless(finite, new_state, state._replace(rejected=new_state.rejected))
-        return new_updates, new_state
+        return _init(options, params)
 
     # Called outside any trace, the update runs compiled (one compilation per input
     # shapes, see natgrad_jax._eager). Hyper-parameters given as arrays come from
     # optax.inject_hyperparams, which builds a new transform at every step: its
     # compilation would never be reused, so that case runs op by op.
-    compiled = compiled_when_eager(precondition)
-    array_hyperparameters = any(
-        isinstance(value, jax.Array) for value in (damping, max_kl, decay, refresh_every, seed)
-    )
+    precondition = functools.partial(_precondition, options)
+    run = precondition if options.has_array_hyperparameters else compiled_when_eager(precondition)
 
     def update_fn(
         updates, state, params=None, *, inputs=None, targets=None, forward_pass=None, **extra_args
     ):
         del extra_args
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
-        if inputs is None:
-            raise ValueError(NO_INPUTS_MSG)
-        if _has_masked_leaves(params):
-            raise ValueError(MASKED_MSG)
-        if fisher == "empirical" and targets is None:
-            raise ValueError(
-                'fisher="empirical" uses the labels of the batch: pass targets=... to '
-                'update (or choose fisher="exact" or "monte_carlo").'
-            )
-        _check_same_structure(updates, params)
-        if targets is not None:
-            check_same_batch(inputs, targets)
-            model.check_targets(params, inputs, targets)
+        _check_update_arguments(options, updates, params, inputs, targets)
         trainable, frozen = trainable_and_frozen(params)
-        check_independent_examples(model.apply_fn, params, inputs)
-        if adaptive and targets is None:
-            raise ValueError(
-                "Levenberg–Marquardt damping (natural_gradient's default) compares the "
-                "loss before and after the step: pass targets=... to update, or pass a "
-                "fixed damping=... (a number or a schedule)."
-            )
         if forward_pass is not None:
-            check_forward_pass(forward_pass, model, trainable, frozen, inputs)
-        arguments = (
-            trainable_part(updates, params),
-            state,
-            trainable,
-            frozen,
-            inputs,
-            targets,
-            forward_pass,
+            check_forward_pass(forward_pass, options.model, trainable, frozen, inputs)
+        directions, new_state = run(
+            trainable_part(updates, params), state, trainable, frozen, inputs, targets, forward_pass
         )
-        run = precondition if array_hyperparameters else compiled
-        directions, new_state = run(*arguments)
         return merge_updates(directions, updates, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- configuration, validated once ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The transform's settings after validation: what every step of the pipeline reads."""
+
+    model: Model
+    fisher: str
+    damping: ScalarOrSchedule | LevenbergMarquardt
+    solver: Solver
+    max_kl: ScalarOrSchedule | None
+    decay: float | jax.Array
+    refresh_every: int | jax.Array
+    statistics_every: int | None
+    num_samples: int
+    seed: int | jax.Array
+    max_curvature_bytes: float | None
+    axis_name: str | None
+    precision: str | None
+    rescale: bool | None
+    momentum: bool | None
+    requested_cadence: tuple  # (decay, refresh_every) as given, before a solver took them
+
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.damping, LevenbergMarquardt)
+
+    @property
+    def has_array_hyperparameters(self) -> bool:
+        """Set by ``optax.inject_hyperparams``, which builds a new transform each step."""
+        values = (self.damping, self.max_kl, self.decay, self.refresh_every, self.seed)
+        return any(isinstance(value, jax.Array) for value in values)
+
+    def damping_at(self, state: NaturalGradientState) -> jax.Array:
+        """λ of this update: the adapted one, or the number or schedule's value."""
+        return state.damping if self.adaptive else _value_at(self.damping, state.count)
+
+
+def _validated_options(*, model, fisher, damping, solver, decay, refresh_every, **rest):
+    """``_Options`` from the transform's arguments; raises on any invalid one."""
+    model = check_model(model)
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"Unknown fisher={fisher!r}; choose one of {FISHER_KINDS}.")
+    num_samples = rest.pop("num_samples")
+    num_samples = 1 if num_samples is None else check_num_samples(num_samples)
+    if num_samples != 1 and fisher != "monte_carlo":
+        raise ValueError(f'num_samples applies to fisher="monte_carlo" only, not {fisher!r}.')
+    if not isinstance(damping, LevenbergMarquardt):
+        _check_nonnegative("damping", damping)
+    if rest["max_kl"] is not None:
+        _check_positive("max_kl", rest["max_kl"])
+    if decay is not None:
+        _check_decay(decay)
+    if refresh_every is not None:
+        _check_refresh_every(refresh_every)
+    axis_name = rest["axis_name"]
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
+    requested_cadence = (decay, refresh_every)
+    solver, decay, refresh_every = _resolve_solver(solver).with_cadence(decay, refresh_every)
+    if _is_python_number(damping) and damping == 0:
+        solver = solver.without_damping()
+    refresh_every = 1 if refresh_every is None else refresh_every
+    _check_statistics_every(rest["statistics_every"], refresh_every)
+    return _Options(
+        model=model,
+        fisher=fisher,
+        damping=damping,
+        solver=solver,
+        decay=0.0 if decay is None else decay,
+        refresh_every=refresh_every,
+        num_samples=num_samples,
+        requested_cadence=requested_cadence,
+        **rest,
+    )
+
+
+def _check_update_arguments(options: _Options, updates, params, inputs, targets) -> None:
+    """Raises, naming the fix, on what ``update`` cannot work with."""
+    if params is None:
+        raise ValueError(NO_PARAMS_MSG)
+    if inputs is None:
+        raise ValueError(NO_INPUTS_MSG)
+    if _has_masked_leaves(params):
+        raise ValueError(MASKED_MSG)
+    if options.fisher == "empirical" and targets is None:
+        raise ValueError(
+            'fisher="empirical" uses the labels of the batch: pass targets=... to '
+            'update (or choose fisher="exact" or "monte_carlo").'
+        )
+    _check_same_structure(updates, params)
+    if targets is not None:
+        check_same_batch(inputs, targets)
+        options.model.check_targets(params, inputs, targets)
+    trainable_and_frozen(params)  # refuses params without floating leaves
+    check_independent_examples(options.model.apply_fn, params, inputs)
+    if options.adaptive and targets is None:
+        raise ValueError(
+            "Levenberg–Marquardt damping (natural_gradient's default) compares the "
+            "loss before and after the step: pass targets=... to update, or pass a "
+            "fixed damping=... (a number or a schedule)."
+        )
+
+
+def _init(options: _Options, params) -> NaturalGradientState:
+    params, _ = trainable_and_frozen(params)
+    solver = options.solver
+    dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
+    _check_averaging(solver, params, *options.requested_cadence)
+    _check_separate_cadences(solver, params, options.statistics_every, options.refresh_every)
+    _check_memory(solver, params, dtype, options.max_curvature_bytes)
+    damping = options.damping
+    initial_damping = damping.initial if options.adaptive else _value_at(damping, jnp.int32(0))
+    keeps_previous = options.momentum or (
+        options.momentum is None and solver.may_approximate(params)
+    )
+    return NaturalGradientState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.PRNGKey(options.seed),
+        damping=jnp.asarray(initial_damping, dtype),
+        curvature=solver.init(params, dtype),
+        factorised_damping=jnp.asarray(initial_damping, dtype),
+        previous_direction=(
+            jnp.zeros(ravel_pytree(params)[0].size, dtype) if keeps_previous else None
+        ),
+        rejected=RejectedSteps.none(),
+    )
+
+
+# --- the update, as a pipeline of named steps ------------------------------------------
+
+
+class _StepPlan(NamedTuple):
+    """What this update does besides the solve (decided from the batch, at trace time)."""
+
+    rescaled: bool  # the quadratic model sets the direction's length
+    with_momentum: bool  # ... over the plane of the direction and the previous update
+
+    @property
+    def modelled(self) -> bool:
+        return self.rescaled or self.with_momentum
+
+
+def _precondition(options: _Options, updates, state, params, frozen, inputs, targets, forward):
+    """The update on the trainable leaves, (F + λI)⁻¹ g shaped by the quadratic model, the
+    trust region and the damping rule; and the next state."""
+    key, step_key = jax.random.split(state.key)
+    damping = options.damping_at(state)
+    flat_updates, unravel = ravel_pytree(updates)
+    gradient = flat_updates.astype(_solve_dtype(flat_updates.dtype))
+    batch = CurvatureBatch(
+        with_frozen(options.model, frozen),
+        params,
+        inputs,
+        options.fisher,
+        targets=targets,
+        key=step_key,
+        num_samples=options.num_samples,
+        axis_name=options.axis_name,
+        forward=forward,
+        statistics_precision=statistics_precision(options.precision),
+    )
+    _check_memory(options.solver, params, gradient.dtype, options.max_curvature_bytes, batch)
+    plan = _plan(options, state, batch)
+    curvature, factorised_damping = _advance_curvature(options, state, batch, damping, plan)
+    with matmul_precision(EXACT):
+        direction, curvature, fisher_quadratic = _direction(
+            options, curvature, batch, gradient, damping, state.previous_direction, plan
+        )
+        direction, fisher_quadratic = _trust_region(
+            options, state.count, batch, curvature, gradient, direction, damping, fisher_quadratic
+        )
+        direction, next_damping, taken = _adapt_damping(
+            options, batch, gradient, direction, damping, fisher_quadratic
+        )
+    if options.axis_name is not None:  # every device holds the same; say so to shard_map
+        direction, curvature, next_damping, factorised_damping = jax.tree.map(
+            lambda a: _invariant(a, options.axis_name),
+            (direction, curvature, next_damping, factorised_damping),
+        )
+    next_state = NaturalGradientState(
+        count=optax.safe_int32_increment(state.count),
+        key=key,
+        damping=next_damping.astype(state.damping.dtype),
+        curvature=curvature,
+        factorised_damping=factorised_damping,
+        previous_direction=None if state.previous_direction is None else direction,
+        rejected=_count_rejections(state.rejected, taken),
+    )
+    if options.adaptive:  # a skipped non-finite step leaves the state as it found it
+        next_state = _keep_unless(
+            taken.finite, next_state, state._replace(rejected=next_state.rejected)
+        )
+    new_updates = unravel(direction.astype(flat_updates.dtype))
+    return jax.tree.map(lambda new, old: new.astype(old.dtype), new_updates, updates), next_state
+
+
+def _plan(options: _Options, state: NaturalGradientState, batch: CurvatureBatch) -> _StepPlan:
+    rescaled = options.solver.approximate_for(batch) if options.rescale is None else options.rescale
+    with_momentum = state.previous_direction is not None and bool(options.momentum or rescaled)
+    return _StepPlan(rescaled=bool(rescaled), with_momentum=with_momentum)
+
+
+def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan):
+    """The cadence: ``(curvature state, λ of its factorisation)`` for this step.
+
+    Statistics are measured every ``statistics_every`` steps and factorised every
+    ``refresh_every`` (one refresh when they coincide). With adaptive damping and no
+    quadratic model, a factorisation whose λ has moved since is redone, so that the step
+    uses the current λ."""
+    solver, decay, first = options.solver, options.decay, state.count == 0
+
+    def refresh(curvature):
+        with matmul_precision(options.precision):
+            return solver.refresh(curvature, batch, damping, decay, is_first=first)
+
+    def measure(curvature):
+        with matmul_precision(options.precision):
+            return solver.measure(curvature, batch, decay, is_first=first)
+
+    def factorise(curvature):
+        with matmul_precision(EXACT):
+            return solver.factorise(curvature, batch, damping)
+
+    def every(period, fn, curvature):
+        if _is_python_number(period) and period == 1:
+            return fn(curvature)
+        return jax.lax.cond(state.count % period == 0, fn, lambda c: c, curvature)
+
+    refresh_every, statistics_every = options.refresh_every, options.statistics_every
+    if statistics_every is None or statistics_every == refresh_every:
+        curvature = every(refresh_every, refresh, state.curvature)
+    else:
+        curvature = every(
+            refresh_every, factorise, every(statistics_every, measure, state.curvature)
+        )
+    factorised_damping = jnp.asarray(damping, state.damping.dtype)
+    every_step = _is_python_number(refresh_every) and refresh_every == 1
+    if options.adaptive and solver.averages_for(batch.params) and not every_step:
+        refactorised = state.count % refresh_every == 0
+        if not plan.modelled:
+            # The step's length comes from the factorisation alone: once λ has moved,
+            # the next step must use it. With the quadratic model the length comes with
+            # the current λ, and the factorisation keeps λ of its last refresh (as
+            # K-FAC does), so λ can move at no cost.
+            moved = (state.damping != state.factorised_damping) & ~refactorised
+            curvature = jax.lax.cond(moved, factorise, lambda c: c, curvature)
+            refactorised = refactorised | moved
+        factorised_damping = jnp.where(refactorised, damping, state.factorised_damping)
+    return curvature, factorised_damping
+
+
+def _direction(options: _Options, curvature, batch, gradient, damping, previous, plan: _StepPlan):
+    """``(d, curvature state, dᵀFd or None)``: the solve, then, with the quadratic model,
+    the minimiser of the batch's exact model over d (and the previous update)."""
+    direction, curvature = options.solver.solve(curvature, batch, gradient, damping)
+    if not plan.modelled:
+        return direction, curvature, None
+    span = [direction] + ([previous] if plan.with_momentum else [])
+    direction, fisher_quadratic = _minimise_quadratic_model(batch, gradient, span, damping)
+    return direction, curvature, fisher_quadratic
+
+
+def _trust_region(
+    options: _Options, count, batch, curvature, gradient, direction, damping, fisher_quadratic
+):
+    """``(d, dᵀFd)`` scaled so that ½ dᵀ(F + λI)d ≤ ``max_kl`` (F the batch's exact
+    Fisher); unchanged without ``max_kl``."""
+    if options.max_kl is None:
+        return direction, fisher_quadratic
+    step_quadratic = options.solver.step_quadratic(curvature, gradient, direction)
+    quadratic = _kl_quadratic(batch, step_quadratic, direction, damping, fisher_quadratic)
+    scale = trust_region_scale(quadratic, _value_at(options.max_kl, count))
+    if fisher_quadratic is not None:
+        fisher_quadratic = fisher_quadratic * scale**2
+    return direction * scale, fisher_quadratic
+
+
+class _Taken(NamedTuple):
+    """Whether the step was taken: ``finite`` (no NaN or infinity in the gradient or the
+    step) and ``accepted`` (Levenberg–Marquardt: the batch loss would decrease)."""
+
+    finite: jax.Array
+    accepted: jax.Array
+
+
+def _adapt_damping(options: _Options, batch, gradient, direction, damping, fisher_quadratic):
+    """``(d, next λ, _Taken)``: with Levenberg–Marquardt damping, λ follows the reduction
+    ratio and a step that is not finite or would raise the loss becomes zero; otherwise
+    λ and d pass through."""
+    finite = jnp.all(jnp.isfinite(gradient)) & jnp.all(jnp.isfinite(direction))
+    if not options.adaptive:
+        return direction, jnp.asarray(damping), _Taken(finite, jnp.asarray(True))
+    next_damping, accepted = _levenberg_marquardt(
+        options.damping, batch, gradient, direction, damping, fisher_quadratic
+    )
+    return jnp.where(accepted & finite, direction, 0.0), next_damping, _Taken(finite, accepted)
+
+
+def _count_rejections(rejected: RejectedSteps, taken: _Taken) -> RejectedSteps:
+    return RejectedSteps(
+        non_finite=rejected.non_finite + ~taken.finite,
+        no_decrease=rejected.no_decrease + (taken.finite & ~taken.accepted),
+    )
 
 
 def _keep_unless(condition: jax.Array, new: NamedTuple, old: NamedTuple) -> NamedTuple:
