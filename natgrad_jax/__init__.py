@@ -6,15 +6,6 @@ Fisher.
 """
 
 from natgrad_jax._capture import ForwardPass as ForwardPass
-from natgrad_jax._curvature.auto import choose_solver as choose_solver
-from natgrad_jax._curvature.block import BlockDiagonal as BlockDiagonal
-from natgrad_jax._curvature.dense import Dense as Dense
-from natgrad_jax._curvature.diagonal import Diagonal as Diagonal
-from natgrad_jax._curvature.ekfac import EKFAC as EKFAC
-from natgrad_jax._curvature.implicit import ConjugateGradient as ConjugateGradient
-from natgrad_jax._curvature.kronecker import Kronecker as Kronecker
-from natgrad_jax._curvature.low_rank import Woodbury as Woodbury
-from natgrad_jax._curvature.solver import Solver as Solver
 from natgrad_jax._damping import LevenbergMarquardt as LevenbergMarquardt
 from natgrad_jax._describe import describe as describe
 from natgrad_jax._diagnostics import Diagnostics as Diagnostics
@@ -34,6 +25,15 @@ from natgrad_jax._likelihoods import Likelihood as Likelihood
 from natgrad_jax._likelihoods import Masked as Masked
 from natgrad_jax._likelihoods import Poisson as Poisson
 from natgrad_jax._model import Model as Model
+from natgrad_jax._solvers.auto import choose_solver as choose_solver
+from natgrad_jax._solvers.block import BlockDiagonal as BlockDiagonal
+from natgrad_jax._solvers.conjugate_gradient import ConjugateGradient as ConjugateGradient
+from natgrad_jax._solvers.dense import Dense as Dense
+from natgrad_jax._solvers.diagonal import Diagonal as Diagonal
+from natgrad_jax._solvers.ekfac import EKFAC as EKFAC
+from natgrad_jax._solvers.kronecker import Kronecker as Kronecker
+from natgrad_jax._solvers.solver import Solver as Solver
+from natgrad_jax._solvers.woodbury import Woodbury as Woodbury
 from natgrad_jax._state import NaturalGradientState as NaturalGradientState
 from natgrad_jax._transform import natural_gradient as natural_gradient
 from natgrad_jax._transform import scale_by_natural_gradient as scale_by_natural_gradient

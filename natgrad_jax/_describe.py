@@ -7,12 +7,12 @@ from typing import Any
 import jax
 
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.auto import auto_choice
-from natgrad_jax._curvature.kronecker import kronecker_route, shared_output_factors
 from natgrad_jax._fisher import exact_rows_per_example
 from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._model import Model
 from natgrad_jax._parameters import on_trainable
+from natgrad_jax._solvers.auto import auto_choice
+from natgrad_jax._solvers.kronecker import kronecker_route, shared_output_factors
 
 PyTree = Any
 

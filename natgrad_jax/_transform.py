@@ -15,17 +15,6 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.auto import Auto
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.block import BlockDiagonal
-from natgrad_jax._curvature.dense import Dense
-from natgrad_jax._curvature.diagonal import Diagonal
-from natgrad_jax._curvature.ekfac import EKFAC
-from natgrad_jax._curvature.factored import captured_row_sizes
-from natgrad_jax._curvature.implicit import ConjugateGradient
-from natgrad_jax._curvature.kronecker import Kronecker
-from natgrad_jax._curvature.low_rank import Woodbury
-from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
 from natgrad_jax._eager import compiled_when_eager
 from natgrad_jax._fisher import (
@@ -36,6 +25,7 @@ from natgrad_jax._fisher import (
     varying_axes,
 )
 from natgrad_jax._independence import check_independent_examples
+from natgrad_jax._linalg import inner_products, trust_region_scale
 from natgrad_jax._model import Model, check_model
 from natgrad_jax._parameters import (
     merge_updates,
@@ -44,7 +34,17 @@ from natgrad_jax._parameters import (
     with_frozen,
 )
 from natgrad_jax._precision import EXACT, matmul_precision, statistics_precision
-from natgrad_jax._solvers import inner_products, trust_region_scale
+from natgrad_jax._solvers.auto import Auto
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.block import BlockDiagonal
+from natgrad_jax._solvers.conjugate_gradient import ConjugateGradient
+from natgrad_jax._solvers.dense import Dense
+from natgrad_jax._solvers.diagonal import Diagonal
+from natgrad_jax._solvers.ekfac import EKFAC
+from natgrad_jax._solvers.factored import captured_row_sizes
+from natgrad_jax._solvers.kronecker import Kronecker
+from natgrad_jax._solvers.solver import Solver
+from natgrad_jax._solvers.woodbury import Woodbury
 from natgrad_jax._state import NaturalGradientState, RejectedSteps
 from natgrad_jax._value_and_grad import check_forward_pass
 
@@ -165,7 +165,7 @@ def _check_averaging(curvature: Solver, params, decay, refresh_every) -> None:
 
 
 def _check_memory(curvature, params, dtype, max_bytes, batch=None) -> None:
-    """Raises before anything is allocated if the representation would exceed the budget
+    """Raises before anything is allocated if the solver would exceed the budget
     (at ``init``, without a batch: for its state alone).
 
     Only a Python-number budget is checked (under ``optax.inject_hyperparams`` list
@@ -305,7 +305,7 @@ def scale_by_natural_gradient(
         (K-FAC on the layers ``ng.describe`` lists, no tagging), ``"ekfac"``
         (K-FAC's eigenbasis with the Fisher's own second moments), ``"diagonal"`` (exact
         diagonal of F), ``"block_diagonal"`` (a dense block per pytree leaf), or a
-        representation object such as ``ng.ConjugateGradient(tol=1e-6)``.
+        solver object such as ``ng.ConjugateGradient(tol=1e-6)``.
       max_kl: optional ε > 0 (number or schedule) bounding ½ dᵀ(F + λI)d, F the
         batch's exact Fisher (see above).
       decay: in [0, 1): exponential moving average of the Fisher across refreshes,
@@ -319,13 +319,13 @@ def scale_by_natural_gradient(
         and average them into the state every this many updates (a Python int;
         ``None``: with every refactorisation). ``statistics_every=1,
         refresh_every=20`` is the usual K-FAC: cheap statistics at every step, the
-        inverses every 20. Needs a representation with separate ``measure`` and
+        inverses every 20. Needs a solver with separate ``measure`` and
         ``factorise`` (dense, Kronecker, diagonal, block-diagonal).
       num_samples: labels sampled per example for the Monte-Carlo Fisher (a Python int;
         ``None`` means 1). It fixes array shapes, so with ``optax.inject_hyperparams``
         list it in ``static_args``.
       seed: seed of the PRNG key held in the state for Monte-Carlo labels.
-      max_curvature_bytes: memory budget of the curvature representation (4 GiB); a
+      max_curvature_bytes: memory budget of the curvature solver (4 GiB); a
         solver that would need more raises a ValueError at trace time, before
         allocating, naming cheaper ones. ``None`` disables the check, and so does an
         array (``optax.inject_hyperparams`` makes it one unless it is in
@@ -871,7 +871,7 @@ def natural_gradient(
         Fisher-vector product per step. Pass a number for a fixed λ (Fisher scoring:
         0; ``scale_by_natural_gradient``'s default is 1e-3).
       solver: ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"kronecker"``,
-        ``"diagonal"``, ``"block_diagonal"`` or a representation object.
+        ``"diagonal"``, ``"block_diagonal"`` or an ``ng.Solver`` object.
       max_kl: optional ε > 0 bounding the KL of each step (measured with the batch's
         exact Fisher whatever ``fisher`` is).
       decay: EMA factor of the Fisher across refreshes, in [0, 1) (``None``: see

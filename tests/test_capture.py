@@ -8,8 +8,8 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import factored_rows
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.factored import factored_rows
 from tests.helpers import assert_capture_rebuilds_vmap_gradients, init_mlp, mlp
 
 N, IN, OUT = 6, 3, 4

@@ -11,9 +11,9 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import factored_rows, leaf_to_matrix
-from natgrad_jax._curvature.kronecker import (
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.factored import factored_rows, leaf_to_matrix
+from natgrad_jax._solvers.kronecker import (
     Kronecker,
     _numpy_view,
     _same_g,

@@ -7,8 +7,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._curvature.implicit import conjugate_gradient as ng_cg
-from natgrad_jax._curvature.low_rank import woodbury_solve
+from natgrad_jax._solvers.conjugate_gradient import conjugate_gradient as ng_cg
+from natgrad_jax._solvers.woodbury import woodbury_solve
 from tests.helpers import first_step_key, init_mlp, leaf_blocks, mlp, mlp_problem
 
 KINDS = ["exact", "monte_carlo", "empirical"]
@@ -231,7 +231,7 @@ def test_cg_on_a_rank_deficient_fisher_never_goes_uphill_nor_past_the_trust_regi
 
 
 def test_cauchy_point_minimises_the_quadratic_model_along_the_gradient():
-    from natgrad_jax._curvature.implicit import cauchy_point
+    from natgrad_jax._solvers.conjugate_gradient import cauchy_point
 
     rng = np.random.default_rng(1)
     root = rng.normal(size=(5, 5))

@@ -314,7 +314,7 @@ def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
     products); its prediction must equal the one from a fresh Fisher-vector product."""
     from jax.flatten_util import ravel_pytree
 
-    from natgrad_jax._curvature.batch import CurvatureBatch
+    from natgrad_jax._solvers.batch import CurvatureBatch
     from natgrad_jax._transform import _levenberg_marquardt, _minimise_quadratic_model
 
     params = init_mlp(jax.random.PRNGKey(0), [3, 6, 2])

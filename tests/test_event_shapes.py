@@ -15,7 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._solvers.batch import CurvatureBatch
 from tests.helpers import (
     assert_ekfac_is_exact_in_its_eigenbasis,
     first_step_key,

@@ -9,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._solvers.batch import CurvatureBatch
 from tests.helpers import (
     classifier_nll_before_and_after,
     equations,
@@ -384,7 +384,7 @@ def test_auto_on_a_large_captured_network_is_kfac_rescaled_by_the_exact_fisher(m
     Fisher has 40 rows per example), and the step α d with α = gᵀd / dᵀ(F + λI)d from
     the dense exact Fisher F."""
     likelihood, outputs, statistics = ng.Gaussian(scale=0.7), 40, "monte_carlo"
-    from natgrad_jax._curvature import auto
+    from natgrad_jax._solvers import auto
 
     monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)
     params = init_mlp(jax.random.PRNGKey(0), [4, 8, outputs])
@@ -441,7 +441,7 @@ def test_auto_keeps_kfac_factors_and_refreshes_them_every_five_kfac_steps(monkey
     steps on changing batches they equal those of an explicit Monte-Carlo
     ``solver="kronecker"`` with ``decay=0.95, refresh_every=5`` (same keys), so they are
     refreshed at the first and sixth steps only."""
-    from natgrad_jax._curvature import auto
+    from natgrad_jax._solvers import auto
 
     monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)
     changed, state = _auto_against_explicit_kronecker(7, {}, dict(decay=0.95, refresh_every=5))
@@ -454,7 +454,7 @@ def test_auto_takes_refresh_every_and_decay_as_its_kfac_cadence(monkeypatch):
     K-FAC factors equal an explicit ``solver="kronecker"`` with that cadence over four
     steps (refreshed at the first and fourth), and ``refresh_every=1`` refreshes them at
     every step."""
-    from natgrad_jax._curvature import auto
+    from natgrad_jax._solvers import auto
 
     monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 50)
     for every, decay, refreshed in ((3, 0.5, [False, False, True]), (1, 0.0, [True, True])):

@@ -15,7 +15,7 @@ import pytest
 
 import natgrad_jax as ng
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.factored import captured_row_sizes
+from natgrad_jax._solvers.factored import captured_row_sizes
 from natgrad_jax._transform import SOLVERS
 from tests.helpers import init_mlp, mlp
 

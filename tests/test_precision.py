@@ -14,7 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._solvers import batched_inverses, damped_inverse
+from natgrad_jax._linalg import batched_inverses, damped_inverse
 from tests.helpers import equations, mlp_problem
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -104,7 +104,7 @@ def test_transform_statistics_follow_its_precision_option(solver):
 def test_autos_kfac_statistics_follow_the_precision_option_and_its_solve_does_not(monkeypatch):
     """``"auto"`` measures K-FAC's statistics inside its solve: those follow
     ``precision=`` (TF32 here by default), the factorisation, solve and rescaling not."""
-    from natgrad_jax._curvature import auto
+    from natgrad_jax._solvers import auto
 
     monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", 20)  # P = 31 here
     model, params, inputs, _ = _float32_problem()

@@ -12,7 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._transform import _minimise_quadratic_model
 from tests.helpers import init_mlp, mlp
 
@@ -101,7 +101,7 @@ def test_natural_gradient_takes_momentum_where_the_solve_is_an_approximation(mon
     """``momentum=None`` (natural_gradient's default) keeps the previous update for the
     approximate solvers and for "auto" on a network where it may pick K-FAC, and only
     there; ``scale_by_natural_gradient`` keeps none unless asked."""
-    from natgrad_jax._curvature import auto
+    from natgrad_jax._solvers import auto
 
     model, params, _, _ = _problem()
 

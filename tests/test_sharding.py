@@ -45,7 +45,7 @@ def test_data_parallel_example_trains_on_eight_devices():
     host platform also where an accelerator is the default.
 
     With batched LAPACK calls this step never completed on jax 0.10.2 (the deadlock
-    ``_solvers._each`` avoids), so a timeout here is that regression."""
+    ``_linalg._each`` avoids), so a timeout here is that regression."""
     result = subprocess.run(
         [sys.executable, "examples/data_parallel.py"],
         cwd=ROOT,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from natgrad_jax._solvers import (
+from natgrad_jax._linalg import (
     _GROUP,
     batched_inverses,
     damped_inverse,
@@ -66,7 +66,7 @@ def test_batched_inverses_equal_one_at_a_time_with_a_singular_one_among_them():
     pseudo-inverse without spoiling the others; vectors are diagonals; 1×1 matrices need
     no factorisation (an undamped zero's pseudo-inverse is 0). Every LAPACK call
     (Cholesky, triangular solve, eigendecomposition) is of one matrix: jaxlib 0.10's
-    batched CPU kernels can deadlock (``_solvers._each``)."""
+    batched CPU kernels can deadlock (``_linalg._each``)."""
     rng = np.random.default_rng(0)
     roots = rng.normal(size=(3, 5, 5))
     matrices = [r @ r.T for r in roots]

@@ -12,7 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._state import RejectedSteps
 from natgrad_jax._transform import (
     _adapt_damping,

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import natgrad_jax as ng
-from natgrad_jax._curvature.batch import CurvatureBatch
+from natgrad_jax._solvers.batch import CurvatureBatch
 from tests.helpers import equations, init_mlp, mlp
 from tests.test_capture_layers import _concatenated, _concatenated_params
 from tests.test_kronecker import multi_axis_biases

@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import factored_rows
-from natgrad_jax._curvature.kronecker import Kronecker, output_side, split_shape
-from natgrad_jax._curvature.solver import Solver
-from natgrad_jax._solvers import damped_reciprocal, moving_average, split_by_sizes
+from natgrad_jax._linalg import damped_reciprocal, moving_average, split_by_sizes
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.factored import factored_rows
+from natgrad_jax._solvers.kronecker import Kronecker, output_side, split_shape
+from natgrad_jax._solvers.solver import Solver
 
 
 class EkfacLeafState(NamedTuple):
@@ -51,7 +51,7 @@ class EkfacLeafState(NamedTuple):
 
 
 class EkfacState(NamedTuple):
-    """Arrays of the EKFAC representation: one ``EkfacLeafState`` per leaf."""
+    """Arrays of the EKFAC solver: one ``EkfacLeafState`` per leaf."""
 
     leaves: tuple
 

@@ -44,18 +44,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.dense import Dense
-from natgrad_jax._curvature.implicit import ConjugateGradient, ConjugateGradientState
-from natgrad_jax._curvature.kronecker import (
+from natgrad_jax._fisher import parameter_count
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.conjugate_gradient import ConjugateGradient, ConjugateGradientState
+from natgrad_jax._solvers.dense import Dense
+from natgrad_jax._solvers.kronecker import (
     Kronecker,
     KroneckerState,
     factored_share,
     split_shape,
 )
-from natgrad_jax._curvature.low_rank import Woodbury, WoodburyState
-from natgrad_jax._curvature.solver import Solver
-from natgrad_jax._fisher import parameter_count
+from natgrad_jax._solvers.solver import Solver
+from natgrad_jax._solvers.woodbury import Woodbury, WoodburyState
 
 CG_ITERATIONS = 30  # warm-started CG to tol 1e-5 on the benchmarks: 10–60 iterations
 # Martens 2010's truncation of CG by the model's relative progress: on the digits

@@ -1,4 +1,4 @@
-r"""The block-diagonal representation: one dense Fisher block per parameter leaf.
+r"""The block-diagonal solver: one dense Fisher block per parameter leaf.
 
 Keeps the correlations inside each leaf (a weight matrix, a bias) and drops those
 between leaves: Σ_ℓ P_ℓ² memory instead of P². Each block is exactly the corresponding
@@ -14,13 +14,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.solver import Solver
-from natgrad_jax._solvers import batched_inverses, moving_average, split_by_sizes
+from natgrad_jax._linalg import batched_inverses, moving_average, split_by_sizes
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.solver import Solver
 
 
 class BlockDiagonalState(NamedTuple):
-    """Arrays of the block-diagonal representation."""
+    """Arrays of the block-diagonal solver."""
 
     blocks: tuple  # per leaf, (P_ℓ, P_ℓ) float: the (averaged) Fisher block
     inverses: tuple  # per leaf, (P_ℓ, P_ℓ) float: (F_ℓ + λI)⁻¹ at the last refresh

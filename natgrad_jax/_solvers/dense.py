@@ -1,7 +1,7 @@
-r"""The dense representation: the full P×P Fisher and its damped inverse.
+r"""The dense solver: the full P×P Fisher and its damped inverse.
 
 Exact, simple, O(P²) memory and O(P³) per refresh: the right choice up to a few
-thousand parameters and the reference every other representation is tested against.
+thousand parameters and the reference every other solver is tested against.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
-from natgrad_jax._solvers import damped_inverse, moving_average
+from natgrad_jax._linalg import damped_inverse, moving_average
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.solver import Solver
 
 
 class DenseState(NamedTuple):
-    """Arrays of the dense representation."""
+    """Arrays of the dense solver."""
 
     fisher: jax.Array  # (P, P) float: the (averaged) Fisher F
     inverse: jax.Array  # (P, P) float: (F + λI)⁻¹ at the last refresh

@@ -25,17 +25,17 @@ from natgrad_jax._fisher import (
     sample_labels,
     score_rows,
 )
+from natgrad_jax._linalg import inner_products
 from natgrad_jax._model import Model
-from natgrad_jax._solvers import inner_products
 
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
 class CurvatureBatch:
-    """Everything a representation may need to measure the Fisher of one batch.
+    """Everything a solver may need to measure the Fisher of one batch.
 
-    Built inside ``update`` (at trace time); representations pick what they use:
+    Built inside ``update`` (at trace time); solvers pick what they use:
     score rows for dense, diagonal and low-rank forms, products for matrix-free ones.
     Vectors are flat, in ``ravel_pytree(params)`` order. With ``axis_name`` (inside
     ``shard_map``) ``inputs`` is this device's share of the batch: ``num_examples``,
@@ -43,7 +43,7 @@ class CurvatureBatch:
     ``forward``, when given (from ``ng.value_and_grad``), is the model's forward pass on
     this batch at ``params``: the statistics, products and loss are taken from it
     instead of from new passes. ``statistics_precision`` is the matmul precision of the
-    statistics a representation measures inside its solve (``"auto"``'s K-FAC): the
+    statistics a solver measures inside its solve (``"auto"``'s K-FAC): the
     transform's ``precision=``, else the one in effect where ``update`` was traced.
     """
 

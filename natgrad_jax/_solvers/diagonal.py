@@ -1,4 +1,4 @@
-r"""The diagonal representation: the exact diagonal of the chosen Fisher.
+r"""The diagonal solver: the exact diagonal of the chosen Fisher.
 
 diag(F)ⱼ = 1/N Σ_rows S_{rj}², the mean squared *per-row* score — not the square of the
 batch gradient, which is what optax's deprecated ``fisher_diag`` computed. O(P) memory.
@@ -12,15 +12,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import FactoredRows, dense_row_sizes, summed_over_rows
-from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
-from natgrad_jax._solvers import damped_reciprocal, moving_average
+from natgrad_jax._linalg import damped_reciprocal, moving_average
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.factored import FactoredRows, dense_row_sizes, summed_over_rows
+from natgrad_jax._solvers.solver import Solver
 
 
 class DiagonalState(NamedTuple):
-    """Arrays of the diagonal representation."""
+    """Arrays of the diagonal solver."""
 
     diagonal: jax.Array  # (P,) float: the (averaged) diagonal of F
 

@@ -34,10 +34,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import dense_row_sizes, factored_rows
-from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.factored import dense_row_sizes, factored_rows
+from natgrad_jax._solvers.solver import Solver
 
 
 class WoodburyState(NamedTuple):

@@ -1,4 +1,4 @@
-r"""The implicit representation: conjugate gradients on Fisher-vector products.
+r"""The implicit solver: conjugate gradients on Fisher-vector products.
 
 Never forms F: each CG iteration costs one forward and one backward pass through the
 linearised network (``fisher_operator``). Solves (F + λI) x = g to a relative residual
@@ -28,13 +28,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.solver import Solver
 from natgrad_jax._fisher import parameter_count
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.solver import Solver
 
 
 class ConjugateGradientState(NamedTuple):
-    """Arrays of the CG representation."""
+    """Arrays of the CG solver."""
 
     solution: jax.Array  # (P,) float: last solution, the next warm start
     iterations: jax.Array  # int32 []: CG iterations used at the last step

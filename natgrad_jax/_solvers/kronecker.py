@@ -40,20 +40,20 @@ import numpy as np
 
 from natgrad_jax._cache import FifoCache
 from natgrad_jax._capture import capture
-from natgrad_jax._curvature.batch import CurvatureBatch
-from natgrad_jax._curvature.factored import (
-    RowSizes,
-    leaf_to_matrix,
-    output_layout,
-    summed_over_rows,
-)
-from natgrad_jax._curvature.solver import Solver
-from natgrad_jax._solvers import (
+from natgrad_jax._linalg import (
     batched_inverses,
     damped_reciprocal,
     moving_average,
     split_by_sizes,
 )
+from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.factored import (
+    RowSizes,
+    leaf_to_matrix,
+    output_layout,
+    summed_over_rows,
+)
+from natgrad_jax._solvers.solver import Solver
 
 
 class KroneckerLeafState(NamedTuple):
@@ -68,7 +68,7 @@ class KroneckerLeafState(NamedTuple):
 
 
 class KroneckerState(NamedTuple):
-    """Arrays of the Kronecker representation: one ``KroneckerLeafState`` per leaf."""
+    """Arrays of the Kronecker solver: one ``KroneckerLeafState`` per leaf."""
 
     leaves: tuple
 

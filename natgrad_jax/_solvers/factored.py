@@ -40,7 +40,7 @@ from natgrad_jax._fisher import (
     device_varying,
     varying_axes,
 )
-from natgrad_jax._solvers import split_by_sizes
+from natgrad_jax._linalg import split_by_sizes
 
 PyTree = Any
 
@@ -349,7 +349,7 @@ def _second_moment(x, only_diagonal: bool):
 
 
 class RowSizes(NamedTuple):
-    """Floats of one batch's score rows as a representation forms them, for the memory
+    """Floats of one batch's score rows as a solver forms them, for the memory
     guard: ``stored`` (dense (M, P) rows, or a and g per captured layer plus the dense
     rows of the other leaves) and ``per_example`` (per-example gradients formed from a
     and g for layers shared across positions). ``captured`` and ``num_examples`` are the

@@ -1,1 +1,0 @@
-"""Curvature representations: how a Fisher is stored, averaged over steps and solved against."""

@@ -1,0 +1,1 @@
+"""Solvers: how a Fisher is stored, averaged over steps and solved against."""
