@@ -4,6 +4,7 @@ flax linen and nnx (with a non-trainable variable held out), equinox (``eqx.filt
 arrays, static fields left out) and haiku; plus orbax checkpoints of the state.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,9 +152,7 @@ def test_equinox_module_passed_whole_gets_the_update_of_its_arrays(compile_with)
             jax.grad(split.nll)(arrays, x, y), reference_state, arrays, inputs=x, targets=y
         )
         got, _ = eqx.partition(updates, eqx.is_inexact_array)
-        np.testing.assert_allclose(
-            ravel_pytree(got)[0], ravel_pytree(expected)[0], rtol=1e-9, atol=1e-12
-        )
+        chex.assert_trees_all_close(got, expected, rtol=1e-9, atol=1e-12)
         module, arrays = eqx.apply_updates(module, updates), optax.apply_updates(arrays, expected)
     assert whole.nll(module, x, y) < initial_loss
 

@@ -3,6 +3,7 @@
 import functools
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from tests.helpers import init_mlp, mlp, mlp_problem
+from tests.helpers import init_mlp, leaf_slices, mlp, mlp_problem
 
 
 def _logistic_problem(n=40, d=3, seed=0):
@@ -814,3 +815,28 @@ def test_a_solver_outside_the_base_class_or_without_its_methods_is_refused():
         Incomplete()
     with pytest.raises(ValueError, match="keeps no curvature"):
         ng.scale_by_natural_gradient(model, solver=_ScaledIdentity(), decay=0.9).init(jnp.zeros(2))
+
+
+class UpdateWithAndWithoutJit(chex.TestCase):
+    """The update solves its damped system whether the caller jits it or not (eager
+    calls compile themselves: see ``natgrad_jax._eager``)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_dense_and_block_diagonal_updates_solve_their_damped_systems(self):
+        model, params, x, y = mlp_problem("categorical")
+        g = _gradient(model, params, x, y)
+        flat_g, unravel = ravel_pytree(g)
+        fisher = np.asarray(ng.fisher(model, params, x))
+        in_a_block = np.zeros_like(fisher, dtype=bool)
+        for block in leaf_slices(params):
+            in_a_block[block, block] = True
+        for solver, matrix in (("dense", fisher), ("block_diagonal", fisher * in_a_block)):
+            optimizer = ng.scale_by_natural_gradient(model, damping=0.05, solver=solver)
+            update = self.variant(
+                lambda g, s, p, optimizer=optimizer: optimizer.update(g, s, p, inputs=x)
+            )
+            updates, state = update(g, optimizer.init(params), params)
+            chex.assert_trees_all_equal_structs(updates, params)
+            chex.assert_tree_all_finite(state)
+            expected = unravel(np.linalg.solve(matrix + 0.05 * np.eye(len(matrix)), flat_g))
+            chex.assert_trees_all_close(updates, expected, rtol=1e-8, atol=1e-12)
