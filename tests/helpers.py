@@ -1,5 +1,6 @@
 """Small models shared by the tests, written as plain JAX pytrees."""
 
+import dataclasses
 import importlib
 import itertools
 
@@ -12,6 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
+from natgrad_jax._capture import Capture, Layer, operand_of, probed_forward
 
 
 def optional_import(name):
@@ -159,11 +161,66 @@ def vmap_gradients(apply, params, x, cotangent):
     return jax.vmap(one)(x, cotangent)
 
 
+def layer_inputs_and_gradients(apply_fn, captured: Capture, params, inputs, cotangent_rows):
+    """One forward and one (row-batched) backward pass: (outputs, a per layer, g per layer).
+
+    ``cotangent_rows`` is a pytree shaped like the outputs with a leading axis of R rows;
+    g[k] has a leading R axis, then the shape of layer k's output.
+    """
+    forward = probed_forward(apply_fn, captured, params, inputs)
+    return forward.outputs, forward.layer_inputs, forward.layer_gradients(cotangent_rows)
+
+
+def per_example_gradient(layer: Layer, activation, gradient, leaf_value):
+    """The (N, *leaf.shape) per-example gradients of one captured leaf from its a and g.
+
+    Exactly the vjp of the layer restricted to each example: checks capture against
+    ``jax.vmap`` of ``jax.grad`` (the library uses a and g directly, never this).
+    """
+
+    def operand_from_leaf(leaf):
+        return operand_of(layer, leaf)
+
+    if layer.scan_lengths:  # a sum over the steps of the outermost scan
+        step_layer = dataclasses.replace(layer, scan_lengths=layer.scan_lengths[1:])
+        per_step = jax.vmap(
+            lambda a, g: per_example_gradient(step_layer, a, g, leaf_value), in_axes=(0, 0)
+        )(activation, gradient)
+        return jnp.sum(per_step, axis=0)
+    operand, operand_pullback = jax.vjp(operand_from_leaf, leaf_value)
+
+    def one_example(x, g):
+        g = jnp.expand_dims(g, layer.output_example_axis)
+        dtype = g.dtype if x is None else jnp.result_type(x, g)
+        if layer.kind != "add":
+            x = jnp.expand_dims(x, layer.input_example_axis)
+
+        def apply(w):
+            if layer.kind == "add":
+                return jnp.broadcast_to(w, g.shape)
+            if layer.kind == "mul":
+                return jnp.broadcast_to(w * x, g.shape)
+            if layer.kind == "conv":
+                return layer.primitive.bind(x, w, **layer.primitive_params)
+            if layer.kind == "embed":
+                return layer.primitive.bind(w, x, **layer.primitive_params)
+            lhs, rhs = (w, x) if layer.param_operand == 0 else (x, w)
+            return jax.lax.dot_general(lhs, rhs, layer.dimension_numbers)
+
+        _, pullback = jax.vjp(apply, operand.astype(dtype))
+        (grad_operand,) = pullback(g.astype(dtype))
+        return operand_pullback(grad_operand.astype(operand.dtype))[0]
+
+    if layer.kind == "add":
+        return jax.vmap(lambda g: one_example(None, g), in_axes=layer.output_example_axis)(gradient)
+    return jax.vmap(one_example, in_axes=(layer.input_example_axis, layer.output_example_axis))(
+        activation, gradient
+    )
+
+
 def assert_capture_rebuilds_vmap_gradients(apply, captured, params, x, cotangent, **tolerance):
     """Per-example gradients rebuilt from the captured (a, g) equal ``vmap_gradients``,
     in the parameters' dtype."""
-    from natgrad_jax._capture import layer_inputs_and_gradients, per_example_gradient
-
     _, activations, gradients = jax.jit(
         lambda p, x, c: layer_inputs_and_gradients(apply, captured, p, x, c[None])
     )(params, x, cotangent)
