@@ -69,20 +69,21 @@ def leaves_of(derived) -> list[int]:
     return [derived.leaf]
 
 
-def layer_use(kind, index, origin: Origin, side, eqn, scan_lengths):
+def layer_use(kind, index, origin: Origin, side, eqn, scan_lengths) -> Use:
+    """The use of ``origin``'s leaf as operand ``side`` of layer equation ``eqn``."""
     other = eqn.invars[1 - side]
     return Use(
-        origin.leaf,
-        index,
-        kind,
-        side,
-        eqn.params.get("dimension_numbers"),
-        origin.chain,
-        None if kind == "add" else other.aval,
-        eqn.outvars[0].aval,
-        eqn.invars[side].aval,
-        eqn.primitive,
-        dict(eqn.params),
+        leaf=origin.leaf,
+        eqn=index,
+        kind=kind,
+        param_operand=side,
+        dimension_numbers=eqn.params.get("dimension_numbers"),
+        chain=origin.chain,
+        input_aval=None if kind == "add" else other.aval,
+        output_aval=eqn.outvars[0].aval,
+        operand_aval=eqn.invars[side].aval,
+        primitive=eqn.primitive,
+        primitive_params=dict(eqn.params),
         scan_lengths=scan_lengths,
         factor=origin.factor,
     )

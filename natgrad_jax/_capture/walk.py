@@ -98,19 +98,14 @@ def count_equations(closed_jaxpr) -> int:
 
 def nested_equations(eqn) -> int:
     """How many indices the equations nested in ``eqn`` (a call or a scan) take."""
-    if eqn.primitive.name in CALL_OPS and inner_jaxpr(eqn) is not None:
-        return count_equations(inner_jaxpr(eqn))
-    if eqn.primitive.name == "scan":
-        return count_equations(inner_jaxpr(eqn))
-    return 0
-
-
-def _trace(apply_fn, params, inputs):
-    return jax.make_jaxpr(apply_fn)(params, inputs)
+    nested = eqn.primitive.name in CALL_OPS or eqn.primitive.name == "scan"
+    inner = inner_jaxpr(eqn) if nested else None
+    return 0 if inner is None else count_equations(inner)
 
 
 def trace_uses(apply_fn, params, inputs):
-    closed = _trace(apply_fn, params, inputs)
+    """``(jaxpr of apply_fn, every use of its parameter leaves)`` for these shapes."""
+    closed = jax.make_jaxpr(apply_fn)(params, inputs)
     return closed, parameter_uses(closed, len(jax.tree.leaves(params)))
 
 
