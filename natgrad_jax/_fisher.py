@@ -404,10 +404,8 @@ def fisher_hessian(
       params: the parameter pytree θ.
       inputs: a batch of N inputs.
 
-      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
-        the per-device results are all-reduced (``None``: one device).
-      max_bytes: refuse (ValueError naming the matrix-free alternatives) before
-        allocating more than this many bytes of rows and matrix; ``None``: no limit.
+      axis_name: as in ``fisher`` (the mapped axis inside ``shard_map``).
+      max_bytes: as in ``fisher`` (refuse before allocating more).
 
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
@@ -456,10 +454,8 @@ def monte_carlo_fisher(
       key: a ``jax.random`` key for the sampled labels.
       num_samples: S, labels drawn per example (a Python int ≥ 1).
 
-      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
-        the per-device results are all-reduced (``None``: one device).
-      max_bytes: refuse (ValueError naming the matrix-free alternatives) before
-        allocating more than this many bytes of rows and matrix; ``None``: no limit.
+      axis_name: as in ``fisher`` (the mapped axis inside ``shard_map``).
+      max_bytes: as in ``fisher`` (refuse before allocating more).
 
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
@@ -504,10 +500,8 @@ def empirical_fisher(
       inputs: a batch of N inputs.
       targets: the N observed targets.
 
-      axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
-        the per-device results are all-reduced (``None``: one device).
-      max_bytes: refuse (ValueError naming the matrix-free alternatives) before
-        allocating more than this many bytes of rows and matrix; ``None``: no limit.
+      axis_name: as in ``fisher`` (the mapped axis inside ``shard_map``).
+      max_bytes: as in ``fisher`` (refuse before allocating more).
 
     Returns:
       A (P, P) array in ``ravel_pytree`` order.
