@@ -388,23 +388,7 @@ def scale_by_natural_gradient(
       Martens, 2020, New insights and perspectives on the natural gradient method.
       Schulman et al., 2015, Trust region policy optimization.
     """
-    options = _validated_options(
-        model=model,
-        fisher=fisher,
-        damping=damping,
-        solver=solver,
-        max_kl=max_kl,
-        decay=decay,
-        refresh_every=refresh_every,
-        statistics_every=statistics_every,
-        num_samples=num_samples,
-        seed=seed,
-        max_curvature_bytes=max_curvature_bytes,
-        axis_name=axis_name,
-        precision=precision,
-        rescale=rescale,
-        momentum=momentum,
-    )
+    options = _validated_options(**locals())  # every argument above, by name
 
     def init_fn(params):
         return _init(options, params)
