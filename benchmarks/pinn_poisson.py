@@ -149,7 +149,7 @@ def main():
             "ENGD, Woodbury + SPRING μ=0.5, λ=1e-8",
             optax.chain(
                 ng.scale_by_natural_gradient(
-                    model, damping=1e-8, solver=ng.Woodbury(capture=False, momentum=0.5)
+                    model, damping=1e-8, solver=ng.Woodbury(capture=False, spring=0.5)
                 ),
                 optax.scale(-1.0),
                 optax.scale_by_backtracking_linesearch(max_backtracking_steps=30),

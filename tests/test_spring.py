@@ -44,7 +44,7 @@ def test_spring_steps_equal_the_closed_form(capture, momentum, damping):
     model, params, batches = _problem()
     flat, unravel = ravel_pytree(params)
     tx = ng.scale_by_natural_gradient(
-        model, damping=damping, solver=ng.Woodbury(capture=capture, momentum=momentum)
+        model, damping=damping, solver=ng.Woodbury(capture=capture, spring=momentum)
     )
     state = tx.init(params)
     previous = np.zeros(flat.size)
@@ -62,7 +62,7 @@ def test_spring_steps_equal_the_closed_form(capture, momentum, damping):
 def test_zero_momentum_is_the_plain_woodbury_solve():
     model, params, batches = _problem()
     unravel = ravel_pytree(params)[1]
-    spring = ng.scale_by_natural_gradient(model, damping=1e-2, solver=ng.Woodbury(momentum=0.0))
+    spring = ng.scale_by_natural_gradient(model, damping=1e-2, solver=ng.Woodbury(spring=0.0))
     plain = ng.scale_by_natural_gradient(model, damping=1e-2, solver="woodbury")
     g = unravel(_gradients(params)[0])
     got, _ = spring.update(g, spring.init(params), params, inputs=batches[0])
@@ -76,7 +76,7 @@ def test_spring_trust_region_uses_the_measured_quadratic():
     flat, unravel = ravel_pytree(params)
     damping, max_kl = 1e-3, 1e-4
     tx = ng.scale_by_natural_gradient(
-        model, damping=damping, max_kl=max_kl, solver=ng.Woodbury(momentum=0.9)
+        model, damping=damping, max_kl=max_kl, solver=ng.Woodbury(spring=0.9)
     )
     state = tx.init(params)
     for x, g in zip(batches, _gradients(params), strict=True):
@@ -88,5 +88,12 @@ def test_spring_trust_region_uses_the_measured_quadratic():
 
 
 def test_momentum_outside_its_range_is_refused():
-    with pytest.raises(ValueError, match=r"momentum.*\[0, 1\)"):
-        ng.Woodbury(momentum=1.0)
+    with pytest.raises(ValueError, match=r"spring.*\[0, 1\)"):
+        ng.Woodbury(spring=1.0)
+    with pytest.raises(ValueError, match=r"spring.*\[0, 1\)"):
+        ng.Woodbury(momentum=-0.1)
+
+
+def test_the_earlier_name_momentum_still_sets_spring():
+    assert ng.Woodbury(momentum=0.9) == ng.Woodbury(spring=0.9)
+    assert ng.Woodbury(momentum=0.9).spring == 0.9

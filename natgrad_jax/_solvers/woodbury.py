@@ -13,7 +13,7 @@ U = SᵀV diag(1/√(N w)) (the eigenvectors of F with eigenvalues w), it reads
 the second term, the part of g outside the span of the rows, is what a truncated
 low-rank solve drops. For λ = 0 the pseudo-inverse U diag(1/w) Uᵀ g is returned.
 
-**SPRING momentum** (Goldshlager, Abrahamsen & Lin 2024). With ``momentum=μ`` the
+**SPRING momentum** (Goldshlager, Abrahamsen & Lin 2024). With ``spring=μ`` the
 direction minimises the damped quadratic model with the damping centred on μ times the
 previous direction d₋ instead of on 0:
 
@@ -118,7 +118,7 @@ class Woodbury(Solver):
     from the layers' inputs and output-gradients (``ng.describe``), never from the
     (M, P) matrix of per-example gradients; leaves capture cannot explain use
     ``jax.vmap``-ed rows. ``capture=False`` always forms the rows with ``jax.vmap``.
-    ``momentum=μ`` in [0, 1) turns on SPRING (see the module docstring): the direction
+    ``spring=μ`` in [0, 1) turns on SPRING (see the module docstring): the direction
     is (F + λI)⁻¹ (g + λ μ d₋) with d₋ the previous direction this solver returned
     (before the trust region and the learning rate), so λ sets how strongly earlier
     steps are kept; the trust region uses the step's measured dᵀ(F + λI)d.
@@ -137,14 +137,19 @@ class Woodbury(Solver):
     """
 
     capture: bool = True
-    momentum: float = 0.0
+    spring: float = 0.0
+    # The earlier name of ``spring``, kept working: the transform's own ``momentum`` is a
+    # different thing (a switch for the quadratic model's plane search).
+    momentum: dataclasses.InitVar[float | None] = None
     name = "woodbury"
     averages = False  # an average of low-rank Fishers is not low-rank
 
-    def __post_init__(self):
-        if not 0.0 <= self.momentum < 1.0:
+    def __post_init__(self, momentum):
+        if momentum is not None:
+            object.__setattr__(self, "spring", momentum)
+        if not 0.0 <= self.spring < 1.0:
             raise ValueError(
-                f"Woodbury momentum (SPRING's μ) must be in [0, 1), got {self.momentum!r}."
+                f"Woodbury spring (SPRING's μ) must be in [0, 1), got {self.spring!r}."
             )
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
@@ -157,7 +162,7 @@ class Woodbury(Solver):
         return rows.stored + rows.per_example + 3 * num_rows**2 + 6 * num_params
 
     def init(self, params, dtype) -> WoodburyState:
-        if not self.momentum:
+        if not self.spring:
             return WoodburyState()
         return WoodburyState(
             previous=jnp.zeros(parameter_count(params), dtype), quadratic=jnp.zeros([], dtype)
@@ -186,10 +191,10 @@ class Woodbury(Solver):
                 kernel, rows_times, rows_transpose_times, batch.num_examples, rhs, damping
             )
 
-        if not self.momentum:
+        if not self.spring:
             return solve_with(vector), state
         # SPRING: μ d₋ + (F + λI)⁻¹ (g − μ F d₋), F d₋ = Sᵀ(S d₋)/N
-        shifted = self.momentum * state.previous.astype(vector.dtype)
+        shifted = self.spring * state.previous.astype(vector.dtype)
         fisher_shifted = rows_transpose_times(rows_times(shifted)) / batch.num_examples
         direction = shifted + solve_with(vector - fisher_shifted)
         projected = rows_times(direction)
