@@ -404,8 +404,7 @@ def scale_by_natural_gradient(
         updates, state, params=None, *, inputs=None, targets=None, forward_pass=None, **extra_args
     ):
         del extra_args
-        _check_update_arguments(options, updates, params, inputs, targets)
-        trainable, frozen = trainable_and_frozen(params)
+        trainable, frozen = _checked_parameters(options, updates, params, inputs, targets)
         if forward_pass is not None:
             check_forward_pass(forward_pass, options.model, trainable, frozen, inputs)
         directions, new_state = run(
@@ -494,8 +493,9 @@ def _validated_options(*, model, fisher, damping, solver, decay, refresh_every, 
     )
 
 
-def _check_update_arguments(options: _Options, updates, params, inputs, targets) -> None:
-    """Raises, naming the fix, on what ``update`` cannot work with."""
+def _checked_parameters(options: _Options, updates, params, inputs, targets):
+    """``(trainable, frozen)`` parts of ``params``, after checking every argument of
+    ``update``; raises, naming the fix, on what it cannot work with."""
     if params is None:
         raise ValueError(NO_PARAMS_MSG)
     if inputs is None:
@@ -511,7 +511,7 @@ def _check_update_arguments(options: _Options, updates, params, inputs, targets)
     if targets is not None:
         check_same_batch(inputs, targets)
         options.model.check_targets(params, inputs, targets)
-    trainable_and_frozen(params)  # refuses params without floating leaves
+    trainable, frozen = trainable_and_frozen(params)  # refuses params without floating leaves
     check_independent_examples(options.model.apply_fn, params, inputs)
     if options.adaptive and targets is None:
         raise ValueError(
@@ -519,6 +519,7 @@ def _check_update_arguments(options: _Options, updates, params, inputs, targets)
             "loss before and after the step: pass targets=... to update, or pass a "
             "fixed damping=... (a number or a schedule)."
         )
+    return trainable, frozen
 
 
 def _init(options: _Options, params) -> NaturalGradientState:
