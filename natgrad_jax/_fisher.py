@@ -204,7 +204,7 @@ def _scores(log_likelihood, params, inputs, targets):
     return _map_examples(score, inputs, targets)
 
 
-def _exact_score_rows(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
+def exact_score_rows(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
     """Rows Jᵢᵀ c_{i,r} with F_out(xᵢ) = Σ_r c_{i,r} c_{i,r}ᵀ; shape (N·R, P)."""
     flat, unravel = ravel_pytree(params)
 
@@ -229,36 +229,11 @@ def sample_labels(likelihood, outputs: PyTree, key: jax.Array, num_samples: int)
     return jax.vmap(lambda k: likelihood.sample(k, outputs))(keys)
 
 
-def _monte_carlo_score_rows(model, params, inputs, key, num_samples):
+def monte_carlo_score_rows(model, params, inputs, key, num_samples):
     """Scores at sampled labels, scaled by 1/√S so that SᵀS/N is the MC mean."""
     sampled = sample_targets(model, params, inputs, key, num_samples)
     scores = jax.vmap(lambda y: _scores(model.sampled_log_likelihood, params, inputs, y))(sampled)
     return scores.reshape(-1, scores.shape[-1]) / jnp.sqrt(jnp.asarray(num_samples, scores.dtype))
-
-
-def score_rows(
-    model: Model,
-    params: PyTree,
-    inputs: PyTree,
-    *,
-    kind: FisherKind = "exact",
-    targets: PyTree | None = None,
-    key: jax.Array | None = None,
-    num_samples: int = 1,
-) -> jax.Array:
-    r"""A matrix S of score rows with F = SᵀS / N for the Fisher named by ``kind``.
-
-    * ``"exact"``: N·R rows Jᵢᵀ c_{i,r}, the square root of the output Fisher pulled
-      back through the network (R = rows of ``likelihood.fisher_sqrt``);
-    * ``"monte_carlo"``: N·S rows sᵢ(ỹ)/√S at labels ỹ sampled from the model;
-    * ``"empirical"``: the N rows sᵢ of ``per_example_scores`` at the data's targets.
-    """
-    check_kind(kind, targets, key)
-    if kind == "exact":
-        return _exact_score_rows(model, params, inputs)
-    if kind == "monte_carlo":
-        return _monte_carlo_score_rows(model, params, inputs, key, check_num_samples(num_samples))
-    return per_example_scores(model, params, inputs, targets, max_bytes=None)
 
 
 def device_sum(value, axis_name: str | None):
@@ -341,7 +316,6 @@ def fisher(
       model: the ``Model``.
       params: the parameter pytree θ.
       inputs: a batch of N inputs.
-
       axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
         the per-device results are all-reduced (``None``: one device).
       max_bytes: refuse (ValueError naming the matrix-free alternatives) before
@@ -374,7 +348,7 @@ def fisher(
     num_rows = batch_size(inputs) * exact_rows_per_example(model, params, inputs)
     check_dense_memory("fisher", params, num_rows, True, max_bytes)
     params = device_varying(params, axis_name)
-    return _gram(_exact_score_rows(model, params, inputs), inputs, axis_name)
+    return _gram(exact_score_rows(model, params, inputs), inputs, axis_name)
 
 
 @compiled_when_eager
@@ -403,7 +377,6 @@ def fisher_hessian(
       model: the ``Model``.
       params: the parameter pytree θ.
       inputs: a batch of N inputs.
-
       axis_name: as in ``fisher`` (the mapped axis inside ``shard_map``).
       max_bytes: as in ``fisher`` (refuse before allocating more).
 
@@ -453,7 +426,6 @@ def monte_carlo_fisher(
       inputs: a batch of N inputs.
       key: a ``jax.random`` key for the sampled labels.
       num_samples: S, labels drawn per example (a Python int ≥ 1).
-
       axis_name: as in ``fisher`` (the mapped axis inside ``shard_map``).
       max_bytes: as in ``fisher`` (refuse before allocating more).
 
@@ -473,7 +445,7 @@ def monte_carlo_fisher(
     check_dense_memory("monte_carlo_fisher", params, num_rows, True, max_bytes)
     key = device_key(key, axis_name)
     params = device_varying(params, axis_name)
-    rows = score_rows(model, params, inputs, kind="monte_carlo", key=key, num_samples=num_samples)
+    rows = monte_carlo_score_rows(model, params, inputs, key, check_num_samples(num_samples))
     return _gram(rows, inputs, axis_name)
 
 
@@ -499,7 +471,6 @@ def empirical_fisher(
       params: the parameter pytree θ.
       inputs: a batch of N inputs.
       targets: the N observed targets.
-
       axis_name: as in ``fisher`` (the mapped axis inside ``shard_map``).
       max_bytes: as in ``fisher`` (refuse before allocating more).
 
@@ -636,7 +607,6 @@ def fisher_vector_product(
       params: the parameter pytree θ.
       inputs: a batch of N inputs.
       vector: a pytree with the structure of ``params``.
-
       axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
         the per-device results are all-reduced (``None``: one device).
     Returns:
@@ -677,7 +647,6 @@ def kl_divergence(
       params_p: parameters of the first distribution.
       params_q: parameters of the second distribution.
       inputs: a batch of N inputs.
-
       axis_name: name of the mapped axis the batch is split over inside ``shard_map``;
         the per-device results are all-reduced (``None``: one device).
     Returns:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -674,6 +676,12 @@ def _direction(options: _Options, curvature, batch, gradient, damping, previous,
     """``(d, curvature state, dᵀFd or None)``: the solve, then, with the quadratic model,
     the minimiser of the batch's exact model over d (and the previous update)."""
     direction, curvature = options.solver.solve(curvature, batch, gradient, damping)
+    chex.assert_type(direction, float)
+    chex.assert_equal_shape(
+        [gradient, direction],
+        custom_message=f"{options.solver!r}.solve must return a direction shaped like the "
+        "flat gradient (P,) it was given",
+    )
     if not plan.modelled:
         return direction, curvature, None
     span = [direction] + ([previous] if plan.with_momentum else [])
@@ -822,20 +830,11 @@ def natural_gradient(
     model: Model,
     learning_rate: ScalarOrSchedule,
     *,
-    fisher: str = "exact",
     damping: ScalarOrSchedule | LevenbergMarquardt = DEFAULT_ADAPTIVE_DAMPING,
-    solver: str | Any = "auto",
     max_kl: ScalarOrSchedule | None = None,
-    decay: float | jax.Array | None = None,
-    refresh_every: int | jax.Array | None = None,
-    statistics_every: int | None = None,
-    num_samples: int | None = None,
-    seed: int | jax.Array = 0,
-    max_curvature_bytes: float | None = DEFAULT_MAX_CURVATURE_BYTES,
-    axis_name: str | None = None,
-    precision: str | None = None,
     rescale: bool | None = None,
     momentum: bool | None = None,
+    **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Natural gradient descent: θ ← θ − η (F + λI)⁻¹ ∇L, as an optax optimizer.
 
@@ -844,6 +843,9 @@ def natural_gradient(
     the step at learning rate η would exceed it: the effective step length is
     min(η, √(2ε / gᵀ(F + λI)⁻¹g)). With exact Fisher, ``damping=0`` and η = 1 this is
     Fisher scoring, i.e. IRLS/Newton for canonical-link GLMs.
+
+    Takes every keyword of ``scale_by_natural_gradient``; only ``damping``,
+    ``rescale`` and ``momentum`` have other defaults here.
 
     Args:
       model: the ``ng.Model`` being trained (its ``nll`` is the loss).
@@ -903,21 +905,20 @@ def natural_gradient(
         max_kl = _unit_step_max_kl(max_kl, learning_rate)
     return optax.chain(
         scale_by_natural_gradient(
-            model,
-            fisher=fisher,
-            damping=damping,
-            solver=solver,
-            max_kl=max_kl,
-            decay=decay,
-            refresh_every=refresh_every,
-            statistics_every=statistics_every,
-            num_samples=num_samples,
-            seed=seed,
-            max_curvature_bytes=max_curvature_bytes,
-            axis_name=axis_name,
-            precision=precision,
-            rescale=rescale,
-            momentum=momentum,
+            model, damping=damping, max_kl=max_kl, rescale=rescale, momentum=momentum, **options
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+def _optimizer_signature() -> inspect.Signature:
+    """``natural_gradient``'s full signature, for ``help`` and editors: the transform's
+    keywords (with the optimizer's defaults) after ``model, learning_rate``."""
+    transform = inspect.signature(scale_by_natural_gradient)
+    optimizer = inspect.signature(natural_gradient).parameters
+    keywords = [optimizer.get(name, parameter) for name, parameter in transform.parameters.items()]
+    head = [optimizer["model"], optimizer["learning_rate"]]
+    return transform.replace(parameters=head + keywords[1:])
+
+
+natural_gradient.__signature__ = _optimizer_signature()

@@ -290,9 +290,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="one target per example"):
         ng.empirical_fisher(model, params, inputs, jnp.zeros(len(inputs) + 1, jnp.int32))
     with pytest.raises(ValueError, match="pass targets"):
-        ng._fisher.score_rows(model, params, inputs, kind="empirical")
+        ng.fisher_operator(model, params, inputs, kind="empirical")
     with pytest.raises(ValueError, match="Unknown Fisher kind"):
-        ng._fisher.score_rows(model, params, inputs, kind="true")
+        ng.fisher_operator(model, params, inputs, kind="true")
     with pytest.raises(TypeError, match="likelihood"):
         ng.Model(lambda p, x: x, "categorical")
 

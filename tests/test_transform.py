@@ -719,6 +719,20 @@ def test_factory_validates_hyperparameters(kwargs, match):
         ng.natural_gradient(model, 0.1, **kwargs)
 
 
+def test_natural_gradient_takes_the_transforms_keywords_and_shows_them():
+    import inspect
+
+    transform = inspect.signature(ng.scale_by_natural_gradient).parameters
+    optimizer = inspect.signature(ng.natural_gradient).parameters
+    assert list(optimizer) == ["model", "learning_rate", *list(transform)[1:]]
+    assert optimizer["damping"].default == ng.LevenbergMarquardt()
+    assert optimizer["rescale"].default is None and transform["rescale"].default is False
+    assert optimizer["solver"].default == transform["solver"].default == "auto"
+    model, _, _, _ = mlp_problem("categorical")
+    with pytest.raises(TypeError, match="refresh_evry"):
+        ng.natural_gradient(model, 0.1, refresh_evry=2)
+
+
 def test_factory_rejects_a_non_model():
     with pytest.raises(TypeError, match=r"ng\.Model"):
         ng.scale_by_natural_gradient(lambda p, x: x)
@@ -815,6 +829,17 @@ def test_a_solver_outside_the_base_class_or_without_its_methods_is_refused():
         Incomplete()
     with pytest.raises(ValueError, match="keeps no curvature"):
         ng.scale_by_natural_gradient(model, solver=_ScaledIdentity(), decay=0.9).init(jnp.zeros(2))
+
+
+def test_a_solver_returning_a_misshapen_direction_is_named():
+    class Halves(_ScaledIdentity):
+        def solve(self, state, batch, vector, damping):
+            return vector[: vector.size // 2], state
+
+    model, params, x, _ = mlp_problem("categorical")
+    optimizer = ng.scale_by_natural_gradient(model, solver=Halves())
+    with pytest.raises(AssertionError, match="solve must return a direction shaped like"):
+        optimizer.update(params, optimizer.init(params), params, inputs=x)
 
 
 class UpdateWithAndWithoutJit(chex.TestCase):

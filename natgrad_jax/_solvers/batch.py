@@ -20,10 +20,12 @@ from natgrad_jax._fisher import (
     device_sum,
     device_varying,
     exact_rows_per_example,
+    exact_score_rows,
     fisher_operator,
     global_batch_size,
+    monte_carlo_score_rows,
+    per_example_scores,
     sample_labels,
-    score_rows,
 )
 from natgrad_jax._linalg import inner_products
 from natgrad_jax._model import Model
@@ -85,15 +87,15 @@ class CurvatureBatch:
 
     def score_rows(self) -> jax.Array:
         """This device's rows of S (F = SᵀS / N, N the whole batch), shape (rows, P)."""
-        return score_rows(
-            self.model,
-            device_varying(self.params, self.axis_name),
-            self.inputs,
-            kind=self.kind,
-            targets=self.targets,
-            key=self.device_key,
-            num_samples=self.num_samples,
-        )
+        params = device_varying(self.params, self.axis_name)
+        if self.kind == "exact":
+            return exact_score_rows(self.model, params, self.inputs)
+        if self.kind == "monte_carlo":
+            num_samples = check_num_samples(self.num_samples)
+            return monte_carlo_score_rows(
+                self.model, params, self.inputs, self.device_key, num_samples
+            )
+        return per_example_scores(self.model, params, self.inputs, self.targets, max_bytes=None)
 
     def forward_pass(self) -> ForwardPass:
         """The model's forward pass on this batch: ``forward`` or a new one."""
