@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from natgrad_jax._capture import capture
 from natgrad_jax._fisher import exact_rows_per_example
 from natgrad_jax._independence import check_independent_examples
+from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, Problem, refusal
 from natgrad_jax._model import Model
 from natgrad_jax._parameters import on_trainable
-from natgrad_jax._solvers.auto import auto_choice
+from natgrad_jax._solvers.auto import Auto, auto_choice
 from natgrad_jax._solvers.kronecker import kronecker_route, shared_output_factors
 
 PyTree = Any
@@ -30,7 +32,13 @@ def _table(rows) -> list[str]:
     return ["".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
+def describe(
+    model: Model,
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    max_curvature_bytes: float | None = DEFAULT_MAX_CURVATURE_BYTES,
+) -> str:
     """Each parameter leaf's route through the solvers, and ``"auto"``'s choice.
 
     For every trainable leaf: how its per-example gradients are formed — from the
@@ -43,12 +51,16 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     ``"dense"``, ``"block_diagonal"`` and ``"cg"`` do not depend on capture: they use
     vmap-ed score rows or Fisher-vector products. The last lines say what
     ``solver="auto"`` picks for the exact Fisher of this batch, with its estimates of
-    the multiply-adds of one update (see ``ng.choose_solver``).
+    the multiply-adds of one update (see ``ng.choose_solver``), and the memory the
+    memory guard estimates for that update against ``max_curvature_bytes``: whether it
+    fits, or the refusal an update would raise, with the remedies that fit.
 
     Args:
       model: an ``ng.Model``.
       params: its parameters (arrays or ``jax.ShapeDtypeStruct``).
       inputs: a batch of inputs (arrays or ``jax.ShapeDtypeStruct``).
+      max_curvature_bytes: the budget to check against, as the transform's
+        (``None``: not checked).
 
     Returns:
       The table as a string.
@@ -63,6 +75,7 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
       ['w']  (3, 2)  captured: matmul, input (8, 3)              A ⊗ G: 3×3 ⊗ 2×2
       solver="auto" picks dense:
         least estimated cost, P = 8, M = 16: dense 1.2e+03, woodbury 3.7e+03, cg 3.0e+07
+      memory: about 0.0 MiB an update, within max_curvature_bytes = 4.00 GiB
     """
     check_independent_examples(model.apply_fn, params, inputs)
     model, params = on_trainable(model, params)
@@ -78,4 +91,23 @@ def describe(model: Model, params: PyTree, inputs: PyTree) -> str:
     num_examples = jax.tree.leaves(inputs)[0].shape[0]
     num_rows = num_examples * exact_rows_per_example(model, params, inputs)
     solver, reason = auto_choice(captured, captured.leaf_shapes, num_rows, num_examples)
-    return "\n".join([*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"])
+    lines = [*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"]
+    if max_curvature_bytes is not None:
+        dtype = jnp.result_type(*(leaf.dtype for leaf in jax.tree.leaves(params)), jnp.float32)
+        problem = Problem(
+            captured.leaf_shapes, jnp.dtype(dtype).itemsize, captured, num_rows, num_examples
+        )
+        lines.append(f"  {_memory_verdict(problem, num_examples, max_curvature_bytes)}")
+    return "\n".join(lines)
+
+
+def _memory_verdict(problem: Problem, num_examples: int, max_bytes: float) -> str:
+    """One line: the guard's estimate for ``"auto"``, and whether it would refuse."""
+    refused = refusal(Auto(), problem, max_bytes, num_examples)
+    if refused is not None:
+        return f"memory: an update would be refused: {refused}"
+    needed = problem.bytes_for(Auto())
+    return (
+        f"memory: about {needed / 2**20:.1f} MiB an update, within max_curvature_bytes = "
+        f"{max_bytes / 2**30:.2f} GiB"
+    )

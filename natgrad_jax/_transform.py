@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -16,7 +15,6 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from natgrad_jax._capture import capture
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
 from natgrad_jax._eager import compiled_when_eager
 from natgrad_jax._fisher import (
@@ -28,6 +26,7 @@ from natgrad_jax._fisher import (
 )
 from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._linalg import inner_products, trust_region_scale
+from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, SOLVERS, problem_of, refusal
 from natgrad_jax._model import Model, check_model
 from natgrad_jax._parameters import (
     merge_updates,
@@ -36,37 +35,14 @@ from natgrad_jax._parameters import (
     with_frozen,
 )
 from natgrad_jax._precision import EXACT, matmul_precision, statistics_precision
-from natgrad_jax._solvers.auto import Auto
 from natgrad_jax._solvers.batch import CurvatureBatch
-from natgrad_jax._solvers.block import BlockDiagonal
-from natgrad_jax._solvers.conjugate_gradient import ConjugateGradient
-from natgrad_jax._solvers.dense import Dense
-from natgrad_jax._solvers.diagonal import Diagonal
-from natgrad_jax._solvers.ekfac import EKFAC
-from natgrad_jax._solvers.factored import captured_row_sizes
-from natgrad_jax._solvers.kronecker import Kronecker
 from natgrad_jax._solvers.solver import Solver
-from natgrad_jax._solvers.woodbury import Woodbury
 from natgrad_jax._state import NaturalGradientState, RejectedSteps
 from natgrad_jax._value_and_grad import check_forward_pass
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
-SOLVERS = {
-    "auto": Auto,
-    "dense": Dense,
-    "woodbury": Woodbury,
-    "cg": ConjugateGradient,
-    "diagonal": Diagonal,
-    "block_diagonal": BlockDiagonal,
-    "kronecker": Kronecker,
-    "ekfac": EKFAC,
-}
-CHEAP_SOLVERS = ("kronecker", "cg", "diagonal")
-# A float: optax.inject_hyperparams makes every numeric default an array, and 2³² does
-# not fit the int32 an int becomes without jax_enable_x64.
-DEFAULT_MAX_CURVATURE_BYTES = 4.0 * 2**30
 # natural_gradient's damping: adaptive, so that a learning rate of 1 is safe on networks.
 DEFAULT_ADAPTIVE_DAMPING = LevenbergMarquardt()
 
@@ -167,32 +143,21 @@ def _check_averaging(curvature: Solver, params, decay, refresh_every) -> None:
 
 
 def _check_memory(curvature, params, dtype, max_bytes, batch=None) -> None:
-    """Raises before anything is allocated if the solver would exceed the budget
-    (at ``init``, without a batch: for its state alone).
+    """Raises, naming the remedies that would fit, before anything is allocated if the
+    solver would exceed the budget (at ``init``, without a batch: for its state alone).
 
     Only a Python-number budget is checked (under ``optax.inject_hyperparams`` list
     ``max_curvature_bytes`` in ``static_args`` to keep the check).
     """
     if not _is_python_number(max_bytes):
         return
-    leaf_shapes = tuple(tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
-    num_params = sum(math.prod(shape) for shape in leaf_shapes)
-    num_rows, rows = 0, None
-    if batch is not None:
-        num_rows = batch.num_rows
-        captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
-        rows = captured_row_sizes(captured, leaf_shapes, num_rows, batch.num_examples)
-    floats = curvature.memory(num_params, num_rows, leaf_shapes, rows)
-    needed = floats * jnp.dtype(dtype).itemsize
-    if needed > max_bytes:
-        cheaper = [name for name in CHEAP_SOLVERS if name != curvature.name]
-        raise ValueError(
-            f"solver {curvature.name!r} would allocate about {needed / 2**30:.2f} GiB in an update "
-            f"(P = {num_params}, {num_rows} score rows), over max_curvature_bytes = "
-            f"{max_bytes / 2**30:.2f} GiB. Use a cheaper solver ({', '.join(cheaper)}), a "
-            "smaller batch or fisher='monte_carlo'/'empirical' (fewer rows), or raise "
-            "max_curvature_bytes."
-        )
+    problem = problem_of(params, dtype, batch)
+    monte_carlo_rows = None
+    if batch is not None and batch.kind == "exact" and batch.num_rows > batch.num_examples:
+        monte_carlo_rows = batch.num_examples
+    message = refusal(curvature, problem, max_bytes, monte_carlo_rows)
+    if message is not None:
+        raise ValueError(message)
 
 
 def _check_same_structure(updates, params) -> None:
@@ -850,29 +815,14 @@ def natural_gradient(
     Args:
       model: the ``ng.Model`` being trained (its ``nll`` is the loss).
       learning_rate: η, a number or an optax schedule.
-      fisher: ``"exact"``, ``"monte_carlo"`` or ``"empirical"``.
       damping: λ ≥ 0: a number, a schedule or ``ng.LevenbergMarquardt(...)``. The
         default adapts λ (from 1.0) to how well each step's quadratic model predicted
         the batch loss, and skips steps that would increase it, so a learning rate of 1
         is safe on a network; it needs ``targets`` and costs one more forward pass and
         Fisher-vector product per step. Pass a number for a fixed λ (Fisher scoring:
         0; ``scale_by_natural_gradient``'s default is 1e-3).
-      solver: ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"kronecker"``,
-        ``"diagonal"``, ``"block_diagonal"`` or an ``ng.Solver`` object.
       max_kl: optional ε > 0 bounding the KL of each step (measured with the batch's
         exact Fisher whatever ``fisher`` is).
-      decay: EMA factor of the Fisher across refreshes, in [0, 1) (``None``: see
-        ``scale_by_natural_gradient``; with ``"auto"`` that of its K-FAC factors).
-      refresh_every: refactorise the curvature every this many steps (``None``: see
-        ``scale_by_natural_gradient``; with ``"auto"`` its K-FAC factors' cadence).
-      statistics_every: measure the curvature statistics every this many steps
-        (``None``: with every refactorisation).
-      num_samples: Monte-Carlo labels per example (``None`` means 1).
-      seed: seed of the Monte-Carlo PRNG key held in the state.
-      max_curvature_bytes: memory budget of the curvature (``None``: unchecked).
-      axis_name: the mapped axis the batch is split over inside ``shard_map``.
-      precision: matmul precision of the curvature statistics (``None``: JAX's default,
-        TF32 on recent GPUs; ``"highest"``: full float32); solves are always exact.
       rescale: scale each direction to the minimiser of the exact quadratic model along
         it (see ``scale_by_natural_gradient``); ``None``: where the solve is an
         approximation (``"kronecker"``, ``"ekfac"``, ``"diagonal"``,
@@ -880,6 +830,24 @@ def natural_gradient(
       momentum: the minimiser of the exact quadratic model over the plane of the
         direction and the previous update (see ``scale_by_natural_gradient``);
         ``None``: where the solve is an approximation, as ``rescale``.
+      **options: the other keywords of ``scale_by_natural_gradient``, below.
+
+    Keyword Args:
+      fisher (str): ``"exact"``, ``"monte_carlo"`` or ``"empirical"``.
+      solver (str | Solver): ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"kronecker"``,
+        ``"diagonal"``, ``"block_diagonal"`` or an ``ng.Solver`` object.
+      decay (float | None): EMA factor of the Fisher across refreshes, in [0, 1) (``None``: see
+        ``scale_by_natural_gradient``; with ``"auto"`` that of its K-FAC factors).
+      refresh_every (int | None): refactorise the curvature every this many steps (``None``: see
+        ``scale_by_natural_gradient``; with ``"auto"`` its K-FAC factors' cadence).
+      statistics_every (int | None): measure the curvature statistics every this many steps
+        (``None``: with every refactorisation).
+      num_samples (int | None): Monte-Carlo labels per example (``None`` means 1).
+      seed (int): seed of the Monte-Carlo PRNG key held in the state.
+      max_curvature_bytes (float | None): memory budget of the curvature (``None``: unchecked).
+      axis_name (str | None): the mapped axis the batch is split over inside ``shard_map``.
+      precision (str | None): matmul precision of the curvature statistics (``None``: JAX's default,
+        TF32 on recent GPUs; ``"highest"``: full float32); solves are always exact.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``inputs=`` (and ``targets=``)

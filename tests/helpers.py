@@ -3,6 +3,8 @@
 import dataclasses
 import importlib
 import itertools
+import pathlib
+import sys
 
 import jax
 import jax.extend.core
@@ -27,6 +29,16 @@ def optional_import(name):
             f"{name} is not usable here: {type(error).__name__}: {error}",
             allow_module_level=True,
         )
+
+
+BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """The module of ``benchmarks/<name>.py`` (its models, data and ``main``)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def init_mlp(key, sizes, dtype=jnp.float64):

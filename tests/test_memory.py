@@ -7,6 +7,7 @@ model sizes. Nothing is run: the update is only compiled.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,10 @@ import pytest
 
 import natgrad_jax as ng
 from natgrad_jax._capture import capture
+from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, SOLVERS, problem_of
+from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import captured_row_sizes
-from natgrad_jax._transform import SOLVERS
-from tests.helpers import init_mlp, mlp
+from tests.helpers import benchmark_module, init_mlp, mlp
 
 SIZES = {  # (layer sizes, batch): P = 1,160, 2,762 and 85,002
     "small": ([16, 64, 8], 64),
@@ -158,3 +160,108 @@ def test_exact_fisher_statistics_never_form_all_output_rows(solver, likelihood):
     analysis = _update_memory(model, params, x, y, solver, "exact")
     all_rows = outputs * batch * outputs * 4
     assert analysis.temp_size_in_bytes < all_rows / 3, (analysis.temp_size_in_bytes, all_rows)
+
+
+# --- sequence and image models ---------------------------------------------------------
+
+
+def _language_model():
+    """A transformer LM of benchmarks/transformer_lm.py: 32 tokens of a 40-character
+    vocabulary, D = 32, one block; per-token Categorical (1,280 exact rows an example)."""
+    lm = benchmark_module("transformer_lm")
+    params = lm.init_transformer(jax.random.PRNGKey(0), 40, 32, 1, 32)
+    tokens = jax.ShapeDtypeStruct((8, 32), jnp.int32)
+    return ng.Model(lm.transformer, ng.Categorical()), params, tokens, tokens
+
+
+def _cnn():
+    """The CNN of benchmarks/cnn.py with 8 and 16 channels (a 1,024 × 10 head), batch 32."""
+    cnn = benchmark_module("cnn")
+    params = cnn.init_cnn(jax.random.PRNGKey(0), (8, 16))
+    images = jax.ShapeDtypeStruct((32, 8, 8, 1), jnp.float32)
+    labels = jax.ShapeDtypeStruct((32,), jnp.int32)
+    return ng.Model(cnn.cnn, ng.Categorical()), params, images, labels
+
+
+def _autoencoder():
+    """The 2.8M-parameter deep autoencoder of benchmarks/autoencoder.py, batch 8
+    (784 exact rows an example)."""
+    autoencoder = benchmark_module("autoencoder")
+    params = init_mlp(jax.random.PRNGKey(0), autoencoder.SIZES, jnp.float32)
+    x = jax.ShapeDtypeStruct((8, 784), jnp.float32)
+    return ng.Model(autoencoder.autoencoder, ng.Gaussian(scale=1.0)), params, x, x
+
+
+def _estimated_bytes(model, params, x, y, solver, fisher):
+    """The guard's estimate, from the batch an update would see."""
+    dtype = jnp.float32
+    batch = CurvatureBatch(model, params, x, fisher, y)
+    return problem_of(params, dtype, batch).bytes_for(SOLVERS[solver]())
+
+
+@pytest.mark.parametrize("make", [_language_model, _cnn, _autoencoder], ids=lambda f: f.__name__)
+def test_estimates_on_sequence_and_image_models_are_within_two_of_xla(make):
+    """Every representation, exact and Monte-Carlo Fisher: where the guard admits the
+    update at the default budget its estimate is within 2× of XLA's temporaries and
+    outputs of the compiled update; the defaults are always admitted."""
+    model, params, x, y = make()
+    admitted, wrong = [], []
+    for fisher in ("exact", "monte_carlo"):
+        for solver in SOLVERS:
+            estimated = _estimated_bytes(model, params, x, y, solver, fisher)
+            if estimated > DEFAULT_MAX_CURVATURE_BYTES:
+                continue
+            analysis = _update_memory(model, params, x, y, solver, fisher)
+            allocated = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+            admitted.append((solver, fisher))
+            if not allocated / 2 <= estimated <= 2 * allocated:
+                wrong.append((solver, fisher, allocated / 2**20, estimated / 2**20))
+    assert ("auto", "exact") in admitted and ("kronecker", "monte_carlo") in admitted
+    assert not wrong, f"(solver, fisher, XLA MiB, estimated MiB): {wrong}"
+
+
+def _update_shapes(tx, params, x, y):
+    update = lambda p, x, y: tx.update(p, tx.init(p), p, inputs=x, targets=y)
+    return jax.eval_shape(update, params, x, y)
+
+
+def _guard_passes(model, params, x, y, budget, **options) -> bool:
+    tx = ng.scale_by_natural_gradient(model, max_curvature_bytes=budget, **options)
+    try:
+        _update_shapes(tx, params, x, y)
+    except ValueError as error:
+        assert "over max_curvature_bytes" in str(error)
+        return False
+    return True
+
+
+def test_a_refusal_names_every_remedy_that_passes_the_guard_and_no_other():
+    """K-FAC with the exact Fisher of a transformer LM under half its estimate: each
+    solver the message offers passes at that budget and each it leaves out is refused;
+    the Monte-Carlo Fisher and the smaller batch it offers pass."""
+    model, params, x, y = _language_model()
+    budget = _estimated_bytes(model, params, x, y, "kronecker", "exact") / 2
+    assert not _guard_passes(model, params, x, y, budget, solver="kronecker")
+    tx = ng.scale_by_natural_gradient(model, solver="kronecker", max_curvature_bytes=budget)
+    with pytest.raises(ValueError) as refused:
+        _update_shapes(tx, params, x, y)
+    message = str(refused.value)
+    offered = re.search(r"solver=([^;]*);", message).group(1)
+    for name in ("auto", "cg", "diagonal"):
+        passes = _guard_passes(model, params, x, y, budget, solver=name)
+        assert (repr(name) in offered) == passes, (name, passes, message)
+    assert "fisher='monte_carlo'" in message
+    assert _guard_passes(model, params, x, y, budget, solver="kronecker", fisher="monte_carlo")
+    examples = int(re.search(r"a batch of at most (\d+) examples", message).group(1))
+    smaller = jax.ShapeDtypeStruct((examples, *x.shape[1:]), x.dtype)
+    assert _guard_passes(model, params, smaller, smaller, budget, solver="kronecker")
+    assert message.endswith("or raise max_curvature_bytes.")
+
+
+def test_describe_says_whether_the_defaults_would_be_refused():
+    model, params, x, _ = _language_model()
+    assert "within max_curvature_bytes = 4.00 GiB" in ng.describe(model, params, x)
+    needed = _estimated_bytes(model, params, x, x, "auto", "exact")
+    text = ng.describe(model, params, x, max_curvature_bytes=needed / 2)
+    assert "an update would be refused: solver 'auto' would allocate" in text
+    assert "fisher='monte_carlo'" not in text.split("refused:")[0]

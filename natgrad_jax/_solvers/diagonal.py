@@ -49,7 +49,7 @@ class Diagonal(Solver):
         del leaf_shapes
         if rows is None or not self.capture:
             rows = dense_row_sizes(num_params, num_rows)
-        elif self.chunk_rows is not None and rows.rows_per_example > self.chunk_rows:
+        elif self.chunk_rows is not None:
             rows = rows.in_chunks_of(self.chunk_rows)
         return rows.stored + rows.per_example + 3 * num_params
 

@@ -107,9 +107,16 @@ class EKFAC(Solver):
         return Kronecker(self.approximation, max_factor_size=None, chunk_rows=None)
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
-        """Floats held at once, for the memory guard: factors and bases, the scalings,
-        the diagonals, and the layers' inputs and output-gradients."""
-        return self._kronecker.memory(num_params, num_rows, leaf_shapes, rows) + num_params
+        """Floats held at once, for the memory guard: four copies of each leaf's two
+        factors (the factors and eigenbases in the state, the eigendecomposition's input
+        and output), four P-vectors (scalings, diagonals, the update, a temporary), and
+        the layers' inputs and output-gradients, every row at once but each layer's
+        reduced to its statistics as the backward pass produces it."""
+        factors = sum(m * m + n * n for m, n in map(split_shape, leaf_shapes))
+        if rows is None:
+            return 4 * factors + 4 * num_params + num_rows * sum(map(sum, leaf_shapes))
+        rows = rows._replace(streamed=True)
+        return 4 * factors + 4 * num_params + rows.stored + rows.per_example
 
     def init(self, params, dtype) -> EkfacState:
         leaves = []

@@ -348,58 +348,105 @@ def _second_moment(x, only_diagonal: bool):
     return jnp.sum(rows**2, axis=0) if only_diagonal else rows.T @ rows
 
 
-class RowSizes(NamedTuple):
-    """Floats of one batch's score rows as a solver forms them, for the memory
-    guard: ``stored`` (dense (M, P) rows, or a and g per captured layer plus the dense
-    rows of the other leaves) and ``per_example`` (per-example gradients formed from a
-    and g for layers shared across positions). ``captured`` and ``num_examples`` are the
-    capture and batch size they were computed from (``solver="auto"`` decides from them)."""
+# A chunk of output-Fisher rows flows back through the network layer by layer, each
+# layer's g reduced to its statistic as it comes: XLA's memory analysis of a chunked
+# exact-Fisher K-FAC step on a transformer holds about four of the largest layer's g.
+STREAMED_LAYERS = 4
 
-    stored: int
-    per_example: int = 0
-    row_floats: int = 0  # the part of ``stored`` proportional to the rows (g, dense rows)
+
+class RowSizes(NamedTuple):
+    """Floats of one batch's score rows as a solver forms them, for the memory guard:
+    the captured layers' inputs a (``input_floats``), the dense rows of the leaves
+    capture left out (``fallback_floats``; every leaf for ``dense_row_sizes``), and per
+    captured layer its g (``g_layers``) and the per-example gradients a diagonal forms
+    from a and g where the layer is shared across positions (``per_example_layers``; 0
+    elsewhere). ``captured`` and ``num_examples`` are the capture and batch size they
+    were computed from (``solver="auto"`` decides from them). ``streamed``: the rows
+    are taken a chunk at a time inside a loop, whose body holds a few layers' g at once
+    (``STREAMED_LAYERS``) rather than every layer's."""
+
+    input_floats: int = 0
+    fallback_floats: int = 0
+    g_layers: tuple[int, ...] = ()
+    per_example_layers: tuple[int, ...] = ()
     rows_per_example: int = 1
     captured: Capture | None = None
     num_examples: int = 0
     # a and one output row per example of every captured layer: about what a forward
     # pass linearised for Fisher-vector products keeps (CG).
     activations: int = 0
+    streamed: bool = False
+
+    def _held(self, per_layer) -> int:
+        total = sum(per_layer)
+        if not self.streamed:
+            return total
+        return min(total, STREAMED_LAYERS * max(per_layer, default=0))
+
+    @property
+    def row_floats(self) -> int:
+        """The part proportional to the rows: g and the dense rows."""
+        return self.fallback_floats + self._held(self.g_layers)
+
+    @property
+    def stored(self) -> int:
+        """a, g and the dense rows."""
+        return self.input_floats + self.row_floats
+
+    @property
+    def per_example(self) -> int:
+        """The per-example gradients of every captured layer shared across positions."""
+        return self._held(self.per_example_layers)
+
+    def per_example_except(self, skip) -> int:
+        """Those of the layers not in ``skip`` (K-FAC forms them only for the layers it
+        does not factor, for their exact diagonal)."""
+        return self._held([f for k, f in enumerate(self.per_example_layers) if k not in skip])
 
     def in_chunks_of(self, chunk_rows: int) -> RowSizes:
-        """The sizes when the rows are taken ``chunk_rows`` per example at a time."""
-        kept = self.row_floats * chunk_rows // self.rows_per_example
-        return self._replace(stored=self.stored - self.row_floats + kept, row_floats=kept)
+        """The sizes when the rows are taken ``chunk_rows`` per example at a time, in a
+        loop: what is proportional to the rows (g, the per-example gradients) shrinks."""
+        if chunk_rows >= self.rows_per_example:
+            return self
+        kept = lambda floats: floats * chunk_rows // self.rows_per_example
+        return self._replace(
+            fallback_floats=kept(self.fallback_floats),
+            g_layers=tuple(map(kept, self.g_layers)),
+            per_example_layers=tuple(map(kept, self.per_example_layers)),
+            rows_per_example=chunk_rows,
+            streamed=True,
+        )
 
 
 def dense_row_sizes(num_params: int, num_rows: int) -> RowSizes:
     """The (M, P) rows ``jax.vmap`` forms."""
-    return RowSizes(num_params * num_rows)
+    return RowSizes(fallback_floats=num_params * num_rows)
 
 
 def captured_row_sizes(captured: Capture, leaf_shapes, num_rows: int, num_examples: int):
     """``RowSizes`` of ``factored_rows``: per captured K×D layer over T positions,
     a (N·T·K; none for biases and scales) and g (M·T·D; twice for a scale, g ⊙ x), plus
     M·K·D per-example gradients when T > 1; M rows of every leaf left to vmap."""
-    row_floats = num_rows * sum(math.prod(leaf_shapes[k]) for k in captured.fallback)
-    input_floats, per_example, output_floats = 0, 0, 0
+    fallback = num_rows * sum(math.prod(leaf_shapes[k]) for k in captured.fallback)
+    input_floats, output_floats, g_layers, per_example = 0, 0, [], []
     for layer in captured.layers:
         template = jax.ShapeDtypeStruct(leaf_shapes[layer.leaf], jnp.float32)
         k, d = jax.eval_shape(lambda leaf, layer=layer: leaf_to_matrix(layer, leaf), template).shape
         traced_examples = layer.output_shape[layer.output_example_axis]
         t = max(math.prod(layer.probe_shape) // max(traced_examples * d, 1), 1)
-        row_floats += (1 + (layer.kind == "mul")) * num_rows * t * d
+        g_layers.append((1 + (layer.kind == "mul")) * num_rows * t * d)
         output_floats += (1 + (layer.kind == "mul")) * num_examples * t * d
         input_floats += 0 if layer.kind in ("add", "mul") else num_examples * t * k
-        per_example += num_rows * k * d if t > 1 else 0
-    rows_per_example = max(num_rows // max(num_examples, 1), 1)
+        per_example.append(num_rows * k * d if t > 1 else 0)
     return RowSizes(
-        input_floats + row_floats,
-        per_example,
-        row_floats,
-        rows_per_example,
-        captured,
-        num_examples,
-        input_floats + output_floats,
+        input_floats=input_floats,
+        fallback_floats=fallback,
+        g_layers=tuple(g_layers),
+        per_example_layers=tuple(per_example),
+        rows_per_example=max(num_rows // max(num_examples, 1), 1),
+        captured=captured,
+        num_examples=num_examples,
+        activations=input_floats + output_floats,
     )
 
 

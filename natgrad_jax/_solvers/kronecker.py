@@ -335,16 +335,21 @@ class Kronecker(Solver):
         two factors (in the state with their inverses, and the batched factorisation's
         stacked inputs, Cholesky factors, inverses and fallback eigenvectors; XLA's memory
         analysis shows about seven), the diagonals, and the rows (``rows``, a
-        ``RowSizes``: the layers' a and g, one chunk of rows at a time; else an estimate
-        from the leaves' shapes)."""
+        ``RowSizes``: the layers' a and g, one chunk of rows at a time, and the
+        per-example gradients of the layers it does not factor; else an estimate from
+        the leaves' shapes)."""
         factors = sum(
             6 * sum(map(self._factor_floats, split_shape(shape))) for shape in leaf_shapes
         )
         if rows is None:
-            rows = RowSizes(num_rows * sum(sum(shape) for shape in leaf_shapes))
-        elif self.chunk_rows is not None and rows.rows_per_example > self.chunk_rows:
+            rows = RowSizes(fallback_floats=num_rows * sum(sum(shape) for shape in leaf_shapes))
+        elif self.chunk_rows is not None:
             rows = rows.in_chunks_of(self.chunk_rows)
-        return factors + rows.stored + rows.per_example + 3 * num_params
+        per_example = rows.per_example
+        if rows.captured is not None:
+            factored = factored_leaves(rows.captured, leaf_shapes)
+            per_example = rows.per_example_except({index for index, _ in factored.values()})
+        return factors + rows.stored + per_example + 3 * num_params
 
     def state_floats(self, leaf_shapes) -> int:
         """Floats of the state ``init`` allocates (each leaf's two factors, their

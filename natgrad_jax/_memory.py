@@ -1,0 +1,138 @@
+"""The memory guard: what a solver would allocate in an update, checked before it runs.
+
+Each solver estimates its own floats (``Solver.memory``) from the parameters' shapes and,
+with a batch, from what ``capture`` found in the model (``RowSizes``: the layers'
+inputs a and output-gradients g over their positions, the rows of the other leaves).
+The guard compares that with ``max_curvature_bytes`` and, when it refuses, names only
+the remedies that would pass it: other solvers, the Monte-Carlo Fisher, a smaller batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from natgrad_jax._capture import Capture, capture
+from natgrad_jax._solvers.auto import Auto
+from natgrad_jax._solvers.block import BlockDiagonal
+from natgrad_jax._solvers.conjugate_gradient import ConjugateGradient
+from natgrad_jax._solvers.dense import Dense
+from natgrad_jax._solvers.diagonal import Diagonal
+from natgrad_jax._solvers.ekfac import EKFAC
+from natgrad_jax._solvers.factored import captured_row_sizes
+from natgrad_jax._solvers.kronecker import Kronecker
+from natgrad_jax._solvers.solver import Solver
+from natgrad_jax._solvers.woodbury import Woodbury
+
+PyTree = Any
+
+SOLVERS = {
+    "auto": Auto,
+    "dense": Dense,
+    "woodbury": Woodbury,
+    "cg": ConjugateGradient,
+    "diagonal": Diagonal,
+    "block_diagonal": BlockDiagonal,
+    "kronecker": Kronecker,
+    "ekfac": EKFAC,
+}
+# What a refusal may offer instead, cheapest in memory last.
+CHEAPER_SOLVERS = ("auto", "kronecker", "cg", "diagonal")
+# A float: optax.inject_hyperparams makes every numeric default an array, and 2³² does
+# not fit the int32 an int becomes without jax_enable_x64.
+DEFAULT_MAX_CURVATURE_BYTES = 4.0 * 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The sizes an estimate depends on: the leaves, and (with a batch) the capture,
+    the score rows M and the examples N."""
+
+    leaf_shapes: tuple
+    itemsize: int
+    captured: Capture | None = None
+    num_rows: int = 0
+    num_examples: int = 0
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(shape) for shape in self.leaf_shapes)
+
+    def bytes_for(self, solver: Solver) -> int:
+        """What ``solver`` would allocate in an update of this problem (at ``init``,
+        without a batch: its state)."""
+        rows = None
+        if self.captured is not None:
+            rows = captured_row_sizes(
+                self.captured, self.leaf_shapes, self.num_rows, self.num_examples
+            )
+        floats = solver.memory(self.num_params, self.num_rows, self.leaf_shapes, rows)
+        return floats * self.itemsize
+
+    def with_examples(self, num_examples: int) -> Problem:
+        """The same model on a batch of ``num_examples``."""
+        rows_per_example = self.num_rows // max(self.num_examples, 1)
+        return dataclasses.replace(
+            self, num_examples=num_examples, num_rows=rows_per_example * num_examples
+        )
+
+
+def problem_of(params: PyTree, dtype, batch=None) -> Problem:
+    """The ``Problem`` of an update on ``batch`` (a ``CurvatureBatch``; None at ``init``)."""
+    leaf_shapes = tuple(tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
+    itemsize = jnp.dtype(dtype).itemsize
+    if batch is None:
+        return Problem(leaf_shapes, itemsize)
+    captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
+    return Problem(leaf_shapes, itemsize, captured, batch.num_rows, batch.num_examples)
+
+
+def remedies(solver: Solver, problem: Problem, max_bytes: float, monte_carlo_rows: int | None):
+    """The changes that bring the update within ``max_bytes``, each checked: other
+    solvers, the Monte-Carlo Fisher (``monte_carlo_rows``: its M, None when it would
+    not have fewer rows), the largest batch that fits (halving)."""
+    found = []
+    fitting = [
+        name
+        for name in CHEAPER_SOLVERS
+        if name != solver.name and problem.bytes_for(SOLVERS[name]()) <= max_bytes
+    ]
+    if fitting:
+        names = [repr(name) for name in fitting]
+        found.append("solver=" + (" or ".join if len(names) < 3 else _listed)(names))
+    if monte_carlo_rows is not None and problem.captured is not None:
+        sampled = dataclasses.replace(problem, num_rows=monte_carlo_rows)
+        if sampled.bytes_for(solver) <= max_bytes:
+            found.append("fisher='monte_carlo' (one sampled label per example: fewer rows)")
+    examples = problem.num_examples // 2
+    while examples >= 1 and problem.with_examples(examples).bytes_for(solver) > max_bytes:
+        examples //= 2
+    if 1 <= examples < problem.num_examples:
+        found.append(f"a batch of at most {examples} examples")
+    return found
+
+
+def _listed(names) -> str:
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def refusal(solver: Solver, problem: Problem, max_bytes: float, monte_carlo_rows=None):
+    """The message of a refused update, or None when it fits ``max_bytes``."""
+    needed = problem.bytes_for(solver)
+    if needed <= max_bytes:
+        return None
+    fixes = remedies(solver, problem, max_bytes, monte_carlo_rows)
+    if fixes:
+        offer = "Use " + "; ".join([*fixes, "or raise max_curvature_bytes."])
+    else:
+        offer = "No other solver, Fisher or batch size fits: raise max_curvature_bytes."
+    rows = f"{problem.num_rows} score rows" if problem.captured else "its state alone"
+    return (
+        f"solver {solver.name!r} would allocate about {needed / 2**30:.2f} GiB in an update "
+        f"(P = {problem.num_params}, {rows}), over max_curvature_bytes = "
+        f"{max_bytes / 2**30:.2f} GiB. {offer}"
+    )
