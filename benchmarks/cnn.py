@@ -49,7 +49,9 @@ def init_cnn(key, channels=CHANNELS, side: int = 8, classes: int = 10):
     keys = jax.random.split(key, len(channels) + 1)
     params, previous = [], 1
     for k, out in zip(keys, channels, strict=False):
-        kernel = jax.random.normal(k, (3, 3, previous, out), jnp.float32) * (2.0 / (9 * previous)) ** 0.5
+        kernel = (
+            jax.random.normal(k, (3, 3, previous, out), jnp.float32) * (2.0 / (9 * previous)) ** 0.5
+        )
         params.append({"w": kernel, "b": jnp.zeros(out, jnp.float32)})
         previous = out
     features = side * side * previous
