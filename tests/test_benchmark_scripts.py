@@ -1,12 +1,15 @@
 """The benchmark scripts survive a broken optional peer (they print a skip line instead)."""
 
 import argparse
+import datetime
 import pathlib
 import sys
 
 import jax
+import pytest
 
 import natgrad_jax as ng
+from tests.helpers import benchmark_module
 
 BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
 
@@ -98,3 +101,43 @@ def test_step_profile_sorts_a_programs_operations_into_kinds_and_times_them(monk
     totals = step_profile.traced_milliseconds(run, kinds)
     assert run.count == 2 and totals["wall"] > 0
     assert totals["matmul"] > 0 and totals["LAPACK"] > 0
+
+
+@pytest.mark.parametrize(
+    "script, sizes",
+    [
+        (
+            "transformer_lm",
+            [
+                "--width",
+                "16",
+                "--layers",
+                "1",
+                "--context",
+                "8",
+                "--batch",
+                "4",
+                "--corpus-chars",
+                "20000",
+            ],
+        ),
+        ("cnn", ["--channels", "4", "8", "--batch", "16"]),
+    ],
+)
+def test_race_benchmarks_run_at_tiny_sizes(script, sizes, tmp_path, monkeypatch, capsys):
+    """Each race prints its table (one row per family: the best AdamW first, Muon, the
+    natural-gradient defaults) with the machine, the jax version and the date, and
+    saves its plot; 3 steps a run, one learning rate a family."""
+    module = benchmark_module(script)
+    common = benchmark_module("_common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(module, "report_run_time", lambda: None)
+    only = "adamw lr=0.001|muon lr=0.003|ngd defaults lr=1"
+    argv = [*sizes, "--max-steps", "3", "--eval-every", "2", "--seconds", "600", "--only", only]
+    chosen = module.main(argv)
+    out = capsys.readouterr().out
+    assert [r.name for r in chosen] == only.split("|")
+    assert all(len(r.step_seconds) == 3 and r.curve[-1][0] == 3 for r in chosen)
+    assert "jax " + jax.__version__ in out and str(datetime.date.today()) in out
+    assert "val loss at 600 s" in out and "ngd defaults lr=1" in out
+    assert (tmp_path / f"{script}.png").exists()
