@@ -1,7 +1,7 @@
 """Benchmark: a small CNN on scikit-learn's digits, natural gradient against AdamW and Muon.
 
 Two 3×3 convolutions ('SAME', ReLU) with 16 and 32 channels on the 8×8 images, flattened
-(8·8·32 = 2,048 features) into a dense head of 10 classes (P = 25,578), ``--batch``
+(8·8·32 = 2,048 features) into a dense head of 10 classes (P = 25,290), ``--batch``
 images a step, ``ng.Categorical``. The race is that of transformer_lm.py: each optimizer
 with a 3-value learning-rate grid from the same initialisation and batch order, for
 ``--seconds`` of step time (compilation excluded and reported), validation loss on the

@@ -98,14 +98,18 @@ def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
     size, dtype = matrices.shape[-1], matrices.dtype
     identity = jnp.eye(size, dtype=dtype)
     damped = matrices + jnp.asarray(dampings, dtype)[:, None, None] * identity
-    factors = _each(partial(jax.lax.linalg.cholesky, symmetrize_input=False), damped)  # lower
+    # Symmetric matrices, handed to LAPACK transposed (column-major), and their inverses
+    # taken back transposed: the state's factors and inverses keep XLA's row-major
+    # layout, so the steps that do not refactorise copy nothing in or out of the cond.
+    transposed = jnp.swapaxes(damped, -1, -2)
+    factors = _each(partial(jax.lax.linalg.cholesky, symmetrize_input=False), transposed)
     pivots = jnp.abs(jnp.diagonal(factors, axis1=-2, axis2=-1))
     scale = jnp.max(jnp.abs(jnp.diagonal(damped, axis1=-2, axis2=-1)), axis=-1)
     eps = jnp.finfo(dtype).eps
     positive_definite = jnp.all(jnp.isfinite(pivots), axis=-1) & (
         jnp.min(pivots, axis=-1) ** 2 > size * eps * scale
     )
-    inverses = _each(lambda factor: jax.scipy.linalg.cho_solve((factor, True), identity), factors)
+    inverses = _each(lambda factor: jax.scipy.linalg.cho_solve((factor, True), identity).T, factors)
 
     def with_fallback(inverses):
         # A loop over the matrices (one eigh each, as ``_each``) compiles one body for
@@ -130,29 +134,78 @@ def split_by_sizes(vector: jax.Array, sizes) -> list[jax.Array]:
 
 
 @exact_matmuls
-def batched_inverses(factors, dampings) -> list:
+def diagonal_blocks(matrix: jax.Array, block_size: int) -> jax.Array:
+    """The diagonal blocks of an (s, s) matrix as (B, b, b), B = ⌈s / block_size⌉ blocks
+    of one size b = ⌈s / B⌉ (the last padded with zeros beyond s)."""
+    size = matrix.shape[0]
+    count = -(-size // block_size)
+    block = -(-size // count)
+    padded = jnp.pad(matrix, ((0, count * block - size),) * 2)
+    grid = padded.reshape(count, block, count, block)
+    return grid[jnp.arange(count), :, jnp.arange(count), :]
+
+
+def block_diagonal(blocks: jax.Array, size: int) -> jax.Array:
+    """The (size, size) block-diagonal matrix of (B, b, b) ``blocks`` (B·b ≥ size)."""
+    count, block, _ = blocks.shape
+    grid = jnp.zeros((count, block, count, block), blocks.dtype)
+    grid = grid.at[jnp.arange(count), :, jnp.arange(count), :].set(blocks)
+    return grid.reshape(count * block, count * block)[:size, :size]
+
+
+def is_blocked(size: int, block_size: int | None) -> bool:
+    """Whether a factor of this side is factorised as diagonal blocks: over twice
+    ``block_size`` (``None``: never)."""
+    return block_size is not None and size > 2 * block_size
+
+
+def batched_inverses(factors, dampings, block_size: int | None = None) -> list:
     """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector),
     matrices of the same size inverted together (``damped_inverses``).
 
     A 1×1 matrix is inverted as the scalar it is (the same pseudo-inverse: 0 where the
     damped value is not positive), without a factorisation of its own: a network's
     biases each have one (their input factor), and a Cholesky for them would add a
-    ``lax.cond`` and an eigendecomposition branch to compile.
+    ``lax.cond`` and an eigendecomposition branch to compile. A matrix of side over
+    twice ``block_size`` (``is_blocked``) is inverted block by block: the result is the
+    block-diagonal matrix of its diagonal blocks' damped inverses (``diagonal_blocks``),
+    s·b² work against s³.
     """
     inverses = [
         damped_reciprocal(f.reshape(-1), d).reshape(f.shape) if f.ndim == 1 or f.size == 1 else None
         for f, d in zip(factors, dampings, strict=True)
     ]
-    by_size: dict[int, list[int]] = {}
+    pieces, owners = [], []  # square matrices to invert, and (factor, block count) of each
     for index, factor in enumerate(factors):
-        if inverses[index] is None:
-            by_size.setdefault(factor.shape[0], []).append(index)
-    for indices in by_size.values():
+        if inverses[index] is not None:
+            continue
+        if is_blocked(factor.shape[0], block_size):
+            blocks = diagonal_blocks(factor, block_size)
+            pieces.extend(blocks)
+            owners.extend([(index, len(blocks))] * len(blocks))
+        else:
+            pieces.append(factor)
+            owners.append((index, 1))
+    by_size: dict[int, list[int]] = {}
+    for position, piece in enumerate(pieces):
+        by_size.setdefault(piece.shape[0], []).append(position)
+    inverted = [None] * len(pieces)
+    for positions in by_size.values():
         stacked = damped_inverses(
-            jnp.stack([factors[i] for i in indices]), jnp.stack([dampings[i] for i in indices])
+            jnp.stack([pieces[p] for p in positions]),
+            jnp.stack([dampings[owners[p][0]] for p in positions]),
         )
-        for position, index in enumerate(indices):
-            inverses[index] = stacked[position]
+        for k, position in enumerate(positions):
+            inverted[position] = stacked[k]
+    position = 0
+    while position < len(pieces):
+        index, count = owners[position]
+        if count == 1:
+            inverses[index] = inverted[position]
+        else:
+            blocks = jnp.stack(inverted[position : position + count])
+            inverses[index] = block_diagonal(blocks, factors[index].shape[0])
+        position += count
     return inverses
 
 

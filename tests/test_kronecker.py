@@ -9,6 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
+from natgrad_jax._linalg import block_diagonal, diagonal_blocks, is_blocked
 from natgrad_jax._solvers.batch import CurvatureBatch
 from tests.helpers import (
     classifier_nll_before_and_after,
@@ -461,3 +462,51 @@ def test_auto_takes_refresh_every_and_decay_as_its_kfac_cadence(monkeypatch):
         cadence = dict(refresh_every=every, decay=decay)
         changed, _ = _auto_against_explicit_kronecker(len(refreshed) + 1, cadence, cadence)
         assert changed == refreshed
+
+
+def test_diagonal_blocks_are_the_matrixs_own_and_invert_back_block_by_block():
+    matrix = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (10, 10)))
+    blocks = np.asarray(diagonal_blocks(jnp.asarray(matrix), 4))  # 3 blocks of 4, padded
+    assert blocks.shape == (3, 4, 4)
+    for k in range(3):
+        want = np.zeros((4, 4))
+        part = matrix[4 * k : 4 * k + 4, 4 * k : 4 * k + 4]
+        want[: part.shape[0], : part.shape[1]] = part
+        np.testing.assert_array_equal(blocks[k], want)
+    whole = np.asarray(block_diagonal(jnp.asarray(blocks), 10))
+    mask = np.kron(np.eye(3), np.ones((4, 4)))[:10, :10].astype(bool)
+    np.testing.assert_array_equal(whole, np.where(mask, matrix, 0.0))
+    assert not is_blocked(8, 4) and is_blocked(9, 4) and not is_blocked(10**6, None)
+
+
+def test_a_factor_over_twice_the_block_size_is_solved_block_by_block():
+    """A 12-input dense layer with ``block_size=4``: its statistics stay whole (A is
+    1/N Σ x xᵀ, the definition), its π from the whole factors, and the update solves
+    (blockdiag(A) + π√λ I) ΔW (G + √λ/π I) = V exactly, with blockdiag(A) the three
+    4×4 diagonal blocks of A; the bias and its 1×1 A are unchanged by the blocks."""
+    params = init_mlp(jax.random.PRNGKey(0), [12, 3])
+    model = ng.Model(mlp, ng.Categorical())
+    x = jax.random.normal(jax.random.PRNGKey(1), (20, 12))
+    y = jax.random.randint(jax.random.PRNGKey(2), (20,), 0, 3)
+    g = jax.grad(model.nll)(params, x, y)
+    damping = 0.05
+    tx = ng.scale_by_natural_gradient(model, damping=damping, solver=ng.Kronecker(block_size=4))
+    updates, state = tx.update(g, tx.init(params), params, inputs=x)
+    weight = state.curvature.leaves[1]  # [b, w]
+    np.testing.assert_allclose(weight.left, x.T @ x / len(x), rtol=1e-12)
+    left_damping, right_damping = _mlp_pi_dampings(state.curvature.leaves, damping)[1]
+    mask = np.kron(np.eye(3), np.ones((4, 4))).astype(bool)
+    left = np.where(mask, weight.left, 0.0) + left_damping * np.eye(12)
+    right = np.asarray(weight.right) + right_damping * np.eye(3)
+    update = np.asarray(updates[0]["w"])
+    np.testing.assert_allclose(left @ update @ right, g[0]["w"], rtol=1e-10, atol=1e-13)
+    whole = ng.scale_by_natural_gradient(model, damping=damping, solver="kronecker")
+    whole_updates, _ = whole.update(g, whole.init(params), params, inputs=x)
+    np.testing.assert_allclose(updates[0]["b"], whole_updates[0]["b"], rtol=1e-12)
+    assert not np.allclose(update, whole_updates[0]["w"])  # the blocks are visible
+
+
+def test_describe_names_the_blocks_of_a_large_factor():
+    params = init_mlp(jax.random.PRNGKey(0), [2048, 10], jnp.float32)
+    text = ng.describe(ng.Model(mlp, ng.Categorical()), params, jnp.zeros((4, 2048)))
+    assert "A ⊗ G: 2048×2048 in 4 blocks of 512 ⊗ 10×10" in text

@@ -43,6 +43,7 @@ from natgrad_jax._capture import capture
 from natgrad_jax._linalg import (
     batched_inverses,
     damped_reciprocal,
+    is_blocked,
     moving_average,
     split_by_sizes,
 )
@@ -163,9 +164,15 @@ def _trace(factor):
 
 
 DEFAULT_MAX_FACTOR_SIZE = 4096
+DEFAULT_BLOCK_SIZE = 512
 
 
-def kronecker_route(layer, shape, max_factor_size: int | None = DEFAULT_MAX_FACTOR_SIZE) -> str:
+def kronecker_route(
+    layer,
+    shape,
+    max_factor_size: int | None = DEFAULT_MAX_FACTOR_SIZE,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+) -> str:
     """How K-FAC treats a leaf, with the reason when it falls back to the diagonal."""
     if layer is None:
         return "exact diagonal (not captured)"
@@ -182,7 +189,15 @@ def kronecker_route(layer, shape, max_factor_size: int | None = DEFAULT_MAX_FACT
             f"exact diagonal: its {k}×{d} layer view is not the leaf as {m}×{n} (the "
             "shapes its factors are kept in) or its transpose"
         )
-    side = lambda s: f"{s}×{s}" if max_factor_size is None or s <= max_factor_size else f"diag({s})"
+
+    def side(s):
+        if max_factor_size is not None and s > max_factor_size:
+            return f"diag({s})"
+        if is_blocked(s, block_size):
+            count = -(-s // block_size)
+            return f"{s}×{s} in {count} blocks of {-(-s // count)}"
+        return f"{s}×{s}"
+
     if orientation == "tensor_normal":
         return f"L ⊗ R of its rows as {m}×{n} (tensor-normal): {side(m)} ⊗ {side(n)}"
     return f"A ⊗ G: {side(k)} ⊗ {side(d)}"
@@ -298,6 +313,12 @@ class Kronecker(Solver):
         its diagonal (``None``: never). For an embedding table (V, D) the input factor
         is diagonal anyway (counts of the tokens), so a large vocabulary costs V floats
         instead of V²; for a dense layer wider than this it is an approximation.
+      block_size: a factor of side over twice this is factorised as its diagonal blocks
+        of at most this side (``None``: whole). A CNN's flattened head (8·8·32 = 2,048
+        inputs) would otherwise make every refresh a 2,048³ factorisation and its
+        inverse: about 160 ms on a 2-core CPU against 2.4 ms for an AdamW step of the
+        whole network; as four 512-blocks, a sixteenth of the work. The statistics stay
+        whole; the cross-block correlations are left out of the solve.
       chunk_rows: the output-Fisher rows per example are taken this many at a time
         (``None``: all at once). The exact Fisher of a model with many outputs has as
         many rows (784 for a Gaussian image model) and each holds every layer's g; the
@@ -319,6 +340,7 @@ class Kronecker(Solver):
     approximation: str = "expand"
     max_factor_size: int | None = DEFAULT_MAX_FACTOR_SIZE
     chunk_rows: int | None = 32
+    block_size: int | None = DEFAULT_BLOCK_SIZE
 
     name = "kronecker"
     approximate = True
@@ -462,7 +484,7 @@ class Kronecker(Solver):
         factors += [state.leaves[bias].left for bias in shared]  # 1×1: no factorisation
         damping_of = [d for k in owned for d in dampings[k]]
         damping_of += [dampings[weight][1 - g_side[weight]] for weight in shared.values()]
-        inverses = iter(batched_inverses(factors, damping_of))
+        inverses = iter(batched_inverses(factors, damping_of, self.block_size))
         new_leaves = list(state.leaves)
         for k in owned:
             new_leaves[k] = new_leaves[k]._replace(
