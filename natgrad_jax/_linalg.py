@@ -133,7 +133,6 @@ def split_by_sizes(vector: jax.Array, sizes) -> list[jax.Array]:
     return jnp.split(vector, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 
-@exact_matmuls
 def diagonal_blocks(matrix: jax.Array, block_size: int) -> jax.Array:
     """The diagonal blocks of an (s, s) matrix as (B, b, b), B = ⌈s / block_size⌉ blocks
     of one size b = ⌈s / B⌉ (the last padded with zeros beyond s)."""
@@ -159,6 +158,7 @@ def is_blocked(size: int, block_size: int | None) -> bool:
     return block_size is not None and size > 2 * block_size
 
 
+@exact_matmuls
 def batched_inverses(factors, dampings, block_size: int | None = None) -> list:
     """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector),
     matrices of the same size inverted together (``damped_inverses``).

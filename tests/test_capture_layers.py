@@ -434,6 +434,22 @@ def test_kfac_expand_and_reduce_factors_have_their_closed_forms():
         ng.Kronecker("mean")
 
 
+def test_kfac_expand_and_reduce_are_ordinary_kfac_with_one_position():
+    """A dense layer over T = 1 positions, (N, 1, K) @ W: expand and reduce give the
+    factors of the same layer on (N, K) inputs, A = Σ x xᵀ/N and G of its rows."""
+    k, d = 3, 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (N, k))
+    params = {"w": jax.random.normal(jax.random.PRNGKey(1), (k, d))}
+    flat = ng.Model(lambda p, x: x @ p["w"], ng.Categorical())
+    sequence = ng.Model(lambda p, x: (x @ p["w"])[:, 0], ng.Categorical())
+    ordinary = factored_rows(CurvatureBatch(flat, params, x, "exact")).kronecker_factors(0)
+    rows = factored_rows(CurvatureBatch(sequence, params, x[:, None], "exact"))
+    np.testing.assert_allclose(ordinary[0], x.T @ x / N, rtol=1e-12)
+    for approximation in ("expand", "reduce"):
+        for got, want in zip(rows.kronecker_factors(0, approximation), ordinary, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
 def _flax_language_model():
     """Token embedding, positional table, causal attention, MLP, LayerNorms; per-token
     logits with a padding mask."""
