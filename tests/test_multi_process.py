@@ -1,0 +1,47 @@
+"""Several processes joined by ``jax.distributed`` give the single-process update.
+
+``examples/multi_process.py --launch N`` starts N CPU processes (a coordinator on
+localhost, a free port, gloo collectives), each holding 1/N of every global batch; after
+5 steps of ``ng.natural_gradient`` (adaptive damping) with each solver, the averaging
+ones refreshing every other step, process 0's parameters must equal those of one process
+on the whole batch (float64, 1e-10). Timeouts are the test's: a process that cannot
+reach its peers ends the launch with every process's log, never a hang.
+"""
+
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from tests.helpers import BENCHMARKS
+
+EXAMPLES = BENCHMARKS.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def multi_process():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multi_process", EXAMPLES / "multi_process.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_every_solver_in_several_processes_equals_one_process(
+    multi_process, num_processes, tmp_path
+):
+    out = tmp_path / "params.npz"
+    logs = multi_process.launch(num_processes, steps=5, out=str(out), timeout=240)
+    assert logs.count("Rank") == num_processes  # every process joined the collectives
+    saved = np.load(out)
+    for solver in multi_process.SOLVERS:
+        single = ravel_pytree(multi_process.train(solver, 5))[0]
+        assert not np.allclose(single, ravel_pytree(multi_process.initial_params())[0])
+        np.testing.assert_allclose(saved[solver], single, rtol=1e-10, atol=1e-12, err_msg=solver)
+
+
+def test_a_process_whose_peer_never_comes_ends_with_the_logs(multi_process):
+    with pytest.raises(RuntimeError, match=r"processes \[0\] failed") as failure:
+        multi_process.launch(2, steps=1, out=None, timeout=8, missing=1)
+    assert "--- process 0 ---" in str(failure.value)
