@@ -6,7 +6,8 @@ curvature statistics. Runs on 8 CPU "devices" when no accelerator is present:
 
     python examples/data_parallel.py
 
-On several hosts, call ``jax.distributed.initialize()`` first on every host (it reads
+On several hosts (``examples/multi_process.py`` runs and tests this), call
+``jax.distributed.initialize()`` first on every host (it reads
 the coordinator address, process count and index from the environment or arguments),
 build the mesh over ``jax.devices()`` (all hosts' devices), and assemble each global
 batch with ``jax.make_array_from_process_local_data(batch_sharding, local_batch)``;

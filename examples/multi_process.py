@@ -19,8 +19,10 @@ One process of a job started by hand or by a cluster scheduler:
 
 It trains a small classifier for ``--steps`` steps with ``ng.natural_gradient`` and each
 solver, from the same start and batches, and prints the final loss of each; process 0
-saves the final parameters (``--out``) for ``tests/test_multi_process.py``, which checks
-them against one process on the whole batch.
+saves the final parameters (``--out``), and all processes write an orbax checkpoint of
+K-FAC's parameters and optimizer state (``--checkpoint``), for
+``tests/test_multi_process.py``, which checks both against one process on the whole
+batch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SOLVERS = ("dense", "woodbury", "cg", "kronecker", "ekfac", "diagonal", "auto")
 SIZES = (6, 8, 3)
 GLOBAL_BATCH = 24
 AVERAGING = ("dense", "kronecker", "ekfac", "diagonal")
+CHECKPOINTED = "kronecker"  # its state: averaged factors, inverses, λ, step counts
 
 
 def problem(step: int):
@@ -83,7 +86,7 @@ def optimizer(solver: str):
 
 
 def train(solver: str, steps: int, batch_of=problem):
-    """Final parameters after ``steps`` jitted steps on ``batch_of(step)``."""
+    """(parameters, optimizer state) after ``steps`` jitted steps on ``batch_of(step)``."""
     import jax
     import optax
 
@@ -100,7 +103,7 @@ def train(solver: str, steps: int, batch_of=problem):
     state = tx.init(params)
     for t in range(steps):
         params, state = step(params, state, *batch_of(t))
-    return params
+    return params, state
 
 
 def run_process(args) -> None:
@@ -132,7 +135,9 @@ def run_process(args) -> None:
 
     results = {}
     for solver in SOLVERS:
-        params = train(solver, args.steps, sharded_batch)
+        params, state = train(solver, args.steps, sharded_batch)
+        if solver == CHECKPOINTED and args.checkpoint:
+            save(args.checkpoint, {"params": params, "state": state})
         flat = ravel_pytree(jax.tree.map(np.asarray, params))[0]
         results[solver] = np.asarray(flat)
         loss = model().nll(params, *problem(args.steps))
@@ -142,6 +147,25 @@ def run_process(args) -> None:
     jax.distributed.shutdown()
 
 
+def save(directory: str, tree) -> None:
+    """An orbax checkpoint of ``tree``, written by every process together."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(directory), tree)
+    checkpointer.wait_until_finished()
+
+
+def restore(directory: str, like):
+    """The checkpoint at ``directory``, read in this (single) process as ``like``'s
+    shapes and dtypes."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -149,7 +173,12 @@ def free_port() -> int:
 
 
 def launch(
-    num_processes: int, steps: int, out: str | None, timeout: float, missing: int = 0
+    num_processes: int,
+    steps: int,
+    out: str | None,
+    timeout: float,
+    missing: int = 0,
+    checkpoint: str | None = None,
 ) -> str:
     """Runs ``num_processes`` copies of this program and returns their logs; raises with
     the logs if one fails or any is still running after ``timeout`` seconds.
@@ -158,6 +187,7 @@ def launch(
     command = [sys.executable, __file__, "--num-processes", str(num_processes), "--port"]
     command += [str(port), "--steps", str(steps), "--timeout", str(int(timeout))]
     command += ["--out", out] if out else []
+    command += ["--checkpoint", checkpoint] if checkpoint else []
     env = {**os.environ, "XLA_FLAGS": "", "OPENBLAS_NUM_THREADS": "1"}
     processes = [
         subprocess.Popen(
@@ -194,9 +224,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=None, help="process 0 saves the parameters here")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--checkpoint", default=None, help=f"save {CHECKPOINTED}'s parameters and state here"
+    )
     args = parser.parse_args(argv)
     if args.launch:
-        print(launch(args.launch, args.steps, args.out, args.timeout))
+        print(launch(args.launch, args.steps, args.out, args.timeout, checkpoint=args.checkpoint))
     else:
         run_process(args)
 

@@ -4,10 +4,13 @@
 localhost, a free port, gloo collectives), each holding 1/N of every global batch; after
 5 steps of ``ng.natural_gradient`` (adaptive damping) with each solver, the averaging
 ones refreshing every other step, process 0's parameters must equal those of one process
-on the whole batch (float64, 1e-10). Timeouts are the test's: a process that cannot
+on the whole batch (float64, 1e-10), and the orbax checkpoint of K-FAC's parameters
+and state the processes write together, restored in one process, equals that process's
+own. Timeouts are the test's: a process that cannot
 reach its peers ends the launch with every process's log, never a hang.
 """
 
+import chex
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
@@ -31,14 +34,21 @@ def multi_process():
 def test_every_solver_in_several_processes_equals_one_process(
     multi_process, num_processes, tmp_path
 ):
-    out = tmp_path / "params.npz"
-    logs = multi_process.launch(num_processes, steps=5, out=str(out), timeout=240)
+    out, checkpoint = tmp_path / "params.npz", tmp_path / "checkpoint"
+    logs = multi_process.launch(
+        num_processes, steps=5, out=str(out), timeout=240, checkpoint=str(checkpoint)
+    )
     assert logs.count("Rank") == num_processes  # every process joined the collectives
     saved = np.load(out)
     for solver in multi_process.SOLVERS:
-        single = ravel_pytree(multi_process.train(solver, 5))[0]
+        single = ravel_pytree(multi_process.train(solver, 5)[0])[0]
         assert not np.allclose(single, ravel_pytree(multi_process.initial_params())[0])
         np.testing.assert_allclose(saved[solver], single, rtol=1e-10, atol=1e-12, err_msg=solver)
+    # The multi-process checkpoint, restored in this one process: K-FAC's state as one
+    # process trains it (factors, inverses, λ, step counts).
+    params, state = multi_process.train(multi_process.CHECKPOINTED, 5)
+    restored = multi_process.restore(str(checkpoint), {"params": params, "state": state})
+    chex.assert_trees_all_close(restored, {"params": params, "state": state}, rtol=1e-10)
 
 
 def test_a_process_whose_peer_never_comes_ends_with_the_logs(multi_process):
