@@ -134,7 +134,7 @@ def run_process(args) -> None:
         )
 
     results = {}
-    for solver in SOLVERS:
+    for solver in args.solvers.split(","):
         params, state = train(solver, args.steps, sharded_batch)
         if solver == CHECKPOINTED and args.checkpoint:
             save(args.checkpoint, {"params": params, "state": state})
@@ -179,6 +179,7 @@ def launch(
     timeout: float,
     missing: int = 0,
     checkpoint: str | None = None,
+    solvers=SOLVERS,
 ) -> str:
     """Runs ``num_processes`` copies of this program and returns their logs; raises with
     the logs if one fails or any is still running after ``timeout`` seconds.
@@ -188,6 +189,7 @@ def launch(
     command += [str(port), "--steps", str(steps), "--timeout", str(int(timeout))]
     command += ["--out", out] if out else []
     command += ["--checkpoint", checkpoint] if checkpoint else []
+    command += ["--solvers", ",".join(solvers)]
     env = {**os.environ, "XLA_FLAGS": "", "OPENBLAS_NUM_THREADS": "1"}
     processes = [
         subprocess.Popen(
@@ -224,12 +226,15 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=None, help="process 0 saves the parameters here")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated")
     parser.add_argument(
         "--checkpoint", default=None, help=f"save {CHECKPOINTED}'s parameters and state here"
     )
     args = parser.parse_args(argv)
     if args.launch:
-        print(launch(args.launch, args.steps, args.out, args.timeout, checkpoint=args.checkpoint))
+        solvers = args.solvers.split(",")
+        logs = launch(args.launch, args.steps, args.out, args.timeout, 0, args.checkpoint, solvers)
+        print(logs)
     else:
         run_process(args)
 

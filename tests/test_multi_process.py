@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from tests.helpers import BENCHMARKS
+from tests.helpers import BENCHMARKS, optional_import
 
 EXAMPLES = BENCHMARKS.parent / "examples"
 
@@ -34,19 +34,25 @@ def multi_process():
 def test_every_solver_in_several_processes_equals_one_process(
     multi_process, num_processes, tmp_path
 ):
-    out, checkpoint = tmp_path / "params.npz", tmp_path / "checkpoint"
-    logs = multi_process.launch(
-        num_processes, steps=5, out=str(out), timeout=240, checkpoint=str(checkpoint)
-    )
+    out = tmp_path / "params.npz"
+    logs = multi_process.launch(num_processes, steps=5, out=str(out), timeout=240)
     assert logs.count("Rank") == num_processes  # every process joined the collectives
     saved = np.load(out)
     for solver in multi_process.SOLVERS:
         single = ravel_pytree(multi_process.train(solver, 5)[0])[0]
         assert not np.allclose(single, ravel_pytree(multi_process.initial_params())[0])
         np.testing.assert_allclose(saved[solver], single, rtol=1e-10, atol=1e-12, err_msg=solver)
-    # The multi-process checkpoint, restored in this one process: K-FAC's state as one
-    # process trains it (factors, inverses, λ, step counts).
-    params, state = multi_process.train(multi_process.CHECKPOINTED, 5)
+
+
+def test_a_checkpoint_written_by_two_processes_restores_in_one(multi_process, tmp_path):
+    """K-FAC's parameters and state (factors, inverses, λ, step counts) as the two
+    processes save them together with orbax, restored in this one process."""
+    optional_import("orbax.checkpoint")
+    checkpoint, solver = tmp_path / "checkpoint", multi_process.CHECKPOINTED
+    multi_process.launch(
+        2, steps=5, out=None, timeout=240, checkpoint=str(checkpoint), solvers=[solver]
+    )
+    params, state = multi_process.train(solver, 5)
     restored = multi_process.restore(str(checkpoint), {"params": params, "state": state})
     chex.assert_trees_all_close(restored, {"params": params, "state": state}, rtol=1e-10)
 

@@ -377,11 +377,11 @@ class RowSizes(NamedTuple):
     activations: int = 0
     streamed: bool = False
 
-    def _held(self, per_layer) -> int:
+    def _held(self, per_layer, layers_at_once: int = STREAMED_LAYERS) -> int:
         total = sum(per_layer)
         if not self.streamed:
             return total
-        return min(total, STREAMED_LAYERS * max(per_layer, default=0))
+        return min(total, layers_at_once * max(per_layer, default=0))
 
     @property
     def row_floats(self) -> int:
@@ -395,13 +395,15 @@ class RowSizes(NamedTuple):
 
     @property
     def per_example(self) -> int:
-        """The per-example gradients of every captured layer shared across positions."""
-        return self._held(self.per_example_layers)
+        """The per-example gradients of every captured layer shared across positions
+        (streamed: one layer's at a time, each squared and summed as it is formed)."""
+        return self._held(self.per_example_layers, layers_at_once=1)
 
     def per_example_except(self, skip) -> int:
         """Those of the layers not in ``skip`` (K-FAC forms them only for the layers it
         does not factor, for their exact diagonal)."""
-        return self._held([f for k, f in enumerate(self.per_example_layers) if k not in skip])
+        kept = [f for k, f in enumerate(self.per_example_layers) if k not in skip]
+        return self._held(kept, layers_at_once=1)
 
     def in_chunks_of(self, chunk_rows: int) -> RowSizes:
         """The sizes when the rows are taken ``chunk_rows`` per example at a time, in a
