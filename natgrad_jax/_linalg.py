@@ -133,12 +133,17 @@ def split_by_sizes(vector: jax.Array, sizes) -> list[jax.Array]:
     return jnp.split(vector, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 
-def diagonal_blocks(matrix: jax.Array, block_size: int) -> jax.Array:
-    """The diagonal blocks of an (s, s) matrix as (B, b, b), B = ⌈s / block_size⌉ blocks
-    of one size b = ⌈s / B⌉ (the last padded with zeros beyond s)."""
-    size = matrix.shape[0]
+def block_layout(size: int, block_size: int) -> tuple[int, int]:
+    """(B, b): B = ⌈size / block_size⌉ diagonal blocks of one side b = ⌈size / B⌉."""
     count = -(-size // block_size)
-    block = -(-size // count)
+    return count, -(-size // count)
+
+
+def diagonal_blocks(matrix: jax.Array, block_size: int) -> jax.Array:
+    """The diagonal blocks of an (s, s) matrix as (B, b, b) (``block_layout``; the last
+    padded with zeros beyond s)."""
+    size = matrix.shape[0]
+    count, block = block_layout(size, block_size)
     padded = jnp.pad(matrix, ((0, count * block - size),) * 2)
     grid = padded.reshape(count, block, count, block)
     return grid[jnp.arange(count), :, jnp.arange(count), :]
@@ -175,17 +180,15 @@ def batched_inverses(factors, dampings, block_size: int | None = None) -> list:
         damped_reciprocal(f.reshape(-1), d).reshape(f.shape) if f.ndim == 1 or f.size == 1 else None
         for f, d in zip(factors, dampings, strict=True)
     ]
-    pieces, owners = [], []  # square matrices to invert, and (factor, block count) of each
+    pieces, parts = [], {}  # square matrices to invert; each factor's positions among them
     for index, factor in enumerate(factors):
         if inverses[index] is not None:
             continue
-        if is_blocked(factor.shape[0], block_size):
-            blocks = diagonal_blocks(factor, block_size)
-            pieces.extend(blocks)
-            owners.extend([(index, len(blocks))] * len(blocks))
-        else:
-            pieces.append(factor)
-            owners.append((index, 1))
+        blocked = is_blocked(factor.shape[0], block_size)
+        own = list(diagonal_blocks(factor, block_size)) if blocked else [factor]
+        parts[index] = list(range(len(pieces), len(pieces) + len(own)))
+        pieces.extend(own)
+    damping_of = {position: dampings[i] for i, positions in parts.items() for position in positions}
     by_size: dict[int, list[int]] = {}
     for position, piece in enumerate(pieces):
         by_size.setdefault(piece.shape[0], []).append(position)
@@ -193,19 +196,16 @@ def batched_inverses(factors, dampings, block_size: int | None = None) -> list:
     for positions in by_size.values():
         stacked = damped_inverses(
             jnp.stack([pieces[p] for p in positions]),
-            jnp.stack([dampings[owners[p][0]] for p in positions]),
+            jnp.stack([damping_of[p] for p in positions]),
         )
         for k, position in enumerate(positions):
             inverted[position] = stacked[k]
-    position = 0
-    while position < len(pieces):
-        index, count = owners[position]
-        if count == 1:
-            inverses[index] = inverted[position]
-        else:
-            blocks = jnp.stack(inverted[position : position + count])
+    for index, positions in parts.items():
+        if is_blocked(factors[index].shape[0], block_size):
+            blocks = jnp.stack([inverted[p] for p in positions])
             inverses[index] = block_diagonal(blocks, factors[index].shape[0])
-        position += count
+        else:
+            inverses[index] = inverted[positions[0]]
     return inverses
 
 

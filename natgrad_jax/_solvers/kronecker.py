@@ -42,6 +42,7 @@ from natgrad_jax._cache import FifoCache
 from natgrad_jax._capture import capture
 from natgrad_jax._linalg import (
     batched_inverses,
+    block_layout,
     damped_reciprocal,
     is_blocked,
     moving_average,
@@ -194,8 +195,8 @@ def kronecker_route(
         if max_factor_size is not None and s > max_factor_size:
             return f"diag({s})"
         if is_blocked(s, block_size):
-            count = -(-s // block_size)
-            return f"{s}×{s} in {count} blocks of {-(-s // count)}"
+            count, block = block_layout(s, block_size)
+            return f"{s}×{s} in {count} blocks of {block}"
         return f"{s}×{s}"
 
     if orientation == "tensor_normal":
