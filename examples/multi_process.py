@@ -76,13 +76,13 @@ def model():
     return ng.Model(mlp, ng.Categorical())
 
 
-def optimizer(solver: str):
+def optimizer(solver: str, classifier):
     """The defaults (adaptive damping) with ``solver``; those that keep curvature across
     steps average it and refresh every other step, so the steps in between run too."""
     import natgrad_jax as ng
 
     cadence = {"refresh_every": 2, "decay": 0.5} if solver in AVERAGING else {}
-    return ng.natural_gradient(model(), 1.0, solver=solver, **cadence)
+    return ng.natural_gradient(classifier, 1.0, solver=solver, **cadence)
 
 
 def train(solver: str, steps: int, batch_of=problem):
@@ -90,8 +90,8 @@ def train(solver: str, steps: int, batch_of=problem):
     import jax
     import optax
 
-    nll = model().nll
-    tx = optimizer(solver)
+    classifier = model()
+    nll, tx = classifier.nll, optimizer(solver, classifier)
 
     @jax.jit
     def step(params, state, x, y):

@@ -94,16 +94,17 @@ def describe(
     lines = [*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"]
     if max_curvature_bytes is not None:
         dtype = jnp.result_type(*(leaf.dtype for leaf in jax.tree.leaves(params)), jnp.float32)
+        itemsize = jnp.dtype(dtype).itemsize
         problem = Problem(
-            captured.leaf_shapes, jnp.dtype(dtype).itemsize, captured, num_rows, num_examples
+            captured.leaf_shapes, itemsize, captured, num_rows, num_examples, kind="exact"
         )
-        lines.append(f"  {_memory_verdict(problem, num_examples, max_curvature_bytes)}")
+        lines.append(f"  {_memory_verdict(problem, max_curvature_bytes)}")
     return "\n".join(lines)
 
 
-def _memory_verdict(problem: Problem, num_examples: int, max_bytes: float) -> str:
+def _memory_verdict(problem: Problem, max_bytes: float) -> str:
     """One line: the guard's estimate for ``"auto"``, and whether it would refuse."""
-    refused = refusal(Auto(), problem, max_bytes, num_examples)
+    refused = refusal(Auto(), problem, max_bytes)
     if refused is not None:
         return f"memory: an update would be refused: {refused}"
     needed = problem.bytes_for(Auto())

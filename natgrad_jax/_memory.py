@@ -50,13 +50,14 @@ DEFAULT_MAX_CURVATURE_BYTES = 4.0 * 2**30
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """The sizes an estimate depends on: the leaves, and (with a batch) the capture,
-    the score rows M and the examples N."""
+    the score rows M, the examples N and the Fisher kind they come from."""
 
     leaf_shapes: tuple
     itemsize: int
     captured: Capture | None = None
     num_rows: int = 0
     num_examples: int = 0
+    kind: str | None = None
 
     @property
     def num_params(self) -> int:
@@ -88,13 +89,13 @@ def problem_of(params: PyTree, dtype, batch=None) -> Problem:
     if batch is None:
         return Problem(leaf_shapes, itemsize)
     captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
-    return Problem(leaf_shapes, itemsize, captured, batch.num_rows, batch.num_examples)
+    return Problem(leaf_shapes, itemsize, captured, batch.num_rows, batch.num_examples, batch.kind)
 
 
-def remedies(solver: Solver, problem: Problem, max_bytes: float, monte_carlo_rows: int | None):
+def remedies(solver: Solver, problem: Problem, max_bytes: float):
     """The changes that bring the update within ``max_bytes``, each checked: other
-    solvers, the Monte-Carlo Fisher (``monte_carlo_rows``: its M, None when it would
-    not have fewer rows), the largest batch that fits (halving)."""
+    solvers, the Monte-Carlo Fisher (where the exact one has more rows than examples:
+    one sampled label each), the largest batch that fits (halving)."""
     found = []
     fitting = [
         name
@@ -104,8 +105,8 @@ def remedies(solver: Solver, problem: Problem, max_bytes: float, monte_carlo_row
     if fitting:
         names = [repr(name) for name in fitting]
         found.append("solver=" + (" or ".join if len(names) < 3 else _listed)(names))
-    if monte_carlo_rows is not None and problem.captured is not None:
-        sampled = dataclasses.replace(problem, num_rows=monte_carlo_rows)
+    if problem.kind == "exact" and problem.num_rows > problem.num_examples:
+        sampled = dataclasses.replace(problem, num_rows=problem.num_examples, kind="monte_carlo")
         if sampled.bytes_for(solver) <= max_bytes:
             found.append("fisher='monte_carlo' (one sampled label per example: fewer rows)")
     examples = problem.num_examples // 2
@@ -120,12 +121,12 @@ def _listed(names) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def refusal(solver: Solver, problem: Problem, max_bytes: float, monte_carlo_rows=None):
+def refusal(solver: Solver, problem: Problem, max_bytes: float):
     """The message of a refused update, or None when it fits ``max_bytes``."""
     needed = problem.bytes_for(solver)
     if needed <= max_bytes:
         return None
-    fixes = remedies(solver, problem, max_bytes, monte_carlo_rows)
+    fixes = remedies(solver, problem, max_bytes)
     if fixes:
         offer = "Use " + "; ".join([*fixes, "or raise max_curvature_bytes."])
     else:

@@ -151,11 +151,7 @@ def _check_memory(curvature, params, dtype, max_bytes, batch=None) -> None:
     """
     if not _is_python_number(max_bytes):
         return
-    problem = problem_of(params, dtype, batch)
-    monte_carlo_rows = None
-    if batch is not None and batch.kind == "exact" and batch.num_rows > batch.num_examples:
-        monte_carlo_rows = batch.num_examples
-    message = refusal(curvature, problem, max_bytes, monte_carlo_rows)
+    message = refusal(curvature, problem_of(params, dtype, batch), max_bytes)
     if message is not None:
         raise ValueError(message)
 
