@@ -209,24 +209,6 @@ def batched_inverses(factors, dampings, block_size: int | None = None) -> list:
     return inverses
 
 
-def inner_products(vectors, others) -> jax.Array:
-    """(k, l) inner products u_iᵀv_j of k flat ``vectors`` and l ``others`` (sequences of
-    1-D arrays, or the rows of 2-D arrays).
-
-    One dot product per pair, not ``stack(vectors) @ stack(others).T``: with vectors of
-    millions of entries (flat parameters) and k, l ≤ 2, XLA's CPU backend ran that
-    matmul about 10× slower than the dot products (30 ms against 3 ms for a (2, 2.8M)
-    Gram, jax 0.10.2), and a broadcast multiply summed over the long axis no faster.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> inner_products(jnp.array([[1.0, 2.0], [3.0, 4.0]]), [jnp.array([1.0, 0.0])])
-      Array([[1.],
-             [3.]], dtype=float32)
-    """
-    return jnp.array([[jnp.dot(u, v) for v in others] for u in vectors])
-
-
 def trust_region_scale(quadratic: jax.Array, max_kl) -> jax.Array:
     r"""The factor c ∈ (0, 1] that makes ½ (c d)ᵀ A (c d) ≤ ε, given q = dᵀ A d.
 

@@ -9,12 +9,12 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
 from natgrad_jax._eager import compiled_when_eager
 from natgrad_jax._fisher import (
@@ -25,7 +25,7 @@ from natgrad_jax._fisher import (
     varying_axes,
 )
 from natgrad_jax._independence import check_independent_examples
-from natgrad_jax._linalg import inner_products, trust_region_scale
+from natgrad_jax._linalg import trust_region_scale
 from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, SOLVERS, problem_of, refusal
 from natgrad_jax._model import Model, check_model
 from natgrad_jax._parameters import (
@@ -36,7 +36,7 @@ from natgrad_jax._parameters import (
 )
 from natgrad_jax._precision import EXACT, matmul_precision, statistics_precision
 from natgrad_jax._solvers.batch import CurvatureBatch
-from natgrad_jax._solvers.solver import Solver
+from natgrad_jax._solvers.solver import Solver, solve_on_leaves
 from natgrad_jax._state import NaturalGradientState, RejectedSteps
 from natgrad_jax._value_and_grad import check_forward_pass
 
@@ -488,7 +488,7 @@ def _checked_parameters(options: _Options, updates, params, inputs, targets):
 def _init(options: _Options, params) -> NaturalGradientState:
     params, _ = trainable_and_frozen(params)
     solver = options.solver
-    dtype = _solve_dtype(ravel_pytree(params)[0].dtype)
+    dtype = _solve_dtype(jnp.result_type(*jax.tree.leaves(params)))
     _check_averaging(solver, params, *options.requested_cadence)
     _check_separate_cadences(solver, params, options.statistics_every, options.refresh_every)
     _check_memory(solver, params, dtype, options.max_curvature_bytes)
@@ -504,7 +504,9 @@ def _init(options: _Options, params) -> NaturalGradientState:
         curvature=solver.init(params, dtype),
         factorised_damping=jnp.asarray(initial_damping, dtype),
         previous_direction=(
-            jnp.zeros(ravel_pytree(params)[0].size, dtype) if keeps_previous else None
+            tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(params))
+            if keeps_previous
+            else None
         ),
         rejected=RejectedSteps.none(),
     )
@@ -529,8 +531,9 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
     trust region and the damping rule; and the next state."""
     key, step_key = jax.random.split(state.key)
     damping = options.damping_at(state)
-    flat_updates, unravel = ravel_pytree(updates)
-    gradient = flat_updates.astype(_solve_dtype(flat_updates.dtype))
+    update_leaves, treedef = jax.tree.flatten(updates)
+    gradient = vectors.astype(update_leaves, _solve_dtype(jnp.result_type(*update_leaves)))
+    gradient = tuple(gradient)
     batch = CurvatureBatch(
         with_frozen(options.model, frozen),
         params,
@@ -543,7 +546,8 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
         forward=forward,
         statistics_precision=statistics_precision(options.precision),
     )
-    _check_memory(options.solver, params, gradient.dtype, options.max_curvature_bytes, batch)
+    dtype = vectors.dtype_of(gradient)
+    _check_memory(options.solver, params, dtype, options.max_curvature_bytes, batch)
     plan = _plan(options, state, batch)
     curvature, factorised_damping = _advance_curvature(options, state, batch, damping, plan)
     with matmul_precision(EXACT):
@@ -574,8 +578,8 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
         next_state = _keep_unless(
             taken.finite, next_state, state._replace(rejected=next_state.rejected)
         )
-    new_updates = unravel(direction.astype(flat_updates.dtype))
-    return jax.tree.map(lambda new, old: new.astype(old.dtype), new_updates, updates), next_state
+    new_updates = [new.astype(old.dtype) for new, old in zip(direction, update_leaves, strict=True)]
+    return jax.tree.unflatten(treedef, new_updates), next_state
 
 
 def _plan(options: _Options, state: NaturalGradientState, batch: CurvatureBatch) -> _StepPlan:
@@ -636,13 +640,7 @@ def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan
 def _direction(options: _Options, curvature, batch, gradient, damping, previous, plan: _StepPlan):
     """``(d, curvature state, dᵀFd or None)``: the solve, then, with the quadratic model,
     the minimiser of the batch's exact model over d (and the previous update)."""
-    direction, curvature = options.solver.solve(curvature, batch, gradient, damping)
-    chex.assert_type(direction, float)
-    chex.assert_equal_shape(
-        [gradient, direction],
-        custom_message=f"{options.solver!r}.solve must return a direction shaped like the "
-        "flat gradient (P,) it was given",
-    )
+    direction, curvature = solve_on_leaves(options.solver, curvature, batch, gradient, damping)
     if not plan.modelled:
         return direction, curvature, None
     span = [direction] + ([previous] if plan.with_momentum else [])
@@ -662,7 +660,7 @@ def _trust_region(
     scale = trust_region_scale(quadratic, _value_at(options.max_kl, count))
     if fisher_quadratic is not None:
         fisher_quadratic = fisher_quadratic * scale**2
-    return direction * scale, fisher_quadratic
+    return vectors.scale(scale, direction), fisher_quadratic
 
 
 class _Taken(NamedTuple):
@@ -677,13 +675,14 @@ def _adapt_damping(options: _Options, batch, gradient, direction, damping, fishe
     """``(d, next λ, _Taken)``: with Levenberg–Marquardt damping, λ follows the reduction
     ratio and a step that is not finite or would raise the loss becomes zero; otherwise
     λ and d pass through."""
-    finite = jnp.all(jnp.isfinite(gradient)) & jnp.all(jnp.isfinite(direction))
+    finite = vectors.all_finite(gradient) & vectors.all_finite(direction)
     if not options.adaptive:
         return direction, jnp.asarray(damping), _Taken(finite, jnp.asarray(True))
     next_damping, accepted = _levenberg_marquardt(
         options.damping, batch, gradient, direction, damping, fisher_quadratic
     )
-    return jnp.where(accepted & finite, direction, 0.0), next_damping, _Taken(finite, accepted)
+    direction = vectors.where(accepted & finite, direction, 0.0)
+    return direction, next_damping, _Taken(finite, accepted)
 
 
 def _count_rejections(rejected: RejectedSteps, taken: _Taken) -> RejectedSteps:
@@ -698,7 +697,7 @@ def _keep_unless(condition: jax.Array, new: NamedTuple, old: NamedTuple) -> Name
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
-def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping):
+def _minimise_quadratic_model(batch: CurvatureBatch, gradient, span, damping):
     """(δ, δᵀFδ): the minimiser δ = Σ_i c_i v_i of the batch's exact quadratic model
     m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2 flat ``vectors`` v_i (a
     sequence, or the rows of an array).
@@ -710,15 +709,15 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping)
     alone where that system is singular (p = 0 after a rejected step, or p ∥ d). The
     Fisher's inner products come from forward-mode products alone (``fisher_gram``).
     """
-    dtype = vectors[0].dtype
-    fisher = batch.fisher_gram(vectors)
-    damped = fisher + jnp.asarray(damping, dtype) * inner_products(vectors, vectors)
-    slopes = inner_products(vectors, [gradient])[:, 0]
+    dtype = vectors.dtype_of(span[0])
+    fisher = batch.fisher_gram(span)
+    damped = fisher + jnp.asarray(damping, dtype) * vectors.inner_products(span, span)
+    slopes = vectors.inner_products(span, [gradient])[:, 0]
     curvature, slope = damped[0, 0], slopes[0]
     descent = (curvature > 0) & (slope > 0)
     alpha = jnp.where(descent, slope / jnp.where(descent, curvature, 1.0), 0.0)
     coefficients = jnp.zeros_like(slopes).at[0].set(alpha)
-    if len(vectors) == 2:
+    if len(span) == 2:
         determinant = damped[0, 0] * damped[1, 1] - damped[0, 1] * damped[1, 0]
         tolerance = 100 * jnp.finfo(dtype).eps * damped[0, 0] * damped[1, 1]
         regular = determinant > tolerance
@@ -730,8 +729,7 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, vectors, damping)
             ]
         )
         coefficients = jnp.where(regular, plane / safe, coefficients)
-    step = sum(c * v for c, v in zip(coefficients, vectors, strict=True))
-    return step, coefficients @ fisher @ coefficients
+    return vectors.combination(coefficients, span), coefficients @ fisher @ coefficients
 
 
 def _kl_quadratic(batch: CurvatureBatch, step_quadratic, direction, damping, fisher_quadratic):
@@ -751,7 +749,8 @@ def _kl_quadratic(batch: CurvatureBatch, step_quadratic, direction, damping, fis
         fisher_quadratic = exact.fisher_gram([direction])[0, 0]
     if fisher_quadratic is None:
         return step_quadratic
-    return fisher_quadratic + jnp.asarray(damping, direction.dtype) * jnp.vdot(direction, direction)
+    damping = jnp.asarray(damping, vectors.dtype_of(direction))
+    return fisher_quadratic + damping * vectors.vdot(direction, direction)
 
 
 def _levenberg_marquardt(
@@ -760,16 +759,16 @@ def _levenberg_marquardt(
     """(next λ, whether to take the step), from the reduction ratio of the unit step −d.
 
     ``fisher_quadratic``: dᵀFd where already measured (else one Fisher-vector product)."""
-    flat_params, unravel = ravel_pytree(batch.params)
-    step = -direction
-    moved = unravel(flat_params + step.astype(flat_params.dtype))
+    step = vectors.scale(-1, direction)
+    moved = vectors.moved(batch.params, step)
     moved_nll = device_mean(batch.model.nll(moved, batch.inputs, batch.targets), batch.axis_name)
     actual = moved_nll - batch.nll()
     if fisher_quadratic is None:
-        fisher_quadratic = jnp.vdot(step, batch.matvec(step))
-    predicted = jnp.vdot(gradient, step) + 0.5 * fisher_quadratic
-    ratio = reduction_ratio(actual.astype(step.dtype), predicted)
-    return rule.adapt(jnp.asarray(damping, step.dtype), ratio), rule.accepts(ratio)
+        fisher_quadratic = vectors.vdot(step, batch.matvec(step))
+    predicted = vectors.vdot(gradient, step) + 0.5 * fisher_quadratic
+    dtype = vectors.dtype_of(step)
+    ratio = reduction_ratio(actual.astype(dtype), predicted)
+    return rule.adapt(jnp.asarray(damping, dtype), ratio), rule.accepts(ratio)
 
 
 def _unit_step_max_kl(max_kl: ScalarOrSchedule, learning_rate: ScalarOrSchedule):

@@ -15,6 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._capture import Capture, Layer, operand_of, probed_forward
 
 
@@ -39,6 +40,16 @@ def benchmark_module(name: str):
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
     return importlib.import_module(name)
+
+
+def as_leaves(params, flat) -> tuple:
+    """A flat (P,) vector as the transform holds vectors: one array per leaf, in its shape."""
+    return vectors.ravel(jax.tree.leaves(params))[1](jnp.asarray(flat))
+
+
+def as_flat(leaves) -> np.ndarray:
+    """The flat (P,) vector of one held leaf by leaf."""
+    return np.asarray(ravel_pytree(leaves)[0])
 
 
 def init_mlp(key, sizes, dtype=jnp.float64):

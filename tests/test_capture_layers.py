@@ -10,6 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._capture import capture
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import factored_rows, leaf_to_matrix
@@ -77,7 +78,13 @@ def _check_factored_products(model, params, x):
         rows, dense = factored_rows(batch), _dense_rows_by_row(batch)
         v = jax.random.normal(jax.random.PRNGKey(5), (dense.shape[1],))
         u = jax.random.normal(jax.random.PRNGKey(6), (dense.shape[0] // N, N))
-        factored = (rows.matvec(v).reshape(-1), rows.rmatvec(u), rows.kernel(), rows.diagonal())
+        leaves = vectors.ravel(jax.tree.leaves(params))[1](v)
+        factored = (
+            rows.matvec(leaves).reshape(-1),
+            vectors.ravel(rows.rmatvec(u))[0],
+            rows.kernel(),
+            vectors.ravel(rows.diagonal())[0],
+        )
         reference = (dense @ v, dense.T @ u.reshape(-1), dense @ dense.T, jnp.sum(dense**2, 0))
         return factored, reference
 

@@ -10,7 +10,7 @@ import pytest
 
 import natgrad_jax as ng
 from natgrad_jax._damping import reduction_ratio
-from tests.helpers import init_mlp, mlp
+from tests.helpers import as_leaves, init_mlp, mlp
 
 
 def test_rule_decreases_after_good_and_increases_after_poor_steps():
@@ -322,10 +322,12 @@ def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
     x = jax.random.normal(jax.random.PRNGKey(1), (9, 3))
     y = jax.random.normal(jax.random.PRNGKey(2), (9, 2))
     batch = CurvatureBatch(model, params, x, "exact", targets=y)
-    g = ravel_pytree(jax.grad(model.nll)(params, x, y))[0]
+    flat_g = ravel_pytree(jax.grad(model.nll)(params, x, y))[0]
+    g = as_leaves(params, flat_g)
     rule = ng.LevenbergMarquardt(initial=0.3)
-    for candidate in (g, jnp.cos(jnp.arange(g.size, dtype=g.dtype))):
-        direction, fisher_quadratic = _minimise_quadratic_model(batch, g, candidate[None], 0.3)
+    for flat in (flat_g, jnp.cos(jnp.arange(flat_g.size, dtype=flat_g.dtype))):
+        candidate = as_leaves(params, flat)
+        direction, fisher_quadratic = _minimise_quadratic_model(batch, g, [candidate], 0.3)
         reused = _levenberg_marquardt(rule, batch, g, direction, 0.3, fisher_quadratic)
         fresh = _levenberg_marquardt(rule, batch, g, direction, 0.3)
         np.testing.assert_allclose(reused[0], fresh[0], rtol=1e-12)

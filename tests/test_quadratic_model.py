@@ -4,6 +4,8 @@ m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ with F the batch's dense Fisher (``ng
 minimiser over a span of vectors V solves Vᵀ(F + λI)V c = Vᵀg, written here with numpy.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from jax.flatten_util import ravel_pytree
 import natgrad_jax as ng
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._transform import _minimise_quadratic_model
-from tests.helpers import init_mlp, mlp
+from tests.helpers import as_flat, as_leaves, init_mlp, mlp
 
 DAMPING = 0.1
 
@@ -44,17 +46,22 @@ def test_the_minimiser_over_a_plane_solves_the_two_by_two_model():
     p = jnp.asarray(natural) + 0.1 * jax.random.normal(jax.random.PRNGKey(9), g.shape)
     coefficients, want = _plane_minimiser(fisher, np.asarray(g), [d, p])
     assert min(abs(coefficients)) > 0.01 * max(abs(coefficients))  # both matter here
-    got, fisher_quadratic = _minimise_quadratic_model(batch, g, jnp.stack([d, p]), DAMPING)
+    leaves = functools.partial(as_leaves, params)
+    got, fisher_quadratic = _minimise_quadratic_model(
+        batch, leaves(g), [leaves(d), leaves(p)], DAMPING
+    )
+    got = as_flat(got)
     np.testing.assert_allclose(got, want, rtol=1e-9)
     np.testing.assert_allclose(fisher_quadratic, want @ fisher @ want, rtol=1e-9)
     # along d alone: α = gᵀd / dᵀ(F + λI)d
     (alpha,), want_line = _plane_minimiser(fisher, np.asarray(g), [d])
-    line, _ = _minimise_quadratic_model(batch, g, d[None], DAMPING)
-    np.testing.assert_allclose(line, want_line, rtol=1e-9)
+    line, _ = _minimise_quadratic_model(batch, leaves(g), [leaves(d)], DAMPING)
+    np.testing.assert_allclose(as_flat(line), want_line, rtol=1e-9)
     # a previous update of 0 (first step, rejected step) or parallel to d: d alone
     for degenerate in (jnp.zeros_like(d), -2.0 * d):
-        plane, _ = _minimise_quadratic_model(batch, g, jnp.stack([d, degenerate]), DAMPING)
-        np.testing.assert_allclose(plane, alpha * d, rtol=1e-9)
+        span = [leaves(d), leaves(degenerate)]
+        plane, _ = _minimise_quadratic_model(batch, leaves(g), span, DAMPING)
+        np.testing.assert_allclose(as_flat(plane), alpha * d, rtol=1e-9)
 
 
 def test_momentum_steps_are_the_dense_plane_minimisers_of_each_batch():
@@ -75,7 +82,7 @@ def test_momentum_steps_are_the_dense_plane_minimisers_of_each_batch():
         coefficients, want = _plane_minimiser(fisher, flat_g, span)
         got = ravel_pytree(updates)[0]
         np.testing.assert_allclose(got, want, rtol=1e-8)
-        np.testing.assert_allclose(state.previous_direction, got, rtol=1e-12)
+        np.testing.assert_allclose(as_flat(state.previous_direction), got, rtol=1e-12)
         previous = want
         steps.append(coefficients)
         params = optax.apply_updates(params, jax.tree.map(lambda u: -u, updates))

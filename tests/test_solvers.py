@@ -10,7 +10,6 @@ from natgrad_jax._linalg import (
     batched_inverses,
     damped_inverse,
     damped_inverses,
-    inner_products,
     trust_region_scale,
 )
 from tests.helpers import equations
@@ -115,12 +114,3 @@ def test_more_same_size_matrices_than_a_group_are_inverted_in_a_loop_of_single_c
     choleskys = equations(jaxpr.jaxpr, "cholesky")
     assert _GROUP < 11 and [e.invars[0].aval.shape for e in choleskys] == [(4, 4)] * _GROUP
     assert equations(jaxpr.jaxpr, "scan")  # the loop over the groups
-
-
-@pytest.mark.parametrize(("rows", "columns"), [(1, 1), (2, 2), (3, 1)])
-def test_inner_products_equal_numpy(rows, columns):
-    rng = np.random.default_rng(rows + columns)
-    vectors, others = rng.normal(size=(rows, 1000)), rng.normal(size=(columns, 1000))
-    products = inner_products(jnp.asarray(vectors), jnp.asarray(others))
-    assert products.shape == (rows, columns)
-    np.testing.assert_allclose(products, vectors @ others.T, rtol=1e-5)

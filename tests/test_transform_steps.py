@@ -25,7 +25,7 @@ from natgrad_jax._transform import (
     _trust_region,
     _validated_options,
 )
-from tests.helpers import mlp_problem
+from tests.helpers import as_flat, as_leaves, mlp_problem
 
 DEFAULTS = {
     "fisher": "exact",
@@ -142,10 +142,10 @@ def test_the_direction_is_the_solve_without_the_quadratic_model():
     batch = _batch(model, params, x, y)
     curvature, _ = _advance_curvature(options, state, batch, 1e-2, PLAIN)
     direction, _, fisher_quadratic = _direction(
-        options, curvature, batch, gradient, 1e-2, None, PLAIN
+        options, curvature, batch, as_leaves(params, gradient), 1e-2, None, PLAIN
     )
     _, damped = _damped(model, params, x, 1e-2)
-    np.testing.assert_allclose(direction, np.linalg.solve(damped, gradient), rtol=1e-8)
+    np.testing.assert_allclose(as_flat(direction), np.linalg.solve(damped, gradient), rtol=1e-8)
     assert fisher_quadratic is None
 
 
@@ -162,20 +162,21 @@ def test_the_quadratic_model_rescales_the_direction_and_adds_the_previous_update
     d = gradient / (np.diag(fisher) + 1e-2)
 
     rescaled = _StepPlan(rescaled=True, with_momentum=False)
-    direction, _, quadratic = _direction(options, curvature, batch, gradient, 1e-2, None, rescaled)
+    leaves = as_leaves(params, gradient)
+    direction, _, quadratic = _direction(options, curvature, batch, leaves, 1e-2, None, rescaled)
     alpha = (gradient @ d) / (d @ damped @ d)
-    np.testing.assert_allclose(direction, alpha * d, rtol=1e-8)
+    np.testing.assert_allclose(as_flat(direction), alpha * d, rtol=1e-8)
     np.testing.assert_allclose(quadratic, (alpha * d) @ fisher @ (alpha * d), rtol=1e-8)
 
     previous = np.asarray(jax.random.normal(jax.random.PRNGKey(4), d.shape))
     both = _StepPlan(rescaled=True, with_momentum=True)
     direction, _, quadratic = _direction(
-        options, curvature, batch, gradient, 1e-2, jnp.asarray(previous), both
+        options, curvature, batch, leaves, 1e-2, as_leaves(params, previous), both
     )
     basis = np.stack([d, previous], axis=1)
     coefficients = np.linalg.solve(basis.T @ damped @ basis, basis.T @ gradient)
     expected = basis @ coefficients
-    np.testing.assert_allclose(direction, expected, rtol=1e-7)
+    np.testing.assert_allclose(as_flat(direction), expected, rtol=1e-7)
     np.testing.assert_allclose(quadratic, expected @ fisher @ expected, rtol=1e-7)
 
 
@@ -194,9 +195,16 @@ def test_the_trust_region_bounds_the_kl_of_the_exact_fisher(fisher_kind):
         batch = _batch(model, params, x, y, fisher_kind)
         curvature, _ = _advance_curvature(options, state, batch, 1e-2, PLAIN)
         direction, _ = _trust_region(
-            options, state.count, batch, curvature, gradient, jnp.asarray(d), 1e-2, None
+            options,
+            state.count,
+            batch,
+            curvature,
+            as_leaves(params, gradient),
+            as_leaves(params, d),
+            1e-2,
+            None,
         )
-        direction = np.asarray(direction)
+        direction = as_flat(direction)
         if active:
             np.testing.assert_allclose(0.5 * direction @ damped @ direction, max_kl, rtol=1e-8)
             np.testing.assert_allclose(direction / np.linalg.norm(direction), d / np.linalg.norm(d))
@@ -222,8 +230,9 @@ def test_levenberg_marquardt_follows_the_reduction_ratio_of_the_batch_loss():
     for scale in (0.5, 3.0, 40.0):  # short, long, and predicted to raise the loss
         d = scale * np.linalg.solve(damped, gradient)
         direction, next_damping, taken = _adapt_damping(
-            options, batch, gradient, jnp.asarray(d), 1e-2, None
+            options, batch, as_leaves(params, gradient), as_leaves(params, d), 1e-2, None
         )
+        direction = as_flat(direction)
         actual = model.nll(unravel(flat - d), x, y) - model.nll(params, x, y)
         predicted = -gradient @ d + 0.5 * d @ fisher @ d
         ratio = actual / predicted if predicted < 0 else -np.inf
@@ -232,9 +241,11 @@ def test_levenberg_marquardt_follows_the_reduction_ratio_of_the_batch_loss():
         np.testing.assert_array_equal(direction, d if ratio >= 0 else np.zeros_like(d))
     assert scale == 40.0 and ratio < 0  # the long step was rejected
     nan_gradient = gradient.at[0].set(jnp.nan)
-    direction, _, taken = _adapt_damping(options, batch, nan_gradient, jnp.asarray(d), 1e-2, None)
+    direction, _, taken = _adapt_damping(
+        options, batch, as_leaves(params, nan_gradient), as_leaves(params, d), 1e-2, None
+    )
     assert not bool(taken.finite)
-    np.testing.assert_array_equal(direction, np.zeros_like(d))
+    np.testing.assert_array_equal(as_flat(direction), np.zeros_like(d))
 
 
 def test_a_fixed_damping_passes_the_step_and_lambda_through():

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._capture import capture
 from natgrad_jax._fisher import parameter_count
 from natgrad_jax._solvers.batch import CurvatureBatch
@@ -54,7 +55,7 @@ from natgrad_jax._solvers.kronecker import (
     factored_share,
     split_shape,
 )
-from natgrad_jax._solvers.solver import Solver
+from natgrad_jax._solvers.solver import Solver, solve_on_leaves
 from natgrad_jax._solvers.woodbury import Woodbury, WoodburyState
 
 CG_ITERATIONS = 30  # warm-started CG to tol 1e-5 on the benchmarks: 10–60 iterations
@@ -217,6 +218,7 @@ class Auto(Solver):
 
     name = "auto"
     averages = False
+    per_leaf = True
 
     def _choice(self, batch: CurvatureBatch) -> str:
         captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
@@ -303,18 +305,19 @@ class Auto(Solver):
             direction, _ = Kronecker().solve(kronecker, batch, vector, damping)
             state = state._replace(kronecker=kronecker, kronecker_steps=state.kronecker_steps + 1)
         elif name == "woodbury":
-            direction, _ = Woodbury().solve(WoodburyState(), batch, vector, damping)
+            direction, _ = solve_on_leaves(Woodbury(), WoodburyState(), batch, vector, damping)
         else:
             dense = Dense()
-            fresh = dense.refresh(dense.init(batch.params, vector.dtype), batch, damping, 0.0, True)
-            direction, _ = dense.solve(fresh, batch, vector, damping)
+            dtype = vectors.dtype_of(vector)
+            fresh = dense.refresh(dense.init(batch.params, dtype), batch, damping, 0.0, True)
+            direction, _ = solve_on_leaves(dense, fresh, batch, vector, damping)
         # Record the solve in CG's state, so that the trust region and the next warm
         # start read this step's direction and gᵀd, not stale ones.
         cg_state = cg_state._replace(
-            solution=direction.astype(cg_state.solution.dtype),
+            solution=vectors.astype(direction, vectors.dtype_of(cg_state.solution)),
             iterations=jnp.zeros_like(cg_state.iterations),
             residual=jnp.zeros_like(cg_state.residual),
-            quadratic=jnp.vdot(vector, direction).real.astype(cg_state.quadratic.dtype),
+            quadratic=vectors.vdot(vector, direction).real.astype(cg_state.quadratic.dtype),
             fell_back=jnp.zeros_like(cg_state.fell_back),
         )
         return direction, state._replace(cg=cg_state)

@@ -8,8 +8,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._capture import ForwardPass, capture, probed_forward
 from natgrad_jax._fisher import (
     FisherKind,
@@ -27,7 +27,6 @@ from natgrad_jax._fisher import (
     per_example_scores,
     sample_labels,
 )
-from natgrad_jax._linalg import inner_products
 from natgrad_jax._model import Model
 
 PyTree = Any
@@ -39,7 +38,7 @@ class CurvatureBatch:
 
     Built inside ``update`` (at trace time); solvers pick what they use:
     score rows for dense, diagonal and low-rank forms, products for matrix-free ones.
-    Vectors are flat, in ``ravel_pytree(params)`` order. With ``axis_name`` (inside
+    Vectors are tuples of leaf-shaped arrays (``natgrad_jax._vectors``). With ``axis_name`` (inside
     ``shard_map``) ``inputs`` is this device's share of the batch: ``num_examples``,
     ``device_sum``, ``gather_rows`` and ``matvec`` then speak of the whole batch.
     ``forward``, when given (from ``ng.value_and_grad``), is the model's forward pass on
@@ -77,7 +76,7 @@ class CurvatureBatch:
 
     @property
     def leaf_sizes(self) -> tuple[int, ...]:
-        """Sizes of the parameter leaves, in ``ravel_pytree`` order."""
+        """Sizes of the parameter leaves, in ``jax.tree.leaves`` order."""
         return tuple(leaf.size for leaf in jax.tree.leaves(self.params))
 
     @property
@@ -132,12 +131,12 @@ class CurvatureBatch:
 
     @functools.cached_property
     def matvec(self):
-        """v ↦ F v on flat vectors, linearised once (see ``ng._fisher.fisher_operator``),
-        or from ``forward`` without a new pass.
+        """v ↦ F v on vectors (tuples of leaves), linearised once (see
+        ``ng._fisher.fisher_operator``), or from ``forward`` without a new pass.
 
         Products are taken in the parameters' dtype and returned in the vector's.
         """
-        flat, unravel = ravel_pytree(self.params)
+        dtypes = [leaf.dtype for leaf in jax.tree.leaves(self.params)]
         if self.forward is None:
             product = fisher_operator(
                 self.model,
@@ -153,8 +152,9 @@ class CurvatureBatch:
             product = self._product_of_forward()
 
         def matvec(vector):
-            result = ravel_pytree(product(unravel(vector.astype(flat.dtype))))[0]
-            return result.astype(vector.dtype)
+            cast = [leaf.astype(dtype) for leaf, dtype in zip(vector, dtypes, strict=True)]
+            result = vectors.leaves_of(product(vectors.as_tree(self.params, cast)))
+            return vectors.astype(result, vectors.dtype_of(vector))
 
         return matvec
 
@@ -179,10 +179,10 @@ class CurvatureBatch:
 
         return product
 
-    def fisher_gram(self, vectors):
-        """VᵀFV, the (k, k) Fisher inner products of k flat vectors (a sequence, or the
-        rows of an array), from k forward-mode products J v through one forward pass (no
-        backward pass, unlike ``matvec``): what a step's quadratic model needs.
+    def fisher_gram(self, span):
+        """VᵀFV, the (k, k) Fisher inner products of a sequence of k vectors, from k
+        forward-mode products J v through one forward pass (no backward pass, unlike
+        ``matvec``): what a step's quadratic model needs.
 
         uᵀFv = 1/N Σ_n ⟨J_n u, F_out J_n v⟩ (exact) or 1/N Σ_n Σ_r (c_rᵀJ_n u)(c_rᵀJ_n v)
         (sampled or the data's labels), in the vectors' dtype. One product per vector,
@@ -190,24 +190,25 @@ class CurvatureBatch:
         batched weight blocks: copies of P floats each.
         """
         forward = self.forward_pass()
-        flat, unravel = ravel_pytree(self.params)
+        dtypes = [leaf.dtype for leaf in jax.tree.leaves(self.params)]
         outputs = forward.outputs
 
         def tangent(vector):
-            parameters = unravel(vector.astype(flat.dtype))
+            cast = [leaf.astype(dtype) for leaf, dtype in zip(vector, dtypes, strict=True)]
+            parameters = vectors.as_tree(self.params, cast)
             return forward.jvp(device_varying(parameters, self.axis_name))
 
-        tangents = [tangent(vector) for vector in vectors]
+        tangents = [tangent(vector) for vector in span]
         if self.kind == "exact":
             product = functools.partial(self.model.likelihood.fisher_product, outputs)
-            weighted = [ravel_pytree(product(t))[0] for t in tangents]
-            gram = inner_products([ravel_pytree(t)[0] for t in tangents], weighted)
+            weighted = [vectors.leaves_of(product(t)) for t in tangents]
+            gram = vectors.inner_products([vectors.leaves_of(t) for t in tangents], weighted)
         else:
             rows = jax.lax.stop_gradient(self.cotangent_rows(outputs))
             projections = [_projections_on_rows(rows, t).ravel() for t in tangents]
-            gram = inner_products(projections, projections)
+            gram = vectors.inner_products(projections, projections)
         gram = device_mean(gram / batch_size(self.inputs), self.axis_name)
-        return gram.astype(vectors[0].dtype)
+        return gram.astype(vectors.dtype_of(span[0]))
 
     @property
     def num_rows(self) -> int:

@@ -33,6 +33,7 @@ class BlockDiagonal(Solver):
     name = "block_diagonal"
     approximate = True
     averages = True
+    per_leaf = True
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats held at once, for the memory guard: five copies of each block (the
@@ -69,6 +70,8 @@ class BlockDiagonal(Solver):
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         del damping
-        pieces = split_by_sizes(vector, batch.leaf_sizes)
-        solved = [inv @ piece for inv, piece in zip(state.inverses, pieces, strict=True)]
-        return jnp.concatenate(solved), state
+        solved = (
+            (inverse @ piece.ravel()).reshape(piece.shape)
+            for inverse, piece in zip(state.inverses, vector, strict=True)
+        )
+        return tuple(solved), state

@@ -27,8 +27,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from natgrad_jax._fisher import parameter_count
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.solver import Solver
 
@@ -36,7 +37,7 @@ from natgrad_jax._solvers.solver import Solver
 class ConjugateGradientState(NamedTuple):
     """Arrays of the CG solver."""
 
-    solution: jax.Array  # (P,) float: last solution, the next warm start
+    solution: tuple  # per leaf, in its shape: the last solution, the next warm start
     iterations: jax.Array  # int32 []: CG iterations used at the last step
     residual: jax.Array  # float []: ‖(F + λI)x − g‖ / ‖g‖ of the last CG solution
     quadratic: jax.Array  # float []: xᵀ(F + λI)x of the returned step (½ of it: its KL)
@@ -51,10 +52,10 @@ def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters, progress_tol=Non
     the model's value m_i has fallen by less than a fraction k·ε over the last
     k = max(10, i/10) iterations (Martens 2010, §4.4).
     """
-    threshold = (tol * jnp.linalg.norm(rhs)) ** 2
+    threshold = (tol * vectors.norm(rhs)) ** 2
 
     def model_value(x, residual):  # m(x) = ½ xᵀAx − rhsᵀx = −½ xᵀ(rhs + r)
-        return -0.5 * jnp.vdot(x, rhs + residual)
+        return -0.5 * vectors.vdot(x, vectors.add(rhs, residual))
 
     def stalled(values, it):
         window = jnp.maximum(10, it // 10)
@@ -70,25 +71,25 @@ def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters, progress_tol=Non
     def body(carry):
         x, residual, direction, residual_norm, it, values = carry
         product = matvec(direction)
-        curvature = jnp.vdot(direction, product)
+        curvature = vectors.vdot(direction, product)
         step = residual_norm / jnp.where(curvature > 0, curvature, 1.0)
         step = jnp.where(curvature > 0, step, 0.0)  # a null direction: stop moving along it
-        x = x + step * direction
-        residual = residual - step * product
-        new_norm = jnp.vdot(residual, residual)
-        direction = (
-            residual + (new_norm / jnp.where(residual_norm > 0, residual_norm, 1.0)) * direction
-        )
+        x = vectors.add_scaled(x, step, direction)
+        residual = vectors.add_scaled(residual, -step, product)
+        new_norm = vectors.vdot(residual, residual)
+        beta = new_norm / jnp.where(residual_norm > 0, residual_norm, 1.0)
+        direction = vectors.add_scaled(residual, beta, direction)
         it = jnp.where(curvature > 0, it + 1, max_iters)
         values = values.at[it].set(model_value(x, residual))
         return x, residual, direction, new_norm, it, values
 
-    residual = rhs - matvec(initial)
+    residual = vectors.subtract(rhs, matvec(initial))
     downhill = model_value(initial, residual) < 0
-    initial = jnp.where(downhill, initial, 0.0)
-    residual = jnp.where(downhill, residual, rhs)
-    norm = jnp.vdot(residual, residual)
-    values = jnp.zeros((max_iters + 1,), rhs.dtype).at[0].set(model_value(initial, residual))
+    initial = vectors.where(downhill, initial, 0.0)
+    residual = vectors.where(downhill, residual, rhs)
+    norm = vectors.vdot(residual, residual)
+    values = jnp.zeros((max_iters + 1,), vectors.dtype_of(rhs))
+    values = values.at[0].set(model_value(initial, residual))
     carry = (initial, residual, residual, norm, jnp.zeros([], jnp.int32), values)
     x, residual, _, _, iterations, _ = jax.lax.while_loop(cond, body, carry)
     return x, residual, iterations
@@ -96,9 +97,9 @@ def conjugate_gradient(matvec, rhs, initial, *, tol, max_iters, progress_tol=Non
 
 def cauchy_point(matvec, gradient):
     """The minimiser of ½ xᵀAx − gᵀx along g: (α g, its xᵀAx), α = gᵀg / gᵀAg."""
-    curvature = jnp.vdot(gradient, matvec(gradient))
-    alpha = jnp.where(curvature > 0, jnp.vdot(gradient, gradient) / curvature, 0.0)
-    return alpha * gradient, alpha**2 * curvature
+    curvature = vectors.vdot(gradient, matvec(gradient))
+    alpha = jnp.where(curvature > 0, vectors.vdot(gradient, gradient) / curvature, 0.0)
+    return vectors.scale(alpha, gradient), alpha**2 * curvature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,7 @@ class ConjugateGradient(Solver):
     progress_tol: float | None = None
     name = "cg"
     averages = False  # nothing is stored to average or reuse
+    per_leaf = True
 
     def __post_init__(self):
         if not self.tol > 0:
@@ -155,7 +157,7 @@ class ConjugateGradient(Solver):
 
     def init(self, params, dtype) -> ConjugateGradientState:
         return ConjugateGradientState(
-            solution=jnp.zeros((parameter_count(params),), dtype),
+            solution=tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(params)),
             iterations=jnp.zeros([], jnp.int32),
             residual=jnp.zeros([], dtype),
             quadratic=jnp.zeros([], dtype),
@@ -168,33 +170,36 @@ class ConjugateGradient(Solver):
         return state.quadratic
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
-        damping = jnp.asarray(damping, vector.dtype)
+        dtype = vectors.dtype_of(vector)
+        damping = jnp.asarray(damping, dtype)
         matvec = batch.matvec
 
         def damped(v):
-            return matvec(v) + damping * v
+            return vectors.add_scaled(matvec(v), damping, v)
 
-        initial = state.solution if self.warm_start else jnp.zeros_like(vector)
+        initial = state.solution if self.warm_start else vectors.zeros_like(vector)
         solution, residual, iterations = conjugate_gradient(
             damped,
             vector,
-            initial.astype(vector.dtype),
+            vectors.astype(initial, dtype),
             tol=self.tol,
             max_iters=self.max_iters,
             progress_tol=self.progress_tol,
         )
-        quadratic = jnp.vdot(solution, vector - residual)  # xᵀAx, as Ax = g − r
-        model_value = 0.5 * quadratic - jnp.vdot(vector, solution)
-        unsafe = ~(jnp.isfinite(model_value) & (model_value < 0) & jnp.all(jnp.isfinite(solution)))
+        quadratic = vectors.vdot(solution, vectors.subtract(vector, residual))  # xᵀAx: Ax = g − r
+        model_value = 0.5 * quadratic - vectors.vdot(vector, solution)
+        unsafe = ~(jnp.isfinite(model_value) & (model_value < 0) & vectors.all_finite(solution))
         step, quadratic = jax.lax.cond(
             unsafe, lambda: cauchy_point(damped, vector), lambda: (solution, quadratic)
         )
-        gradient_norm = jnp.linalg.norm(vector)
+        gradient_norm = vectors.norm(vector)
         new_state = ConjugateGradientState(
-            solution=jnp.where(unsafe, 0.0, solution).astype(state.solution.dtype),
+            solution=vectors.astype(
+                vectors.where(~unsafe, solution, 0.0), vectors.dtype_of(state.solution)
+            ),
             iterations=iterations,
             residual=(
-                jnp.linalg.norm(residual) / jnp.where(gradient_norm > 0, gradient_norm, 1.0)
+                vectors.norm(residual) / jnp.where(gradient_norm > 0, gradient_norm, 1.0)
             ).astype(state.residual.dtype),
             quadratic=quadratic.astype(state.quadratic.dtype),
             fell_back=unsafe,

@@ -11,8 +11,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from natgrad_jax._fisher import parameter_count
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._linalg import damped_reciprocal, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import FactoredRows, dense_row_sizes, summed_over_rows
@@ -22,7 +23,7 @@ from natgrad_jax._solvers.solver import Solver
 class DiagonalState(NamedTuple):
     """Arrays of the diagonal solver."""
 
-    diagonal: jax.Array  # (P,) float: the (averaged) diagonal of F
+    diagonal: tuple  # per leaf, in its shape: the (averaged) diagonal of F
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Diagonal(Solver):
     name = "diagonal"
     approximate = True
     averages = True
+    per_leaf = True
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats an update allocates, for the memory guard: the rows (``rows``, a
@@ -54,18 +56,22 @@ class Diagonal(Solver):
         return rows.stored + rows.per_example + 3 * num_params
 
     def init(self, params, dtype) -> DiagonalState:
-        return DiagonalState(diagonal=jnp.zeros((parameter_count(params),), dtype))
+        return DiagonalState(
+            diagonal=tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(params))
+        )
 
     def measure(self, state: DiagonalState, batch: CurvatureBatch, decay, is_first):
         """Measures diag(F) on ``batch`` and averages it into the state."""
-        dtype = state.diagonal.dtype
+        dtype = vectors.dtype_of(state.diagonal)
         if self.capture:
             diagonal, _, _ = summed_over_rows(batch, FactoredRows.diagonal, self.chunk_rows, dtype)
-            diagonal = diagonal / batch.num_examples
         else:
             rows = batch.score_rows().astype(dtype)
-            diagonal = batch.device_sum(jnp.sum(rows**2, axis=0)) / batch.num_examples
-        return DiagonalState(moving_average(state.diagonal, diagonal, decay, is_first))
+            _, unravel = vectors.ravel(state.diagonal)
+            diagonal = unravel(batch.device_sum(jnp.sum(rows**2, axis=0)))
+        diagonal = vectors.scale(1 / batch.num_examples, diagonal)
+        average = lambda old, new: moving_average(old, new, decay, is_first)
+        return DiagonalState(tuple(map(average, state.diagonal, diagonal)))
 
     def factorise(self, state: DiagonalState, batch: CurvatureBatch, damping):
         """Nothing to factorise: the solve divides elementwise."""
@@ -74,4 +80,7 @@ class Diagonal(Solver):
 
     def solve(self, state: DiagonalState, batch: CurvatureBatch, vector, damping):
         del batch
-        return vector * damped_reciprocal(state.diagonal, damping), state
+        solved = (
+            v * damped_reciprocal(d, damping) for v, d in zip(vector, state.diagonal, strict=True)
+        )
+        return tuple(solved), state

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natgrad_jax._linalg import damped_reciprocal, moving_average, split_by_sizes
+from natgrad_jax._linalg import damped_reciprocal, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import factored_rows
 from natgrad_jax._solvers.kronecker import Kronecker, output_side, split_shape
@@ -47,7 +47,7 @@ class EkfacLeafState(NamedTuple):
     left_basis: jax.Array  # (m, m) float: eigenvectors of ``left`` at the last factorisation
     right_basis: jax.Array  # (n, n) float: eigenvectors of ``right``
     scaling: jax.Array  # (m, n) float: second moments s in that eigenbasis
-    diagonal: jax.Array  # (size,) float: exact diagonal, used when the leaf is not factored
+    diagonal: jax.Array  # float, the leaf's shape: exact diagonal, used when it is not factored
 
 
 class EkfacState(NamedTuple):
@@ -100,6 +100,7 @@ class EKFAC(Solver):
     name = "ekfac"
     approximate = True
     averages = True
+    per_leaf = True
 
     @property
     def _kronecker(self) -> Kronecker:
@@ -130,15 +131,14 @@ class EKFAC(Solver):
                     left_basis=zeros(m, m),
                     right_basis=zeros(n, n),
                     scaling=zeros(m, n),
-                    diagonal=zeros(np.size(leaf)),
+                    diagonal=zeros(*np.shape(leaf)),
                 )
             )
         return EkfacState(tuple(leaves))
 
     def _update(self, state, batch, decay, is_first, refactorise):
-        sizes = [leaf.diagonal.size for leaf in state.leaves]
         dtype = state.leaves[0].diagonal.dtype
-        rows, factors, diagonals = self._kronecker.measured(batch, dtype, sizes)
+        rows, factors, diagonals = self._kronecker.measured(batch, dtype)
         factored = self._kronecker.factored_leaves(batch)
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
@@ -200,16 +200,18 @@ class EKFAC(Solver):
 
     def solve(self, state: EkfacState, batch: CurvatureBatch, vector, damping):
         factored = self._kronecker.factored_leaves(batch)
-        sizes = [leaf.diagonal.size for leaf in state.leaves]
-        pieces = split_by_sizes(vector, sizes)
         solved = []
-        for k, (leaf, piece) in enumerate(zip(state.leaves, pieces, strict=True)):
+        for k, (leaf, piece) in enumerate(zip(state.leaves, vector, strict=True)):
             scale = leaf.scaling if k in factored else leaf.diagonal
             inverse = damped_reciprocal(scale, damping)
             if k in factored:
                 matrix = piece.reshape(scale.shape)
                 rotated = leaf.left_basis.T @ matrix @ leaf.right_basis
-                solved.append((leaf.left_basis @ (rotated * inverse) @ leaf.right_basis.T).ravel())
+                solved.append(
+                    (leaf.left_basis @ (rotated * inverse) @ leaf.right_basis.T).reshape(
+                        piece.shape
+                    )
+                )
             else:
                 solved.append(piece * inverse)
-        return jnp.concatenate(solved), state
+        return tuple(solved), state

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._capture import (
     Capture,
     Layer,
@@ -40,7 +41,6 @@ from natgrad_jax._fisher import (
     device_varying,
     varying_axes,
 )
-from natgrad_jax._linalg import split_by_sizes
 
 PyTree = Any
 
@@ -210,18 +210,14 @@ class FactoredRows:
             return jnp.ones((g.shape[1], g.shape[2], 1), g.dtype)
         return a
 
-    def _split(self, flat):
-        sizes = [t.size for t in self.leaf_templates]
-        pieces = split_by_sizes(flat, sizes)
-        return [p.reshape(t.shape) for p, t in zip(pieces, self.leaf_templates, strict=True)]
-
     def _fallback_part(self, leaves):
         if not self.capture.fallback:
             return jnp.zeros((0,), self.fallback_rows.dtype)
         return jnp.concatenate([leaves[k].ravel() for k in self.capture.fallback])
 
-    def _assemble(self, per_layer, fallback):
-        """Flat vector from per-layer K×D matrices and the fallback leaves' entries."""
+    def _leaves(self, per_layer, fallback) -> tuple:
+        """The vector (leaf by leaf) of per-layer K×D matrices and the fallback leaves'
+        entries (flat, in ``capture.fallback`` order)."""
         leaves = [None] * len(self.leaf_templates)
         for layer, matrix in zip(self.capture.layers, per_layer, strict=True):
             leaves[layer.leaf] = matrix_to_leaf(layer, matrix, self.leaf_templates[layer.leaf])
@@ -231,25 +227,25 @@ class FactoredRows:
             leaves[k] = fallback[offset : offset + size].reshape(self.leaf_templates[k].shape)
             offset += size
         dtype = per_layer[0].dtype if per_layer else fallback.dtype
-        return jnp.concatenate([leaf.ravel().astype(dtype) for leaf in leaves])
+        return tuple(leaf.astype(dtype) for leaf in leaves)
 
-    def matvec(self, flat):
-        """S v as an (R, N) array."""
-        leaves = self._split(flat)
+    def matvec(self, leaves):
+        """S v as an (R, N) array, for v leaf by leaf."""
+        dtype = vectors.dtype_of(leaves)
         total = jnp.einsum("rnp,p->rn", self.fallback_rows, self._fallback_part(leaves))
         for index, layer in enumerate(self.capture.layers):
-            v = leaf_to_matrix(layer, leaves[layer.leaf]).astype(flat.dtype)
+            v = leaf_to_matrix(layer, leaves[layer.leaf]).astype(dtype)
             a, g = self.layer_inputs(index), self.gradients[index]
             total = total + jnp.einsum("ntk,kd,rntd->rn", a, v, g)
         return total
 
     def rmatvec(self, weights):
-        """Sᵀ u for u of shape (R, N), as a flat vector."""
+        """Sᵀ u for u of shape (R, N), leaf by leaf."""
         per_layer = [
             jnp.einsum("rn,ntk,rntd->kd", weights, self.layer_inputs(index), self.gradients[index])
             for index in range(len(self.capture.layers))
         ]
-        return self._assemble(per_layer, jnp.einsum("rn,rnp->p", weights, self.fallback_rows))
+        return self._leaves(per_layer, jnp.einsum("rn,rnp->p", weights, self.fallback_rows))
 
     def kernel(self):
         """S Sᵀ as an (R·N, R·N) matrix, rows ordered (r, i)."""
@@ -272,7 +268,7 @@ class FactoredRows:
         return total.reshape(r * n, r * n)
 
     def diagonal(self, skip=()):
-        """diag(SᵀS) as a flat vector (zeros for the captured layers in ``skip``)."""
+        """diag(SᵀS), leaf by leaf (zeros for the captured layers in ``skip``)."""
         per_layer = []
         for index in range(len(self.capture.layers)):
             a, g = self.layer_inputs(index), self.gradients[index]
@@ -283,7 +279,7 @@ class FactoredRows:
             else:
                 per_example = jnp.einsum("ntk,rntd->rnkd", a, g)
                 per_layer.append(jnp.sum(per_example**2, axis=(0, 1)))
-        return self._assemble(per_layer, jnp.sum(self.fallback_rows**2, axis=(0, 1)))
+        return self._leaves(per_layer, jnp.sum(self.fallback_rows**2, axis=(0, 1)))
 
     def leaf_gradients(self, index, shape):
         """Score rows of bias or scale layer ``index`` (a = 1, positions summed) in its

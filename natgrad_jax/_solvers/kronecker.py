@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._cache import FifoCache
 from natgrad_jax._capture import capture
 from natgrad_jax._linalg import (
@@ -46,7 +47,6 @@ from natgrad_jax._linalg import (
     damped_reciprocal,
     is_blocked,
     moving_average,
-    split_by_sizes,
 )
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import (
@@ -66,7 +66,7 @@ class KroneckerLeafState(NamedTuple):
     right: jax.Array  # (n, n) or (n,) float: factor over the trailing axes
     left_inverse: jax.Array  # like left: damped inverse at the last refresh
     right_inverse: jax.Array  # like right: damped inverse at the last refresh
-    diagonal: jax.Array  # (size,) float: exact diagonal, used when the leaf is not factored
+    diagonal: jax.Array  # float, the leaf's shape: exact diagonal, used when it is not factored
 
 
 class KroneckerState(NamedTuple):
@@ -346,6 +346,7 @@ class Kronecker(Solver):
     name = "kronecker"
     approximate = True
     averages = True
+    per_leaf = True
 
     def __post_init__(self):
         if self.approximation not in APPROXIMATIONS:
@@ -398,7 +399,7 @@ class Kronecker(Solver):
                     right=jnp.zeros(right, dtype),
                     left_inverse=jnp.zeros(left, dtype),
                     right_inverse=jnp.zeros(right, dtype),
-                    diagonal=jnp.zeros((np.size(leaf),), dtype),
+                    diagonal=jnp.zeros(np.shape(leaf), dtype),
                 )
             )
         return KroneckerState(tuple(leaves))
@@ -414,7 +415,7 @@ class Kronecker(Solver):
         shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
         return shared_output_factors(captured, shapes)
 
-    def measured(self, batch: CurvatureBatch, dtype, sizes):
+    def measured(self, batch: CurvatureBatch, dtype):
         """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals);
         rows is None when the output-Fisher rows were taken in chunks."""
         factored = self.factored_leaves(batch)
@@ -452,13 +453,12 @@ class Kronecker(Solver):
             inputs = rows.input_factor(layer_index, self.approximation, input_diagonal)
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
-        diagonals = split_by_sizes(diagonal / batch.num_examples, sizes)
+        diagonals = vectors.scale(1 / batch.num_examples, diagonal)
         return rows if complete else None, factors, diagonals
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
         """Averages this batch's factors and diagonals into the state (no inverses)."""
-        sizes = [leaf.diagonal.size for leaf in state.leaves]
-        _, factors, diagonals = self.measured(batch, state.leaves[0].diagonal.dtype, sizes)
+        _, factors, diagonals = self.measured(batch, state.leaves[0].diagonal.dtype)
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
         for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
@@ -501,13 +501,15 @@ class Kronecker(Solver):
 
     def solve(self, state: KroneckerState, batch: CurvatureBatch, vector, damping):
         factored = self.factored_leaves(batch)
-        sizes = [leaf.diagonal.size for leaf in state.leaves]
-        pieces = split_by_sizes(vector, sizes)
         solved = []
-        for k, (leaf, piece) in enumerate(zip(state.leaves, pieces, strict=True)):
+        for k, (leaf, piece) in enumerate(zip(state.leaves, vector, strict=True)):
             if k in factored:
                 matrix = piece.reshape(leaf.left.shape[0], leaf.right.shape[0])
-                solved.append(_precondition(leaf.left_inverse, matrix, leaf.right_inverse).ravel())
+                solved.append(
+                    _precondition(leaf.left_inverse, matrix, leaf.right_inverse).reshape(
+                        piece.shape
+                    )
+                )
             else:
                 solved.append(piece * damped_reciprocal(leaf.diagonal, damping))
-        return jnp.concatenate(solved), state
+        return tuple(solved), state

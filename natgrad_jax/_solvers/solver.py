@@ -13,7 +13,11 @@ of inspecting the object:
   diagonal) rather than the solution to a tolerance; ``natural_gradient`` then sets the
   step's length from the batch's exact quadratic model (``rescale``);
 * ``averages``: whether the state keeps a curvature across steps, which ``decay`` and
-  ``refresh_every`` act on; such a solver implements ``measure`` and ``factorise``.
+  ``refresh_every`` act on; such a solver implements ``measure`` and ``factorise``;
+* ``per_leaf``: whether ``solve`` takes and returns vectors leaf by leaf (a tuple of
+  leaf-shaped arrays, ``natgrad_jax._vectors``), so that leaves sharded over devices
+  stay sharded, or one flat (P,) array in ``ravel_pytree`` order (the default: simplest
+  to write, and what a dense or Woodbury solve needs; the transform gathers it).
 
 A solver whose answer depends on the parameters or the batch (``"auto"``) refines them
 with ``averages_for``, ``may_approximate`` and ``approximate_for``.
@@ -24,8 +28,10 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar, NamedTuple
 
+import chex
 import jax
-import jax.numpy as jnp
+
+from natgrad_jax import _vectors as vectors
 
 PyTree = Any
 
@@ -66,6 +72,7 @@ class Solver(abc.ABC):
     name: ClassVar[str]
     approximate: ClassVar[bool] = False
     averages: ClassVar[bool] = False
+    per_leaf: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, params: PyTree, dtype) -> NamedTuple | tuple:
@@ -73,8 +80,9 @@ class Solver(abc.ABC):
 
     @abc.abstractmethod
     def solve(self, state, batch, vector: jax.Array, damping) -> tuple[jax.Array, Any]:
-        """``(direction, state)``: (F + λI)⁻¹ ``vector`` (flat, ``ravel_pytree`` order of
-        the trainable leaves), with the state of the last refresh or of this batch."""
+        """``(direction, state)``: (F + λI)⁻¹ ``vector``, with the state of the last
+        refresh or of this batch. ``vector`` is flat (``ravel_pytree`` order of the
+        trainable leaves) or, with ``per_leaf``, a tuple of the leaves' entries."""
 
     @abc.abstractmethod
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
@@ -103,7 +111,7 @@ class Solver(abc.ABC):
         solves exactly with its own matrix has d = A⁻¹g, so this is gᵀd; an inexact one
         (CG) measures it during the solve and overrides this."""
         del state
-        return jnp.vdot(gradient, direction).real
+        return vectors.vdot(gradient, direction).real
 
     def with_cadence(self, decay, refresh_every) -> tuple[Solver, Any, Any]:
         """``(solver, decay, refresh_every)`` for the transform: a solver that keeps its
@@ -143,3 +151,24 @@ class Solver(abc.ABC):
         """Whether this batch's solve is an approximation (what ``rescale=None`` rescales)."""
         del batch
         return self.approximate
+
+
+def solve_on_leaves(solver: Solver, state, batch, gradient: tuple, damping):
+    """``solver.solve`` on a gradient held leaf by leaf: ``(direction, state)``, the
+    direction leaf by leaf too. A flat solver (``per_leaf = False``) gets the raveled
+    gradient and its answer is split back; its answer is checked to be shaped like what
+    it was given."""
+    if solver.per_leaf:
+        direction, state = solver.solve(state, batch, gradient, damping)
+        given, shape = gradient, "the gradient's leaves it was given"
+    else:
+        given, unravel = vectors.ravel(gradient)
+        direction, state = solver.solve(state, batch, given, damping)
+        shape = "the flat gradient (P,) it was given"
+    chex.assert_type(jax.tree.leaves(direction), float)
+    chex.assert_trees_all_equal_shapes(
+        given,
+        direction,
+        custom_message=f"{solver!r}.solve must return a direction shaped like {shape}",
+    )
+    return (direction if solver.per_leaf else unravel(direction)), state

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from natgrad_jax import _vectors as vectors
 from natgrad_jax._fisher import parameter_count
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import dense_row_sizes, factored_rows
@@ -186,8 +187,9 @@ class Woodbury(Solver):
             rows = factored_rows(batch, vector.dtype)
             shape = rows.gradients[0].shape[:2] if rows.gradients else rows.fallback_rows.shape[:2]
             kernel = rows.kernel()
-            rows_times = lambda v: rows.matvec(v).reshape(-1)
-            rows_transpose_times = lambda u: rows.rmatvec(u.reshape(shape))
+            _, unravel = vectors.ravel(rows.leaf_templates)
+            rows_times = lambda v: rows.matvec(unravel(v)).reshape(-1)
+            rows_transpose_times = lambda u: vectors.ravel(rows.rmatvec(u.reshape(shape)))[0]
         else:
             dense = batch.gather_examples(batch.score_rows().astype(vector.dtype))
             kernel, rows_times, rows_transpose_times = dense_products(dense)
