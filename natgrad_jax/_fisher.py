@@ -194,27 +194,46 @@ def per_example_scores(
     return _scores(model.log_likelihood, params, inputs, targets)
 
 
+def rows_of_leaves(leaves) -> jax.Array:
+    """Score rows held leaf by leaf (one (M, *leaf shape) array each) as one (M, P)
+    matrix, columns in ``ravel_pytree`` order."""
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+
+
 def _scores(log_likelihood, params, inputs, targets):
     """(N, P) gradients of ``log_likelihood(params, x, y)`` for each example."""
-    flat, unravel = ravel_pytree(params)
+    return rows_of_leaves(_scores_by_leaf(log_likelihood, params, inputs, targets))
+
+
+def scores_by_leaf(model: Model, params: PyTree, inputs: PyTree, targets: PyTree) -> tuple:
+    """The per-example scores of the data's labels leaf by leaf: (N, *leaf shape) each."""
+    return _scores_by_leaf(model.log_likelihood, params, inputs, targets)
+
+
+def _scores_by_leaf(log_likelihood, params, inputs, targets) -> tuple:
+    """``_scores`` leaf by leaf: an (N, *leaf shape) array per trainable leaf."""
 
     def score(x, y):
-        return jax.grad(lambda f: log_likelihood(unravel(f), x, y)[0])(flat)
+        return jax.grad(lambda p: log_likelihood(p, x, y)[0])(params)
 
-    return _map_examples(score, inputs, targets)
+    return tuple(jax.tree.leaves(_map_examples(score, inputs, targets)))
 
 
 def exact_score_rows(model: Model, params: PyTree, inputs: PyTree) -> jax.Array:
     """Rows Jᵢᵀ c_{i,r} with F_out(xᵢ) = Σ_r c_{i,r} c_{i,r}ᵀ; shape (N·R, P)."""
-    flat, unravel = ravel_pytree(params)
+    return rows_of_leaves(exact_score_rows_by_leaf(model, params, inputs))
+
+
+def exact_score_rows_by_leaf(model: Model, params: PyTree, inputs: PyTree) -> tuple:
+    """``exact_score_rows`` leaf by leaf: an (N·R, *leaf shape) array per trainable leaf."""
 
     def rows(x):
-        outputs, pullback = jax.vjp(lambda f: model.apply_fn(unravel(f), x), flat)
+        outputs, pullback = jax.vjp(lambda p: model.apply_fn(p, x), params)
         cotangents = model.likelihood.fisher_sqrt(outputs)
         return jax.vmap(lambda c: pullback(c)[0])(cotangents)
 
-    per_example = _map_examples(rows, inputs)  # (N, R, P)
-    return per_example.reshape(-1, flat.shape[0])
+    per_example = jax.tree.leaves(_map_examples(rows, inputs))  # (N, R, *leaf shape) each
+    return tuple(leaf.reshape(-1, *leaf.shape[2:]) for leaf in per_example)
 
 
 def sample_targets(model: Model, params: PyTree, inputs: PyTree, key: jax.Array, num_samples: int):
@@ -231,9 +250,16 @@ def sample_labels(likelihood, outputs: PyTree, key: jax.Array, num_samples: int)
 
 def monte_carlo_score_rows(model, params, inputs, key, num_samples):
     """Scores at sampled labels, scaled by 1/√S so that SᵀS/N is the MC mean."""
+    return rows_of_leaves(monte_carlo_score_rows_by_leaf(model, params, inputs, key, num_samples))
+
+
+def monte_carlo_score_rows_by_leaf(model, params, inputs, key, num_samples) -> tuple:
+    """``monte_carlo_score_rows`` leaf by leaf: an (S·N, *leaf shape) array per leaf."""
     sampled = sample_targets(model, params, inputs, key, num_samples)
-    scores = jax.vmap(lambda y: _scores(model.sampled_log_likelihood, params, inputs, y))(sampled)
-    return scores.reshape(-1, scores.shape[-1]) / jnp.sqrt(jnp.asarray(num_samples, scores.dtype))
+    log_likelihood = model.sampled_log_likelihood
+    scores = jax.vmap(lambda y: _scores_by_leaf(log_likelihood, params, inputs, y))(sampled)
+    scale = lambda leaf: jnp.sqrt(jnp.asarray(num_samples, leaf.dtype))
+    return tuple(leaf.reshape(-1, *leaf.shape[2:]) / scale(leaf) for leaf in scores)
 
 
 def device_sum(value, axis_name: str | None):

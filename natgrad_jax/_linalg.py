@@ -12,7 +12,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from natgrad_jax._precision import exact_matmuls
 
@@ -125,12 +124,6 @@ def damped_reciprocal(values: jax.Array, damping) -> jax.Array:
     diagonal (a Fisher's diagonal, or its second moments in an eigenbasis)."""
     damped = values + jnp.asarray(damping, values.dtype)
     return jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 0.0)
-
-
-def split_by_sizes(vector: jax.Array, sizes) -> list[jax.Array]:
-    """``vector`` cut along its last axis into consecutive pieces of ``sizes`` (the
-    trainable leaves of a flat parameter vector, in ``ravel_pytree`` order)."""
-    return jnp.split(vector, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 
 def block_layout(size: int, block_size: int) -> tuple[int, int]:

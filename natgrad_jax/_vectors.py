@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.shard_alike import shard_alike
 
 Vector = Any  # a tuple of leaf-shaped arrays, or one array
 
@@ -30,8 +31,13 @@ def leaves_of(tree) -> tuple:
 
 
 def vdot(u: Vector, v: Vector) -> jax.Array:
-    """uᵀv: the sum of the leaves' inner products."""
-    return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v), strict=True))
+    """uᵀv (ūᵀv for complex): the sum of the leaves' inner products.
+
+    Each leaf's product is summed in its own shape: ``jnp.vdot`` would flatten it first,
+    and flattening a leaf sharded along any axis but the first gathers it whole on
+    every device."""
+    leaves = zip(jax.tree.leaves(u), jax.tree.leaves(v), strict=True)
+    return sum(jnp.sum(jnp.conj(a) * b) for a, b in leaves)
 
 
 def add(u: Vector, v: Vector) -> Vector:
@@ -83,6 +89,16 @@ def all_finite(v: Vector) -> jax.Array:
 def norm(v: Vector) -> jax.Array:
     """‖v‖₂."""
     return jnp.sqrt(vdot(v, v).real)
+
+
+def sharded_like(v: Vector, template: Vector) -> Vector:
+    """v with each leaf partitioned as ``template``'s leaf (``shard_alike``): under
+    ``jit`` with parameters sharded over devices, a statistic that nothing ties to its
+    leaf (K-FAC's unused diagonal of a factored leaf) would otherwise be laid out by
+    XLA, replicated."""
+    leaves = zip(jax.tree.leaves(v), jax.tree.leaves(template), strict=True)
+    alike = [shard_alike(a, b)[0] for a, b in leaves]
+    return jax.tree.unflatten(jax.tree.structure(v), alike)
 
 
 def dtype_of(v: Vector):

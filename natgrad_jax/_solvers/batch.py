@@ -20,12 +20,13 @@ from natgrad_jax._fisher import (
     device_sum,
     device_varying,
     exact_rows_per_example,
-    exact_score_rows,
+    exact_score_rows_by_leaf,
     fisher_operator,
     global_batch_size,
-    monte_carlo_score_rows,
-    per_example_scores,
+    monte_carlo_score_rows_by_leaf,
+    rows_of_leaves,
     sample_labels,
+    scores_by_leaf,
 )
 from natgrad_jax._model import Model
 
@@ -75,26 +76,25 @@ class CurvatureBatch:
         return jax.lax.all_gather(value, self.axis_name, axis=axis, tiled=True)
 
     @property
-    def leaf_sizes(self) -> tuple[int, ...]:
-        """Sizes of the parameter leaves, in ``jax.tree.leaves`` order."""
-        return tuple(leaf.size for leaf in jax.tree.leaves(self.params))
-
-    @property
     def device_key(self):
         """The PRNG key for this device's Monte-Carlo labels."""
         return None if self.key is None else device_key(self.key, self.axis_name)
 
     def score_rows(self) -> jax.Array:
         """This device's rows of S (F = SᵀS / N, N the whole batch), shape (rows, P)."""
+        return rows_of_leaves(self.score_rows_by_leaf())
+
+    def score_rows_by_leaf(self) -> tuple:
+        """``score_rows`` leaf by leaf: a (rows, *leaf shape) array per trainable leaf."""
         params = device_varying(self.params, self.axis_name)
         if self.kind == "exact":
-            return exact_score_rows(self.model, params, self.inputs)
+            return exact_score_rows_by_leaf(self.model, params, self.inputs)
         if self.kind == "monte_carlo":
             num_samples = check_num_samples(self.num_samples)
-            return monte_carlo_score_rows(
+            return monte_carlo_score_rows_by_leaf(
                 self.model, params, self.inputs, self.device_key, num_samples
             )
-        return per_example_scores(self.model, params, self.inputs, self.targets, max_bytes=None)
+        return scores_by_leaf(self.model, params, self.inputs, self.targets)
 
     def forward_pass(self) -> ForwardPass:
         """The model's forward pass on this batch: ``forward`` or a new one."""

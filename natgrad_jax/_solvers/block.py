@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._linalg import batched_inverses, moving_average, split_by_sizes
+from natgrad_jax._linalg import batched_inverses, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.solver import Solver
 
@@ -51,11 +51,8 @@ class BlockDiagonal(Solver):
     def measure(self, state, batch: CurvatureBatch, decay, is_first):
         """Measures each leaf's block on ``batch`` and averages it into the state."""
         dtype = state.blocks[0].dtype
-        rows = batch.score_rows().astype(dtype)
-        measured = [
-            batch.device_sum(r.T @ r) / batch.num_examples
-            for r in split_by_sizes(rows, batch.leaf_sizes)
-        ]
+        rows = (r.reshape(r.shape[0], -1).astype(dtype) for r in batch.score_rows_by_leaf())
+        measured = [batch.device_sum(r.T @ r) / batch.num_examples for r in rows]
         blocks = tuple(
             moving_average(old, new, decay, is_first)
             for old, new in zip(state.blocks, measured, strict=True)

@@ -66,9 +66,8 @@ class Diagonal(Solver):
         if self.capture:
             diagonal, _, _ = summed_over_rows(batch, FactoredRows.diagonal, self.chunk_rows, dtype)
         else:
-            rows = batch.score_rows().astype(dtype)
-            _, unravel = vectors.ravel(state.diagonal)
-            diagonal = unravel(batch.device_sum(jnp.sum(rows**2, axis=0)))
+            rows = batch.score_rows_by_leaf()
+            diagonal = [batch.device_sum(jnp.sum(r.astype(dtype) ** 2, axis=0)) for r in rows]
         diagonal = vectors.scale(1 / batch.num_examples, diagonal)
         average = lambda old, new: moving_average(old, new, decay, is_first)
         return DiagonalState(tuple(map(average, state.diagonal, diagonal)))

@@ -143,11 +143,11 @@ class EKFAC(Solver):
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
         for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
-            if k not in factored:
-                new_leaves.append(old._replace(diagonal=average(old.diagonal, diagonal)))
-                continue
-            left, right = average(old.left, factors[k][0]), average(old.right, factors[k][1])
-            new_leaves.append(old._replace(left=left, right=right))  # its diagonal is unused
+            new = old._replace(diagonal=average(old.diagonal, diagonal))  # zero if factored
+            if k in factored:
+                left, right = average(old.left, factors[k][0]), average(old.right, factors[k][1])
+                new = new._replace(left=left, right=right)
+            new_leaves.append(new)
         if refactorise:
             new_leaves = self._with_eigenbases(new_leaves, batch)
         for k in factored:

@@ -453,7 +453,9 @@ class Kronecker(Solver):
             inputs = rows.input_factor(layer_index, self.approximation, input_diagonal)
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
-        diagonals = vectors.scale(1 / batch.num_examples, diagonal)
+        # Zeros where the leaf is factored: averaged like the others, so that every
+        # diagonal is partitioned as its leaf (a kept one would be laid out by XLA).
+        diagonals = vectors.sharded_like(vectors.scale(1 / batch.num_examples, diagonal), leaves)
         return rows if complete else None, factors, diagonals
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
@@ -462,11 +464,10 @@ class Kronecker(Solver):
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
         for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
-            if k in factors:  # its diagonal is not used: left as it is
+            new = old._replace(diagonal=average(old.diagonal, diagonal))
+            if k in factors:  # its diagonal is zero and unused
                 left, right = factors[k]
-                new = old._replace(left=average(old.left, left), right=average(old.right, right))
-            else:
-                new = old._replace(diagonal=average(old.diagonal, diagonal))
+                new = new._replace(left=average(old.left, left), right=average(old.right, right))
             new_leaves.append(new)
         return KroneckerState(tuple(new_leaves))
 
