@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from natgrad_jax._capture import capture
 from natgrad_jax._fisher import exact_rows_per_example
 from natgrad_jax._independence import check_independent_examples
-from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, Problem, refusal
+from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, SOLVERS, Problem, refusal
 from natgrad_jax._model import Model
 from natgrad_jax._parameters import on_trainable
 from natgrad_jax._solvers.auto import Auto, auto_choice
@@ -51,7 +51,9 @@ def describe(
     ``"dense"``, ``"block_diagonal"`` and ``"cg"`` do not depend on capture: they use
     vmap-ed score rows or Fisher-vector products. The last lines say what
     ``solver="auto"`` picks for the exact Fisher of this batch, with its estimates of
-    the multiply-adds of one update (see ``ng.choose_solver``), and the memory the
+    the multiply-adds of one update (see ``ng.choose_solver``), where its work lives
+    when the parameters are sharded over devices (leaf by leaf on each leaf's sharding,
+    or gathered into one P-vector), and the memory the
     memory guard estimates for that update against ``max_curvature_bytes``: whether it
     fits, or the refusal an update would raise, with the remedies that fit.
 
@@ -75,6 +77,7 @@ def describe(
       ['w']  (3, 2)  captured: matmul, input (8, 3)              A ⊗ G: 3×3 ⊗ 2×2
       solver="auto" picks dense:
         least estimated cost, P = 8, M = 16: dense 1.2e+03, woodbury 3.7e+03, cg 3.0e+07
+        placement: dense gathers the P-vector; its P×P Fisher on every device
       memory: about 0.0 MiB an update, within max_curvature_bytes = 4.00 GiB
     """
     check_independent_examples(model.apply_fn, params, inputs)
@@ -92,6 +95,7 @@ def describe(
     num_rows = num_examples * exact_rows_per_example(model, params, inputs)
     solver, reason = auto_choice(captured, captured.leaf_shapes, num_rows, num_examples)
     lines = [*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"]
+    lines.append(f"  {_placement(solver, params)}")
     if max_curvature_bytes is not None:
         dtype = jnp.result_type(*(leaf.dtype for leaf in jax.tree.leaves(params)), jnp.float32)
         itemsize = jnp.dtype(dtype).itemsize
@@ -100,6 +104,22 @@ def describe(
         )
         lines.append(f"  {_memory_verdict(problem, max_curvature_bytes)}")
     return "\n".join(lines)
+
+
+def _placement(solver: str, params: PyTree) -> str:
+    """One line: where the solver's work lives, and over how many devices the
+    parameters are (concrete arrays only)."""
+    devices = {
+        device
+        for leaf in jax.tree.leaves(params)
+        if isinstance(leaf, jax.Array)
+        for device in leaf.sharding.device_set
+    }
+    where = f" (parameters on {len(devices)} devices)" if len(devices) > 1 else ""
+    if SOLVERS[solver].per_leaf:
+        return f"placement{where}: {solver} works leaf by leaf, on each leaf's sharding"
+    held = "P×P Fisher" if solver == "dense" else "M×M kernel"
+    return f"placement{where}: {solver} gathers the P-vector; its {held} on every device"
 
 
 def _memory_verdict(problem: Problem, max_bytes: float) -> str:
