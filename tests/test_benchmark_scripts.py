@@ -141,3 +141,21 @@ def test_race_benchmarks_run_at_tiny_sizes(script, sizes, tmp_path, monkeypatch,
     assert "jax " + jax.__version__ in out and str(datetime.date.today()) in out
     assert "val loss at 600 s" in out and "ngd defaults lr=1" in out
     assert (tmp_path / f"{script}.png").exists()
+
+
+def test_factor_subsampling_benchmark_runs_at_tiny_sizes(monkeypatch, capsys):
+    """Its table: per model the full factors (error 0, time ratio 1) and each S."""
+    module = benchmark_module("factor_subsampling")
+    monkeypatch.setattr(module, "report_run_time", lambda: None)
+    tiny = ["--width", "16", "--layers", "1", "--context", "8", "--batch", "4"]
+    tiny += ["--corpus-chars", "20000", "--channels", "4", "8", "--cnn-batch", "16"]
+    rows = module.main([*tiny, "--positions", "8", "--draws", "2"])
+    out = capsys.readouterr().out
+    assert [row[:2] for row in rows] == [
+        ("transformer LM", "all"),
+        ("transformer LM", "8"),
+        ("CNN", "all"),
+        ("CNN", "8"),
+    ]
+    assert rows[0][2:4] == ("0", "0") and 0 < float(rows[1][2]) <= float(rows[1][3])
+    assert "jax " + jax.__version__ in out and str(datetime.date.today()) in out

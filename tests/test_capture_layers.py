@@ -702,3 +702,74 @@ def _check_shared_biases(name, model, params, inputs, expected):
             # have their weight's g too, but keep tensor-normal factors: not shared).
             assert same == layouts_agree, (name, captured.leaf_names[bias], how)
             assert same or bias not in shared, (name, captured.leaf_names[bias], how)
+
+
+def _token_model():
+    """A tanh layer and a readout shared over T = 6 tokens of 5 sequences, per-token
+    Categorical: two K-FAC layers with N·T = 30 positions each."""
+    t, k, width, classes = 6, 4, 5, 3
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, t, k))
+    params = {
+        "w": jax.random.normal(jax.random.PRNGKey(1), (k, width)),
+        "v": jax.random.normal(jax.random.PRNGKey(2), (width, classes)),
+    }
+    model = ng.Model(lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"], ng.Categorical())
+    return model, params, x
+
+
+def _factors(model, params, x, solver, key):
+    batch = CurvatureBatch(model, params, x, "exact", key=key)
+    _, factors, _ = solver.measured(batch, jnp.float64)
+    return [f for pair in factors.values() for f in pair]
+
+
+def test_subsampled_factor_statistics_are_unbiased_and_converge_to_the_full_ones():
+    """K-FAC's A and G from S of the N·T = 30 positions of each layer: with S ≥ N·T the
+    full factors; each subsample symmetric PSD; their mean over draws converges to the
+    full factors as 1/√draws (Monte-Carlo error), so it is unbiased; and the error of
+    one draw falls as S grows."""
+    model, params, x = _token_model()
+    full = _factors(model, params, x, ng.Kronecker(), None)
+    for got, want in zip(
+        _factors(model, params, x, ng.Kronecker(statistics_positions=30), None), full, strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+    def draws(count, positions):
+        solver = ng.Kronecker(statistics_positions=positions)
+        keys = jax.random.split(jax.random.PRNGKey(7), count)
+        return jax.vmap(lambda key: _factors(model, params, x, solver, key))(keys)
+
+    def error(estimate, want):
+        return float(jnp.linalg.norm(estimate - want) / jnp.linalg.norm(want))
+
+    sampled = draws(1600, 8)
+    for draw, want in zip(sampled, full, strict=True):
+        np.testing.assert_allclose(draw, jnp.swapaxes(draw, 1, 2), rtol=1e-12, atol=1e-14)
+        assert float(jnp.min(jnp.linalg.eigvalsh(draw))) > -1e-12
+        few, many = error(jnp.mean(draw[:25], 0), want), error(jnp.mean(draw, 0), want)
+        assert many < 0.05 and many < 0.5 * few, (few, many)  # 1/√64 = 0.125 expected
+    for k, want in enumerate(full):
+        single = [np.mean([error(d, want) for d in draws(200, s)[k]]) for s in (4, 8, 16, 24)]
+        assert single == sorted(single, reverse=True), single
+
+
+def test_subsampled_statistics_are_refused_where_they_do_not_apply():
+    with pytest.raises(ValueError, match="statistics_positions must be an int"):
+        ng.Kronecker(statistics_positions=0)
+    with pytest.raises(ValueError, match='approximation="reduce"'):
+        ng.Kronecker("reduce", statistics_positions=8)
+
+
+def test_kfac_with_subsampled_statistics_trains_a_token_model():
+    model, params, x = _token_model()
+    y = jnp.arange(30).reshape(5, 6) % 3
+    tx = ng.natural_gradient(model, 1.0, solver=ng.Kronecker(statistics_positions=8))
+    state = tx.init(params)
+    start = float(model.nll(params, x, y))
+    for _ in range(5):
+        updates, state = tx.update(
+            jax.grad(model.nll)(params, x, y), state, params, inputs=x, targets=y
+        )
+        params = jax.tree.map(jnp.add, params, updates)
+    assert float(model.nll(params, x, y)) < 0.7 * start

@@ -322,20 +322,50 @@ class FactoredRows:
             self.output_factor(index, approximation, diagonal[1]),
         )
 
-    def input_factor(self, index, approximation: str = "expand", only_diagonal=False):
-        """A of ``kronecker_factors``."""
+    def input_factor(self, index, approximation: str = "expand", only_diagonal=False, sample=None):
+        """A of ``kronecker_factors``. ``sample=(key, S)`` ("expand" only): from S of
+        the layer's N·T positions (``sampled_positions``), N·T/S · 1/N Σ over them, an
+        unbiased estimate of A."""
         a = self.layer_inputs(index)
         if approximation == "reduce":
             a = jnp.mean(a, axis=1, keepdims=True)
-        return _second_moment(a, only_diagonal) / self.num_examples
+        num_positions = a.shape[0] * a.shape[1]
+        positions = sampled_positions(index, sample, num_positions)
+        if positions is None:
+            return _second_moment(a, only_diagonal) / self.num_examples
+        scale = num_positions / positions.shape[0]
+        sampled = a.reshape(num_positions, -1)[positions]
+        return _second_moment(sampled, only_diagonal) * (scale / self.num_examples)
 
-    def output_factor(self, index, approximation: str = "expand", only_diagonal=False):
-        """G of ``kronecker_factors``: a sum over the output-Fisher rows."""
+    def output_factor(self, index, approximation: str = "expand", only_diagonal=False, sample=None):
+        """G of ``kronecker_factors``: a sum over the output-Fisher rows. With
+        ``sample`` (as ``input_factor``, the same positions) 1/S Σ over those positions
+        of every row."""
         g = self.gradients[index]
         t = 1 if approximation == "reduce" else g.shape[2]
         if approximation == "reduce":
             g = jnp.sum(g, axis=2, keepdims=True)
-        return _second_moment(g, only_diagonal) / (self.num_examples * t)
+        num_positions = g.shape[1] * g.shape[2]
+        positions = sampled_positions(index, sample, num_positions)
+        if positions is None:
+            return _second_moment(g, only_diagonal) / (self.num_examples * t)
+        sampled = g.reshape(g.shape[0], num_positions, -1)[:, positions]
+        return _second_moment(sampled, only_diagonal) / positions.shape[0]
+
+
+def sampled_positions(index, sample, num_positions: int):
+    """S of a layer's ``num_positions`` positions, drawn uniformly with replacement, for
+    ``sample=(key, S)``; the same for every call with that key and layer ``index``
+    (inside a loop over chunks of rows too). None without a sample or with S ≥ N·T.
+
+    With replacement: drawing without it (``jax.random.choice``) sorts a permutation of
+    the N·T positions, which cost more than the products it saves (the LM benchmark's
+    measurement took 1.4× the full one's; ``benchmarks/factor_subsampling.py``)."""
+    if sample is None or num_positions <= sample[1]:
+        return None
+    key, count = sample
+    layer_key = jax.random.fold_in(key, index)
+    return jax.random.randint(layer_key, (count,), 0, num_positions)
 
 
 def _second_moment(x, only_diagonal: bool):

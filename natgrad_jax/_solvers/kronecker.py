@@ -320,6 +320,12 @@ class Kronecker(Solver):
         inverse: about 160 ms on a 2-core CPU against 2.4 ms for an AdamW step of the
         whole network; as four 512-blocks, a sixteenth of the work. The statistics stay
         whole; the cross-block correlations are left out of the solve.
+      statistics_positions: A and G of a layer from at most this many of its N·T
+        positions (examples × tokens or convolution sites), drawn uniformly with
+        replacement at every measurement (the same for A and G, from the step's PRNG
+        key) and scaled so that each factor is an unbiased estimate of the whole
+        batch's (``None``: every position; "expand" only). The products cost S·(K² +
+        R·D²) instead of N·T·(K² + R·D²); the backward pass still forms every g.
       chunk_rows: the output-Fisher rows per example are taken this many at a time
         (``None``: all at once). The exact Fisher of a model with many outputs has as
         many rows (784 for a Gaussian image model) and each holds every layer's g; the
@@ -342,6 +348,7 @@ class Kronecker(Solver):
     max_factor_size: int | None = DEFAULT_MAX_FACTOR_SIZE
     chunk_rows: int | None = 32
     block_size: int | None = DEFAULT_BLOCK_SIZE
+    statistics_positions: int | None = None
 
     name = "kronecker"
     approximate = True
@@ -353,6 +360,18 @@ class Kronecker(Solver):
             raise ValueError(
                 f"approximation must be one of {APPROXIMATIONS}, got {self.approximation!r}."
             )
+        if self.statistics_positions is not None:
+            if not (isinstance(self.statistics_positions, int) and self.statistics_positions >= 1):
+                raise ValueError(
+                    "statistics_positions must be an int ≥ 1 or None, got "
+                    f"{self.statistics_positions!r}."
+                )
+            if self.approximation != "expand":
+                raise ValueError(
+                    'statistics_positions subsamples the positions "expand" counts as '
+                    'examples; with approximation="reduce" the positions are summed '
+                    "first (leave statistics_positions=None)."
+                )
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats an update allocates, for the memory guard: six copies of each leaf's
@@ -435,9 +454,11 @@ class Kronecker(Solver):
         # The exact diagonal only where the leaf is not factored (zeros elsewhere).
         skip = {layer_index for layer_index, _ in factored.values()}
 
+        sample = self._sample(batch)
+
         def summed(rows):  # statistics that are sums over the output-Fisher rows
             outputs = {
-                k: rows.output_factor(layer_index, self.approximation, output_diagonal)
+                k: rows.output_factor(layer_index, self.approximation, output_diagonal, sample)
                 for k, (layer_index, _, output_diagonal) in plan.items()
                 if k not in shared
             }
@@ -450,13 +471,21 @@ class Kronecker(Solver):
         )
         factors = {k: _tensor_normal(*pair) for k, pair in moments.items()}
         for k, (layer_index, input_diagonal, _) in plan.items():
-            inputs = rows.input_factor(layer_index, self.approximation, input_diagonal)
+            inputs = rows.input_factor(layer_index, self.approximation, input_diagonal, sample)
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
         # Zeros where the leaf is factored: averaged like the others, so that every
         # diagonal is partitioned as its leaf (a kept one would be laid out by XLA).
         diagonals = vectors.sharded_like(vectors.scale(1 / batch.num_examples, diagonal), leaves)
         return rows if complete else None, factors, diagonals
+
+    def _sample(self, batch: CurvatureBatch):
+        """``(key, S)`` for ``FactoredRows.input_factor``, or None: every position. The
+        batch's key, not a device's: a and g are the whole batch's on every device."""
+        if self.statistics_positions is None:
+            return None
+        key = jax.random.PRNGKey(0) if batch.key is None else batch.key
+        return jax.random.fold_in(key, 1), self.statistics_positions
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
         """Averages this batch's factors and diagonals into the state (no inverses)."""
