@@ -36,7 +36,7 @@ def lm_problem(args):
     params = transformer_lm.init_transformer(
         jax.random.PRNGKey(0), vocabulary, args.width, args.layers, args.context
     )
-    model = ng.Model(lambda p, t: transformer_lm.transformer(p, t), ng.Categorical())
+    model = ng.Model(lambda p, t: transformer_lm.transformer(p, t, args.heads), ng.Categorical())
     tokens, targets = next(transformer_lm.batch_stream(ids, args.batch, args.context)())
     del targets
     return "transformer LM", model, params, tokens
@@ -99,11 +99,7 @@ def rows_for(problem, positions, draws):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--corpus-chars", type=int, default=200_000)
+    transformer_lm.add_model_arguments(parser, corpus_chars=200_000)
     parser.add_argument("--channels", type=int, nargs="+", default=list(cnn.CHANNELS))
     parser.add_argument("--cnn-batch", type=int, default=128)
     parser.add_argument("--positions", type=int, nargs="+", default=[256, 512, 1024])

@@ -135,14 +135,19 @@ def batch_stream(ids: np.ndarray, batch: int, context: int):
     return batches
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser, corpus_chars: int | None = None) -> None:
+    """The LM's sizes and its corpus (a prefix of ``corpus_chars`` characters)."""
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--corpus-chars", type=int, default=None, help="use a prefix")
+    parser.add_argument("--corpus-chars", type=int, default=corpus_chars, help="use a prefix")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
     add_race_arguments(parser, seconds=60.0, eval_every=25)
     args = parser.parse_args(argv)
     report_run_time()
