@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.shard_alike import shard_alike
 
 Vector = Any  # a tuple of leaf-shaped arrays, or one array
 
@@ -92,13 +91,15 @@ def norm(v: Vector) -> jax.Array:
 
 
 def sharded_like(v: Vector, template: Vector) -> Vector:
-    """v with each leaf partitioned as ``template``'s leaf (``shard_alike``): under
-    ``jit`` with parameters sharded over devices, a statistic that nothing ties to its
-    leaf (K-FAC's unused diagonal of a factored leaf) would otherwise be laid out by
-    XLA, replicated."""
+    """v, each leaf tied to ``template``'s leaf of the same shape (v + 0·template), so that
+    under ``jit`` XLA lays it out as that leaf: a statistic that nothing else ties to
+    its leaf (K-FAC's unused diagonal of a factored leaf) would otherwise be laid out by
+    XLA, replicated on parameters sharded over devices. (XLA keeps 0·x for floats: it
+    is NaN where x is. ``jax.experimental.shard_alike`` did this without the product
+    until jax 0.12 removed it.)"""
     leaves = zip(jax.tree.leaves(v), jax.tree.leaves(template), strict=True)
-    alike = [shard_alike(a, b)[0] for a, b in leaves]
-    return jax.tree.unflatten(jax.tree.structure(v), alike)
+    tied = [a + jnp.zeros((), a.dtype) * b.astype(a.dtype) for a, b in leaves]
+    return jax.tree.unflatten(jax.tree.structure(v), tied)
 
 
 def dtype_of(v: Vector):

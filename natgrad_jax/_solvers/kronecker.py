@@ -474,9 +474,14 @@ class Kronecker(Solver):
             inputs = rows.input_factor(layer_index, self.approximation, input_diagonal, sample)
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
-        # Zeros where the leaf is factored: averaged like the others, so that every
-        # diagonal is partitioned as its leaf (a kept one would be laid out by XLA).
-        diagonals = vectors.sharded_like(vectors.scale(1 / batch.num_examples, diagonal), leaves)
+        # Zeros where the leaf is factored, tied to the leaf so that XLA lays them out
+        # as it (a kept one would be laid out by XLA, replicated).
+        diagonals = tuple(
+            vectors.sharded_like(d, leaf) if k in factored else d
+            for k, (d, leaf) in enumerate(
+                zip(vectors.scale(1 / batch.num_examples, diagonal), leaves, strict=True)
+            )
+        )
         return rows if complete else None, factors, diagonals
 
     def _sample(self, batch: CurvatureBatch):
