@@ -531,9 +531,8 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
     trust region and the damping rule; and the next state."""
     key, step_key = jax.random.split(state.key)
     damping = options.damping_at(state)
-    update_leaves, treedef = jax.tree.flatten(updates)
-    gradient = vectors.astype(update_leaves, _solve_dtype(jnp.result_type(*update_leaves)))
-    gradient = tuple(gradient)
+    update_leaves, treedef = jax.tree.flatten(updates)  # the gradient, leaf by leaf
+    gradient = tuple(vectors.astype(update_leaves, _solve_dtype(jnp.result_type(*update_leaves))))
     batch = CurvatureBatch(
         with_frozen(options.model, frozen),
         params,
@@ -699,8 +698,8 @@ def _keep_unless(condition: jax.Array, new: NamedTuple, old: NamedTuple) -> Name
 
 def _minimise_quadratic_model(batch: CurvatureBatch, gradient, span, damping):
     """(δ, δᵀFδ): the minimiser δ = Σ_i c_i v_i of the batch's exact quadratic model
-    m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2 flat ``vectors`` v_i (a
-    sequence, or the rows of an array).
+    m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2 vectors v_i of ``span``
+    (each held leaf by leaf).
 
     With v = d alone, δ = α d, α = gᵀd / dᵀ(F + λI)d (0 if d is not a descent direction
     of the model): α = 1 for d = (F + λI)⁻¹g, and for an approximate curvature (K-FAC) α
