@@ -82,7 +82,7 @@ def astype(v: Vector, dtype) -> Vector:
 
 def all_finite(v: Vector) -> jax.Array:
     """Whether every entry is finite."""
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(v)]))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(v)]))
 
 
 def norm(v: Vector) -> jax.Array:

@@ -35,7 +35,7 @@ import numpy as np
 from natgrad_jax._linalg import damped_reciprocal, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import factored_rows
-from natgrad_jax._solvers.kronecker import Kronecker, output_side, split_shape
+from natgrad_jax._solvers.kronecker import Kronecker, output_side, split_shape, unused_diagonal
 from natgrad_jax._solvers.solver import Solver
 
 
@@ -142,12 +142,14 @@ class EKFAC(Solver):
         factored = self._kronecker.factored_leaves(batch)
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
+        leaves = jax.tree.leaves(batch.params)
         for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
-            new = old._replace(diagonal=average(old.diagonal, diagonal))  # zero if factored
-            if k in factored:
-                left, right = average(old.left, factors[k][0]), average(old.right, factors[k][1])
-                new = new._replace(left=left, right=right)
-            new_leaves.append(new)
+            if k not in factored:
+                new_leaves.append(old._replace(diagonal=average(old.diagonal, diagonal)))
+                continue
+            left, right = average(old.left, factors[k][0]), average(old.right, factors[k][1])
+            unused = unused_diagonal(old.diagonal, leaves[k])
+            new_leaves.append(old._replace(left=left, right=right, diagonal=unused))
         if refactorise:
             new_leaves = self._with_eigenbases(new_leaves, batch)
         for k in factored:

@@ -282,6 +282,13 @@ def _mean_eigenvalue(factor):
     return _trace(factor) / factor.shape[0]
 
 
+def unused_diagonal(diagonal, leaf):
+    """The diagonal a factored leaf keeps but never uses (its zeros from ``init``), tied
+    to the leaf (``_vectors.sharded_like``) so that on sharded parameters XLA lays it out
+    as the leaf instead of replicating it."""
+    return vectors.sharded_like(diagonal, leaf)
+
+
 def _pi_dampings(left, right, damping):
     """(π√λ, √λ/π), π from the factors' mean eigenvalues (Martens & Grosse 2015, 6.3)."""
     eps = jnp.finfo(left.dtype).tiny
@@ -474,14 +481,7 @@ class Kronecker(Solver):
             inputs = rows.input_factor(layer_index, self.approximation, input_diagonal, sample)
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
-        # Zeros where the leaf is factored, tied to the leaf so that XLA lays them out
-        # as it (a kept one would be laid out by XLA, replicated).
-        diagonals = tuple(
-            vectors.sharded_like(d, leaf) if k in factored else d
-            for k, (d, leaf) in enumerate(
-                zip(vectors.scale(1 / batch.num_examples, diagonal), leaves, strict=True)
-            )
-        )
+        diagonals = vectors.scale(1 / batch.num_examples, diagonal)
         return rows if complete else None, factors, diagonals
 
     def _sample(self, batch: CurvatureBatch):
@@ -497,11 +497,17 @@ class Kronecker(Solver):
         _, factors, diagonals = self.measured(batch, state.leaves[0].diagonal.dtype)
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
+        leaves = jax.tree.leaves(batch.params)
         for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
-            new = old._replace(diagonal=average(old.diagonal, diagonal))
-            if k in factors:  # its diagonal is zero and unused
+            if k in factors:
                 left, right = factors[k]
-                new = new._replace(left=average(old.left, left), right=average(old.right, right))
+                new = old._replace(
+                    left=average(old.left, left),
+                    right=average(old.right, right),
+                    diagonal=unused_diagonal(old.diagonal, leaves[k]),
+                )
+            else:
+                new = old._replace(diagonal=average(old.diagonal, diagonal))
             new_leaves.append(new)
         return KroneckerState(tuple(new_leaves))
 
