@@ -674,7 +674,7 @@ def _adapt_damping(options: _Options, batch, gradient, direction, damping, fishe
     """``(d, next λ, _Taken)``: with Levenberg–Marquardt damping, λ follows the reduction
     ratio and a step that is not finite or would raise the loss becomes zero; otherwise
     λ and d pass through."""
-    finite = vectors.all_finite(gradient) & vectors.all_finite(direction)
+    finite = vectors.all_finite(gradient, direction)
     if not options.adaptive:
         return direction, jnp.asarray(damping), _Taken(finite, jnp.asarray(True))
     next_damping, accepted = _levenberg_marquardt(
@@ -710,7 +710,7 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, span, damping):
     """
     dtype = vectors.dtype_of(span[0])
     fisher = batch.fisher_gram(span)
-    damped = fisher + jnp.asarray(damping, dtype) * vectors.inner_products(span, span)
+    damped = fisher + jnp.asarray(damping, dtype) * vectors.gram(span)
     slopes = vectors.inner_products(span, [gradient])[:, 0]
     curvature, slope = damped[0, 0], slopes[0]
     descent = (curvature > 0) & (slope > 0)

@@ -32,7 +32,7 @@ def leaves_of(tree) -> tuple:
 def vdot(u: Vector, v: Vector) -> jax.Array:
     """uᵀv (ūᵀv for complex): the sum of the leaves' inner products.
 
-    Each leaf's product is summed in its own shape: ``jnp.vdot`` would flatten it first,
+    Each leaf's product is taken in its own shape: ``jnp.vdot`` would flatten it first,
     and flattening a leaf sharded along any axis but the first gathers it whole on
     every device."""
     leaves = zip(jax.tree.leaves(u), jax.tree.leaves(v), strict=True)
@@ -80,9 +80,16 @@ def astype(v: Vector, dtype) -> Vector:
     return jax.tree.map(lambda leaf: leaf.astype(dtype), v)
 
 
-def all_finite(v: Vector) -> jax.Array:
-    """Whether every entry is finite."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(v)]))
+def all_finite(*vs: Vector) -> jax.Array:
+    """Whether every entry of every vector is finite.
+
+    One flag per leaf, reduced behind an optimisation barrier: without it XLA fused the
+    leaves' reductions and their chain of ``and``s into every fusion that reads the
+    result (the transform's choice between the new and the old state, one per state
+    array), and the README demo's step (16 leaves) compiled in 4.1 s instead of 3.5."""
+    per_leaf = zip(*(jax.tree.leaves(v) for v in vs), strict=True)
+    flags = [jnp.all(jnp.stack([jnp.isfinite(a) for a in arrays])) for arrays in per_leaf]
+    return jnp.all(jax.lax.optimization_barrier(jnp.stack(flags)))
 
 
 def norm(v: Vector) -> jax.Array:
@@ -121,6 +128,13 @@ def inner_products(vectors: Sequence[Vector], others: Sequence[Vector]) -> jax.A
              [3.]], dtype=float32)
     """
     return jnp.array([[vdot(u, v) for v in others] for u in vectors])
+
+
+def gram(vectors: Sequence[Vector]) -> jax.Array:
+    """``inner_products(vectors, vectors)``, each pair once (the matrix is symmetric)."""
+    k = len(vectors)
+    upper = {(i, j): vdot(vectors[i], vectors[j]) for i in range(k) for j in range(i, k)}
+    return jnp.array([[upper[min(i, j), max(i, j)] for j in range(k)] for i in range(k)])
 
 
 def as_tree(params, v: Vector):
