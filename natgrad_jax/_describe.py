@@ -97,7 +97,8 @@ def describe(
     lines = [*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"]
     lines.append(f"  {_placement(solver, params)}")
     if max_curvature_bytes is not None:
-        dtype = jnp.result_type(*(leaf.dtype for leaf in jax.tree.leaves(params)), jnp.float32)
+        leaf_dtypes = (getattr(leaf, "dtype", leaf) for leaf in jax.tree.leaves(params))
+        dtype = jnp.result_type(*leaf_dtypes, jnp.float32)  # a leaf may be a Python float
         itemsize = jnp.dtype(dtype).itemsize
         problem = Problem(
             captured.leaf_shapes, itemsize, captured, num_rows, num_examples, kind="exact"

@@ -214,3 +214,21 @@ def test_woodbury_with_capture_on_flax_matches_dense():
     f = ng.fisher(model, params, x)
     expected = np.linalg.solve(f + 1e-2 * np.eye(len(f)), ravel_pytree(g)[0])
     np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-6, atol=1e-10)
+
+
+def test_a_python_float_leaf_that_scales_the_output_falls_back_to_vmap():
+    """x @ w · s with s a Python float: capture leaves s to vmap (it used to fail with an
+    IndexError on the scalar's missing example axis), ``describe`` says why, and the
+    exact solvers give (F + λI)⁻¹ g with F from ``ng.fisher``."""
+    model = ng.Model(lambda p, x: x @ p["w"] * p["s"], ng.Bernoulli())
+    params = {"w": jnp.array([0.1, -0.2]), "s": 1.5}
+    x = jnp.array([[1.0, 0.5], [1.0, -1.0], [0.5, 2.0]])
+    y = jnp.array([1.0, 0.0, 1.0])
+    assert "has fewer axes than its output" in ng.describe(model, params, x)
+    g = jax.grad(model.nll)(params, x, y)
+    f = ng.fisher(model, params, x)
+    want = jnp.linalg.solve(f + 0.1 * jnp.eye(3), ravel_pytree(g)[0])
+    for solver in ("dense", "woodbury", ng.ConjugateGradient(tol=1e-12)):
+        tx = ng.scale_by_natural_gradient(model, solver=solver, damping=0.1)
+        update, _ = tx.update(g, tx.init(params), params, inputs=x, targets=y)
+        np.testing.assert_allclose(ravel_pytree(update)[0], want, rtol=1e-9)

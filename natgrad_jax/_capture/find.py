@@ -136,6 +136,8 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
             return no_example_axis
         if use.kind == "conv" and (input_axis, output_axis) != _conv_batch_axes(use):
             return "its convolution's batch axis is not the examples' axis"
+    elif len(use.operand_aval.shape) != len(use.output_aval.shape):
+        return f"its {use.kind} operand has fewer axes than its output (a broadcast scalar)"
     elif use.operand_aval.shape != twin.operand_aval.shape or (
         output_axis is not None and use.operand_aval.shape[output_axis] != 1
     ):

@@ -136,7 +136,6 @@ class CurvatureBatch:
 
         Products are taken in the parameters' dtype and returned in the vector's.
         """
-        dtypes = [leaf.dtype for leaf in jax.tree.leaves(self.params)]
         if self.forward is None:
             product = fisher_operator(
                 self.model,
@@ -152,11 +151,16 @@ class CurvatureBatch:
             product = self._product_of_forward()
 
         def matvec(vector):
-            cast = [leaf.astype(dtype) for leaf, dtype in zip(vector, dtypes, strict=True)]
-            result = vectors.leaves_of(product(vectors.as_tree(self.params, cast)))
+            result = vectors.leaves_of(product(self._as_parameters(vector)))
             return vectors.astype(result, vectors.dtype_of(vector))
 
         return matvec
+
+    def _as_parameters(self, vector):
+        """A vector (leaf by leaf) as a pytree like ``params``, each leaf in its dtype."""
+        leaves = jax.tree.leaves(self.params)
+        cast = [v.astype(jnp.result_type(leaf)) for v, leaf in zip(vector, leaves, strict=True)]
+        return vectors.as_tree(self.params, cast)
 
     def _product_of_forward(self):
         """v ↦ F v = 1/N Jᵀ F_out J v through ``forward``'s linearisation, with F_out the
@@ -190,13 +194,10 @@ class CurvatureBatch:
         batched weight blocks: copies of P floats each.
         """
         forward = self.forward_pass()
-        dtypes = [leaf.dtype for leaf in jax.tree.leaves(self.params)]
         outputs = forward.outputs
 
         def tangent(vector):
-            cast = [leaf.astype(dtype) for leaf, dtype in zip(vector, dtypes, strict=True)]
-            parameters = vectors.as_tree(self.params, cast)
-            return forward.jvp(device_varying(parameters, self.axis_name))
+            return forward.jvp(device_varying(self._as_parameters(vector), self.axis_name))
 
         tangents = [tangent(vector) for vector in span]
         if self.kind == "exact":
