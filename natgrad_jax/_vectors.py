@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.flatten_util import ravel_pytree
 
 Vector = Any  # a tuple of leaf-shaped arrays, or one array
 
@@ -148,14 +148,6 @@ def moved(params, step: Vector):
 
 
 def ravel(v: Vector):
-    """``(flat, unravel)``: v as one (P,) array (a gather of every leaf) and the map back."""
-    leaves = jax.tree.leaves(v)
-    shapes = [np.shape(leaf) for leaf in leaves]
-    sizes = [int(np.prod(shape)) for shape in shapes]
-    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
-
-    def unravel(vector: jax.Array) -> tuple:
-        pieces = jnp.split(vector, np.cumsum(sizes)[:-1])
-        return tuple(piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True))
-
-    return flat, unravel
+    """``(flat, unravel)``: v as one (P,) array (a gather of every leaf) and the map back
+    to a tuple of leaves (``ravel_pytree`` of the leaves)."""
+    return ravel_pytree(tuple(jax.tree.leaves(v)))
