@@ -45,6 +45,7 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 # natural_gradient's damping: adaptive, so that a learning rate of 1 is safe on networks.
 DEFAULT_ADAPTIVE_DAMPING = LevenbergMarquardt()
+KL_MEASURES = ("exact", "solver")  # the Fisher that max_kl's bound ½ dᵀ(F + λI)d uses
 
 NO_PARAMS_MSG = (
     "scale_by_natural_gradient needs the current parameters to measure the Fisher: "
@@ -80,6 +81,15 @@ def _check_nonnegative(name: str, value) -> None:
 def _check_positive(name: str, value) -> None:
     if _is_python_number(value) and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}.")
+
+
+def _check_kl_measure(kl_measure, max_kl) -> None:
+    if kl_measure not in KL_MEASURES:
+        raise ValueError(f"kl_measure must be one of {KL_MEASURES}, got {kl_measure!r}.")
+    if kl_measure != "exact" and max_kl is None:
+        raise ValueError(
+            f"kl_measure={kl_measure!r} says how max_kl's bound is measured: pass max_kl=ε too."
+        )
 
 
 def _check_decay(decay) -> None:
@@ -197,6 +207,7 @@ def scale_by_natural_gradient(
     damping: ScalarOrSchedule | LevenbergMarquardt = 1e-3,
     solver: str | Any = "auto",
     max_kl: ScalarOrSchedule | None = None,
+    kl_measure: str = "exact",
     decay: float | jax.Array | None = None,
     refresh_every: int | jax.Array | None = None,
     statistics_every: int | None = None,
@@ -232,6 +243,11 @@ def scale_by_natural_gradient(
     outputs per label, so a step solved with it is long where it is blind, and its own
     quadratic form would understate the KL (one forward-mode product per step measures
     the exact one; with ``fisher="exact"`` it comes free from the solve).
+    ``kl_measure="solver"`` measures it with the curvature the solve used instead,
+    ½ dᵀ(F̂ + λI)d = ½ gᵀd for K-FAC: no product at all, the KL clipping of K-FAC
+    implementations (Ba et al. 2017). It is what lets K-FAC run without the quadratic
+    model on the transformer LM of ``benchmarks/transformer_lm.py``: steps as cheap as
+    AdamW's, kept from diverging by the clip.
 
     The update is jit-compatible, has no Python control flow on traced values, keeps
     the dtype of each update leaf and solves in at least float32.
@@ -271,6 +287,8 @@ def scale_by_natural_gradient(
         solver object such as ``ng.ConjugateGradient(tol=1e-6)``.
       max_kl: optional ε > 0 (number or schedule) bounding ½ dᵀ(F + λI)d, F the
         batch's exact Fisher (see above).
+      kl_measure: the F of ``max_kl``'s bound: ``"exact"`` (the batch's exact Fisher)
+        or ``"solver"`` (the curvature the solve used; free). Needs ``max_kl``.
       decay: in [0, 1): exponential moving average of the Fisher across refreshes,
         F ← decay·F + (1 − decay)·F_batch (the first refresh takes F_batch). ``None``:
         0, or with ``"auto"`` its K-FAC factors' 0.95.
@@ -390,6 +408,7 @@ class _Options:
     damping: ScalarOrSchedule | LevenbergMarquardt
     solver: Solver
     max_kl: ScalarOrSchedule | None
+    kl_measure: str
     decay: float | jax.Array
     refresh_every: int | jax.Array
     statistics_every: int | None
@@ -430,6 +449,7 @@ def _validated_options(*, model, fisher, damping, solver, decay, refresh_every, 
         _check_nonnegative("damping", damping)
     if rest["max_kl"] is not None:
         _check_positive("max_kl", rest["max_kl"])
+    _check_kl_measure(rest["kl_measure"], rest["max_kl"])
     if decay is not None:
         _check_decay(decay)
     if refresh_every is not None:
@@ -655,7 +675,9 @@ def _trust_region(
     if options.max_kl is None:
         return direction, fisher_quadratic
     step_quadratic = options.solver.step_quadratic(curvature, gradient, direction)
-    quadratic = _kl_quadratic(batch, step_quadratic, direction, damping, fisher_quadratic)
+    quadratic = _kl_quadratic(
+        batch, step_quadratic, direction, damping, fisher_quadratic, options.kl_measure
+    )
     scale = trust_region_scale(quadratic, _value_at(options.max_kl, count))
     if fisher_quadratic is not None:
         fisher_quadratic = fisher_quadratic * scale**2
@@ -731,9 +753,12 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, span, damping):
     return vectors.combination(coefficients, span), coefficients @ fisher @ coefficients
 
 
-def _kl_quadratic(batch: CurvatureBatch, step_quadratic, direction, damping, fisher_quadratic):
-    """dᵀ(F + λI)d with F the batch's *exact* Fisher: twice the step's KL to second
-    order, which ``max_kl`` bounds whatever Fisher estimate the solve used.
+def _kl_quadratic(
+    batch: CurvatureBatch, step_quadratic, direction, damping, fisher_quadratic, measure
+):
+    """dᵀ(F + λI)d with F the batch's *exact* Fisher (``measure="exact"``): twice the
+    step's KL to second order, which ``max_kl`` bounds whatever Fisher estimate the
+    solve used; with ``measure="solver"``, F is that estimate.
 
     A sampled or empirical Fisher sees one direction of each example's outputs per label;
     a step solved with it lies where it is small, so its own quadratic form misses the
@@ -743,7 +768,7 @@ def _kl_quadratic(batch: CurvatureBatch, step_quadratic, direction, damping, fis
     ``fisher_quadratic`` (dᵀFd, from the quadratic model) or ``step_quadratic`` (the
     solver's ``Solver.step_quadratic``).
     """
-    if batch.kind != "exact":
+    if measure == "exact" and batch.kind != "exact":
         exact = dataclasses.replace(batch, kind="exact")
         fisher_quadratic = exact.fisher_gram([direction])[0, 0]
     if fisher_quadratic is None:
@@ -828,6 +853,8 @@ def natural_gradient(
 
     Keyword Args:
       fisher (str): ``"exact"``, ``"monte_carlo"`` or ``"empirical"``.
+      kl_measure (str): ``max_kl``'s Fisher: ``"exact"`` (the batch's) or ``"solver"``
+        (the solve's own estimate: no extra product; see ``scale_by_natural_gradient``).
       solver (str | Solver): ``"auto"``, ``"dense"``, ``"woodbury"``, ``"cg"``, ``"kronecker"``,
         ``"diagonal"``, ``"block_diagonal"`` or an ``ng.Solver`` object.
       decay (float | None): EMA factor of the Fisher across refreshes, in [0, 1) (``None``: see

@@ -231,6 +231,72 @@ def test_cg_on_a_rank_deficient_fisher_never_goes_uphill_nor_past_the_trust_regi
         assert 0.5 * d @ exact @ d <= max_kl * (1 + 1e-6)
 
 
+def test_kl_measure_solver_bounds_the_kl_of_the_fisher_the_solve_used():
+    """``kl_measure="solver"``: ½ dᵀ(F̂ + λI)d = max_kl with F̂ the sampled Fisher the
+    solve used (a dense reference), where the exact Fisher's KL of the same step is
+    larger (the sampled Fisher is blind in most directions: the reason "exact" is the
+    default)."""
+    model, params, x, y = _badly_conditioned_problem()
+    damping, max_kl = 1e-3, 1e-3
+    g = jax.grad(model.nll)(params, x, y)
+    flat_g = ravel_pytree(g)[0]
+    identity = damping * np.eye(len(flat_g))
+    sampled = np.asarray(_reference_fisher(model, params, x, y, "monte_carlo")) + identity
+    exact = np.asarray(_reference_fisher(model, params, x, y, "exact")) + identity
+    steps = {}
+    for measure in ("solver", "exact"):
+        tx = ng.scale_by_natural_gradient(
+            model,
+            fisher="monte_carlo",
+            damping=damping,
+            solver="dense",
+            max_kl=max_kl,
+            kl_measure=measure,
+            seed=SEED,
+        )
+        updates, _ = tx.update(g, tx.init(params), params, inputs=x, targets=y)
+        steps[measure] = np.asarray(ravel_pytree(updates)[0])
+    unclipped = np.linalg.solve(sampled, flat_g)
+    assert 0.5 * unclipped @ sampled @ unclipped > max_kl  # the bound is active
+    np.testing.assert_allclose(0.5 * steps["solver"] @ sampled @ steps["solver"], max_kl, rtol=1e-9)
+    np.testing.assert_allclose(
+        steps["solver"] / np.linalg.norm(steps["solver"]),
+        unclipped / np.linalg.norm(unclipped),
+        atol=1e-9,
+    )
+    np.testing.assert_allclose(0.5 * steps["exact"] @ exact @ steps["exact"], max_kl, rtol=1e-9)
+    assert 0.5 * steps["solver"] @ exact @ steps["solver"] > 10 * max_kl
+
+
+def test_kl_measure_solver_clips_kfac_by_its_own_quadratic():
+    """K-FAC solves with its own matrix K exactly, so ½ (c·d)ᵀK(c·d) = ½ c² gᵀd: the
+    clipped step is the unclipped one times c = √(2ε / gᵀd) (Ba et al. 2017)."""
+    model, params, x, y = mlp_problem("categorical", num_examples=16, in_size=6, hidden=8)
+    g = jax.grad(model.nll)(params, x, y)
+    options = dict(solver="kronecker", fisher="monte_carlo", damping=1e-2, seed=SEED)
+    free = ng.scale_by_natural_gradient(model, **options)
+    d, _ = free.update(g, free.init(params), params, inputs=x, targets=y)
+    quadratic = float(ravel_pytree(g)[0] @ ravel_pytree(d)[0])
+    max_kl = 0.01 * quadratic
+    clipped = ng.scale_by_natural_gradient(model, max_kl=max_kl, kl_measure="solver", **options)
+    step, _ = clipped.update(g, clipped.init(params), params, inputs=x, targets=y)
+    scale = np.sqrt(2 * max_kl / quadratic)
+    np.testing.assert_allclose(ravel_pytree(step)[0], scale * ravel_pytree(d)[0], rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(max_kl=0.1, kl_measure="sampled"), "kl_measure must be one of"),
+        (dict(kl_measure="solver"), "pass max_kl"),
+    ],
+)
+def test_kl_measure_is_checked(options, message):
+    model, *_ = _badly_conditioned_problem()
+    with pytest.raises(ValueError, match=message):
+        ng.natural_gradient(model, 1.0, **options)
+
+
 def test_cauchy_point_minimises_the_quadratic_model_along_the_gradient():
     from natgrad_jax._solvers.conjugate_gradient import cauchy_point
 
