@@ -195,34 +195,57 @@ def add_race_arguments(parser, seconds: float, eval_every: int) -> None:
     add_output_arguments(parser)
 
 
-# Learning-rate grids: what a user would try first (Muon's adam_learning_rate follows).
+# Step-size grids: what a user would try first (Muon's adam_learning_rate follows). The
+# KL-clipped K-FAC takes every step at learning rate 1 with its KL bounded by ε (the
+# quadratic model and Levenberg–Marquardt off: a step costs what the solve costs), so ε
+# is its step size.
 GRIDS = {
-    "adamw": (1e-3, 3e-3, 1e-2),
-    "muon": (3e-3, 1e-2, 3e-2),
-    "ngd defaults": (0.25, 0.5, 1.0),
+    "adamw": ("lr", (1e-3, 3e-3, 1e-2)),
+    "muon": ("lr", (3e-3, 1e-2, 3e-2)),
+    "ngd defaults": ("lr", (0.25, 0.5, 1.0)),
+    "ngd kl-clipped": ("max_kl", (0.03, 0.1, 0.3)),
 }
 
 
+def kl_clipped_kfac(model: ng.Model, max_kl: float):
+    """K-FAC as its implementations usually run it: a fixed damping, each step's KL by
+    K-FAC's own quadratic clipped to ``max_kl`` (``kl_measure="solver"``: no extra
+    product), no quadratic model (``rescale``, ``momentum``) nor Levenberg–Marquardt
+    (their forward passes and forward-mode products cost more than the solve on a
+    transformer)."""
+    return ng.natural_gradient(
+        model,
+        1.0,
+        damping=1e-2,
+        max_kl=max_kl,
+        kl_measure="solver",
+        rescale=False,
+        momentum=False,
+    )
+
+
 def race(model, params, batches, validation_loss, args, plot_as):
-    """Runs AdamW, Muon and ``ng.natural_gradient(model, lr)`` with its defaults, each
-    over its learning-rate grid; prints the table of each family's best (ratios to the
+    """Runs AdamW, Muon, ``ng.natural_gradient(model, lr)`` with its defaults and the
+    KL-clipped K-FAC (``kl_clipped_kfac``), each over its step-size grid; prints the table of each family's best (ratios to the
     best AdamW) and every run, saves the plot (``plot_as``: (title, file name)); returns
     the best rows."""
     optimizers = {
         "adamw": optax.adamw,
         "muon": optax.contrib.muon,
         "ngd defaults": lambda lr: ng.natural_gradient(model, lr),
+        "ngd kl-clipped": lambda max_kl: kl_clipped_kfac(model, max_kl),
     }
     wanted = None if args.only is None else args.only.split("|")
     results = []
     with busy_cores(args.busy):
         for family, make in optimizers.items():
-            for lr in GRIDS[family]:
-                name = f"{family} lr={lr:g}"
+            knob, values = GRIDS[family]
+            for value in values:
+                name = f"{family} {knob}={value:g}"
                 if wanted and not any(w in name for w in wanted):
                     continue
                 budget = (args.seconds, args.eval_every, args.max_steps)
-                run = race_one(name, make(lr), model, params, batches, validation_loss, *budget)
+                run = race_one(name, make(value), model, params, batches, validation_loss, *budget)
                 results.append(run)
     families = [f for f in optimizers if any(r.name.startswith(f) for r in results)]
     chosen = [best(results, family, args.seconds) for family in families]

@@ -3,12 +3,12 @@
 Two 3×3 convolutions ('SAME', ReLU) with 16 and 32 channels on the 8×8 images, flattened
 (8·8·32 = 2,048 features) into a dense head of 10 classes (P = 25,290), ``--batch``
 images a step, ``ng.Categorical``. The race is that of transformer_lm.py: each optimizer
-with a 3-value learning-rate grid from the same initialisation and batch order, for
+with a 3-value step-size grid from the same initialisation and batch order, for
 ``--seconds`` of step time (compilation excluded and reported), validation loss on the
 held-out quarter of the digits measured outside the clock; ``--busy`` shares every core
 with a spinning process.
 
-    python benchmarks/cnn.py                 # about 4 minutes on 2 CPU cores
+    python benchmarks/cnn.py                 # about 5 minutes on 2 CPU cores
     python benchmarks/cnn.py --busy          # the same with the cores shared
 """
 

@@ -5,15 +5,16 @@ pre-LayerNorm blocks of causal self-attention with ``--heads`` heads and a 4× G
 a final LayerNorm and an unembedding; D = ``--width``), trained on the characters of
 optax's own Python sources (installed with natgrad_jax, so offline; the last tenth held
 out for validation), ``--context`` characters a sequence, ``--batch`` sequences a step,
-one ``ng.Categorical`` per token. Each optimizer runs a 3-value learning-rate grid from
-the same initialisation with the same batch order, for ``--seconds`` of step time
+one ``ng.Categorical`` per token. Each optimizer runs a 3-value step-size grid from the
+same initialisation with the same batch order, for ``--seconds`` of step time
 (compilation excluded and reported), its validation loss (nats per character, 64 held-out
 sequences) measured outside the clock: AdamW (``optax.adamw``), Muon
-(``optax.contrib.muon``) and ``ng.natural_gradient(model, lr)`` with the defaults, each
-step written as in the README's quick start. ``--busy`` runs the race with a spinning
+(``optax.contrib.muon``), ``ng.natural_gradient(model, lr)`` with the defaults, and
+K-FAC with its KL clipped (``_race.kl_clipped_kfac``, a grid of ``max_kl``), each step
+written as in the README's quick start. ``--busy`` runs the race with a spinning
 process on every core. Prints the table and saves the loss-vs-time plot.
 
-    python benchmarks/transformer_lm.py                 # about 10 minutes on 2 CPU cores
+    python benchmarks/transformer_lm.py                 # about 14 minutes on 2 CPU cores
     python benchmarks/transformer_lm.py --busy          # the same with the cores shared
 """
 
