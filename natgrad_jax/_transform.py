@@ -241,8 +241,9 @@ def scale_by_natural_gradient(
     The KL is always measured with the batch's *exact* Fisher, whatever ``fisher`` the
     solve uses: a Monte-Carlo or empirical Fisher sees one direction of each example's
     outputs per label, so a step solved with it is long where it is blind, and its own
-    quadratic form would understate the KL (one forward-mode product per step measures
-    the exact one; with ``fisher="exact"`` it comes free from the solve).
+    quadratic form would understate the KL, and so would an approximation's (K-FAC's
+    gᵀd): one forward-mode product per step measures the exact one, which comes free
+    from an exact solve with ``fisher="exact"`` or from the quadratic model.
     ``kl_measure="solver"`` measures it with the curvature the solve used instead,
     ½ dᵀ(F̂ + λI)d = ½ gᵀd for K-FAC: no product at all, the KL clipping of K-FAC
     implementations (Ba et al. 2017). It is what lets K-FAC run without the quadratic
@@ -676,7 +677,13 @@ def _trust_region(
         return direction, fisher_quadratic
     step_quadratic = options.solver.step_quadratic(curvature, gradient, direction)
     quadratic = _kl_quadratic(
-        batch, step_quadratic, direction, damping, fisher_quadratic, options.kl_measure
+        batch,
+        step_quadratic,
+        direction,
+        damping,
+        fisher_quadratic,
+        options.kl_measure,
+        approximate=options.solver.approximate_for(batch),
     )
     scale = trust_region_scale(quadratic, _value_at(options.max_kl, count))
     if fisher_quadratic is not None:
@@ -754,7 +761,13 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, span, damping):
 
 
 def _kl_quadratic(
-    batch: CurvatureBatch, step_quadratic, direction, damping, fisher_quadratic, measure
+    batch: CurvatureBatch,
+    step_quadratic,
+    direction,
+    damping,
+    fisher_quadratic,
+    measure: str,
+    approximate: bool,
 ):
     """dᵀ(F + λI)d with F the batch's *exact* Fisher (``measure="exact"``): twice the
     step's KL to second order, which ``max_kl`` bounds whatever Fisher estimate the
@@ -763,12 +776,14 @@ def _kl_quadratic(
     A sampled or empirical Fisher sees one direction of each example's outputs per label;
     a step solved with it lies where it is small, so its own quadratic form misses the
     KL elsewhere (a 64-output Gaussian autoencoder's CG step with one Monte-Carlo label
-    per example: 0.01 by the sampled Fisher, 804 by the exact one). One forward-mode
-    product measures it. With the exact Fisher, the solver's own measure is used:
-    ``fisher_quadratic`` (dᵀFd, from the quadratic model) or ``step_quadratic`` (the
-    solver's ``Solver.step_quadratic``).
+    per example: 0.01 by the sampled Fisher, 804 by the exact one); an ``approximate``
+    solve's own quadratic (K-FAC's gᵀd) is its approximation's. One forward-mode product
+    measures the exact one. Where the solve's measure is the exact Fisher's, it is used:
+    ``fisher_quadratic`` (dᵀFd, from the quadratic model on the exact Fisher) or
+    ``step_quadratic`` (``Solver.step_quadratic`` of a solve with the exact Fisher).
     """
-    if measure == "exact" and batch.kind != "exact":
+    own_is_exact = batch.kind == "exact" and (fisher_quadratic is not None or not approximate)
+    if measure == "exact" and not own_is_exact:
         exact = dataclasses.replace(batch, kind="exact")
         fisher_quadratic = exact.fisher_gram([direction])[0, 0]
     if fisher_quadratic is None:

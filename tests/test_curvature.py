@@ -284,6 +284,30 @@ def test_kl_measure_solver_clips_kfac_by_its_own_quadratic():
     np.testing.assert_allclose(ravel_pytree(step)[0], scale * ravel_pytree(d)[0], rtol=1e-9)
 
 
+@pytest.mark.parametrize("solver", ["kronecker", "diagonal"])
+def test_max_kl_of_an_approximate_solve_is_measured_with_the_exact_fisher(solver):
+    """With the exact Fisher but an approximate solve and no quadratic model, the solve's
+    own gᵀd is its approximation's: the default measure must still bound the *exact*
+    Fisher's ½ dᵀ(F + λI)d (a dense reference), and "solver" the approximation's."""
+    model, params, x, y = mlp_problem("categorical", num_examples=16, in_size=6, hidden=8)
+    g = jax.grad(model.nll)(params, x, y)
+    flat_g = ravel_pytree(g)[0]
+    damping = 1e-2
+    exact = np.asarray(ng.fisher(model, params, x)) + damping * np.eye(len(flat_g))
+    options = dict(solver=solver, damping=damping, rescale=False, momentum=False)
+    free = ng.scale_by_natural_gradient(model, **options)
+    d, _ = free.update(g, free.init(params), params, inputs=x, targets=y)
+    d = np.asarray(ravel_pytree(d)[0])
+    own, true = float(flat_g @ d), float(d @ exact @ d)
+    assert not np.isclose(own, true, rtol=0.05)  # the approximation's KL is not the KL
+    max_kl = 0.01 * min(own, true)
+    for measure, quadratic in (("exact", true), ("solver", own)):
+        clipped = ng.scale_by_natural_gradient(model, max_kl=max_kl, kl_measure=measure, **options)
+        step, _ = clipped.update(g, clipped.init(params), params, inputs=x, targets=y)
+        scale = np.sqrt(2 * max_kl / quadratic)
+        np.testing.assert_allclose(ravel_pytree(step)[0], scale * d, rtol=1e-9)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

@@ -32,6 +32,7 @@ DEFAULTS = {
     "damping": 1e-2,
     "solver": "dense",
     "max_kl": None,
+    "kl_measure": "exact",
     "decay": None,
     "refresh_every": None,
     "statistics_every": None,
