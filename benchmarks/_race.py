@@ -226,9 +226,9 @@ def kl_clipped_kfac(model: ng.Model, max_kl: float):
 
 def race(model, params, batches, validation_loss, args, plot_as):
     """Runs AdamW, Muon, ``ng.natural_gradient(model, lr)`` with its defaults and the
-    KL-clipped K-FAC (``kl_clipped_kfac``), each over its step-size grid; prints the table of each family's best (ratios to the
-    best AdamW) and every run, saves the plot (``plot_as``: (title, file name)); returns
-    the best rows."""
+    KL-clipped K-FAC (``kl_clipped_kfac``), each over its step-size grid; prints the
+    table of each family's best (ratios to the best AdamW) and every run, saves the plot
+    (``plot_as``: (title, file name)); returns the best rows."""
     optimizers = {
         "adamw": optax.adamw,
         "muon": optax.contrib.muon,
