@@ -147,9 +147,14 @@ def plot(results: list[Result], title: str, filename: str, args) -> None:
     if plt is None:
         return
     figure, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
+    families = list(dict.fromkeys(r.name.split("=")[0] for r in results))
+    runs_drawn = dict.fromkeys(families, 0)
+    for r in results:  # a colour per family, a line style per step size
+        family = r.name.split("=")[0]
+        style = ("-", "--", ":", "-.")[runs_drawn[family] % 4]
+        runs_drawn[family] += 1
         curve = np.asarray(r.curve)
-        ax.plot(curve[:, 1], curve[:, 2], label=r.name)
+        ax.plot(curve[:, 1], curve[:, 2], style, color=f"C{families.index(family)}", label=r.name)
     ax.set(xlabel="training wall time, compilation excluded (s)", ylabel="validation loss")
     ax.set_yscale("log")
     ax.set_title(title)
