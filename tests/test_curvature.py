@@ -238,24 +238,14 @@ def test_kl_measure_solver_bounds_the_kl_of_the_fisher_the_solve_used():
     default)."""
     model, params, x, y = _badly_conditioned_problem()
     damping, max_kl = 1e-3, 1e-3
-    g = jax.grad(model.nll)(params, x, y)
-    flat_g = ravel_pytree(g)[0]
+    steps = {}
+    for measure in ("solver", "exact"):
+        flat_g, steps[measure], _ = _update(
+            model, params, x, y, "monte_carlo", "dense", damping, max_kl=max_kl, kl_measure=measure
+        )
     identity = damping * np.eye(len(flat_g))
     sampled = np.asarray(_reference_fisher(model, params, x, y, "monte_carlo")) + identity
     exact = np.asarray(_reference_fisher(model, params, x, y, "exact")) + identity
-    steps = {}
-    for measure in ("solver", "exact"):
-        tx = ng.scale_by_natural_gradient(
-            model,
-            fisher="monte_carlo",
-            damping=damping,
-            solver="dense",
-            max_kl=max_kl,
-            kl_measure=measure,
-            seed=SEED,
-        )
-        updates, _ = tx.update(g, tx.init(params), params, inputs=x, targets=y)
-        steps[measure] = np.asarray(ravel_pytree(updates)[0])
     unclipped = np.linalg.solve(sampled, flat_g)
     assert 0.5 * unclipped @ sampled @ unclipped > max_kl  # the bound is active
     np.testing.assert_allclose(0.5 * steps["solver"] @ sampled @ steps["solver"], max_kl, rtol=1e-9)
@@ -272,16 +262,12 @@ def test_kl_measure_solver_clips_kfac_by_its_own_quadratic():
     """K-FAC solves with its own matrix K exactly, so ½ (c·d)ᵀK(c·d) = ½ c² gᵀd: the
     clipped step is the unclipped one times c = √(2ε / gᵀd) (Ba et al. 2017)."""
     model, params, x, y = mlp_problem("categorical", num_examples=16, in_size=6, hidden=8)
-    g = jax.grad(model.nll)(params, x, y)
-    options = dict(solver="kronecker", fisher="monte_carlo", damping=1e-2, seed=SEED)
-    free = ng.scale_by_natural_gradient(model, **options)
-    d, _ = free.update(g, free.init(params), params, inputs=x, targets=y)
-    quadratic = float(ravel_pytree(g)[0] @ ravel_pytree(d)[0])
+    problem = (model, params, x, y, "monte_carlo", "kronecker", 1e-2)
+    flat_g, d, _ = _update(*problem)
+    quadratic = float(flat_g @ d)
     max_kl = 0.01 * quadratic
-    clipped = ng.scale_by_natural_gradient(model, max_kl=max_kl, kl_measure="solver", **options)
-    step, _ = clipped.update(g, clipped.init(params), params, inputs=x, targets=y)
-    scale = np.sqrt(2 * max_kl / quadratic)
-    np.testing.assert_allclose(ravel_pytree(step)[0], scale * ravel_pytree(d)[0], rtol=1e-9)
+    _, step, _ = _update(*problem, max_kl=max_kl, kl_measure="solver")
+    np.testing.assert_allclose(step, np.sqrt(2 * max_kl / quadratic) * d, rtol=1e-9)
 
 
 @pytest.mark.parametrize("solver", ["kronecker", "diagonal"])
@@ -290,22 +276,18 @@ def test_max_kl_of_an_approximate_solve_is_measured_with_the_exact_fisher(solver
     own gᵀd is its approximation's: the default measure must still bound the *exact*
     Fisher's ½ dᵀ(F + λI)d (a dense reference), and "solver" the approximation's."""
     model, params, x, y = mlp_problem("categorical", num_examples=16, in_size=6, hidden=8)
-    g = jax.grad(model.nll)(params, x, y)
-    flat_g = ravel_pytree(g)[0]
     damping = 1e-2
+    problem = (model, params, x, y, "exact", solver, damping)
+    flat_g, d, _ = _update(*problem, rescale=False, momentum=False)
     exact = np.asarray(ng.fisher(model, params, x)) + damping * np.eye(len(flat_g))
-    options = dict(solver=solver, damping=damping, rescale=False, momentum=False)
-    free = ng.scale_by_natural_gradient(model, **options)
-    d, _ = free.update(g, free.init(params), params, inputs=x, targets=y)
-    d = np.asarray(ravel_pytree(d)[0])
     own, true = float(flat_g @ d), float(d @ exact @ d)
     assert not np.isclose(own, true, rtol=0.05)  # the approximation's KL is not the KL
     max_kl = 0.01 * min(own, true)
     for measure, quadratic in (("exact", true), ("solver", own)):
-        clipped = ng.scale_by_natural_gradient(model, max_kl=max_kl, kl_measure=measure, **options)
-        step, _ = clipped.update(g, clipped.init(params), params, inputs=x, targets=y)
-        scale = np.sqrt(2 * max_kl / quadratic)
-        np.testing.assert_allclose(ravel_pytree(step)[0], scale * d, rtol=1e-9)
+        _, step, _ = _update(
+            *problem, rescale=False, momentum=False, max_kl=max_kl, kl_measure=measure
+        )
+        np.testing.assert_allclose(step, np.sqrt(2 * max_kl / quadratic) * d, rtol=1e-9)
 
 
 @pytest.mark.parametrize(
