@@ -5,11 +5,12 @@ scikit-learn's digits upsampled to 28×28, ``ng.Gaussian(scale=1.0)`` (squared e
 float32, mini-batches of ``--batch``. Adam runs ``--adam-steps`` steps at each learning
 rate of a grid; each natural-gradient configuration (and kfac-jax where it imports) runs
 until it reaches the best Adam's final loss, ``--ngd-steps`` steps or ``--max-seconds``.
-Every natural-gradient row uses Levenberg–Marquardt damping (the default of
-``ng.natural_gradient``) and, except the defaults rows, the Monte-Carlo Fisher, and
-takes its loss, gradient and curvature statistics from one forward pass
-(``ng.value_and_grad``); the last row repeats the defaults with ``jax.grad`` and a plain
-``update``.
+Every natural-gradient row takes its loss, gradient and curvature statistics from one
+forward pass (``ng.value_and_grad``) and, except the "kl-clipped" rows, uses
+Levenberg–Marquardt damping (the default of ``ng.natural_gradient``) and, except the
+defaults rows, the Monte-Carlo Fisher; the "kl-clipped" rows are K-FAC with a fixed
+damping and each step's KL clipped (``_race.kl_clipped_kfac``, the transformer LM's
+winner); the last row repeats the defaults with ``jax.grad`` and a plain ``update``.
 Per optimizer it prints the compile time, the amortised ms per step, the final training
 loss ½‖x − x̂‖² (mean over the training set) and the steps and wall time, compilation
 included, to reach the best Adam's final loss; it saves loss-vs-time and loss-vs-step
@@ -46,11 +47,15 @@ from _common import (
     report_run_time,
     table,
 )
+from _race import kl_clipped_kfac
 from sklearn.datasets import load_digits
 
 import natgrad_jax as ng
 
 SIZES = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+# max_kl of the KL-clipped K-FAC rows (``_race.kl_clipped_kfac``): 0.001 → 140 steps to
+# the target, 0.1 → 300 and 1 or 10 never (2-core AMD EPYC, 2026-12-06).
+KL_CLIPPED_GRID = (0.003, 0.01, 0.03)
 CODE_LAYER = 3  # the 30-unit code is linear
 CONSTANT = 0.5 * 784 * math.log(2 * math.pi)  # the Gaussian NLL is ½‖x − x̂‖² + this
 
@@ -259,6 +264,8 @@ def main():
         ),
         "ngd woodbury": lambda: ng.natural_gradient(model, 1.0, solver="woodbury", **adaptive),
     }
+    for max_kl in KL_CLIPPED_GRID:
+        candidates[f"ngd kl-clipped max_kl={max_kl:g}"] = lambda m=max_kl: kl_clipped_kfac(model, m)
     if args.only:
         wanted = args.only.split("|")
         candidates = {n: c for n, c in candidates.items() if any(w in n for w in wanted)}
