@@ -53,7 +53,7 @@ def describe(
     ``solver="auto"`` picks for the exact Fisher of this batch, with its estimates of
     the multiply-adds of one update (see ``ng.choose_solver``), where its work lives
     when the parameters are sharded over devices (leaf by leaf on each leaf's sharding,
-    or gathered into one P-vector; what a factored solver factorises whole on every
+    or gathered into one P-vector; K-FAC's factors are factorised whole on every
     device), and the memory the
     memory guard estimates for that update against ``max_curvature_bytes``: whether it
     fits, or the refusal an update would raise, with the remedies that fit.
@@ -108,15 +108,6 @@ def describe(
     return "\n".join(lines)
 
 
-# What a per-leaf solver factorises at a refresh: XLA gathers each such matrix and
-# factorises it on every device that holds a shard of its leaf (docs/sharding.md).
-_FACTORISED_WHOLE = {
-    "kronecker": "each Kronecker factor",
-    "ekfac": "each Kronecker factor",
-    "block_diagonal": "each leaf's Fisher block",
-}
-
-
 def _placement(solver: str, params: PyTree) -> str:
     """One line: where the solver's work lives, and over how many devices the
     parameters are (concrete arrays only)."""
@@ -129,8 +120,8 @@ def _placement(solver: str, params: PyTree) -> str:
     where = f" (parameters on {len(devices)} devices)" if len(devices) > 1 else ""
     if SOLVERS[solver].per_leaf:
         line = f"placement{where}: {solver} works leaf by leaf, on each leaf's sharding"
-        if solver in _FACTORISED_WHOLE:
-            line += f"; it factorises {_FACTORISED_WHOLE[solver]} whole, on every device"
+        if solver == "kronecker":  # XLA gathers each factor for its factorisation
+            line += "; it factorises each Kronecker factor whole, on every device"
         return line
     held = "P×P Fisher" if solver == "dense" else "M×M kernel"
     return f"placement{where}: {solver} gathers the P-vector; its {held} on every device"
