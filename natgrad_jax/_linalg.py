@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from natgrad_jax._precision import exact_matmuls
 
+Mesh = jax.sharding.Mesh
+
 # Calls ``_each`` makes side by side; more matrices go through a loop of such groups.
 _GROUP = 8
 
@@ -42,6 +44,47 @@ def _each(function, matrices: jax.Array) -> jax.Array:
     groups = jnp.concatenate([matrices, filler]).reshape(-1, _GROUP, size, size)
     results = jax.lax.map(lambda group: jnp.stack([function(m) for m in group]), groups)
     return results.reshape(-1, *results.shape[2:])[:count]
+
+
+def spread_over(mesh: Mesh | None, function, matrices: jax.Array, *per_matrix: jax.Array):
+    """``function(matrices, *per_matrix)`` for a ``function`` that treats each of the B
+    matrices (B, n, n) on its own, with the matrices split over the devices of ``mesh``:
+    each of its D devices computes B/D of them (B padded with identities, and each
+    ``per_matrix`` array with ones, to a multiple of D), and XLA moves the results to
+    wherever they are used. A refresh's factorisations then cost each device 1/D of the
+    work and of the temporaries instead of all of them. ``None`` (or one device): as is.
+    """
+    if mesh is None or mesh.size == 1:
+        return function(matrices, *per_matrix)
+    count, size = matrices.shape[0], matrices.shape[-1]
+    padding = -count % mesh.size
+    fill = lambda a, value: jnp.concatenate([a, jnp.full((padding, *a.shape[1:]), value, a.dtype)])
+    identities = jnp.broadcast_to(jnp.eye(size, dtype=matrices.dtype), (padding, size, size))
+    padded = [jnp.concatenate([matrices, identities]), *(fill(a, 1) for a in per_matrix)]
+    split = jax.sharding.PartitionSpec(mesh.axis_names)  # the matrix axis, over every device
+    spread = jax.shard_map(function, mesh=mesh, in_specs=(split,) * len(padded), out_specs=split)
+    return jax.tree.map(lambda result: result[:count], spread(*padded))
+
+
+def _indices_by_size(matrices) -> list[list[int]]:
+    """The indices of the square matrices, grouped by their side (first seen first)."""
+    by_size: dict[int, list[int]] = {}
+    for index, matrix in enumerate(matrices):
+        by_size.setdefault(matrix.shape[0], []).append(index)
+    return list(by_size.values())
+
+
+def eigenbases(matrices, mesh: Mesh | None = None) -> list:
+    """The eigenvectors of each symmetric matrix (``jnp.linalg.eigh``), those of the same
+    size stacked for one loop of LAPACK calls (``_each``) spread over ``mesh``'s devices
+    (``spread_over``)."""
+    bases = [None] * len(matrices)
+    eigenvectors = lambda stacked: _each(lambda m: jnp.linalg.eigh(m)[1], stacked)
+    for indices in _indices_by_size(matrices):
+        stacked = spread_over(mesh, eigenvectors, jnp.stack([matrices[i] for i in indices]))
+        for position, index in enumerate(indices):
+            bases[index] = stacked[position]
+    return bases
 
 
 def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:
@@ -157,9 +200,12 @@ def is_blocked(size: int, block_size: int | None) -> bool:
 
 
 @exact_matmuls
-def batched_inverses(factors, dampings, block_size: int | None = None) -> list:
+def batched_inverses(
+    factors, dampings, block_size: int | None = None, mesh: Mesh | None = None
+) -> list:
     """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector),
-    matrices of the same size inverted together (``damped_inverses``).
+    matrices of the same size inverted together (``damped_inverses``), spread over the
+    devices of ``mesh`` if given (``spread_over``).
 
     A 1×1 matrix is inverted as the scalar it is (the same pseudo-inverse: 0 where the
     damped value is not positive), without a factorisation of its own: a network's
@@ -182,12 +228,11 @@ def batched_inverses(factors, dampings, block_size: int | None = None) -> list:
         parts[index] = list(range(len(pieces), len(pieces) + len(own)))
         pieces.extend(own)
     damping_of = {position: dampings[i] for i, positions in parts.items() for position in positions}
-    by_size: dict[int, list[int]] = {}
-    for position, piece in enumerate(pieces):
-        by_size.setdefault(piece.shape[0], []).append(position)
     inverted = [None] * len(pieces)
-    for positions in by_size.values():
-        stacked = damped_inverses(
+    for positions in _indices_by_size(pieces):
+        stacked = spread_over(
+            mesh,
+            damped_inverses,
             jnp.stack([pieces[p] for p in positions]),
             jnp.stack([damping_of[p] for p in positions]),
         )

@@ -92,6 +92,19 @@ def _check_kl_measure(kl_measure, max_kl) -> None:
         )
 
 
+def _check_mesh(mesh, axis_name) -> None:
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh (the devices to spread factorisations over), "
+            f"got {type(mesh).__name__}."
+        )
+    if mesh is not None and axis_name is not None:
+        raise ValueError(
+            "mesh and axis_name do not go together: inside shard_map (axis_name) each "
+            "program is one device's; pass mesh= to a transform used under jax.jit."
+        )
+
+
 def _check_decay(decay) -> None:
     if _is_python_number(decay) and not 0 <= decay < 1:
         raise ValueError(f"decay must be in [0, 1) (0: no averaging across steps), got {decay}.")
@@ -215,6 +228,7 @@ def scale_by_natural_gradient(
     seed: int | jax.Array = 0,
     max_curvature_bytes: float | None = DEFAULT_MAX_CURVATURE_BYTES,
     axis_name: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     precision: str | None = None,
     rescale: bool | None = False,
     momentum: bool | None = False,
@@ -318,6 +332,13 @@ def scale_by_natural_gradient(
         of the whole batch. The incoming updates must already be the whole batch's
         gradient (``jax.lax.pmean(grads, axis_name)``). ``None``: a single program,
         where sharded arrays under ``jax.jit`` need nothing more (GSPMD).
+      mesh: a ``jax.sharding.Mesh`` (the one the parameters or the batch are sharded
+        over) to spread the refreshes' factorisations over: K-FAC's and EKFAC's
+        factors and the block-diagonal solver's blocks, each factorised on one device
+        (same-size matrices split evenly over all of them) instead of whole on every
+        device; the results are the same. ``None``: each device factorises every
+        matrix (GSPMD's default). Other solvers do not factorise per matrix and ignore
+        it. Not with ``axis_name`` (inside ``shard_map`` the program is one device's).
       precision: matmul precision of the curvature statistics (the passes through the
         network, factor and kernel products): ``None`` follows
         ``jax.default_matmul_precision`` (TF32 for float32 on recent NVIDIA GPUs,
@@ -417,6 +438,7 @@ class _Options:
     seed: int | jax.Array
     max_curvature_bytes: float | None
     axis_name: str | None
+    mesh: jax.sharding.Mesh | None
     precision: str | None
     rescale: bool | None
     momentum: bool | None
@@ -458,6 +480,7 @@ def _validated_options(*, model, fisher, damping, solver, decay, refresh_every, 
     axis_name = rest["axis_name"]
     if axis_name is not None and not isinstance(axis_name, str):
         raise ValueError(f"axis_name must be the name (a str) of a mapped axis, got {axis_name!r}.")
+    _check_mesh(rest["mesh"], axis_name)
     requested_cadence = (decay, refresh_every)
     solver, decay, refresh_every = _resolve_solver(solver).with_cadence(decay, refresh_every)
     if _is_python_number(damping) and damping == 0:
@@ -563,6 +586,7 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
         key=step_key,
         num_samples=options.num_samples,
         axis_name=options.axis_name,
+        mesh=options.mesh,
         forward=forward,
         statistics_precision=statistics_precision(options.precision),
     )
@@ -882,6 +906,8 @@ def natural_gradient(
       seed (int): seed of the Monte-Carlo PRNG key held in the state.
       max_curvature_bytes (float | None): memory budget of the curvature (``None``: unchecked).
       axis_name (str | None): the mapped axis the batch is split over inside ``shard_map``.
+      mesh (jax.sharding.Mesh | None): the devices to spread the refreshes'
+        factorisations over (K-FAC, EKFAC, block-diagonal) under ``jax.jit``.
       precision (str | None): matmul precision of the curvature statistics (``None``: JAX's default,
         TF32 on recent GPUs; ``"highest"``: full float32); solves are always exact.
 

@@ -40,6 +40,7 @@ DEFAULTS = {
     "seed": 0,
     "max_curvature_bytes": None,
     "axis_name": None,
+    "mesh": None,
     "precision": None,
     "rescale": False,
     "momentum": False,

@@ -47,6 +47,8 @@ class CurvatureBatch:
     instead of from new passes. ``statistics_precision`` is the matmul precision of the
     statistics a solver measures inside its solve (``"auto"``'s K-FAC): the
     transform's ``precision=``, else the one in effect where ``update`` was traced.
+    ``mesh``: the devices a solver spreads its factorisations over (the transform's
+    ``mesh=``; ``natgrad_jax._linalg.spread_over``).
     """
 
     model: Model
@@ -59,6 +61,7 @@ class CurvatureBatch:
     axis_name: str | None = None
     forward: ForwardPass | None = None
     statistics_precision: str | None = None
+    mesh: jax.sharding.Mesh | None = None
 
     @property
     def num_examples(self) -> int:

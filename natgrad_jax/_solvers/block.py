@@ -61,8 +61,8 @@ class BlockDiagonal(Solver):
 
     def factorise(self, state, batch: CurvatureBatch, damping):
         """(F_ℓ + λI)⁻¹ of every current block."""
-        del batch
-        inverses = tuple(batched_inverses(state.blocks, [damping] * len(state.blocks)))
+        blocks, dampings = state.blocks, [damping] * len(state.blocks)
+        inverses = tuple(batched_inverses(blocks, dampings, mesh=batch.mesh))
         return state._replace(inverses=inverses)
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):

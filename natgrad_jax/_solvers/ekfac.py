@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natgrad_jax._linalg import damped_reciprocal, moving_average
+from natgrad_jax._linalg import damped_reciprocal, eigenbases, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import factored_rows
 from natgrad_jax._solvers.kronecker import Kronecker, output_side, split_shape, unused_diagonal
@@ -166,11 +166,11 @@ class EKFAC(Solver):
         factored = self._kronecker.factored_leaves(batch)
         shared = self._kronecker.shared_output_factors(batch)
         leaves = list(leaves)
-        for k in sorted(set(factored) - set(shared)):
-            left_basis, right_basis = (
-                jnp.linalg.eigh(f)[1] for f in (leaves[k].left, leaves[k].right)
-            )
-            leaves[k] = leaves[k]._replace(left_basis=left_basis, right_basis=right_basis)
+        owned = sorted(set(factored) - set(shared))
+        factors = [f for k in owned for f in (leaves[k].left, leaves[k].right)]
+        bases = iter(eigenbases(factors, batch.mesh))
+        for k in owned:
+            leaves[k] = leaves[k]._replace(left_basis=next(bases), right_basis=next(bases))
         for bias, weight in shared.items():
             bases_of_weight = (leaves[weight].left_basis, leaves[weight].right_basis)
             g_basis = bases_of_weight[output_side(factored[weight][1])]

@@ -201,6 +201,9 @@ class FactoredRows:
     fallback_rows: jax.Array  # (R, N, P_fallback) dense rows of the other leaves
     leaf_templates: tuple  # zero arrays shaped like the leaves (for layout maps)
     num_examples: int
+    # The examples are split over a mesh's devices (``mesh=``): second moments contract
+    # the rows, examples and positions where they lie (``_second_moment``).
+    spread: bool = False
 
     def layer_inputs(self, index):
         """a of layer ``index`` as (N, T, K); ones (K = 1) for a bias or a scale."""
@@ -332,10 +335,10 @@ class FactoredRows:
         num_positions = a.shape[0] * a.shape[1]
         positions = sampled_positions(index, sample, num_positions)
         if positions is None:
-            return _second_moment(a, only_diagonal) / self.num_examples
+            return _second_moment(a, only_diagonal, self.spread) / self.num_examples
         scale = num_positions / positions.shape[0]
         sampled = a.reshape(num_positions, -1)[positions]
-        return _second_moment(sampled, only_diagonal) * (scale / self.num_examples)
+        return _second_moment(sampled, only_diagonal, self.spread) * (scale / self.num_examples)
 
     def output_factor(self, index, approximation: str = "expand", only_diagonal=False, sample=None):
         """G of ``kronecker_factors``: a sum over the output-Fisher rows. With
@@ -348,9 +351,9 @@ class FactoredRows:
         num_positions = g.shape[1] * g.shape[2]
         positions = sampled_positions(index, sample, num_positions)
         if positions is None:
-            return _second_moment(g, only_diagonal) / (self.num_examples * t)
+            return _second_moment(g, only_diagonal, self.spread) / (self.num_examples * t)
         sampled = g.reshape(g.shape[0], num_positions, -1)[:, positions]
-        return _second_moment(sampled, only_diagonal) / positions.shape[0]
+        return _second_moment(sampled, only_diagonal, self.spread) / positions.shape[0]
 
 
 def sampled_positions(index, sample, num_positions: int):
@@ -368,8 +371,21 @@ def sampled_positions(index, sample, num_positions: int):
     return jax.random.randint(layer_key, (count,), 0, num_positions)
 
 
-def _second_moment(x, only_diagonal: bool):
-    """Σ x xᵀ over all but the last axis of x (its diagonal Σ x ⊙ x if ``only_diagonal``)."""
+def _second_moment(x, only_diagonal: bool, spread: bool = False):
+    """Σ x xᵀ over all but the last axis of x (its diagonal Σ x ⊙ x if ``only_diagonal``).
+
+    On one device the leading axes are merged into rows first, free for XLA's
+    row-major layout; contracting them in place instead costs a transposed copy of x
+    (a (10, 128, 1024, 32) statistic: 12 against 64 ms, 2-core CPU). With ``spread``
+    (examples split over devices) they are contracted in place: merging the row axis
+    with the split example axis would make XLA all-gather x (on a 2×4 mesh, EKFAC's
+    per-device temporaries 10 MiB against 5).
+    """
+    if spread:
+        leading = tuple(range(x.ndim - 1))
+        if only_diagonal:
+            return jnp.sum(x**2, axis=leading)
+        return jnp.tensordot(x, x, axes=(leading, leading))
     rows = x.reshape(-1, x.shape[-1])
     return jnp.sum(rows**2, axis=0) if only_diagonal else rows.T @ rows
 
@@ -615,6 +631,7 @@ def rows_of_cotangents(batch, dtype=None):
             fallback_rows=batch.gather_examples(fallback, axis=1),
             leaf_templates=templates,
             num_examples=batch.num_examples,
+            spread=batch.mesh is not None and batch.mesh.size > 1,
         )
 
     def cotangent_rows(loop_index=None):

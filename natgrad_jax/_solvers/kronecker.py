@@ -526,7 +526,7 @@ class Kronecker(Solver):
         factors += [state.leaves[bias].left for bias in shared]  # 1×1: no factorisation
         damping_of = [d for k in owned for d in dampings[k]]
         damping_of += [dampings[weight][1 - g_side[weight]] for weight in shared.values()]
-        inverses = iter(batched_inverses(factors, damping_of, self.block_size))
+        inverses = iter(batched_inverses(factors, damping_of, self.block_size, batch.mesh))
         new_leaves = list(state.leaves)
         for k in owned:
             new_leaves[k] = new_leaves[k]._replace(
