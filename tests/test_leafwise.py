@@ -76,3 +76,39 @@ def test_describe_says_where_the_chosen_solver_works():
         lines["large"][-2] == "  placement: kronecker works leaf by leaf, on each leaf's sharding; "
         "it factorises each Kronecker factor whole, on every device"
     )
+
+
+def _one_device_mesh():
+    return jax.sharding.Mesh(jax.devices()[:1], ("devices",))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(mesh=("data", "model")), "mesh must be a jax.sharding.Mesh"),
+        (dict(mesh=_one_device_mesh(), axis_name="data"), "do not go together"),
+    ],
+)
+def test_mesh_is_checked(options, message):
+    model = ng.Model(mlp, ng.Categorical())
+    with pytest.raises(ValueError, match=message):
+        ng.natural_gradient(model, 0.1, **options)
+
+
+@pytest.mark.parametrize("solver", ["kronecker", "ekfac", "block_diagonal"])
+def test_a_mesh_of_one_device_leaves_the_update_as_it_is(solver):
+    """``mesh=`` only places the factorisations (8 devices: tests/_sharded_checks.py)."""
+    model = ng.Model(mlp, ng.Categorical())
+    params = init_mlp(jax.random.PRNGKey(0), [3, 8, 4])
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+    y = jnp.arange(16) % 4
+    g = jax.grad(model.nll)(params, x, y)
+    mesh = _one_device_mesh()
+    updates = [
+        tx.update(g, tx.init(params), params, inputs=x, targets=y)[0]
+        for tx in (
+            ng.natural_gradient(model, 0.1, solver=solver),
+            ng.natural_gradient(model, 0.1, solver=solver, mesh=mesh),
+        )
+    ]
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, *updates))

@@ -19,7 +19,12 @@ ROOT = pathlib.Path(__file__).parent.parent
 # The lines each part prints for its update checks (one per solver and Fisher).
 EXPECTED_UPDATES = {
     "gspmd": {"ok update[": 5},
-    "sharded_params": {"ok sharded-params update[": 12, "memory ratio ": 6},
+    "sharded_params": {
+        "ok sharded-params update[": 12,
+        "ok spread inverses": 1,
+        "ok spread eigenbasis": 11,
+        "memory ratio ": 6,
+    },
     "shard_map": {"ok shard_map update[": 12, "ok one-pass update[": 3},
     "traced_inside": {"ok traced-inside update[": 2},
 }
