@@ -54,7 +54,7 @@ def describe(
     the multiply-adds of one update (see ``ng.choose_solver``), where its work lives
     when the parameters are sharded over devices (leaf by leaf on each leaf's sharding,
     or gathered into one P-vector; K-FAC's factors are factorised whole on every
-    device), and the memory the
+    device, or each on one with the transform's ``mesh=``), and the memory the
     memory guard estimates for that update against ``max_curvature_bytes``: whether it
     fits, or the refusal an update would raise, with the remedies that fit.
 
@@ -121,7 +121,10 @@ def _placement(solver: str, params: PyTree) -> str:
     if SOLVERS[solver].per_leaf:
         line = f"placement{where}: {solver} works leaf by leaf, on each leaf's sharding"
         if solver == "kronecker":  # XLA gathers each factor for its factorisation
-            line += "; it factorises each Kronecker factor whole, on every device"
+            line += (
+                "; it factorises each Kronecker factor whole, on every device "
+                "(on one with mesh=)"
+            )
         return line
     held = "P×P Fisher" if solver == "dense" else "M×M kernel"
     return f"placement{where}: {solver} gathers the P-vector; its {held} on every device"

@@ -74,7 +74,7 @@ def test_describe_says_where_the_chosen_solver_works():
     assert 'auto" picks kronecker' in "\n".join(lines["large"])
     assert (
         lines["large"][-2] == "  placement: kronecker works leaf by leaf, on each leaf's sharding; "
-        "it factorises each Kronecker factor whole, on every device"
+        "it factorises each Kronecker factor whole, on every device (on one with mesh=)"
     )
 
 
