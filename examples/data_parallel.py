@@ -60,7 +60,10 @@ def main():
     x = jnp.asarray(digits.data / 16.0, jnp.float32)
     y = jnp.asarray(digits.target)
     model = ng.Model(mlp, ng.Categorical())
-    optimizer = ng.natural_gradient(model, 1.0, solver="kronecker", damping=1e-2, max_kl=0.05)
+    # mesh=: each refresh factorises the Kronecker factors spread over the devices.
+    optimizer = ng.natural_gradient(
+        model, 1.0, solver="kronecker", damping=1e-2, max_kl=0.05, mesh=mesh
+    )
     params = jax.device_put(init_mlp(jax.random.PRNGKey(0), [64, 64, 10]), replicated)
     state = jax.device_put(optimizer.init(params), replicated)
 

@@ -122,8 +122,7 @@ def _placement(solver: str, params: PyTree) -> str:
         line = f"placement{where}: {solver} works leaf by leaf, on each leaf's sharding"
         if solver == "kronecker":  # XLA gathers each factor for its factorisation
             line += (
-                "; it factorises each Kronecker factor whole, on every device "
-                "(on one with mesh=)"
+                "; it factorises each Kronecker factor whole, on every device (on one with mesh=)"
             )
         return line
     held = "P×P Fisher" if solver == "dense" else "M×M kernel"

@@ -373,12 +373,12 @@ def check_sharded_memory():
     adam = ratio(optax.adam(1e-3), with_batch=False)
     print(f"memory ratio adam {adam:.3f}")
     for name, bound in SHARDED_MEMORY_BOUNDS.items():
-        solver = name.removesuffix(", mesh=")
-        options = {"mesh": mesh} if name.endswith("mesh=") else {}
-        transform = lambda **kw: ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2, **kw)
+        options = dict(solver=name.removesuffix(", mesh="), damping=1e-2)
+        spread = {"mesh": mesh} if name.endswith("mesh=") else {}
         # Over one device's memory without the mesh: with it, the factorisations of the
         # one-device program would be spread over the mesh's devices too.
-        got = ratio(transform(), True, transform(**options))
+        one_device = ng.natural_gradient(model, 0.1, **options)
+        got = ratio(one_device, True, ng.natural_gradient(model, 0.1, **options, **spread))
         print(f"memory ratio {name} {got:.3f} ({got / adam:.2f}x adam's)")
         assert got <= bound * adam, (name, got, adam)
 
