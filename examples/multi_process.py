@@ -34,7 +34,9 @@ import subprocess
 import sys
 import time
 
-SOLVERS = ("dense", "woodbury", "cg", "kronecker", "ekfac", "diagonal", "auto")
+# "kronecker-mesh": K-FAC with its factorisations spread over the processes' devices
+# (mesh=); one process has a single device, so the same K-FAC.
+SOLVERS = ("dense", "woodbury", "cg", "kronecker", "kronecker-mesh", "ekfac", "diagonal", "auto")
 SIZES = (6, 8, 3)
 GLOBAL_BATCH = 24
 AVERAGING = ("dense", "kronecker", "ekfac", "diagonal")
@@ -76,22 +78,25 @@ def model():
     return ng.Model(mlp, ng.Categorical())
 
 
-def optimizer(solver: str, classifier):
+def optimizer(solver: str, classifier, mesh=None):
     """The defaults (adaptive damping) with ``solver``; those that keep curvature across
-    steps average it and refresh every other step, so the steps in between run too."""
+    steps average it and refresh every other step, so the steps in between run too.
+    ``"...-mesh"``: the solver with its factorisations spread over ``mesh``."""
     import natgrad_jax as ng
 
+    solver, spread = solver.removesuffix("-mesh"), solver.endswith("-mesh")
     cadence = {"refresh_every": 2, "decay": 0.5} if solver in AVERAGING else {}
-    return ng.natural_gradient(classifier, 1.0, solver=solver, **cadence)
+    placement = {"mesh": mesh} if spread else {}
+    return ng.natural_gradient(classifier, 1.0, solver=solver, **cadence, **placement)
 
 
-def train(solver: str, steps: int, batch_of=problem):
+def train(solver: str, steps: int, batch_of=problem, mesh=None):
     """(parameters, optimizer state) after ``steps`` jitted steps on ``batch_of(step)``."""
     import jax
     import optax
 
     classifier = model()
-    nll, tx = classifier.nll, optimizer(solver, classifier)
+    nll, tx = classifier.nll, optimizer(solver, classifier, mesh)
 
     @jax.jit
     def step(params, state, x, y):
@@ -135,7 +140,7 @@ def run_process(args) -> None:
 
     results = {}
     for solver in args.solvers.split(","):
-        params, state = train(solver, args.steps, sharded_batch)
+        params, state = train(solver, args.steps, sharded_batch, mesh)
         if solver == CHECKPOINTED and args.checkpoint:
             save(args.checkpoint, {"params": params, "state": state})
         flat = ravel_pytree(jax.tree.map(np.asarray, params))[0]

@@ -3,7 +3,8 @@
 ``examples/multi_process.py --launch N`` starts N CPU processes (a coordinator on
 localhost, a free port, gloo collectives), each holding 1/N of every global batch; after
 5 steps of ``ng.natural_gradient`` (adaptive damping) with each solver, the averaging
-ones refreshing every other step, process 0's parameters must equal those of one process
+ones refreshing every other step, and of K-FAC with its factorisations spread over the
+processes' devices (``mesh=``), process 0's parameters must equal those of one process
 on the whole batch (float64, 1e-10), and the orbax checkpoint of K-FAC's parameters
 and state the processes write together, restored in one process, equals that process's
 own. Timeouts are the test's: a process that cannot
