@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from natgrad_jax._precision import exact_matmuls
 
-Mesh = jax.sharding.Mesh
+Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
 
 # Calls ``_each`` makes side by side; more matrices go through a loop of such groups.
 _GROUP = 8

@@ -336,9 +336,11 @@ def scale_by_natural_gradient(
         over) to spread the refreshes' factorisations over: K-FAC's and EKFAC's
         factors and the block-diagonal solver's blocks, each factorised on one device
         (same-size matrices split evenly over all of them) instead of whole on every
-        device; the results are the same. ``None``: each device factorises every
-        matrix (GSPMD's default). Other solvers do not factorise per matrix and ignore
-        it. Not with ``axis_name`` (inside ``shard_map`` the program is one device's).
+        device; the results are the same. ``None``: the mesh set with
+        ``jax.set_mesh`` where ``update`` is traced, if any; else each device
+        factorises every matrix (GSPMD's default). Other solvers do not factorise per
+        matrix and ignore it. Not with ``axis_name`` (inside ``shard_map`` the program
+        is one device's).
       precision: matmul precision of the curvature statistics (the passes through the
         network, factor and kernel products): ``None`` follows
         ``jax.default_matmul_precision`` (TF32 for float32 on recent NVIDIA GPUs,
@@ -586,7 +588,7 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
         key=step_key,
         num_samples=options.num_samples,
         axis_name=options.axis_name,
-        mesh=options.mesh,
+        mesh=_factorisation_mesh(options),
         forward=forward,
         statistics_precision=statistics_precision(options.precision),
     )
@@ -624,6 +626,20 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
         )
     new_updates = [new.astype(old.dtype) for new, old in zip(direction, update_leaves, strict=True)]
     return jax.tree.unflatten(treedef, new_updates), next_state
+
+
+def _factorisation_mesh(options: _Options):
+    """The mesh the refreshes' factorisations are spread over: ``mesh=``, else the one
+    set with ``jax.set_mesh`` (or ``jax.sharding.use_mesh``) where ``update`` is traced,
+    except inside ``shard_map`` (``axis_name``, or a mesh whose axes are manual there)."""
+    if options.mesh is not None or options.axis_name is not None:
+        return options.mesh
+    context = jax.sharding.get_abstract_mesh()
+    if context.empty or context.size == 1:
+        return None
+    if any(kind == jax.sharding.AxisType.Manual for kind in context.axis_types):
+        return None
+    return context
 
 
 def _plan(options: _Options, state: NaturalGradientState, batch: CurvatureBatch) -> _StepPlan:
@@ -907,7 +923,8 @@ def natural_gradient(
       max_curvature_bytes (float | None): memory budget of the curvature (``None``: unchecked).
       axis_name (str | None): the mapped axis the batch is split over inside ``shard_map``.
       mesh (jax.sharding.Mesh | None): the devices to spread the refreshes'
-        factorisations over (K-FAC, EKFAC, block-diagonal) under ``jax.jit``.
+        factorisations over (K-FAC, EKFAC, block-diagonal) under ``jax.jit``
+        (``None``: the mesh of ``jax.set_mesh``, if any).
       precision (str | None): matmul precision of the curvature statistics (``None``: JAX's default,
         TF32 on recent GPUs; ``"highest"``: full float32); solves are always exact.
 

@@ -20,10 +20,10 @@ ROOT = pathlib.Path(__file__).parent.parent
 EXPECTED_UPDATES = {
     "gspmd": {"ok update[": 5},
     "sharded_params": {
-        "ok sharded-params update[": 12,
+        "ok sharded-params update[": 13,
         "ok spread inverses": 1,
         "ok spread eigenbasis": 11,
-        "memory ratio ": 6,
+        "memory ratio ": 7,
     },
     "shard_map": {"ok shard_map update[": 12, "ok one-pass update[": 3},
     "traced_inside": {"ok traced-inside update[": 2},

@@ -48,7 +48,7 @@ class CurvatureBatch:
     statistics a solver measures inside its solve (``"auto"``'s K-FAC): the
     transform's ``precision=``, else the one in effect where ``update`` was traced.
     ``mesh``: the devices a solver spreads its factorisations over (the transform's
-    ``mesh=``; ``natgrad_jax._linalg.spread_over``).
+    ``mesh=`` or the context's; ``natgrad_jax._linalg.spread_over``).
     """
 
     model: Model
@@ -61,7 +61,7 @@ class CurvatureBatch:
     axis_name: str | None = None
     forward: ForwardPass | None = None
     statistics_precision: str | None = None
-    mesh: jax.sharding.Mesh | None = None
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
 
     @property
     def num_examples(self) -> int:
