@@ -335,8 +335,9 @@ def scale_by_natural_gradient(
       mesh: a ``jax.sharding.Mesh`` (the one the parameters or the batch are sharded
         over) to spread the refreshes' factorisations over: K-FAC's and EKFAC's
         factors and the block-diagonal solver's blocks, each factorised on one device
-        (same-size matrices split evenly over all of them) instead of whole on every
-        device; the results are the same. ``None``: the mesh set with
+        (same-size matrices split evenly over all of them; a size with fewer than a
+        quarter as many matrices as devices stays on every device) instead of whole on
+        every device; the results are the same. ``None``: the mesh set with
         ``jax.set_mesh`` where ``update`` is traced, if any; else each device
         factorises every matrix (GSPMD's default). Other solvers do not factorise per
         matrix and ignore it. Not with ``axis_name`` (inside ``shard_map`` the program

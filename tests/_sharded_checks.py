@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import natgrad_jax as ng  # noqa: E402
-from tests.helpers import init_mlp, mlp  # noqa: E402
+from tests.helpers import equations, init_mlp, mlp  # noqa: E402
 
 
 def close(a, b, what, rtol=1e-6):
@@ -338,6 +338,13 @@ def check_spread_factorisations():
     full_rank = matrices + jnp.eye(6)  # distinct eigenvalues: eigenvectors up to sign
     for spread, alone in zip(eigenbases(full_rank, mesh), eigenbases(full_rank), strict=True):
         close(jnp.abs(spread), jnp.abs(alone), "spread eigenbasis", rtol=1e-12)
+    # Fewer than a quarter as many matrices as devices stay on every device (their
+    # padding would be gathered with them); three or more are spread over the 8.
+    for count, spreads in ((1, False), (2, False), (3, True)):
+        jaxpr = jax.make_jaxpr(lambda m: spread_over(mesh, damped_inverses, m, m[:, 0, 0]))(
+            matrices[:count]
+        )
+        assert bool(equations(jaxpr.jaxpr, "shard_map")) == spreads, count
 
 
 def _mlp_512(key):
