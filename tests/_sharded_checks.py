@@ -322,19 +322,20 @@ def check_sharded_parameters(model, params, x, y, g, singles):
 def check_spread_factorisations():
     """``spread_over`` on 8 devices: 11 matrices (two per device after padding to 16),
     one of them singular and undamped, so that one device takes the eigendecomposition
-    fallback, give the one-device inverses and eigenbases."""
+    fallback, give the one-device inverses (float64 and float32) and eigenbases."""
     from natgrad_jax._linalg import damped_inverses, eigenbases, spread_over
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     roots = jax.random.normal(jax.random.PRNGKey(3), (11, 6, 4))
     matrices = jnp.einsum("bik,bjk->bij", roots, roots)  # rank 4: singular
     dampings = jnp.linspace(0.0, 1.0, 11)  # the first undamped
-    close(
-        spread_over(mesh, damped_inverses, matrices, dampings),
-        damped_inverses(matrices, dampings),
-        "spread inverses",
-        rtol=1e-12,
-    )
+    for dtype, rtol in ((jnp.float64, 1e-12), (jnp.float32, 1e-6)):
+        close(
+            spread_over(mesh, damped_inverses, matrices.astype(dtype), dampings.astype(dtype)),
+            damped_inverses(matrices.astype(dtype), dampings.astype(dtype)),
+            f"spread inverses {jnp.dtype(dtype).name}",
+            rtol=rtol,
+        )
     full_rank = matrices + jnp.eye(6)  # distinct eigenvalues: eigenvectors up to sign
     for spread, alone in zip(eigenbases(full_rank, mesh), eigenbases(full_rank), strict=True):
         close(jnp.abs(spread), jnp.abs(alone), "spread eigenbasis", rtol=1e-12)

@@ -21,7 +21,7 @@ EXPECTED_UPDATES = {
     "gspmd": {"ok update[": 5},
     "sharded_params": {
         "ok sharded-params update[": 13,
-        "ok spread inverses": 1,
+        "ok spread inverses": 2,
         "ok spread eigenbasis": 11,
         "memory ratio ": 7,
     },
