@@ -632,15 +632,14 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
 def _factorisation_mesh(options: _Options):
     """The mesh the refreshes' factorisations are spread over: ``mesh=``, else the one
     set with ``jax.set_mesh`` (or ``jax.sharding.use_mesh``) where ``update`` is traced,
-    except inside ``shard_map`` (``axis_name``, or a mesh whose axes are manual there)."""
-    if options.mesh is not None or options.axis_name is not None:
-        return options.mesh
-    context = jax.sharding.get_abstract_mesh()
-    if context.empty or context.size == 1:
-        return None
-    if any(kind == jax.sharding.AxisType.Manual for kind in context.axis_types):
-        return None
-    return context
+    except inside ``shard_map`` (``axis_name``, or a mesh whose axes are manual there);
+    None for a mesh of one device, which has nothing to spread."""
+    mesh = options.mesh
+    if mesh is None and options.axis_name is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if any(kind == jax.sharding.AxisType.Manual for kind in mesh.axis_types):
+            return None
+    return mesh if mesh is not None and mesh.size > 1 else None
 
 
 def _plan(options: _Options, state: NaturalGradientState, batch: CurvatureBatch) -> _StepPlan:

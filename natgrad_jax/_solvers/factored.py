@@ -381,13 +381,13 @@ def _second_moment(x, only_diagonal: bool, spread: bool = False):
     with the split example axis would make XLA all-gather x (EKFAC's step on the 2×4
     mesh of docs/sharding.md: 16.6 MiB per device against 14.1).
     """
+    leading = tuple(range(x.ndim - 1))
+    if only_diagonal:  # a reduction: no copy, whatever the layout
+        return jnp.sum(x**2, axis=leading)
     if spread:
-        leading = tuple(range(x.ndim - 1))
-        if only_diagonal:
-            return jnp.sum(x**2, axis=leading)
         return jnp.tensordot(x, x, axes=(leading, leading))
     rows = x.reshape(-1, x.shape[-1])
-    return jnp.sum(rows**2, axis=0) if only_diagonal else rows.T @ rows
+    return rows.T @ rows
 
 
 # A chunk of output-Fisher rows flows back through the network layer by layer, each
@@ -631,7 +631,7 @@ def rows_of_cotangents(batch, dtype=None):
             fallback_rows=batch.gather_examples(fallback, axis=1),
             leaf_templates=templates,
             num_examples=batch.num_examples,
-            spread=batch.mesh is not None and batch.mesh.size > 1,
+            spread=batch.mesh is not None,
         )
 
     def cotangent_rows(loop_index=None):
