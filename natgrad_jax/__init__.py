@@ -10,6 +10,7 @@ from natgrad_jax._damping import LevenbergMarquardt as LevenbergMarquardt
 from natgrad_jax._describe import describe as describe
 from natgrad_jax._diagnostics import Diagnostics as Diagnostics
 from natgrad_jax._diagnostics import diagnostics as diagnostics
+from natgrad_jax._eigenbasis_adam import eigenbasis_adam as eigenbasis_adam
 from natgrad_jax._fisher import empirical_fisher as empirical_fisher
 from natgrad_jax._fisher import fisher as fisher
 from natgrad_jax._fisher import fisher_hessian as fisher_hessian
@@ -30,6 +31,7 @@ from natgrad_jax._solvers.block import BlockDiagonal as BlockDiagonal
 from natgrad_jax._solvers.conjugate_gradient import ConjugateGradient as ConjugateGradient
 from natgrad_jax._solvers.dense import Dense as Dense
 from natgrad_jax._solvers.diagonal import Diagonal as Diagonal
+from natgrad_jax._solvers.eigenbasis_adam import EigenbasisAdam as EigenbasisAdam
 from natgrad_jax._solvers.ekfac import EKFAC as EKFAC
 from natgrad_jax._solvers.kronecker import Kronecker as Kronecker
 from natgrad_jax._solvers.solver import Solver as Solver
@@ -50,6 +52,7 @@ __all__ = [
     "Dense",
     "Diagnostics",
     "Diagonal",
+    "EigenbasisAdam",
     "ForwardPass",
     "Gaussian",
     "Kronecker",
@@ -64,6 +67,7 @@ __all__ = [
     "choose_solver",
     "describe",
     "diagnostics",
+    "eigenbasis_adam",
     "empirical_fisher",
     "fisher",
     "fisher_hessian",

@@ -8,10 +8,12 @@ pseudo-inverted, so a PSD input never produces NaN.
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.linalg import block_diag
 
 from natgrad_jax._precision import exact_matmuls
 
@@ -84,17 +86,37 @@ def _indices_by_size(matrices) -> list[list[int]]:
     return list(by_size.values())
 
 
-def eigenbases(matrices, mesh: Mesh | None = None) -> list:
+def eigenbases(matrices, mesh: Mesh | None = None, block_size: int | None = None) -> list:
     """The eigenvectors of each symmetric matrix (``jnp.linalg.eigh``), those of the same
     size stacked for one loop of LAPACK calls (``_each``) spread over ``mesh``'s devices
-    (``spread_over``)."""
-    bases = [None] * len(matrices)
+    (``spread_over``). A matrix of side over twice ``block_size`` (``is_blocked``) gets
+    the block-diagonal basis of its ``block_ranges``' diagonal blocks: orthogonal, and the
+    eigenbasis of the block-diagonal part of the matrix, s·b² work against s³."""
+    blocks, parts = [], []  # the symmetric matrices to decompose; each input's among them
+    for matrix in matrices:
+        size = matrix.shape[0]
+        ranges = block_ranges(size, block_size) if is_blocked(size, block_size) else [(0, size)]
+        parts.append(list(range(len(blocks), len(blocks) + len(ranges))))
+        blocks += [matrix[start:stop, start:stop] for start, stop in ranges]
+    vectors = [None] * len(blocks)
     eigenvectors = lambda stacked: _each(lambda m: jnp.linalg.eigh(m)[1], stacked)
-    for indices in _indices_by_size(matrices):
-        stacked = spread_over(mesh, eigenvectors, jnp.stack([matrices[i] for i in indices]))
+    for indices in _indices_by_size(blocks):
+        stacked = spread_over(mesh, eigenvectors, jnp.stack([blocks[i] for i in indices]))
         for position, index in enumerate(indices):
-            bases[index] = stacked[position]
-    return bases
+            vectors[index] = stacked[position]
+    return [
+        vectors[own[0]] if len(own) == 1 else block_diag(*[vectors[i] for i in own])
+        for own in parts
+    ]
+
+
+def block_ranges(size: int, block_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the ``block_layout`` count of diagonal blocks of a side, as
+    equal as integers allow (no padding: a padded block's eigenvectors would mix the
+    padding into the matrix's own null space)."""
+    count, _ = block_layout(size, block_size)
+    edges = [size * b // count for b in range(count + 1)]
+    return list(itertools.pairwise(edges))
 
 
 def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:

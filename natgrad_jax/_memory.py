@@ -22,6 +22,7 @@ from natgrad_jax._solvers.block import BlockDiagonal
 from natgrad_jax._solvers.conjugate_gradient import ConjugateGradient
 from natgrad_jax._solvers.dense import Dense
 from natgrad_jax._solvers.diagonal import Diagonal
+from natgrad_jax._solvers.eigenbasis_adam import EigenbasisAdam
 from natgrad_jax._solvers.ekfac import EKFAC
 from natgrad_jax._solvers.factored import captured_row_sizes
 from natgrad_jax._solvers.kronecker import Kronecker
@@ -39,6 +40,7 @@ SOLVERS = {
     "block_diagonal": BlockDiagonal,
     "kronecker": Kronecker,
     "ekfac": EKFAC,
+    "eigenbasis_adam": EigenbasisAdam,
 }
 # What a refusal may offer instead, cheapest in memory last.
 CHEAPER_SOLVERS = ("auto", "kronecker", "cg", "diagonal")

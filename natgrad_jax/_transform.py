@@ -486,6 +486,11 @@ def _validated_options(*, model, fisher, damping, solver, decay, refresh_every, 
     _check_mesh(rest["mesh"], axis_name)
     requested_cadence = (decay, refresh_every)
     solver, decay, refresh_every = _resolve_solver(solver).with_cadence(decay, refresh_every)
+    if isinstance(damping, LevenbergMarquardt) and solver.adaptive_damping_refusal:
+        raise ValueError(
+            f"solver {solver.name!r} cannot take ng.LevenbergMarquardt damping: "
+            f"{solver.adaptive_damping_refusal}."
+        )
     if _is_python_number(damping) and damping == 0:
         solver = solver.without_damping()
     refresh_every = 1 if refresh_every is None else refresh_every

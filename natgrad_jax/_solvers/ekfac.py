@@ -75,6 +75,28 @@ def _second_moments(rows, layer_index, orientation, left_basis, right_basis):
     return moments if orientation == "left_is_inputs" else moments.T
 
 
+def kronecker_eigenbases(kronecker: Kronecker, leaves, batch, block_size=None) -> list:
+    """The leaves (states with ``left``, ``right``, ``left_basis``, ``right_basis``) with
+    the eigenbases of their current factors (``_linalg.eigenbases``; a side over twice
+    ``block_size`` gets the basis of its diagonal blocks); a bias that shares its weight's
+    G (``Kronecker.shared_output_factors``) takes the weight's basis of it."""
+    factored = kronecker.factored_leaves(batch)
+    shared = kronecker.shared_output_factors(batch)
+    leaves = list(leaves)
+    owned = sorted(set(factored) - set(shared))
+    factors = [f for k in owned for f in (leaves[k].left, leaves[k].right)]
+    bases = iter(eigenbases(factors, batch.mesh, block_size))
+    for k in owned:
+        leaves[k] = leaves[k]._replace(left_basis=next(bases), right_basis=next(bases))
+    for bias, weight in shared.items():
+        bases_of_weight = (leaves[weight].left_basis, leaves[weight].right_basis)
+        g_basis = bases_of_weight[output_side(factored[weight][1])]
+        leaves[bias] = leaves[bias]._replace(
+            left_basis=jnp.ones_like(leaves[bias].left), right_basis=g_basis
+        )
+    return leaves
+
+
 @dataclasses.dataclass(frozen=True)
 class EKFAC(Solver):
     """EKFAC: K-FAC's eigenbasis with the Fisher's own second moments in it.
@@ -151,7 +173,7 @@ class EKFAC(Solver):
             unused = unused_diagonal(old.diagonal, leaves[k])
             new_leaves.append(old._replace(left=left, right=right, diagonal=unused))
         if refactorise:
-            new_leaves = self._with_eigenbases(new_leaves, batch)
+            new_leaves = kronecker_eigenbases(self._kronecker, new_leaves, batch)
         for k in factored:
             leaf = new_leaves[k]
             moments = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)
@@ -159,25 +181,6 @@ class EKFAC(Solver):
             scaling = moments if refactorise else average(state.leaves[k].scaling, moments)
             new_leaves[k] = leaf._replace(scaling=scaling)
         return EkfacState(tuple(new_leaves))
-
-    def _with_eigenbases(self, leaves, batch) -> list:
-        """The leaves with the eigenbases of their current factors; a bias that shares its
-        weight's G (``Kronecker.shared_output_factors``) takes the weight's basis of it."""
-        factored = self._kronecker.factored_leaves(batch)
-        shared = self._kronecker.shared_output_factors(batch)
-        leaves = list(leaves)
-        owned = sorted(set(factored) - set(shared))
-        factors = [f for k in owned for f in (leaves[k].left, leaves[k].right)]
-        bases = iter(eigenbases(factors, batch.mesh))
-        for k in owned:
-            leaves[k] = leaves[k]._replace(left_basis=next(bases), right_basis=next(bases))
-        for bias, weight in shared.items():
-            bases_of_weight = (leaves[weight].left_basis, leaves[weight].right_basis)
-            g_basis = bases_of_weight[output_side(factored[weight][1])]
-            leaves[bias] = leaves[bias]._replace(
-                left_basis=jnp.ones_like(leaves[bias].left), right_basis=g_basis
-            )
-        return leaves
 
     def measure(self, state: EkfacState, batch: CurvatureBatch, decay, is_first):
         """Averages the factors, the diagonals and s (in the current basis)."""
@@ -189,7 +192,7 @@ class EKFAC(Solver):
         factored = self._kronecker.factored_leaves(batch)
         # Only the rows are needed here: the factors were averaged by ``measure``.
         rows = factored_rows(batch, state.leaves[0].diagonal.dtype)
-        new_leaves = self._with_eigenbases(state.leaves, batch)
+        new_leaves = kronecker_eigenbases(self._kronecker, state.leaves, batch)
         for k in factored:
             leaf = new_leaves[k]
             scaling = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)

@@ -5,7 +5,7 @@ solves (F + λI) d = g against it. The transform owns the cadence (when to measu
 to factorise), the step's length, the trust region and the damping; a solver owns its
 arrays (a ``NamedTuple`` state: jit, shard, checkpoint) and the linear algebra.
 
-Every solver states three facts as class attributes, which the transform reads instead
+Every solver states these facts as class attributes, which the transform reads instead
 of inspecting the object:
 
 * ``name``: the ``solver=`` string, used in messages and by ``ng.describe``;
@@ -14,6 +14,8 @@ of inspecting the object:
   step's length from the batch's exact quadratic model (``rescale``);
 * ``averages``: whether the state keeps a curvature across steps, which ``decay`` and
   ``refresh_every`` act on; such a solver implements ``measure`` and ``factorise``;
+* ``adaptive_damping_refusal``: why λ cannot follow ``ng.LevenbergMarquardt`` (where
+  λ is not a curvature's damping, as eigenbasis Adam's ε), or None (the default);
 * ``per_leaf``: whether ``solve`` takes and returns vectors leaf by leaf (a tuple of
   leaf-shaped arrays, ``natgrad_jax._vectors``), so that leaves sharded over devices
   stay sharded, or one flat (P,) array in ``ravel_pytree`` order (the default: simplest
@@ -73,6 +75,7 @@ class Solver(abc.ABC):
     approximate: ClassVar[bool] = False
     averages: ClassVar[bool] = False
     per_leaf: ClassVar[bool] = False
+    adaptive_damping_refusal: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def init(self, params: PyTree, dtype) -> NamedTuple | tuple:
@@ -82,7 +85,9 @@ class Solver(abc.ABC):
     def solve(self, state, batch, vector: jax.Array, damping) -> tuple[jax.Array, Any]:
         """``(direction, state)``: (F + λI)⁻¹ ``vector``, with the state of the last
         refresh or of this batch. ``vector`` is flat (``ravel_pytree`` order of the
-        trainable leaves) or, with ``per_leaf``, a tuple of the leaves' entries."""
+        trainable leaves) or, with ``per_leaf``, a tuple of the leaves' entries. The
+        transform calls it once a step, with the gradient, so a state may move with it
+        (``ng.EigenbasisAdam``'s moments)."""
 
     @abc.abstractmethod
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
