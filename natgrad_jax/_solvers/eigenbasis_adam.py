@@ -112,9 +112,9 @@ class EigenbasisAdam(Solver):
         """Floats held at once, for the memory guard: four copies of each leaf's two
         factors (the factors and eigenbases in the state, the eigendecomposition's input
         and output), four P-vectors (the two moments, the update, a rotated gradient) and
-        what K-FAC's statistics hold."""
+        the rows K-FAC's statistics are measured from."""
         factors = sum(m * m + n * n for m, n in map(split_shape, leaf_shapes))
-        statistics = self._kronecker.memory(num_params, num_rows, leaf_shapes, rows)
+        statistics = self._kronecker.statistics_memory(num_rows, leaf_shapes, rows)
         return 4 * factors + 4 * num_params + statistics
 
     def init(self, params, dtype) -> EigenbasisAdamState:

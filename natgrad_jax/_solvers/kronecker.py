@@ -391,6 +391,12 @@ class Kronecker(Solver):
         factors = sum(
             6 * sum(map(self._factor_floats, split_shape(shape))) for shape in leaf_shapes
         )
+        return factors + self.statistics_memory(num_rows, leaf_shapes, rows) + 3 * num_params
+
+    def statistics_memory(self, num_rows: int, leaf_shapes=(), rows=None) -> int:
+        """Floats of the rows a measurement holds: the layers' a and g, one chunk of
+        rows at a time, and the per-example gradients of the layers it does not factor
+        (without ``rows``, an estimate from the leaves' shapes)."""
         if rows is None:
             rows = RowSizes(fallback_floats=num_rows * sum(sum(shape) for shape in leaf_shapes))
         elif self.chunk_rows is not None:
@@ -399,7 +405,7 @@ class Kronecker(Solver):
         if rows.captured is not None:
             factored = factored_leaves(rows.captured, leaf_shapes)
             per_example = rows.per_example_except({index for index, _ in factored.values()})
-        return factors + rows.stored + per_example + 3 * num_params
+        return rows.stored + per_example
 
     def state_floats(self, leaf_shapes) -> int:
         """Floats of the state ``init`` allocates (each leaf's two factors, their

@@ -1,0 +1,197 @@
+"""Eigenbasis Adam: optax's Adam run on each weight's coordinates in the eigenbasis of
+its K-FAC factors, checked against optax.scale_by_adam on the rotated gradients."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import natgrad_jax as ng
+from natgrad_jax._linalg import eigenbases
+from tests.helpers import classifier_nll_before_and_after, init_mlp, mlp
+from tests.test_ekfac import _shared_weight_model
+
+B1, B2, EPS = 0.8, 0.95, 1e-6
+
+
+def _problem(name):
+    if name == "shared_weight":  # one weight at 3 positions (K-FAC-expand factors)
+        return _shared_weight_model()
+    params = init_mlp(jax.random.PRNGKey(0), [3, 9, 4])  # biases share their weight's G
+    x = jax.random.normal(jax.random.PRNGKey(1), (7, 3))
+    return ng.Model(mlp, ng.Categorical()), params, x
+
+
+def _assert_diagonalises(basis, factor, block_size):
+    """``basis`` is orthogonal and UᵀAU is diagonal, A the factor (with ``block_size``,
+    the block-diagonal part of the factor over ``_linalg.block_ranges``, and U zero
+    outside those blocks)."""
+    basis, factor = np.asarray(basis), np.asarray(factor)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(len(basis)), atol=1e-12)
+    if block_size is not None and len(factor) > 2 * block_size:
+        count = -(-len(factor) // block_size)
+        edges = [len(factor) * b // count for b in range(count + 1)]
+        mask = np.zeros_like(factor, dtype=bool)
+        for start, stop in itertools.pairwise(edges):
+            mask[start:stop, start:stop] = True
+        assert np.all(basis[~mask] == 0)
+        factor = np.where(mask, factor, 0.0)
+    rotated = basis.T @ factor @ basis
+    off_diagonal = rotated - np.diag(np.diag(rotated))
+    assert np.max(np.abs(off_diagonal)) <= 1e-12 * max(np.max(np.abs(factor)), 1e-30)
+
+
+@pytest.mark.parametrize(
+    ("problem", "block_size"), [("mlp", None), ("mlp", 4), ("shared_weight", None)]
+)
+def test_steps_are_adam_on_the_weights_in_the_kfac_eigenbasis(problem, block_size):
+    """Four steps with the basis of the first (refresh_every=100): each leaf's update is
+    U_L · scale_by_adam(U_Lᵀ g U_R) · U_Rᵀ, Adam run by optax on the rotated gradients;
+    U diagonalises the K-FAC factors that ng.Kronecker measures on the same batch (with
+    block_size 4, the 9×9 factors' three diagonal blocks)."""
+    model, params, x = _problem(problem)
+    solver = ng.EigenbasisAdam(b1=B1, b2=B2, block_size=block_size)
+    tx = ng.scale_by_natural_gradient(
+        model, fisher="exact", solver=solver, damping=EPS, refresh_every=100
+    )
+    kfac = ng.scale_by_natural_gradient(
+        model, fisher="exact", solver=ng.Kronecker(max_factor_size=None), damping=EPS
+    )
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(5), 4 * len(leaves))
+    gradients = [
+        treedef.unflatten(
+            [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys[i::4], leaves, strict=True)]
+        )
+        for i in range(4)
+    ]
+    state, updates = tx.init(params), []
+    for g in gradients:
+        update, state = jax.jit(tx.update)(g, state, params, inputs=x)
+        updates.append(jax.tree.leaves(update))
+    _, kfac_state = jax.jit(kfac.update)(gradients[0], kfac.init(params), params, inputs=x)
+
+    for k, (leaf, reference) in enumerate(
+        zip(state.curvature.leaves, kfac_state.curvature.leaves, strict=True)
+    ):
+        shape = leaf.first_moment.shape
+        np.testing.assert_allclose(leaf.left, reference.left, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(leaf.right, reference.right, rtol=1e-12, atol=1e-14)
+        if shape[0] > 1:  # a bias's 1×1 input factor has the basis [[1]]
+            _assert_diagonalises(leaf.left_basis, leaf.left, block_size)
+        _assert_diagonalises(leaf.right_basis, leaf.right, block_size)
+        left, right = np.asarray(leaf.left_basis), np.asarray(leaf.right_basis)
+        adam = optax.scale_by_adam(b1=B1, b2=B2, eps=EPS)
+        adam_state = adam.init(jnp.zeros(shape))
+        for step, g in enumerate(gradients):
+            rotated = left.T @ np.reshape(jax.tree.leaves(g)[k], shape) @ right
+            adam_step, adam_state = adam.update(jnp.asarray(rotated), adam_state)
+            expected = (left @ np.asarray(adam_step) @ right.T).reshape(leaves[k].shape)
+            np.testing.assert_allclose(updates[step][k], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_a_leaf_the_capture_does_not_factor_takes_plain_adam():
+    """A leaf used elementwise (no layer): every step equals optax.adam's."""
+    model = ng.Model(lambda p, x: mlp(p["mlp"], x) * jnp.exp(p["scale"]), ng.Categorical())
+    params = {"mlp": init_mlp(jax.random.PRNGKey(0), [3, 4]), "scale": jnp.zeros(4)}
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+    y = jnp.arange(5) % 4
+    tx = ng.eigenbasis_adam(model, 0.1, b1=B1, b2=B2, eps=EPS, fisher="exact")
+    adam = optax.adam(0.1, b1=B1, b2=B2, eps=EPS)
+    state, adam_state = tx.init(params), adam.init(params["scale"])
+    for step in range(3):
+        g = jax.grad(model.nll)(params, x, y)
+        update, state = jax.jit(tx.update)(g, state, params, inputs=x, targets=y)
+        expected, adam_state = adam.update(g["scale"], adam_state)
+        np.testing.assert_allclose(update["scale"], expected, rtol=1e-12, err_msg=f"step {step}")
+        params = optax.apply_updates(params, update)
+    assert np.all(state[0].curvature.leaves[-1].right_basis == 0)  # "scale": no basis
+
+
+def test_a_refresh_moves_the_basis_and_keeps_the_moments():
+    """At a refresh (every 2nd step) the bases are those of the new factors and Adam's
+    moments carry on: m₂ = β₁m₁ + (1 − β₁)g₂ in the leaf's coordinates, v₂ = β₂v₁ +
+    (1 − β₂)(U₂ᵀg₂U₂)² in the new basis (g the same at every step)."""
+    model, params, x = _problem("mlp")
+    solver = ng.EigenbasisAdam(b1=B1, b2=B2)
+    tx = ng.scale_by_natural_gradient(
+        model, fisher="exact", solver=solver, damping=EPS, refresh_every=2, decay=0.5
+    )
+    g = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size) + 1.0).reshape(p.shape), params)
+    state, leaves = tx.init(params), []
+    for step in range(3):
+        moved = jax.tree.map(lambda p, s=step: p + 0.3 * s, params)
+        _, state = jax.jit(tx.update)(g, state, moved, inputs=x)
+        leaves.append(state.curvature.leaves[-1])  # the last weight, 9×4
+    before, after = leaves[1], leaves[2]
+    np.testing.assert_array_equal(leaves[0].left_basis, before.left_basis)  # no refresh
+    assert not np.allclose(after.left_basis, before.left_basis)
+    _assert_diagonalises(after.left_basis, after.left, None)
+    g = np.asarray(jax.tree.leaves(g)[-1])
+    np.testing.assert_allclose(after.first_moment, B1 * before.first_moment + (1 - B1) * g)
+    rotated = np.asarray(after.left_basis).T @ g @ np.asarray(after.right_basis)
+    np.testing.assert_allclose(
+        after.second_moment, B2 * before.second_moment + (1 - B2) * rotated**2, rtol=1e-12
+    )
+
+
+def test_blocked_eigenbases_are_those_of_the_diagonal_blocks():
+    """``_linalg.eigenbases`` with a block size: a 10×10 matrix over blocks of about 4
+    gets the block-diagonal basis of its blocks of sides 3, 3 and 4; a 4×4 one in the
+    same call its whole basis; a 1×1 one [[±1]]."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (10, 10))
+    b = jax.random.normal(jax.random.PRNGKey(1), (4, 4))
+    matrices = [a @ a.T, b @ b.T, jnp.array([[2.0]]), a.T @ a]
+    bases = eigenbases(matrices, block_size=4)
+    for basis, matrix in zip(bases, matrices, strict=True):
+        _assert_diagonalises(basis, matrix, 4)
+    assert np.any(np.asarray(bases[0])[:3, 3:] == 0)  # blocked...
+    assert np.all(np.asarray(bases[1]) != 0)  # ... and not
+    np.testing.assert_allclose(np.abs(bases[2]), [[1.0]])
+
+
+def test_adam_learning_rates_train_a_classifier():
+    start, end = classifier_nll_before_and_after(
+        lambda model: ng.eigenbasis_adam(model, 3e-2), steps=30
+    )
+    assert end < 0.25 * start
+
+
+def test_weight_decay_is_decoupled():
+    """AdamW's decay: the update with weight_decay = w is the one without, − η·w·θ."""
+    model, params, x = _problem("mlp")
+    y = jnp.arange(7) % 4
+    g = jax.grad(model.nll)(params, x, y)
+    plain, decayed = (
+        ng.eigenbasis_adam(model, 0.1, weight_decay=w, fisher="exact") for w in (0.0, 0.01)
+    )
+    u0, _ = plain.update(g, plain.init(params), params, inputs=x, targets=y)
+    u1, _ = decayed.update(g, decayed.init(params), params, inputs=x, targets=y)
+    for a, b, p in zip(
+        jax.tree.leaves(u1), jax.tree.leaves(u0), jax.tree.leaves(params), strict=True
+    ):
+        np.testing.assert_allclose(a, b - 0.1 * 0.01 * p, rtol=1e-12, atol=1e-15)
+
+
+def test_bad_settings_are_refused_with_their_reason():
+    model = ng.Model(mlp, ng.Categorical())
+    with pytest.raises(ValueError, match="Adam's ε"):
+        ng.natural_gradient(model, 1.0, solver="eigenbasis_adam")  # Levenberg–Marquardt
+    with pytest.raises(TypeError, match="damping"):
+        ng.eigenbasis_adam(model, 1e-3, damping=1.0)
+    for bad in ({"b1": 1.0}, {"b2": -0.1}, {"block_size": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ng.eigenbasis_adam(model, 1e-3, **bad)
+    with pytest.raises(ValueError, match="eps"):
+        ng.eigenbasis_adam(model, 1e-3, eps=-1.0)
+
+
+def test_zero_eps_and_a_zero_gradient_give_zero_not_nan():
+    model, params, x = _problem("mlp")
+    tx = ng.scale_by_natural_gradient(model, fisher="exact", solver="eigenbasis_adam", damping=0)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    update, _ = tx.update(zeros, tx.init(params), params, inputs=x)
+    assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(update))
