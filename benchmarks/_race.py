@@ -209,6 +209,7 @@ GRIDS = {
     "muon": ("lr", (3e-3, 1e-2, 3e-2)),
     "ngd defaults": ("lr", (0.25, 0.5, 1.0)),
     "ngd kl-clipped": ("max_kl", (0.03, 0.1, 0.3)),
+    "ng eigenbasis adam": ("lr", (1e-3, 3e-3, 1e-2)),
 }
 
 
@@ -230,15 +231,17 @@ def kl_clipped_kfac(model: ng.Model, max_kl: float):
 
 
 def race(model, params, batches, validation_loss, args, plot_as):
-    """Runs AdamW, Muon, ``ng.natural_gradient(model, lr)`` with its defaults and the
-    KL-clipped K-FAC (``kl_clipped_kfac``), each over its step-size grid; prints the
-    table of each family's best (ratios to the best AdamW) and every run, saves the plot
-    (``plot_as``: (title, file name)); returns the best rows."""
+    """Runs AdamW, Muon, ``ng.natural_gradient(model, lr)`` with its defaults, the
+    KL-clipped K-FAC (``kl_clipped_kfac``) and ``ng.eigenbasis_adam(model, lr)``, each
+    over its step-size grid; prints the table of each family's best (ratios to the best
+    AdamW) and every run, saves the plot (``plot_as``: (title, file name)); returns the
+    best rows."""
     optimizers = {
         "adamw": optax.adamw,
         "muon": optax.contrib.muon,
         "ngd defaults": lambda lr: ng.natural_gradient(model, lr),
         "ngd kl-clipped": lambda max_kl: kl_clipped_kfac(model, max_kl),
+        "ng eigenbasis adam": lambda lr: ng.eigenbasis_adam(model, lr),
     }
     wanted = None if args.only is None else args.only.split("|")
     results = []

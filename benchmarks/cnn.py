@@ -8,7 +8,7 @@ with a 3-value step-size grid from the same initialisation and batch order, for
 held-out quarter of the digits measured outside the clock; ``--busy`` shares every core
 with a spinning process.
 
-    python benchmarks/cnn.py                 # about 5 minutes on 2 CPU cores
+    python benchmarks/cnn.py                 # about 6 minutes on 2 CPU cores
     python benchmarks/cnn.py --busy          # the same with the cores shared
 """
 

@@ -10,11 +10,12 @@ same initialisation with the same batch order, for ``--seconds`` of step time
 (compilation excluded and reported), its validation loss (nats per character, 64 held-out
 sequences) measured outside the clock: AdamW (``optax.adamw``), Muon
 (``optax.contrib.muon``), ``ng.natural_gradient(model, lr)`` with the defaults, and
-K-FAC with its KL clipped (``_race.kl_clipped_kfac``, a grid of ``max_kl``), each step
+K-FAC with its KL clipped (``_race.kl_clipped_kfac``, a grid of ``max_kl``) and
+``ng.eigenbasis_adam(model, lr)`` (Adam in K-FAC's eigenbasis, AdamW's grid), each step
 written as in the README's quick start. ``--busy`` runs the race with a spinning
 process on every core. Prints the table and saves the loss-vs-time plot.
 
-    python benchmarks/transformer_lm.py                 # about 14 minutes on 2 CPU cores
+    python benchmarks/transformer_lm.py                 # about 17 minutes on 2 CPU cores
     python benchmarks/transformer_lm.py --busy          # the same with the cores shared
 """
 

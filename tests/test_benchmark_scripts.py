@@ -126,13 +126,15 @@ def test_step_profile_sorts_a_programs_operations_into_kinds_and_times_them(monk
 )
 def test_race_benchmarks_run_at_tiny_sizes(script, sizes, tmp_path, monkeypatch, capsys):
     """Each race prints its table (one row per family: the best AdamW first, Muon, the
-    natural-gradient defaults, the KL-clipped K-FAC) with the machine, the jax version
-    and the date, and saves its plot; 3 steps a run, one step size a family."""
+    natural-gradient defaults, the KL-clipped K-FAC, eigenbasis Adam) with the machine,
+    the jax version and the date, and saves its plot; 3 steps a run, one step size a
+    family."""
     module = benchmark_module(script)
     common = benchmark_module("_common")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(module, "report_run_time", lambda: None)
-    only = "adamw lr=0.001|muon lr=0.003|ngd defaults lr=1|ngd kl-clipped max_kl=0.1"
+    only = "adamw lr=0.001|muon lr=0.003|ngd defaults lr=1|ngd kl-clipped max_kl=0.1|"
+    only += "ng eigenbasis adam lr=0.003"
     argv = [*sizes, "--max-steps", "3", "--eval-every", "2", "--seconds", "600", "--only", only]
     chosen = module.main(argv)
     out = capsys.readouterr().out
