@@ -10,7 +10,9 @@ forward pass (``ng.value_and_grad``) and, except the "kl-clipped" rows, uses
 Levenberg–Marquardt damping (the default of ``ng.natural_gradient``) and, except the
 defaults rows, the Monte-Carlo Fisher; the "kl-clipped" rows are K-FAC with a fixed
 damping and each step's KL clipped (``_race.kl_clipped_kfac``, the transformer LM's
-winner); the last row repeats the defaults with ``jax.grad`` and a plain ``update``.
+winner); the "eigenbasis adam" rows are ``ng.eigenbasis_adam`` (Adam in K-FAC's
+eigenbasis, with Adam's learning rates); the last row repeats the defaults with
+``jax.grad`` and a plain ``update``.
 Per optimizer it prints the compile time, the amortised ms per step, the final training
 loss ½‖x − x̂‖² (mean over the training set) and the steps and wall time, compilation
 included, to reach the best Adam's final loss; it saves loss-vs-time and loss-vs-step
@@ -56,6 +58,9 @@ SIZES = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
 # max_kl of the KL-clipped K-FAC rows (``_race.kl_clipped_kfac``): 0.001 → 140 steps to
 # the target, 0.1 → 300 and 1 or 10 never (2-core AMD EPYC, 2026-12-06).
 KL_CLIPPED_GRID = (0.003, 0.01, 0.03)
+# Learning rates of ng.eigenbasis_adam (Adam in K-FAC's eigenbasis): Adam's grid's best
+# three.
+EIGENBASIS_ADAM_GRID = (1e-4, 3e-4, 1e-3)
 CODE_LAYER = 3  # the 30-unit code is linear
 CONSTANT = 0.5 * 784 * math.log(2 * math.pi)  # the Gaussian NLL is ½‖x − x̂‖² + this
 
@@ -266,6 +271,8 @@ def main():
     }
     for max_kl in KL_CLIPPED_GRID:
         candidates[f"ngd kl-clipped max_kl={max_kl:g}"] = lambda m=max_kl: kl_clipped_kfac(model, m)
+    for lr in EIGENBASIS_ADAM_GRID:
+        candidates[f"eigenbasis adam lr={lr:g}"] = lambda lr=lr: ng.eigenbasis_adam(model, lr)
     if args.only:
         wanted = args.only.split("|")
         candidates = {n: c for n, c in candidates.items() if any(w in n for w in wanted)}

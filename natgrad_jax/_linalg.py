@@ -99,7 +99,7 @@ def eigenbases(matrices, mesh: Mesh | None = None, block_size: int | None = None
         parts.append(list(range(len(blocks), len(blocks) + len(ranges))))
         blocks += [matrix[start:stop, start:stop] for start, stop in ranges]
     vectors = [None] * len(blocks)
-    eigenvectors = lambda stacked: _each(lambda m: jnp.linalg.eigh(m)[1], stacked)
+    eigenvectors = lambda stacked: _each(_eigenvectors, stacked)
     for indices in _indices_by_size(blocks):
         stacked = spread_over(mesh, eigenvectors, jnp.stack([blocks[i] for i in indices]))
         for position, index in enumerate(indices):
@@ -108,6 +108,13 @@ def eigenbases(matrices, mesh: Mesh | None = None, block_size: int | None = None
         vectors[own[0]] if len(own) == 1 else block_diag(*[vectors[i] for i in own])
         for own in parts
     ]
+
+
+def _eigenvectors(matrix: jax.Array) -> jax.Array:
+    """The eigenvectors of a symmetric matrix, handed to LAPACK transposed (as
+    ``damped_inverses`` hands its matrices): a column-major input is the row-major
+    matrix XLA keeps in the state, so a step that does not refresh copies nothing."""
+    return jax.lax.linalg.eigh(matrix.T, symmetrize_input=False)[0]
 
 
 def block_ranges(size: int, block_size: int) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 EXPECTED_UPDATES = {
     "gspmd": {"ok update[": 5},
     "sharded_params": {
-        "ok sharded-params update[": 13,
+        "ok sharded-params update[": 14,
         "ok spread inverses": 2,
         "ok spread eigenbasis": 11,
         "memory ratio ": 7,
