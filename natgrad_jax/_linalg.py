@@ -13,7 +13,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import block_diag
 
 from natgrad_jax._precision import exact_matmuls
 
@@ -89,9 +88,10 @@ def _indices_by_size(matrices) -> list[list[int]]:
 def eigenbases(matrices, mesh: Mesh | None = None, block_size: int | None = None) -> list:
     """The eigenvectors of each symmetric matrix (``jnp.linalg.eigh``), those of the same
     size stacked for one loop of LAPACK calls (``_each``) spread over ``mesh``'s devices
-    (``spread_over``). A matrix of side over twice ``block_size`` (``is_blocked``) gets
-    the block-diagonal basis of its ``block_ranges``' diagonal blocks: orthogonal, and the
-    eigenbasis of the block-diagonal part of the matrix, s·b² work against s³."""
+    (``spread_over``). A matrix of side s over twice ``block_size`` (``is_blocked``) gets
+    the eigenbases of its ``block_ranges``' diagonal blocks instead, as a (B, b, b) stack
+    (``basis_blocks``): together an orthogonal basis, the eigenbasis of the matrix's
+    block-diagonal part, for s·b² work against s³."""
     blocks, parts = [], []  # the symmetric matrices to decompose; each input's among them
     for matrix in matrices:
         size = matrix.shape[0]
@@ -105,9 +105,41 @@ def eigenbases(matrices, mesh: Mesh | None = None, block_size: int | None = None
         for position, index in enumerate(indices):
             vectors[index] = stacked[position]
     return [
-        vectors[own[0]] if len(own) == 1 else block_diag(*[vectors[i] for i in own])
+        vectors[own[0]] if len(own) == 1 else _stacked_blocks([vectors[i] for i in own])
         for own in parts
     ]
+
+
+def _stacked_blocks(bases) -> jax.Array:
+    """Square bases of sides b or b − 1 as one (B, b, b) stack, each smaller one padded
+    with a 1 on the diagonal (an identity on the padding: no mixing with the block)."""
+    side = max(basis.shape[0] for basis in bases)
+    return (
+        jnp.stack([jnp.pad(basis, (0, side - basis.shape[0])) for basis in bases])
+        .at[:, side - 1, side - 1]
+        .add(jnp.array([float(basis.shape[0] < side) for basis in bases], bases[0].dtype))
+    )
+
+
+def basis_shape(size: int, block_size: int | None) -> tuple[int, ...]:
+    """The shape of ``eigenbases``' answer for a side: (s, s), or (B, b, b) blocks."""
+    if not is_blocked(size, block_size):
+        return (size, size)
+    count, side = block_layout(size, block_size)
+    return (count, side, side)
+
+
+def rotate_rows(basis: jax.Array, matrix: jax.Array, transpose: bool = False) -> jax.Array:
+    """Uᵀ M (or U M with ``transpose``) for an (s, s) basis U or its (B, b, b) blocks
+    (``eigenbases``; M's rows split as ``block_ranges``, each part padded to b)."""
+    if basis.ndim == 2:
+        return (basis if transpose else basis.T) @ matrix
+    count, side, _ = basis.shape
+    size = matrix.shape[0]
+    parts = [matrix[start:stop] for start, stop in _split(size, count)]
+    padded = jnp.stack([jnp.pad(part, ((0, side - part.shape[0]), (0, 0))) for part in parts])
+    rotated = jnp.einsum("kij,kin->kjn" if not transpose else "kji,kin->kjn", basis, padded)
+    return jnp.concatenate([rotated[k, : part.shape[0]] for k, part in enumerate(parts)])
 
 
 def _eigenvectors(matrix: jax.Array) -> jax.Array:
@@ -121,7 +153,12 @@ def block_ranges(size: int, block_size: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of the ``block_layout`` count of diagonal blocks of a side, as
     equal as integers allow (no padding: a padded block's eigenvectors would mix the
     padding into the matrix's own null space)."""
-    count, _ = block_layout(size, block_size)
+    return _split(size, block_layout(size, block_size)[0])
+
+
+def _split(size: int, count: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of ``count`` consecutive parts of ``range(size)``, of sides
+    ⌊size/count⌋ or ⌈size/count⌉."""
     edges = [size * b // count for b in range(count + 1)]
     return list(itertools.pairwise(edges))
 

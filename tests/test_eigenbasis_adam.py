@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import natgrad_jax as ng
-from natgrad_jax._linalg import eigenbases
+from natgrad_jax._linalg import eigenbases, rotate_rows
 from tests.helpers import classifier_nll_before_and_after, init_mlp, mlp
 from tests.test_ekfac import _shared_weight_model
 
@@ -20,16 +20,37 @@ B1, B2, EPS = 0.8, 0.95, 1e-6
 def _problem(name):
     if name == "shared_weight":  # one weight at 3 positions (K-FAC-expand factors)
         return _shared_weight_model()
-    params = init_mlp(jax.random.PRNGKey(0), [3, 9, 4])  # biases share their weight's G
+    params = init_mlp(jax.random.PRNGKey(0), [3, 10, 4])  # biases share their weight's G
     x = jax.random.normal(jax.random.PRNGKey(1), (7, 3))
     return ng.Model(mlp, ng.Categorical()), params, x
 
 
+def _dense_basis(basis, size):
+    """An (s, s) basis as it is, or the (s, s) block-diagonal matrix of (B, b, b) blocks,
+    block k on rows ⌊ks/B⌋ to ⌊(k+1)s/B⌋, each padded (if smaller than b) with an
+    identity that the check asserts."""
+    basis = np.asarray(basis)
+    if basis.ndim == 2:
+        return basis
+    count, side, _ = basis.shape
+    dense = np.zeros((size, size))
+    edges = [size * k // count for k in range(count + 1)]
+    for k, (start, stop) in enumerate(itertools.pairwise(edges)):
+        own = stop - start
+        dense[start:stop, start:stop] = basis[k, :own, :own]
+        padding = np.zeros((side, side))
+        padding[own:, own:] = np.eye(side - own)
+        padding[:own, :own] = basis[k, :own, :own]
+        np.testing.assert_array_equal(basis[k], padding)
+    return dense
+
+
 def _assert_diagonalises(basis, factor, block_size):
     """``basis`` is orthogonal and UᵀAU is diagonal, A the factor (with ``block_size``,
-    the block-diagonal part of the factor over ``_linalg.block_ranges``, and U zero
+    the block-diagonal part of the factor over blocks of about that side, and U zero
     outside those blocks)."""
-    basis, factor = np.asarray(basis), np.asarray(factor)
+    factor = np.asarray(factor)
+    basis = _dense_basis(basis, len(factor))
     np.testing.assert_allclose(basis.T @ basis, np.eye(len(basis)), atol=1e-12)
     if block_size is not None and len(factor) > 2 * block_size:
         count = -(-len(factor) // block_size)
@@ -51,7 +72,7 @@ def test_steps_are_adam_on_the_weights_in_the_kfac_eigenbasis(problem, block_siz
     """Four steps with the basis of the first (refresh_every=100): each leaf's update is
     U_L · scale_by_adam(U_Lᵀ g U_R) · U_Rᵀ, Adam run by optax on the rotated gradients;
     U diagonalises the K-FAC factors that ng.Kronecker measures on the same batch (with
-    block_size 4, the 9×9 factors' three diagonal blocks)."""
+    block_size 4, the 10×10 factors' diagonal blocks of sides 3, 3 and 4)."""
     model, params, x = _problem(problem)
     solver = ng.EigenbasisAdam(b1=B1, b2=B2, block_size=block_size)
     tx = ng.scale_by_natural_gradient(
@@ -83,7 +104,8 @@ def test_steps_are_adam_on_the_weights_in_the_kfac_eigenbasis(problem, block_siz
         if shape[0] > 1:  # a bias's 1×1 input factor has the basis [[1]]
             _assert_diagonalises(leaf.left_basis, leaf.left, block_size)
         _assert_diagonalises(leaf.right_basis, leaf.right, block_size)
-        left, right = np.asarray(leaf.left_basis), np.asarray(leaf.right_basis)
+        left = _dense_basis(leaf.left_basis, shape[0])
+        right = _dense_basis(leaf.right_basis, shape[1])
         adam = optax.scale_by_adam(b1=B1, b2=B2, eps=EPS)
         adam_state = adam.init(jnp.zeros(shape))
         for step, g in enumerate(gradients):
@@ -125,7 +147,7 @@ def test_a_refresh_moves_the_basis_and_keeps_the_moments():
     for step in range(3):
         moved = jax.tree.map(lambda p, s=step: p + 0.3 * s, params)
         _, state = jax.jit(tx.update)(g, state, moved, inputs=x)
-        leaves.append(state.curvature.leaves[-1])  # the last weight, 9×4
+        leaves.append(state.curvature.leaves[-1])  # the last weight, 10×4
     before, after = leaves[1], leaves[2]
     np.testing.assert_array_equal(leaves[0].left_basis, before.left_basis)  # no refresh
     assert not np.allclose(after.left_basis, before.left_basis)
@@ -140,17 +162,23 @@ def test_a_refresh_moves_the_basis_and_keeps_the_moments():
 
 def test_blocked_eigenbases_are_those_of_the_diagonal_blocks():
     """``_linalg.eigenbases`` with a block size: a 10×10 matrix over blocks of about 4
-    gets the block-diagonal basis of its blocks of sides 3, 3 and 4; a 4×4 one in the
-    same call its whole basis; a 1×1 one [[±1]]."""
+    gets the bases of its diagonal blocks of sides 3, 3 and 4, stacked as (3, 4, 4)
+    (padded with an identity); a 4×4 one in the same call its whole basis; a 1×1 one
+    [[±1]]. ``rotate_rows`` applies a stack as the block-diagonal matrix it stands for."""
     a = jax.random.normal(jax.random.PRNGKey(0), (10, 10))
     b = jax.random.normal(jax.random.PRNGKey(1), (4, 4))
     matrices = [a @ a.T, b @ b.T, jnp.array([[2.0]]), a.T @ a]
     bases = eigenbases(matrices, block_size=4)
+    assert [basis.shape for basis in bases] == [(3, 4, 4), (4, 4), (1, 1), (3, 4, 4)]
     for basis, matrix in zip(bases, matrices, strict=True):
         _assert_diagonalises(basis, matrix, 4)
-    assert np.any(np.asarray(bases[0])[:3, 3:] == 0)  # blocked...
-    assert np.all(np.asarray(bases[1]) != 0)  # ... and not
     np.testing.assert_allclose(np.abs(bases[2]), [[1.0]])
+    m = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (10, 3)))
+    dense = _dense_basis(bases[0], 10)
+    np.testing.assert_allclose(rotate_rows(bases[0], m), dense.T @ m, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        rotate_rows(bases[0], m, transpose=True), dense @ m, rtol=1e-12, atol=1e-14
+    )
 
 
 def test_adam_learning_rates_train_a_classifier():

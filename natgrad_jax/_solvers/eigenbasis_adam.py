@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natgrad_jax._linalg import moving_average
+from natgrad_jax._linalg import basis_shape, moving_average, rotate_rows
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.ekfac import kronecker_eigenbases
 from natgrad_jax._solvers.kronecker import DEFAULT_BLOCK_SIZE, Kronecker, split_shape
@@ -43,8 +43,9 @@ class EigenbasisAdamLeafState(NamedTuple):
 
     left: jax.Array  # (m, m) float: factor over the leading axes (A or G)
     right: jax.Array  # (n, n) float: factor over the trailing axes
-    left_basis: jax.Array  # (m, m) float: eigenvectors of ``left`` at the last factorisation
-    right_basis: jax.Array  # (n, n) float: eigenvectors of ``right``
+    left_basis: jax.Array  # (m, m) float: eigenvectors of ``left`` at the last refresh,
+    #   or (B, b, b): those of its diagonal blocks (``_linalg.eigenbases``)
+    right_basis: jax.Array  # (n, n) or (B, b, b) float: eigenvectors of ``right``
     first_moment: jax.Array  # (m, n) float: Adam's m, in the leaf's own coordinates
     second_moment: jax.Array  # (m, n) float: Adam's v, in the eigenbasis (own: unfactored)
 
@@ -126,8 +127,8 @@ class EigenbasisAdam(Solver):
                 EigenbasisAdamLeafState(
                     left=zeros(m, m),
                     right=zeros(n, n),
-                    left_basis=zeros(m, m),
-                    right_basis=zeros(n, n),
+                    left_basis=zeros(*basis_shape(m, self.block_size)),
+                    right_basis=zeros(*basis_shape(n, self.block_size)),
                     first_moment=zeros(m, n),
                     second_moment=zeros(m, n),
                 )
@@ -165,8 +166,7 @@ class EigenbasisAdam(Solver):
             matrix = gradient.reshape(leaf.first_moment.shape)
             first = self.b1 * leaf.first_moment + (1 - self.b1) * matrix
             if k in factored:
-                rotate = lambda a, leaf=leaf: leaf.left_basis.T @ a @ leaf.right_basis
-                rotated, rotated_first = rotate(matrix), rotate(first)
+                rotated, rotated_first = (_rotated(leaf, a) for a in (matrix, first))
             else:
                 rotated, rotated_first = matrix, first
             second = self.b2 * leaf.second_moment + (1 - self.b2) * rotated**2
@@ -176,7 +176,13 @@ class EigenbasisAdam(Solver):
                 scale > 0, scale, 1.0
             )
             if k in factored:
-                step = leaf.left_basis @ step @ leaf.right_basis.T
+                step = _rotated(leaf, step, back=True)
             directions.append(step.reshape(gradient.shape))
             leaves.append(leaf._replace(first_moment=first, second_moment=second))
         return tuple(directions), EigenbasisAdamState(tuple(leaves), count)
+
+
+def _rotated(leaf: EigenbasisAdamLeafState, matrix: jax.Array, back: bool = False) -> jax.Array:
+    """U_Lᵀ M U_R, the m×n matrix M in the leaf's eigenbasis (``back``: U_L M U_Rᵀ)."""
+    left = rotate_rows(leaf.left_basis, matrix, transpose=back)
+    return rotate_rows(leaf.right_basis, left.T, transpose=back).T
