@@ -3,21 +3,23 @@ al.'s EKFAC, with K-FAC's Fisher factors in place of Shampoo's gradient statisti
 
 K-FAC's factors A (layer inputs) and G (output gradients) of a layer's weight W give an
 orthogonal basis U = U_A ⊗ U_G in which the layer's Fisher is close to diagonal. Adam is
-run on the weight's coordinates in that basis, W̃ = U_Aᵀ W U_G: with the gradient
-g̃ = U_Aᵀ ∇W U_G and the first moment m (kept in W's own coordinates, so that it survives
-a change of basis),
+run on the weight's coordinates in that basis, W̃ = U_Aᵀ W U_G: with the rotated
+gradient g̃ = U_Aᵀ ∇W U_G,
 
-    m ← β₁ m + (1 − β₁) ∇W,      v ← β₂ v + (1 − β₂) g̃²,
-    ΔW = U_A [ (U_Aᵀ m U_G / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε) ] U_Gᵀ,
+    m ← β₁ m + (1 − β₁) g̃,      v ← β₂ v + (1 − β₂) g̃²,
+    ΔW = U_A [ (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε) ] U_Gᵀ,
 
 which is ``optax.scale_by_adam`` applied in the rotated coordinates while the basis is
 fixed, and Adam itself for a leaf that the capture does not factor (U = I). v is the
 gradients' second moment, diagonal in the Fisher's Kronecker eigenbasis; the square root
 makes the step Adam's (a sign-like step per eigendirection), not the Fisher's inverse, so
-this solver's damping is Adam's ε, and Levenberg–Marquardt does not apply.
+this solver's damping is Adam's ε, and Levenberg–Marquardt does not apply. A step costs
+two rotations per layer (g̃ and the step back): 4·(K + D)·K·D multiply-adds for a K×D
+weight.
 
 Cadences (``refresh_every``, ``statistics_every``, ``decay``): ``measure`` averages the
-factors; ``factorise`` recomputes the eigenbases and keeps m and v (as SOAP does: a basis
+factors; ``factorise`` recomputes the eigenbases, carries m into the new basis (the same
+m in W's own coordinates, as SOAP keeps it) and keeps v as it is (as SOAP does: a basis
 moves slowly between refreshes). A factor side over twice ``block_size`` gets the
 eigenbasis of its diagonal blocks (``_linalg.eigenbases``).
 """
@@ -46,7 +48,7 @@ class EigenbasisAdamLeafState(NamedTuple):
     left_basis: jax.Array  # (m, m) float: eigenvectors of ``left`` at the last refresh,
     #   or (B, b, b): those of its diagonal blocks (``_linalg.eigenbases``)
     right_basis: jax.Array  # (n, n) or (B, b, b) float: eigenvectors of ``right``
-    first_moment: jax.Array  # (m, n) float: Adam's m, in the leaf's own coordinates
+    first_moment: jax.Array  # (m, n) float: Adam's m, in the eigenbasis (own: unfactored)
     second_moment: jax.Array  # (m, n) float: Adam's v, in the eigenbasis (own: unfactored)
 
 
@@ -149,9 +151,17 @@ class EigenbasisAdam(Solver):
         return state._replace(leaves=tuple(leaves))
 
     def factorise(self, state: EigenbasisAdamState, batch: CurvatureBatch, damping):
-        """The eigenbases of the current factors; the moments are kept."""
+        """The eigenbases of the current factors; the first moment is carried from the
+        old basis to the new (U_newᵀ U_old m U_oldᵀ U_new), the second kept as it is."""
         del damping  # Adam's ε, applied in the solve
+        factored = self._kronecker.factored_leaves(batch)
+        own = [  # the first moments in each leaf's own coordinates
+            _rotated(leaf, leaf.first_moment, back=True) if k in factored else None
+            for k, leaf in enumerate(state.leaves)
+        ]
         leaves = kronecker_eigenbases(self._kronecker, state.leaves, batch, self.block_size)
+        for k in factored:
+            leaves[k] = leaves[k]._replace(first_moment=_rotated(leaves[k], own[k]))
         return state._replace(leaves=tuple(leaves))
 
     def solve(self, state: EigenbasisAdamState, batch: CurvatureBatch, vector, damping):
@@ -164,15 +174,12 @@ class EigenbasisAdam(Solver):
         directions, leaves = [], []
         for k, (leaf, gradient) in enumerate(zip(state.leaves, vector, strict=True)):
             matrix = gradient.reshape(leaf.first_moment.shape)
-            first = self.b1 * leaf.first_moment + (1 - self.b1) * matrix
-            if k in factored:
-                rotated, rotated_first = (_rotated(leaf, a) for a in (matrix, first))
-            else:
-                rotated, rotated_first = matrix, first
+            rotated = _rotated(leaf, matrix) if k in factored else matrix
+            first = self.b1 * leaf.first_moment + (1 - self.b1) * rotated
             second = self.b2 * leaf.second_moment + (1 - self.b2) * rotated**2
             scale = jnp.sqrt(second / second_correction) + jnp.asarray(damping, second.dtype)
             # 0 where nothing has moved yet and ε = 0 (Adam would give 0/0).
-            step = jnp.where(scale > 0, rotated_first / first_correction, 0.0) / jnp.where(
+            step = jnp.where(scale > 0, first / first_correction, 0.0) / jnp.where(
                 scale > 0, scale, 1.0
             )
             if k in factored:
