@@ -34,12 +34,13 @@ def eigenbasis_adam(
     capture does not factor get plain Adam. With AdamW's ``weight_decay`` (decoupled,
     applied to every leaf as ``optax.adamw`` does with its default mask).
 
-    It takes AdamW's learning rates. Per step it costs four matmuls by the bases per
-    layer beyond Adam's work, and each refresh K-FAC's statistics and one symmetric
-    eigendecomposition per factor. On the character-level transformer of
-    ``benchmarks/transformer_lm.py`` it reached a lower validation loss than AdamW and
-    Muon at equal time (docs/benchmarks.md); ``ng.natural_gradient`` stays the choice
-    where the Fisher's own step pays (the CNN, the autoencoder, GLMs).
+    It takes AdamW's learning rates. A step costs two rotations per layer beyond Adam's
+    work (2·(K + D)·K·D multiply-adds for a K×D weight: about an AdamW step where K + D
+    is well below the rows of a batch, as on a transformer's tokens), and each refresh
+    K-FAC's statistics and one symmetric eigendecomposition per factor. On the
+    character-level transformer of ``benchmarks/transformer_lm.py`` it was level with
+    Muon and ahead of AdamW at equal time (docs/benchmarks.md); ``ng.natural_gradient``
+    stays the choice where the Fisher's own step pays (the CNN, the autoencoder, GLMs).
 
     Args:
       model: the ``ng.Model`` being trained (the capture reads its layers).

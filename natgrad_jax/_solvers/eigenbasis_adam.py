@@ -14,8 +14,8 @@ fixed, and Adam itself for a leaf that the capture does not factor (U = I). v is
 gradients' second moment, diagonal in the Fisher's Kronecker eigenbasis; the square root
 makes the step Adam's (a sign-like step per eigendirection), not the Fisher's inverse, so
 this solver's damping is Adam's ε, and Levenberg–Marquardt does not apply. A step costs
-two rotations per layer (g̃ and the step back): 4·(K + D)·K·D multiply-adds for a K×D
-weight.
+two rotations per layer (g̃ and the step back): 2·(K + D)·K·D multiply-adds for a K×D
+weight (K² → K·b for a side kept as blocks of b).
 
 Cadences (``refresh_every``, ``statistics_every``, ``decay``): ``measure`` averages the
 factors; ``factorise`` recomputes the eigenbases, carries m into the new basis (the same
