@@ -90,8 +90,8 @@ def eigenbases(matrices, mesh: Mesh | None = None, block_size: int | None = None
     size stacked for one loop of LAPACK calls (``_each``) spread over ``mesh``'s devices
     (``spread_over``). A matrix of side s over twice ``block_size`` (``is_blocked``) gets
     the eigenbases of its ``block_ranges``' diagonal blocks instead, as a (B, b, b) stack
-    (``basis_blocks``): together an orthogonal basis, the eigenbasis of the matrix's
-    block-diagonal part, for s·b² work against s³."""
+    (``_stacked_blocks``; shape ``basis_shape``): together an orthogonal basis, the
+    eigenbasis of the matrix's block-diagonal part, for s·b² work against s³."""
     blocks, parts = [], []  # the symmetric matrices to decompose; each input's among them
     for matrix in matrices:
         size = matrix.shape[0]

@@ -214,6 +214,8 @@ def test_bad_settings_are_refused_with_their_reason():
     for bad in ({"b1": 1.0}, {"b2": -0.1}, {"block_size": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ng.eigenbasis_adam(model, 1e-3, **bad)
+    with pytest.raises(ValueError, match="approximation"):
+        ng.EigenbasisAdam(approximation="sideways")
     with pytest.raises(ValueError, match="eps"):
         ng.eigenbasis_adam(model, 1e-3, eps=-1.0)
 

@@ -105,6 +105,7 @@ class EigenbasisAdam(Solver):
                 raise ValueError(f"EigenbasisAdam: {name} must be in [0, 1), got {value!r}.")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"EigenbasisAdam: block_size must be ≥ 1, got {self.block_size!r}.")
+        self._kronecker  # noqa: B018 (validates ``approximation``)
 
     @property
     def _kronecker(self) -> Kronecker:
