@@ -336,6 +336,9 @@ def trust_region_scale(quadratic: jax.Array, max_kl) -> jax.Array:
 
 
 def moving_average(average, new, decay, is_first):
-    """decay·average + (1 − decay)·new, or ``new`` itself at the first measurement."""
+    """decay·average + (1 − decay)·new, or ``new`` itself at the first measurement; the
+    ``average`` unchanged where ``new`` holds a NaN or an infinity (a batch that would
+    poison every later average: the transform's skipped steps rely on it)."""
     decay = jnp.asarray(decay, new.dtype)
-    return jnp.where(is_first, new, decay * average + (1 - decay) * new)
+    averaged = jnp.where(is_first, new, decay * average + (1 - decay) * new)
+    return jnp.where(jnp.all(jnp.isfinite(new)), averaged, average)

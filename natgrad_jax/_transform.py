@@ -208,6 +208,13 @@ def _invariant(value, axis_name):
     return value
 
 
+def _invariant_leaves(tree, axis_name):
+    """``_invariant`` on every leaf of ``tree`` (``tree`` itself without ``axis_name``)."""
+    if axis_name is None:
+        return tree
+    return jax.tree.map(lambda a: _invariant(a, axis_name), tree)
+
+
 def _solve_dtype(dtype) -> jnp.dtype:
     """The dtype the curvature is stored and solved in: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -277,6 +284,9 @@ def scale_by_natural_gradient(
     * with a fixed or scheduled damping the non-finite update is passed on, as optax's
       own transforms do; wrap the optimizer in ``optax.apply_if_finite`` to skip such
       steps (zero update, inner state untouched, skipped steps counted in its state).
+
+    Either way a batch whose curvature statistics are not finite is not averaged in:
+    the statistics stay as they were, so one bad batch never poisons the later steps.
 
     Steps the Levenberg–Marquardt rule rejects because the batch loss would not have
     decreased are counted apart (``rejected_no_decrease``).
@@ -601,21 +611,22 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
     dtype = vectors.dtype_of(gradient)
     _check_memory(options.solver, params, dtype, options.max_curvature_bytes, batch)
     plan = _plan(options, state, batch)
-    curvature, factorised_damping = _advance_curvature(options, state, batch, damping, plan)
+    # A skipped step must leave the curvature as it found it: with the damping rule, a
+    # batch whose gradient is not finite refreshes nothing (selecting the whole state
+    # afterwards would read and write every factor at every step).
+    usable = vectors.all_finite(gradient) if options.adaptive else None
+    factorised, factorised_damping = _advance_curvature(
+        options, state, batch, damping, plan, usable
+    )
     with matmul_precision(EXACT):
         direction, curvature, fisher_quadratic = _direction(
-            options, curvature, batch, gradient, damping, state.previous_direction, plan
+            options, factorised, batch, gradient, damping, state.previous_direction, plan
         )
         direction, fisher_quadratic = _trust_region(
             options, state.count, batch, curvature, gradient, direction, damping, fisher_quadratic
         )
         direction, next_damping, taken = _adapt_damping(
             options, batch, gradient, direction, damping, fisher_quadratic
-        )
-    if options.axis_name is not None:  # every device holds the same; say so to shard_map
-        direction, curvature, next_damping, factorised_damping = jax.tree.map(
-            lambda a: _invariant(a, options.axis_name),
-            (direction, curvature, next_damping, factorised_damping),
         )
     next_state = NaturalGradientState(
         count=optax.safe_int32_increment(state.count),
@@ -627,9 +638,16 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
         rejected=_count_rejections(state.rejected, taken),
     )
     if options.adaptive:  # a skipped non-finite step leaves the state as it found it
-        next_state = _keep_unless(
-            taken.finite, next_state, state._replace(rejected=next_state.rejected)
-        )
+        next_state = _unless_skipped(taken.finite, next_state, state, factorised)
+    # Every device holds the same numbers; say so to shard_map.
+    invariant = lambda tree: _invariant_leaves(tree, options.axis_name)
+    next_state = next_state._replace(
+        damping=invariant(next_state.damping),
+        curvature=invariant(next_state.curvature),
+        factorised_damping=invariant(next_state.factorised_damping),
+        previous_direction=invariant(next_state.previous_direction),
+    )
+    direction = invariant(direction)
     new_updates = [new.astype(old.dtype) for new, old in zip(direction, update_leaves, strict=True)]
     return jax.tree.unflatten(treedef, new_updates), next_state
 
@@ -653,13 +671,14 @@ def _plan(options: _Options, state: NaturalGradientState, batch: CurvatureBatch)
     return _StepPlan(rescaled=bool(rescaled), with_momentum=with_momentum)
 
 
-def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan):
+def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan, usable=None):
     """The cadence: ``(curvature state, λ of its factorisation)`` for this step.
 
     Statistics are measured every ``statistics_every`` steps and factorised every
-    ``refresh_every`` (one refresh when they coincide). With adaptive damping and no
-    quadratic model, a factorisation whose λ has moved since is redone, so that the step
-    uses the current λ."""
+    ``refresh_every`` (one refresh when they coincide), but not where ``usable`` (a
+    flag, or ``None``: always) is false. With adaptive damping and no quadratic model, a
+    factorisation whose λ has moved since is redone, so that the step uses the current
+    λ."""
     solver, decay, first = options.solver, options.decay, state.count == 0
 
     def refresh(curvature):
@@ -674,10 +693,18 @@ def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan
         with matmul_precision(EXACT):
             return solver.factorise(curvature, batch, damping)
 
-    def every(period, fn, curvature):
-        if _is_python_number(period) and period == 1:
+    def when(due, fn, curvature):  # due: a flag, or True (every step)
+        if usable is not None:
+            due = usable if due is True else due & usable
+        if due is True:
             return fn(curvature)
-        return jax.lax.cond(state.count % period == 0, fn, lambda c: c, curvature)
+        # Inside shard_map both branches must be typed alike: the stored state's way.
+        done = lambda c: _invariant_leaves(fn(c), options.axis_name)
+        return jax.lax.cond(due, done, lambda c: c, curvature)
+
+    def every(period, fn, curvature):
+        every_step = _is_python_number(period) and period == 1
+        return when(True if every_step else state.count % period == 0, fn, curvature)
 
     refresh_every, statistics_every = options.refresh_every, options.statistics_every
     if statistics_every is None or statistics_every == refresh_every:
@@ -696,8 +723,10 @@ def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan
             # the current λ, and the factorisation keeps λ of its last refresh (as
             # K-FAC does), so λ can move at no cost.
             moved = (state.damping != state.factorised_damping) & ~refactorised
-            curvature = jax.lax.cond(moved, factorise, lambda c: c, curvature)
+            curvature = when(moved, factorise, curvature)
             refactorised = refactorised | moved
+        if usable is not None:
+            refactorised = refactorised & usable
         factorised_damping = jnp.where(refactorised, damping, state.factorised_damping)
     return curvature, factorised_damping
 
@@ -765,9 +794,28 @@ def _count_rejections(rejected: RejectedSteps, taken: _Taken) -> RejectedSteps:
     )
 
 
-def _keep_unless(condition: jax.Array, new: NamedTuple, old: NamedTuple) -> NamedTuple:
-    """``new`` where ``condition`` holds, else ``old`` (same structure)."""
-    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+def _unless_skipped(finite, next_state: NaturalGradientState, state, factorised):
+    """``next_state``, or where the step is skipped (``finite`` false) ``state`` but for
+    the rejection counts and the curvature's factorisation.
+
+    The factorisation ``factorised`` is already ``state``'s own unless the gradient was
+    finite (``_advance_curvature`` refreshes nothing otherwise), and a refresh keeps the
+    statistics it had where a batch's are not finite (``moving_average``); so only what
+    the solve itself changed (CG's warm start, eigenbasis Adam's moments) is selected,
+    never a factor the solve passed through."""
+    keep = lambda new, old: jnp.where(finite, new, old)
+    curvature = jax.tree.map(
+        lambda new, old: new if new is old else keep(new, old), next_state.curvature, factorised
+    )
+    return next_state._replace(
+        count=keep(next_state.count, state.count),
+        key=keep(next_state.key, state.key),
+        damping=keep(next_state.damping, state.damping),
+        curvature=curvature,
+        previous_direction=jax.tree.map(
+            keep, next_state.previous_direction, state.previous_direction
+        ),
+    )
 
 
 def _minimise_quadratic_model(batch: CurvatureBatch, gradient, span, damping):

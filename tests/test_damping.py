@@ -110,16 +110,25 @@ def _nan_at(step: int, grads):
         {"solver": "kronecker", "refresh_every": 3},
         {"solver": "ekfac", "refresh_every": 3, "momentum": True},
         {"solver": "cg", "fisher": "monte_carlo"},
+        {"solver": "diagonal", "refresh_every": 2, "rescale": False},
+        {"kronecker_min_params": 50, "refresh_every": 3},
     ],
-    ids=["defaults", "kronecker", "ekfac", "cg"],
+    ids=["defaults", "kronecker", "ekfac", "cg", "diagonal-unmodelled", "auto-kfac"],
 )
 @pytest.mark.parametrize("where", ["gradient", "inputs"])
-def test_a_non_finite_step_is_skipped_counted_and_leaves_the_trajectory_unchanged(options, where):
+def test_a_non_finite_step_is_skipped_counted_and_leaves_the_trajectory_unchanged(
+    options, where, monkeypatch
+):
     """The defaults (Levenberg–Marquardt) given a NaN at step 2 (in the gradient, or in
     the batch's inputs and so in the gradient and the Fisher): the parameters do not
     move, ``diagnostics`` counts one non-finite rejection and no other, and the next
     steps are those of a run that never saw the bad batch (cadences, λ, curvature and
-    momentum all as they were)."""
+    momentum all as they were; "auto" on a network where it picks K-FAC, whose factors
+    it refreshes in its own cadence, too)."""
+    from natgrad_jax._solvers import auto
+
+    options = dict(options)
+    monkeypatch.setattr(auto, "KRONECKER_MIN_PARAMS", options.pop("kronecker_min_params", 10**9))
     model = ng.Model(mlp, ng.Categorical())
     params = init_mlp(jax.random.PRNGKey(0), [4, 8, 3])
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
@@ -169,6 +178,40 @@ def test_a_non_finite_gradient_with_fixed_damping_is_passed_on_and_counted():
     report = ng.diagnostics(state)
     assert (int(report.rejected_non_finite), int(report.rejected_no_decrease)) == (1, 0)
     np.testing.assert_allclose(report.damping, 1e-2)
+
+
+@pytest.mark.parametrize("solver", ["dense", "kronecker", "ekfac", "diagonal", "block_diagonal"])
+def test_statistics_that_are_not_finite_leave_the_averaged_curvature_as_it_was(solver):
+    """A refresh on inputs holding a NaN (the gradient finite, the damping fixed, so
+    nothing skips the step) averages nothing in: the averaged statistics and what is
+    factorised from them equal those before it, array for array, instead of a NaN that
+    every later average would keep (EKFAC's scales, which each refresh measures afresh
+    in its new basis, excepted); the next finite batch is averaged in as usual."""
+    model = ng.Model(mlp, ng.Categorical())
+    params = init_mlp(jax.random.PRNGKey(0), [4, 8, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
+    y = jnp.argmax(x[:, :3] + 0.5 * x[:, 3:], axis=1)
+    g = jax.grad(model.nll)(params, x, y)
+    tx = ng.scale_by_natural_gradient(model, solver=solver, damping=0.1, decay=0.5)
+    state = tx.update(g, tx.init(params), params, inputs=x, targets=y)[1]
+    poisoned = x.at[0, 0].set(jnp.nan)
+    after = tx.update(g, state, params, inputs=poisoned, targets=y)[1]
+
+    def averaged(curvature):  # EKFAC's scales are measured afresh in each new basis
+        if solver == "ekfac":
+            return [leaf._replace(scaling=None) for leaf in curvature.leaves]
+        return curvature
+
+    for before, kept in zip(
+        jax.tree.leaves(averaged(state.curvature)),
+        jax.tree.leaves(averaged(after.curvature)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(kept, before)
+    again = tx.update(g, after, params, inputs=2 * x, targets=y)[1]
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(again.curvature))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), again.curvature, after.curvature)
+    assert any(jax.tree.leaves(moved))
 
 
 def test_diagnostics_needs_exactly_one_natural_gradient_state():

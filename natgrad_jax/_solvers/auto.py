@@ -292,18 +292,27 @@ class Auto(Solver):
         """dᵀ(F + λI)d of the step: recorded in CG's state whichever solver ran."""
         return self.cg.step_quadratic(state.cg, gradient, direction)
 
+    def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
+        """Where this batch gets K-FAC, its factors on their own cadence
+        (``kronecker_refresh_every``, ``kronecker_decay``; the transform's ``decay`` and
+        ``is_first`` are not those); nothing otherwise. The transform calls it every step
+        before ``solve``, and not on a step it will skip (a gradient that is not finite)."""
+        del decay, is_first
+        if self._choice(batch) != "kronecker":
+            return state
+        kronecker = _kronecker_refreshed(
+            state, batch, damping, self.kronecker_refresh_every, self.kronecker_decay
+        )
+        return state._replace(kronecker=kronecker, kronecker_steps=state.kronecker_steps + 1)
+
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         name = self._choice(batch)
         cg_state = state.cg
         if name == "cg":
             direction, cg_state = self.cg.solve(cg_state, batch, vector, damping)
             return direction, state._replace(cg=cg_state)
-        if name == "kronecker":
-            kronecker = _kronecker_refreshed(
-                state, batch, damping, self.kronecker_refresh_every, self.kronecker_decay
-            )
-            direction, _ = Kronecker().solve(kronecker, batch, vector, damping)
-            state = state._replace(kronecker=kronecker, kronecker_steps=state.kronecker_steps + 1)
+        if name == "kronecker":  # factors as ``refresh`` left them
+            direction, _ = Kronecker().solve(state.kronecker, batch, vector, damping)
         elif name == "woodbury":
             direction, _ = solve_on_leaves(Woodbury(), WoodburyState(), batch, vector, damping)
         else:

@@ -87,7 +87,9 @@ class Solver(abc.ABC):
         refresh or of this batch. ``vector`` is flat (``ravel_pytree`` order of the
         trainable leaves) or, with ``per_leaf``, a tuple of the leaves' entries. The
         transform calls it once a step, with the gradient, so a state may move with it
-        (``ng.EigenbasisAdam``'s moments)."""
+        (``ng.EigenbasisAdam``'s moments); return the arrays it does not move as they
+        came (the same objects), so that a step the damping rule skips selects only
+        the moved ones back."""
 
     @abc.abstractmethod
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
