@@ -105,7 +105,15 @@ def train(solver: str, steps: int, batch_of=problem, mesh=None):
         return optax.apply_updates(params, updates), state
 
     params = initial_params()
-    state = tx.init(params)
+    if mesh is None:
+        state = tx.init(params)
+    else:
+        # Parameters and state replicated over the mesh, as the step returns them: one
+        # compilation. (From tx.init's single-device arrays the second step would
+        # compile again, for Adam as for any optimizer.)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.device_put(params, replicated)
+        state = jax.device_put(tx.init(params), replicated)
     for t in range(steps):
         params, state = step(params, state, *batch_of(t))
     return params, state
