@@ -614,10 +614,9 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
     # A skipped step must leave the curvature as it found it: with the damping rule, a
     # batch whose gradient is not finite refreshes nothing (selecting the whole state
     # afterwards would read and write every factor at every step).
-    usable = vectors.all_finite(gradient) if options.adaptive else None
-    factorised, factorised_damping = _advance_curvature(
-        options, state, batch, damping, plan, usable
-    )
+    if options.adaptive:
+        batch = dataclasses.replace(batch, measurable=vectors.all_finite(gradient))
+    factorised, factorised_damping = _advance_curvature(options, state, batch, damping, plan)
     with matmul_precision(EXACT):
         direction, curvature, fisher_quadratic = _direction(
             options, factorised, batch, gradient, damping, state.previous_direction, plan
@@ -671,15 +670,16 @@ def _plan(options: _Options, state: NaturalGradientState, batch: CurvatureBatch)
     return _StepPlan(rescaled=bool(rescaled), with_momentum=with_momentum)
 
 
-def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan, usable=None):
+def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan):
     """The cadence: ``(curvature state, λ of its factorisation)`` for this step.
 
     Statistics are measured every ``statistics_every`` steps and factorised every
-    ``refresh_every`` (one refresh when they coincide), but not where ``usable`` (a
-    flag, or ``None``: always) is false. With adaptive damping and no quadratic model, a
-    factorisation whose λ has moved since is redone, so that the step uses the current
-    λ."""
+    ``refresh_every`` (one refresh when they coincide), but not where
+    ``batch.measurable`` is false (a solver with ``gates_refresh`` reads it itself).
+    With adaptive damping and no quadratic model, a factorisation whose λ has moved since
+    is redone, so that the step uses the current λ."""
     solver, decay, first = options.solver, options.decay, state.count == 0
+    usable = None if solver.gates_refresh else batch.measurable
 
     def refresh(curvature):
         with matmul_precision(options.precision):
@@ -725,8 +725,8 @@ def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan
             moved = (state.damping != state.factorised_damping) & ~refactorised
             curvature = when(moved, factorise, curvature)
             refactorised = refactorised | moved
-        if usable is not None:
-            refactorised = refactorised & usable
+        if batch.measurable is not None:
+            refactorised = refactorised & batch.measurable
         factorised_damping = jnp.where(refactorised, damping, state.factorised_damping)
     return curvature, factorised_damping
 

@@ -219,6 +219,7 @@ class Auto(Solver):
     name = "auto"
     averages = False
     per_leaf = True
+    gates_refresh = True
 
     def _choice(self, batch: CurvatureBatch) -> str:
         captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
@@ -295,15 +296,17 @@ class Auto(Solver):
     def refresh(self, state, batch: CurvatureBatch, damping, decay, is_first):
         """Where this batch gets K-FAC, its factors on their own cadence
         (``kronecker_refresh_every``, ``kronecker_decay``; the transform's ``decay`` and
-        ``is_first`` are not those); nothing otherwise. The transform calls it every step
-        before ``solve``, and not on a step it will skip (a gradient that is not finite)."""
+        ``is_first`` are not those); nothing otherwise, nor where ``batch.measurable`` is
+        false (a step the transform will skip). The transform calls it every step before
+        ``solve``."""
         del decay, is_first
         if self._choice(batch) != "kronecker":
             return state
         kronecker = _kronecker_refreshed(
             state, batch, damping, self.kronecker_refresh_every, self.kronecker_decay
         )
-        return state._replace(kronecker=kronecker, kronecker_steps=state.kronecker_steps + 1)
+        counted = 1 if batch.measurable is None else batch.measurable.astype(jnp.int32)
+        return state._replace(kronecker=kronecker, kronecker_steps=state.kronecker_steps + counted)
 
     def solve(self, state, batch: CurvatureBatch, vector, damping):
         name = self._choice(batch)
@@ -350,7 +353,10 @@ def _kronecker_refreshed(
         with jax.default_matmul_precision(batch.statistics_precision):
             return kronecker.refresh(stored, batch, damping, decay, steps == 0)
 
-    if isinstance(refresh_every, int) and refresh_every == 1:
+    every_step = isinstance(refresh_every, int) and refresh_every == 1
+    if every_step and batch.measurable is None:
         return refreshed(state.kronecker)
-    due = steps % refresh_every == 0
+    due = True if every_step else steps % refresh_every == 0
+    if batch.measurable is not None:
+        due = batch.measurable & due
     return jax.lax.cond(due, refreshed, lambda stored: stored, state.kronecker)

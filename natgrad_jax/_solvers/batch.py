@@ -48,7 +48,9 @@ class CurvatureBatch:
     statistics a solver measures inside its solve (``"auto"``'s K-FAC): the
     transform's ``precision=``, else the one in effect where ``update`` was traced.
     ``mesh``: the devices a solver spreads its factorisations over (the transform's
-    ``mesh=`` or the context's; ``natgrad_jax._linalg.spread_over``).
+    ``mesh=`` or the context's; ``natgrad_jax._linalg.spread_over``). ``measurable``: a
+    flag, false on a step the transform will skip (its gradient is not finite), whose
+    statistics must not be averaged in; ``None``: always measurable.
     """
 
     model: Model
@@ -62,6 +64,7 @@ class CurvatureBatch:
     forward: ForwardPass | None = None
     statistics_precision: str | None = None
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
+    measurable: jax.Array | None = None
 
     @property
     def num_examples(self) -> int:

@@ -16,6 +16,9 @@ of inspecting the object:
   ``refresh_every`` act on; such a solver implements ``measure`` and ``factorise``;
 * ``adaptive_damping_refusal``: why λ cannot follow ``ng.LevenbergMarquardt`` (where
   λ is not a curvature's damping, as eigenbasis Adam's ε), or None (the default);
+* ``gates_refresh``: whether ``refresh`` keeps its own cadence and reads
+  ``batch.measurable`` itself (``"auto"``'s K-FAC factors), so that the transform need
+  not wrap it in a ``lax.cond`` of its own (default False);
 * ``per_leaf``: whether ``solve`` takes and returns vectors leaf by leaf (a tuple of
   leaf-shaped arrays, ``natgrad_jax._vectors``), so that leaves sharded over devices
   stay sharded, or one flat (P,) array in ``ravel_pytree`` order (the default: simplest
@@ -76,6 +79,7 @@ class Solver(abc.ABC):
     averages: ClassVar[bool] = False
     per_leaf: ClassVar[bool] = False
     adaptive_damping_refusal: ClassVar[str | None] = None
+    gates_refresh: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, params: PyTree, dtype) -> NamedTuple | tuple:
