@@ -286,7 +286,8 @@ def scale_by_natural_gradient(
       steps (zero update, inner state untouched, skipped steps counted in its state).
 
     Either way a batch whose curvature statistics are not finite is not averaged in:
-    the statistics stay as they were, so one bad batch never poisons the later steps.
+    the averaged statistics stay as they were, so one bad batch does not poison the
+    later steps (EKFAC's scales, measured afresh at each refresh, are the refresh's).
 
     Steps the Levenberg–Marquardt rule rejects because the batch loss would not have
     decreased are counted apart (``rejected_no_decrease``).
