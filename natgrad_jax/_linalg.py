@@ -180,10 +180,10 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
 
     Cholesky when M + λI is numerically positive definite; otherwise the
     eigendecomposition pseudo-inverse. "Numerically positive definite" means the
-    factor is finite and its smallest pivot² exceeds P·eps times the largest diagonal
-    entry: some LAPACK builds return a finite but meaningless factor for a singular
-    matrix instead of NaN. The choice is made with ``lax.cond``, so the
-    eigendecomposition runs only when it is needed.
+    factor is finite and each pivot² exceeds P·eps times its row's diagonal entry of
+    M + λI (no row lost its digits to cancellation): some LAPACK builds return a finite
+    but meaningless factor for a singular matrix instead of NaN. The choice is made
+    with ``lax.cond``, so the eigendecomposition runs only when it is needed.
 
     Args:
       matrix: a symmetric (P, P) matrix, PSD up to round-off.
@@ -221,11 +221,15 @@ def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
     # layout, so the steps that do not refactorise copy nothing in or out of the cond.
     transposed = jnp.swapaxes(damped, -1, -2)
     factors = _each(partial(jax.lax.linalg.cholesky, symmetrize_input=False), transposed)
+    # Each pivot against its own row's diagonal entry: Cholesky's rounding error in a
+    # row is relative to that entry (it is invariant to a diagonal scaling), so a row
+    # that is tiny or zero but damped (a ReLU unit dead on every example: λ on the
+    # diagonal, nothing else) is exact, not a sign of a singular matrix.
     pivots = jnp.abs(jnp.diagonal(factors, axis1=-2, axis2=-1))
-    scale = jnp.max(jnp.abs(jnp.diagonal(damped, axis1=-2, axis2=-1)), axis=-1)
+    diagonals = jnp.abs(jnp.diagonal(damped, axis1=-2, axis2=-1))
     eps = jnp.finfo(dtype).eps
-    positive_definite = jnp.all(jnp.isfinite(pivots), axis=-1) & (
-        jnp.min(pivots, axis=-1) ** 2 > size * eps * scale
+    positive_definite = jnp.all(
+        jnp.isfinite(pivots) & (pivots**2 > size * eps * diagonals), axis=-1
     )
     inverses = _each(lambda factor: jax.scipy.linalg.cho_solve((factor, True), identity).T, factors)
 

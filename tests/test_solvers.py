@@ -47,6 +47,28 @@ def test_numerically_indefinite_float32_matrix_never_gives_nan():
     np.testing.assert_allclose(matrix @ (got @ v), v, rtol=1e-3, atol=1e-3)
 
 
+def test_rows_of_dead_units_keep_the_damped_inverse_in_float32():
+    """A factor with zero rows (ReLU units dead on every example) and a λ far below
+    float32's resolution of its largest entry: those rows of M + λI are λ alone, their
+    Cholesky pivots exact, so the inverse is (M + λI)⁻¹ (1/λ on them), not the
+    pseudo-inverse that zeroes every direction under P·eps·‖M‖ (the eigendecomposition
+    fallback, as the CNN benchmark's 2048-wide head input factor took at every refresh
+    once λ had adapted down)."""
+    rng = np.random.default_rng(2)
+    root = rng.normal(size=(64, 96))
+    matrix = root @ root.T / 10
+    dead = np.array([3, 17, 40, 41, 63])
+    matrix[dead, :] = matrix[:, dead] = 0.0
+    damping = 1e-5  # below 64 · eps · max diagonal ≈ 9e-5 in float32
+    assert damping < 64 * np.finfo(np.float32).eps * matrix.diagonal().max()
+    got = damped_inverse(jnp.asarray(matrix, jnp.float32), damping)
+    want = np.linalg.inv(matrix + damping * np.eye(64))
+    np.testing.assert_allclose(got[dead, dead], 1 / damping, rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max() / 1e5)
+    jaxpr = jax.make_jaxpr(damped_inverse)(jnp.asarray(matrix, jnp.float32), damping)
+    assert len(equations(jaxpr.jaxpr, "eigh")) == 1  # compiled, in the branch not taken
+
+
 @pytest.mark.parametrize("max_kl, active", [(1e-3, True), (100.0, False)])
 def test_trust_region_scale(max_kl, active):
     a = _random_psd(4, 4)
