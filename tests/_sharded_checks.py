@@ -98,6 +98,53 @@ def check_gspmd(model, params, x, y, g, singles):
         assert update._cache_size() == before, f"{name} recompiled on the second step"
 
 
+def check_sharded_step_compiles_once(model, params, x, y):
+    """docs/sharding.md's recipe ("One compilation, not two"), as written there: with
+    the weights sharded over 'model' and the batch over 'data' of a 2×4 mesh, the state
+    put where ``jax.jit(tx.init)`` lays it out (scalars replicated) and the step's
+    outputs pinned there, three steps compile the step once, for Adam and for every
+    per-leaf solver. Without it, Adam's step compiles twice (the premise)."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    by_model = lambda a: NamedSharding(mesh, P(*[None] * (a.ndim - 1), "model"))
+    params = jax.tree.map(lambda a: jax.device_put(a, by_model(a)), params)
+    x, y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+
+    def step_of(tx, with_batch=True):
+        def step(params, state, x, y):
+            g = jax.grad(model.nll)(params, x, y)
+            extra = {"inputs": x, "targets": y} if with_batch else {}
+            updates, state = tx.update(g, state, params, **extra)
+            return optax.apply_updates(params, updates), state
+
+        return step
+
+    def compilations(tx, recipe, with_batch=True):
+        state = jax.jit(tx.init)(params)
+        step = jax.jit(step_of(tx, with_batch))
+        if recipe:
+            replicated = NamedSharding(mesh, P())
+            layout = jax.tree.map(
+                lambda a: a.sharding if len(a.sharding.device_set) > 1 else replicated,
+                (params, state),
+            )
+            state = jax.device_put(state, layout[1])
+            step = jax.jit(step_of(tx, with_batch), out_shardings=layout)
+        else:
+            state = tx.init(params)
+        carry = (params, state)
+        for _ in range(3):
+            carry = step(*carry, x, y)
+        return step._cache_size()
+
+    assert compilations(optax.adam(1e-3), recipe=False, with_batch=False) == 2
+    assert compilations(optax.adam(1e-3), recipe=True, with_batch=False) == 1
+    for solver in ("kronecker", "ekfac", "diagonal", "cg"):
+        cadence = {} if solver == "cg" else {"refresh_every": 2}
+        tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2, **cadence)
+        assert compilations(tx, recipe=True) == 1, solver
+        print(f"ok compiles once[{solver}]")
+
+
 def main(part):
     """Runs one part of the checks (``gspmd``, ``shard_map`` or ``traced_inside``), so
     that the test suite's workers can share them."""
@@ -109,6 +156,7 @@ def main(part):
         singles = single_device_updates(model, params, x, y, g)
         if part == "gspmd":
             check_gspmd(model, params, x, y, g, singles)
+            check_sharded_step_compiles_once(model, params, x, y)
         elif part == "sharded_params":
             check_sharded_parameters(model, params, x, y, g, singles)
             check_spread_factorisations()

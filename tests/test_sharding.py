@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 # The lines each part prints for its update checks (one per solver and Fisher).
 EXPECTED_UPDATES = {
-    "gspmd": {"ok update[": 5},
+    "gspmd": {"ok update[": 5, "ok compiles once[": 4},
     "sharded_params": {
         "ok sharded-params update[": 14,
         "ok spread inverses": 2,
