@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from natgrad_jax import _vectors as vectors
@@ -566,11 +565,7 @@ def _init(options: _Options, params) -> NaturalGradientState:
         damping=jnp.asarray(initial_damping, dtype),
         curvature=solver.init(params, dtype),
         factorised_damping=jnp.asarray(initial_damping, dtype),
-        previous_direction=(
-            tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(params))
-            if keeps_previous
-            else None
-        ),
+        previous_direction=(vectors.zeros_as(params, dtype) if keeps_previous else None),
         rejected=RejectedSteps.none(),
     )
 

@@ -76,6 +76,13 @@ def zeros_like(v: Vector) -> Vector:
     return jax.tree.map(jnp.zeros_like, v)
 
 
+def zeros_as(params, dtype) -> Vector:
+    """Zeros of each parameter leaf's shape in ``dtype``, placed as the leaf: an
+    optimizer state initialised eagerly from sharded parameters is sharded like them
+    (as optax's are), so the first jitted step need not move it."""
+    return tuple(jnp.zeros_like(leaf, dtype=dtype) for leaf in jax.tree.leaves(params))
+
+
 def astype(v: Vector, dtype) -> Vector:
     return jax.tree.map(lambda leaf: leaf.astype(dtype), v)
 

@@ -99,49 +99,36 @@ def check_gspmd(model, params, x, y, g, singles):
 
 
 def check_sharded_step_compiles_once(model, params, x, y):
-    """docs/sharding.md's recipe ("One compilation, not two"), as written there: with
-    the weights sharded over 'model' and the batch over 'data' of a 2×4 mesh, the state
-    put where ``jax.jit(tx.init)`` lays it out (scalars replicated) and the step's
-    outputs pinned there, three steps compile the step once, for Adam and for every
-    per-leaf solver. Without it, Adam's step compiles twice (the premise)."""
+    """docs/sharding.md's compile-once recipe (``_compiled_once``) with the weights
+    sharded over 'model' and the batch over 'data' of a 2×4 mesh: three steps compile
+    once for Adam and the per-leaf solvers, whose vectors stay laid out as their leaves;
+    Adam given ``tx.init(params)`` alone compiles twice (the premise)."""
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     by_model = lambda a: NamedSharding(mesh, P(*[None] * (a.ndim - 1), "model"))
     params = jax.tree.map(lambda a: jax.device_put(a, by_model(a)), params)
     x, y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
 
-    def step_of(tx, with_batch=True):
-        def step(params, state, x, y):
-            g = jax.grad(model.nll)(params, x, y)
-            extra = {"inputs": x, "targets": y} if with_batch else {}
-            updates, state = tx.update(g, state, params, **extra)
-            return optax.apply_updates(params, updates), state
-
-        return step
-
     def compilations(tx, recipe, with_batch=True):
-        state = jax.jit(tx.init)(params)
-        step = jax.jit(step_of(tx, with_batch))
-        if recipe:
-            replicated = NamedSharding(mesh, P())
-            layout = jax.tree.map(
-                lambda a: a.sharding if len(a.sharding.device_set) > 1 else replicated,
-                (params, state),
-            )
-            state = jax.device_put(state, layout[1])
-            step = jax.jit(step_of(tx, with_batch), out_shardings=layout)
-        else:
-            state = tx.init(params)
+        step = _step_of(model, tx, with_batch)
+        step, state = (
+            _compiled_once(step, tx, params) if recipe else (jax.jit(step), tx.init(params))
+        )
         carry = (params, state)
         for _ in range(3):
             carry = step(*carry, x, y)
-        return step._cache_size()
+        return step._cache_size(), carry[1]
 
-    assert compilations(optax.adam(1e-3), recipe=False, with_batch=False) == 2
-    assert compilations(optax.adam(1e-3), recipe=True, with_batch=False) == 1
+    assert compilations(optax.adam(1e-3), recipe=False, with_batch=False)[0] == 2
+    assert compilations(optax.adam(1e-3), recipe=True, with_batch=False)[0] == 1
     for solver in ("kronecker", "ekfac", "diagonal", "cg"):
         cadence = {} if solver == "cg" else {"refresh_every": 2}
-        tx = ng.natural_gradient(model, 0.1, solver=solver, damping=1e-2, **cadence)
-        assert compilations(tx, recipe=True) == 1, solver
+        tx = ng.natural_gradient(model, 0.1, solver=solver, momentum=True, **cadence)
+        count, state = compilations(tx, recipe=True)
+        assert count == 1, (solver, count)
+        for leaf, direction in zip(
+            jax.tree.leaves(params), state[0].previous_direction, strict=True
+        ):
+            assert direction.sharding.is_equivalent_to(leaf.sharding, leaf.ndim), solver
         print(f"ok compiles once[{solver}]")
 
 
@@ -305,16 +292,36 @@ def _trained(model, params, batches, solver, name, steps=3, **options):
     return _steps(model, tx, params, batches[:steps])
 
 
-def _steps(model, tx, params, batches):
-    """Parameters and state after a jitted step of ``tx`` on each batch."""
+def _step_of(model, tx, with_batch=True):
+    """One training step: the gradient, ``tx``'s update (given the batch) and its sum
+    with the parameters."""
 
-    @jax.jit
     def step(params, state, x, y):
         g = jax.grad(model.nll)(params, x, y)
-        updates, state = tx.update(g, state, params, inputs=x, targets=y)
-        return jax.tree.map(jnp.add, params, updates), state
+        extra = {"inputs": x, "targets": y} if with_batch else {}
+        updates, state = tx.update(g, state, params, **extra)
+        return optax.apply_updates(params, updates), state
 
+    return step
+
+
+def _compiled_once(step, tx, params):
+    """docs/sharding.md's recipe ("One compilation, not two"), as written there: the
+    state initialised from the parameters (its per-leaf arrays laid out as their leaves),
+    its arrays on one device replicated over the parameters' mesh, and the step's
+    outputs pinned there. Returns (jitted step, state)."""
     state = tx.init(params)
+    (mesh,) = {leaf.sharding.mesh for leaf in jax.tree.leaves(params)}
+    replicated = NamedSharding(mesh, P())
+    layout = jax.tree.map(
+        lambda a: a.sharding if len(a.sharding.device_set) > 1 else replicated, (params, state)
+    )
+    return jax.jit(step, out_shardings=layout), jax.device_put(state, layout[1])
+
+
+def _steps(model, tx, params, batches):
+    """Parameters and state after a jitted step of ``tx`` on each batch."""
+    step, state = jax.jit(_step_of(model, tx)), tx.init(params)
     for x, y in batches:
         params, state = step(params, state, x, y)
     return params, state
@@ -328,18 +335,23 @@ def check_sharded_parameters(model, params, x, y, g, singles):
     vectors on the leaves' sharding (the previous update is laid out as its leaf) and
     spread K-FAC's factors."""
     del g, singles
+    alone = {}  # each solver's parameters after the steps on one device
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     by_model = lambda a: NamedSharding(mesh, P(*[None] * (a.ndim - 1), "model"))
     params_s = jax.tree.map(lambda a: jax.device_put(a, by_model(a)), params)
     assert all(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params_s))
     placement = ng.describe(model, params_s, x).splitlines()[-2]
     assert placement.startswith("  placement (parameters on 8 devices): "), placement
-    halves = [(x[:16], y[:16]), (x[16:], y[16:]), (x, y)]
+    # Three batches of one shape: the steps compile once (``_steps`` asserts it).
+    batches = [(x, y), (-x, y), (0.5 * x + 0.25, y[::-1])]
     batches_s = [
-        tuple(jax.device_put(a, NamedSharding(mesh, P("data"))) for a in batch) for batch in halves
+        tuple(jax.device_put(a, NamedSharding(mesh, P("data"))) for a in batch) for batch in batches
     ]
     for name, solver in ALL_SOLVERS.items():
-        single, _ = _trained(model, params, halves, solver, name)
+        single, _ = _trained(model, params, batches, solver, name)
+        alone[name] = single
+        moved = ravel_pytree(single)[0] - ravel_pytree(params)[0]
+        assert float(jnp.max(jnp.abs(moved))) > 1e-3, f"{name}: no step taken"
         sharded, state = _trained(model, params_s, batches_s, solver, name)
         close(
             ravel_pytree(sharded)[0],
@@ -366,7 +378,7 @@ def check_sharded_parameters(model, params, x, y, g, singles):
         spread, _ = _trained(model, params_s, batches_s, "kronecker", "kronecker")
     close(
         ravel_pytree(spread)[0],
-        ravel_pytree(_trained(model, params, halves, "kronecker", "kronecker")[0])[0],
+        ravel_pytree(alone["kronecker"])[0],
         "sharded-params update[kronecker, set_mesh]",
         rtol=1e-9,
     )
@@ -378,7 +390,7 @@ def check_sharded_parameters(model, params, x, y, g, singles):
     )
     close(
         ravel_pytree(_steps(model, in_eigenbasis(mesh=mesh), params_s, batches_s)[0])[0],
-        ravel_pytree(_steps(model, in_eigenbasis(), params, halves)[0])[0],
+        ravel_pytree(_steps(model, in_eigenbasis(), params, batches)[0])[0],
         "sharded-params update[eigenbasis_adam, mesh=]",
         rtol=1e-8,
     )

@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from natgrad_jax import _vectors as vectors
 from natgrad_jax._solvers.batch import CurvatureBatch
@@ -157,7 +156,7 @@ class ConjugateGradient(Solver):
 
     def init(self, params, dtype) -> ConjugateGradientState:
         return ConjugateGradientState(
-            solution=tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(params)),
+            solution=vectors.zeros_as(params, dtype),
             iterations=jnp.zeros([], jnp.int32),
             residual=jnp.zeros([], dtype),
             quadratic=jnp.zeros([], dtype),

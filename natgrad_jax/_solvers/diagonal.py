@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from natgrad_jax import _vectors as vectors
 from natgrad_jax._linalg import damped_reciprocal, moving_average
@@ -56,9 +54,7 @@ class Diagonal(Solver):
         return rows.stored + rows.per_example + 3 * num_params
 
     def init(self, params, dtype) -> DiagonalState:
-        return DiagonalState(
-            diagonal=tuple(jnp.zeros(np.shape(leaf), dtype) for leaf in jax.tree.leaves(params))
-        )
+        return DiagonalState(diagonal=vectors.zeros_as(params, dtype))
 
     def measure(self, state: DiagonalState, batch: CurvatureBatch, decay, is_first):
         """Measures diag(F) on ``batch`` and averages it into the state."""

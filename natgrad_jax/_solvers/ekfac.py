@@ -153,7 +153,7 @@ class EKFAC(Solver):
                     left_basis=zeros(m, m),
                     right_basis=zeros(n, n),
                     scaling=zeros(m, n),
-                    diagonal=zeros(*np.shape(leaf)),
+                    diagonal=jnp.zeros_like(leaf, dtype=dtype),
                 )
             )
         return EkfacState(tuple(leaves))

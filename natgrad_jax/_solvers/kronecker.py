@@ -431,7 +431,7 @@ class Kronecker(Solver):
                     right=jnp.zeros(right, dtype),
                     left_inverse=jnp.zeros(left, dtype),
                     right_inverse=jnp.zeros(right, dtype),
-                    diagonal=jnp.zeros(np.shape(leaf), dtype),
+                    diagonal=jnp.zeros_like(leaf, dtype=dtype),
                 )
             )
         return KroneckerState(tuple(leaves))
