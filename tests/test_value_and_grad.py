@@ -192,6 +192,34 @@ def test_a_train_step_with_the_helper_runs_the_model_forward_once(
     assert count_forward_passes(two_pass_step, params, state) > forward_passes
 
 
+@pytest.mark.parametrize(
+    ("solver", "damping", "forward_passes"),
+    [
+        ("kronecker", 1e-3, 2),
+        # Levenberg–Marquardt evaluates the loss at the moved parameters too.
+        ("kronecker", ng.LevenbergMarquardt(), 3),
+        ("ekfac", ng.LevenbergMarquardt(), 3),
+    ],
+)
+def test_a_plain_step_with_the_quadratic_model_runs_one_forward_pass_in_update(
+    solver, damping, forward_passes
+):
+    """The quick start's step (``jax.grad``, then ``update``) where the quadratic model
+    sets the step: ``jax.grad``'s forward pass and one in ``update``, shared by the
+    model's forward-mode products, the damping rule's loss and the refresh's statistics
+    (before: 3 and 5, the statistics and the loss each running the model again)."""
+    model, params, x, y = problem()
+    optimizer = ng.natural_gradient(model, 0.5, solver=solver, damping=damping)
+    assert optimizer.init(params)[0].previous_direction is not None  # the model runs
+
+    def plain_step(params, state):
+        grads = jax.grad(model.nll)(params, x, y)
+        updates, state = optimizer.update(grads, state, params, inputs=x, targets=y)
+        return optax.apply_updates(params, updates), state
+
+    assert count_forward_passes(plain_step, params, optimizer.init(params)) == forward_passes
+
+
 def test_frozen_leaves_get_no_gradient_and_the_same_update():
     model, params, x, y = problem()
     params = {"layers": params, "step": jnp.array(3, jnp.int32)}
