@@ -23,7 +23,7 @@ EXPECTED_UPDATES = {
         "ok sharded-params update[": 14,
         "ok spread inverses": 2,
         "ok spread eigenbasis": 11,
-        "memory ratio ": 7,
+        "memory ratio ": 8,
     },
     "shard_map": {"ok shard_map update[": 12, "ok one-pass update[": 3},
     "traced_inside": {"ok traced-inside update[": 2},
