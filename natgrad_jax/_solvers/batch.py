@@ -65,6 +65,7 @@ class CurvatureBatch:
     statistics_precision: str | None = None
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
     measurable: jax.Array | None = None
+    model_pass: ForwardPass | None = None
 
     @property
     def num_examples(self) -> int:
@@ -127,12 +128,20 @@ class CurvatureBatch:
         rows = jax.vmap(lambda labels: score(labels, likelihood.sampled_log_prob))(sampled)
         return jax.tree.map(lambda c: c / jnp.sqrt(jnp.asarray(num_samples, c.dtype)), rows)
 
+    def _shared_pass(self) -> ForwardPass | None:
+        """The forward pass the loss and the quadratic model read: ``forward``, else
+        ``model_pass`` (built once at the top of a step whose quadratic model runs; the
+        statistics build their own inside the refresh's branch, so that the two passes'
+        residuals are not alive at once)."""
+        return self.forward if self.forward is not None else self.model_pass
+
     def nll(self):
         """The batch's mean negative log-likelihood at ``params`` (over every device)."""
-        if self.forward is None:
+        shared = self._shared_pass()
+        if shared is None:
             local = self.model.nll(self.params, self.inputs, self.targets)
         else:
-            local = self.model.nll_of_outputs(self.forward.outputs, self.targets)
+            local = self.model.nll_of_outputs(shared.outputs, self.targets)
         return device_mean(local, self.axis_name)
 
     @functools.cached_property
@@ -199,7 +208,7 @@ class CurvatureBatch:
         not a ``vmap`` over them, which would stack the vectors and transpose their
         batched weight blocks: copies of P floats each.
         """
-        forward = self.forward_pass()
+        forward = self._shared_pass() or self.forward_pass()
         outputs = forward.outputs
 
         def tangent(vector):
