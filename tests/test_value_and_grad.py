@@ -208,8 +208,8 @@ def test_a_plain_step_with_the_quadratic_model_shares_its_forward_pass_with_the_
     sets the step: ``jax.grad``'s forward pass, one in ``update`` shared by the model's
     forward-mode products and the damping rule's loss, the refresh's statistics' own (in
     their branch: sharing it kept two passes' residuals alive at once, sharded K-FAC's
-    per-device memory 1.83× Adam's ratio against 1.75 on jax 0.10.2, 2.30× on 0.12.1),
-    and the loss at the moved parameters (before: 5 with Levenberg–Marquardt, the loss
+    per-device memory 1.83× Adam's ratio against 1.75 on jax 0.10.2), and the loss at
+    the moved parameters (before: 5 with Levenberg–Marquardt, the loss
     running the model again)."""
     model, params, x, y = problem()
     optimizer = ng.natural_gradient(model, 0.5, solver=solver, damping=damping)
