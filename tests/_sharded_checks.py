@@ -449,15 +449,7 @@ def check_sharded_memory():
     x_s, y_s = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
 
     def ratio(tx, with_batch, sharded_tx=None, context=contextlib.nullcontext):
-        def step_of(tx):
-            def step(params, state, x, y):
-                g = jax.grad(model.nll)(params, x, y)
-                extra = {"inputs": x, "targets": y} if with_batch else {}
-                updates, state = tx.update(g, state, params, **extra)
-                return jax.tree.map(jnp.add, params, updates), state
-
-            return step
-
+        step_of = lambda tx: _step_of(model, tx, with_batch)
         sharded_tx = sharded_tx or tx
         one = per_device_memory(step_of(tx), params, jax.jit(tx.init)(params), x, y)
         state_s = jax.jit(sharded_tx.init)(params_s)
