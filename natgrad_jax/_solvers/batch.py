@@ -208,7 +208,9 @@ class CurvatureBatch:
         not a ``vmap`` over them, which would stack the vectors and transpose their
         batched weight blocks: copies of P floats each.
         """
-        forward = self._shared_pass() or self.forward_pass()
+        forward = self._shared_pass()
+        if forward is None:
+            forward = self.forward_pass()
         outputs = forward.outputs
 
         def tangent(vector):
