@@ -483,7 +483,8 @@ def check_sharded_memory():
 # rows 4 at a time: their backward pass all-reduces (rows, examples, width) buffers at
 # full width under tensor parallelism, where Adam's gradient has one row), CG 1.38;
 # K-FAC 1.75 and EKFAC 1.77 factorising every factor on every device, 0.96 and 1.31 with
-# mesh= (each factor on one device; K-FAC the same under jax.set_mesh). With the
+# mesh= (each factor on one device; K-FAC the same under jax.set_mesh; EKFAC 2.12 with
+# chunk_rows=8: its loop over chunks carries whole factor statistics on every device). With the
 # gradient concatenated into one P-vector (as the update did before, jax 0.10.2): 2.57,
 # 2.06, 1.94 and 3.52.
 SHARDED_MEMORY_BOUNDS = {

@@ -51,12 +51,22 @@ def test_one_example_is_solved_exactly():
 
 
 @pytest.mark.parametrize(
-    "make", ["mlp", "shared_weight", "40_gaussian_outputs", "multi_axis_biases"]
+    "make, chunk_rows",
+    [
+        ("mlp", 32),
+        ("mlp", 3),
+        ("shared_weight", 32),
+        ("shared_weight", 2),
+        ("40_gaussian_outputs", 32),
+        ("multi_axis_biases", 32),
+        ("multi_axis_biases", 2),
+    ],
 )
-def test_scalings_are_the_fishers_diagonal_in_the_kronecker_eigenbasis(make):
+def test_scalings_are_the_fishers_diagonal_in_the_kronecker_eigenbasis(make, chunk_rows):
     """s = diag(Uᵀ F_ℓ U) for each factored leaf, U = U_left ⊗ U_right of the state (with
-    40 Gaussian outputs: 40 exact-Fisher rows per example, more than K-FAC's chunk; with
-    biases of several axes, U from their tensor-normal factors)."""
+    40 Gaussian outputs: 40 exact-Fisher rows per example, more than the default chunk;
+    with biases of several axes, U from their tensor-normal factors). A small
+    ``chunk_rows`` takes the rows in chunks, the last one partly a repeat."""
     if make == "multi_axis_biases":
         model, params, x = multi_axis_biases()
     elif make in ("mlp", "40_gaussian_outputs"):
@@ -65,7 +75,8 @@ def test_scalings_are_the_fishers_diagonal_in_the_kronecker_eigenbasis(make):
         model, x = ng.Model(mlp, likelihood), jax.random.normal(jax.random.PRNGKey(1), (7, 3))
     else:
         model, params, x = _shared_weight_model()
-    tx = ng.scale_by_natural_gradient(model, solver="ekfac", damping=1e-2)
+    solver = ng.EKFAC(chunk_rows=chunk_rows)
+    tx = ng.scale_by_natural_gradient(model, solver=solver, damping=1e-2)
     g = jax.tree.map(jnp.ones_like, params)
     d, state = jax.jit(tx.update)(g, tx.init(params), params, inputs=x)
     f = ng.fisher(model, params, x)
@@ -90,6 +101,44 @@ def test_eigenbases_change_only_when_refactorised():
     np.testing.assert_array_equal(bases[1], bases[0])  # step 1: statistics only
     assert not np.allclose(scalings[1], scalings[0])  # ... which did move
     assert not np.allclose(bases[2], bases[0])  # step 2: refactorised
+
+
+@pytest.mark.parametrize("statistics_every, refresh_every", [(2, 2), (1, 2)])
+def test_rows_in_chunks_give_the_state_and_updates_of_every_row_at_once(
+    statistics_every, refresh_every
+):
+    """Five steps over moving parameters with 3 of 7 rows at a time (chunks of 3, 3 and
+    a last one that repeats two rows): factors, bases, s and updates equal those taken
+    with every row at once, through each path that measures s: refreshes (2, 2: s in
+    the new basis after the factors), and measurements with factorisations of their own
+    (1, 2: s in the current basis with the factors, then in the new basis)."""
+    params = init_mlp(jax.random.PRNGKey(0), [3, 5, 7])
+    model, x = ng.Model(mlp, ng.Categorical()), jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+    g = jax.tree.map(jnp.ones_like, params)
+    runs = []
+    for chunk_rows in (None, 3):
+        tx = ng.scale_by_natural_gradient(
+            model,
+            solver=ng.EKFAC(chunk_rows=chunk_rows),
+            damping=1e-2,
+            decay=0.7,
+            statistics_every=statistics_every,
+            refresh_every=refresh_every,
+        )
+        state, update, run = tx.init(params), jax.jit(tx.update), []
+        for step in range(5):
+            moved = jax.tree.map(lambda p, s=step: p * (1 + 0.3 * s), params)
+            d, state = update(g, state, moved, inputs=x)
+            run.append((d, state.curvature))
+        runs.append(run)
+    for every_row, chunked in zip(*runs, strict=True):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+            every_row,
+            chunked,
+        )
+    scalings = [leaf.scaling for leaf in runs[0][-1][1].leaves]
+    assert all(float(jnp.max(s)) > 0 for s in scalings)
 
 
 def test_ekfac_trains_a_classifier():

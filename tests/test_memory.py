@@ -144,7 +144,12 @@ def test_auto_counts_the_kfac_state_it_keeps_while_it_picks_cg():
 
 
 @pytest.mark.parametrize(
-    "solver, likelihood", [("kronecker", ng.Categorical()), ("diagonal", ng.Gaussian(scale=1.0))]
+    "solver, likelihood",
+    [
+        ("kronecker", ng.Categorical()),
+        ("ekfac", ng.Categorical()),
+        ("diagonal", ng.Gaussian(scale=1.0)),
+    ],
 )
 def test_exact_fisher_statistics_never_form_all_output_rows(solver, likelihood):
     """With 256 outputs the exact Fisher has 256 cotangent rows per example: 16 MiB of

@@ -141,7 +141,7 @@ class EigenbasisAdam(Solver):
     def measure(self, state: EigenbasisAdamState, batch: CurvatureBatch, decay, is_first):
         """Averages this batch's K-FAC factors into the state (the moments move in
         ``solve``)."""
-        _, factors, _ = self._kronecker.measured(batch, state.leaves[0].left.dtype)
+        factors = self._kronecker.measured(batch, state.leaves[0].left.dtype).factors
         leaves = list(state.leaves)
         for k, (left, right) in factors.items():
             leaf = leaves[k]

@@ -34,7 +34,7 @@ import numpy as np
 
 from natgrad_jax._linalg import damped_reciprocal, eigenbases, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
-from natgrad_jax._solvers.factored import factored_rows
+from natgrad_jax._solvers.factored import summed_over_rows
 from natgrad_jax._solvers.kronecker import Kronecker, output_side, split_shape, unused_diagonal
 from natgrad_jax._solvers.solver import Solver
 
@@ -75,6 +75,19 @@ def _second_moments(rows, layer_index, orientation, left_basis, right_basis):
     return moments if orientation == "left_is_inputs" else moments.T
 
 
+def _moments_in(leaves, factored):
+    """rows ↦ {factored leaf: s of ``_second_moments`` in the leaf's bases}: a sum over
+    the output-Fisher rows."""
+
+    def moments(rows):
+        return {
+            k: _second_moments(rows, *factored[k], leaves[k].left_basis, leaves[k].right_basis)
+            for k in factored
+        }
+
+    return moments
+
+
 def kronecker_eigenbases(kronecker: Kronecker, leaves, batch, block_size=None) -> list:
     """The leaves (states with ``left``, ``right``, ``left_basis``, ``right_basis``) with
     the eigenbases of their current factors (``_linalg.eigenbases``; a side over twice
@@ -104,6 +117,13 @@ class EKFAC(Solver):
     Args:
       approximation: ``"expand"`` or ``"reduce"`` for the factors of weights shared
         across positions, as for ``ng.Kronecker``.
+      chunk_rows: the output-Fisher rows per example are taken this many at a time
+        (``None``: all at once), as for ``ng.Kronecker``: the factors and the second
+        moments s are sums over rows. A refresh then takes the rows twice, once for the
+        factors and once for s in their new eigenbasis; with every row at once it
+        takes them once. Under tensor parallelism each row's backward pass holds the
+        layers' output-gradients at full width, so fewer rows at a time hold less per
+        device (docs/sharding.md).
 
     Example:
       >>> import jax, jax.numpy as jnp, natgrad_jax as ng
@@ -118,6 +138,7 @@ class EKFAC(Solver):
     """
 
     approximation: str = "expand"
+    chunk_rows: int | None = 32
 
     name = "ekfac"
     approximate = True
@@ -126,8 +147,8 @@ class EKFAC(Solver):
 
     @property
     def _kronecker(self) -> Kronecker:
-        # Eigenbases need whole matrices; the second moments in them need all rows at once.
-        return Kronecker(self.approximation, max_factor_size=None, chunk_rows=None)
+        # Eigenbases need whole matrices.
+        return Kronecker(self.approximation, max_factor_size=None, chunk_rows=self.chunk_rows)
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats held at once, for the memory guard: four copies of each leaf's two
@@ -138,6 +159,8 @@ class EKFAC(Solver):
         factors = sum(m * m + n * n for m, n in map(split_shape, leaf_shapes))
         if rows is None:
             return 4 * factors + 4 * num_params + num_rows * sum(map(sum, leaf_shapes))
+        if self.chunk_rows is not None:
+            rows = rows.in_chunks_of(self.chunk_rows)
         rows = rows._replace(streamed=True)
         return 4 * factors + 4 * num_params + rows.stored + rows.per_example
 
@@ -160,27 +183,45 @@ class EKFAC(Solver):
 
     def _update(self, state, batch, decay, is_first, refactorise):
         dtype = state.leaves[0].diagonal.dtype
-        rows, factors, diagonals = self._kronecker.measured(batch, dtype)
         factored = self._kronecker.factored_leaves(batch)
+        # Measured in the current basis, s is summed in the factors' pass; a new basis
+        # needs the new factors first.
+        in_current_basis = None if refactorise else _moments_in(state.leaves, factored)
+        measurement = self._kronecker.measured(batch, dtype, also=in_current_basis)
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
         leaves = jax.tree.leaves(batch.params)
-        for k, (old, diagonal) in enumerate(zip(state.leaves, diagonals, strict=True)):
+        for k, (old, diagonal) in enumerate(zip(state.leaves, measurement.diagonals, strict=True)):
             if k not in factored:
                 new_leaves.append(old._replace(diagonal=average(old.diagonal, diagonal)))
                 continue
-            left, right = average(old.left, factors[k][0]), average(old.right, factors[k][1])
+            left, right = measurement.factors[k]
+            left, right = average(old.left, left), average(old.right, right)
             unused = unused_diagonal(old.diagonal, leaves[k])
             new_leaves.append(old._replace(left=left, right=right, diagonal=unused))
-        if refactorise:
-            new_leaves = kronecker_eigenbases(self._kronecker, new_leaves, batch)
-        for k in factored:
-            leaf = new_leaves[k]
-            moments = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)
-            # In a new basis the old moments mean nothing: start from this batch's.
-            scaling = moments if refactorise else average(state.leaves[k].scaling, moments)
-            new_leaves[k] = leaf._replace(scaling=scaling)
-        return EkfacState(tuple(new_leaves))
+        if not refactorise:
+            for k, moments in measurement.also.items():
+                new_leaves[k] = new_leaves[k]._replace(
+                    scaling=average(state.leaves[k].scaling, moments)
+                )
+            return EkfacState(tuple(new_leaves))
+        new_leaves = kronecker_eigenbases(self._kronecker, new_leaves, batch)
+        # In a new basis the old moments mean nothing: start from this batch's.
+        return self._with_moments(new_leaves, batch, factored, measurement.rows)
+
+    def _with_moments(self, leaves, batch, factored, rows=None):
+        """The leaves with s measured on ``batch`` in their bases: from ``rows`` where
+        every row is at hand, else in a pass of their own (chunk by chunk)."""
+        in_their_bases = _moments_in(leaves, factored)
+        if rows is None:
+            dtype = leaves[0].diagonal.dtype
+            moments, _, _ = summed_over_rows(batch, in_their_bases, self.chunk_rows, dtype)
+        else:
+            moments = in_their_bases(rows)
+        leaves = list(leaves)
+        for k, scaling in moments.items():
+            leaves[k] = leaves[k]._replace(scaling=scaling)
+        return EkfacState(tuple(leaves))
 
     def measure(self, state: EkfacState, batch: CurvatureBatch, decay, is_first):
         """Averages the factors, the diagonals and s (in the current basis)."""
@@ -191,13 +232,8 @@ class EKFAC(Solver):
         del damping  # applied in the solve: (s + λ)
         factored = self._kronecker.factored_leaves(batch)
         # Only the rows are needed here: the factors were averaged by ``measure``.
-        rows = factored_rows(batch, state.leaves[0].diagonal.dtype)
         new_leaves = kronecker_eigenbases(self._kronecker, state.leaves, batch)
-        for k in factored:
-            leaf = new_leaves[k]
-            scaling = _second_moments(rows, *factored[k], leaf.left_basis, leaf.right_basis)
-            new_leaves[k] = leaf._replace(scaling=scaling)
-        return EkfacState(tuple(new_leaves))
+        return self._with_moments(new_leaves, batch, factored)
 
     def refresh(self, state: EkfacState, batch: CurvatureBatch, damping, decay, is_first):
         del damping

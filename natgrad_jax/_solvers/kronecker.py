@@ -75,6 +75,15 @@ class KroneckerState(NamedTuple):
     leaves: tuple
 
 
+class Measurement(NamedTuple):
+    """One batch's statistics, from ``Kronecker.measured``."""
+
+    rows: object  # the FactoredRows, or None where the rows were taken in chunks
+    factors: dict  # {factored leaf: (left, right) factors}
+    diagonals: tuple  # per leaf: its exact diagonal (zeros where it is factored)
+    also: object  # the sum of ``measured``'s ``also`` over the rows, or None
+
+
 def split_shape(shape) -> tuple[int, int]:
     """(m, n): the leaf as an m×n matrix, split after its first or before its last axis,
     whichever gives the smaller factors (least m² + n²).
@@ -447,9 +456,10 @@ class Kronecker(Solver):
         shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
         return shared_output_factors(captured, shapes)
 
-    def measured(self, batch: CurvatureBatch, dtype):
-        """This batch's (rows, {leaf: (left, right) factors}, per-leaf exact diagonals);
-        rows is None when the output-Fisher rows were taken in chunks."""
+    def measured(self, batch: CurvatureBatch, dtype, also=None) -> Measurement:
+        """This batch's factors and exact diagonals (a ``Measurement``). ``also``, a
+        function of ``FactoredRows`` that is a sum over the output-Fisher rows (EKFAC's
+        second moments in a known basis), is summed in the same pass, chunk by chunk."""
         factored = self.factored_leaves(batch)
         leaves = jax.tree.leaves(batch.params)
         shared = self.shared_output_factors(batch)
@@ -477,9 +487,9 @@ class Kronecker(Solver):
             }
             outputs.update((bias, outputs[weight]) for bias, weight in shared.items())
             moments = {k: rows.tensor_normal_moments(*how) for k, how in tensor_normal.items()}
-            return outputs, moments, rows.diagonal(skip)
+            return outputs, moments, rows.diagonal(skip), None if also is None else also(rows)
 
-        (outputs, moments, diagonal), rows, complete = summed_over_rows(
+        (outputs, moments, diagonal, extra), rows, complete = summed_over_rows(
             batch, summed, self.chunk_rows, dtype
         )
         factors = {k: _tensor_normal(*pair) for k, pair in moments.items()}
@@ -488,7 +498,7 @@ class Kronecker(Solver):
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
         diagonals = vectors.scale(1 / batch.num_examples, diagonal)
-        return rows if complete else None, factors, diagonals
+        return Measurement(rows if complete else None, factors, diagonals, extra)
 
     def _sample(self, batch: CurvatureBatch):
         """``(key, S)`` for ``FactoredRows.input_factor``, or None: every position. The
@@ -500,7 +510,8 @@ class Kronecker(Solver):
 
     def measure(self, state: KroneckerState, batch: CurvatureBatch, decay, is_first):
         """Averages this batch's factors and diagonals into the state (no inverses)."""
-        _, factors, diagonals = self.measured(batch, state.leaves[0].diagonal.dtype)
+        measurement = self.measured(batch, state.leaves[0].diagonal.dtype)
+        factors, diagonals = measurement.factors, measurement.diagonals
         average = lambda old, new: moving_average(old, new, decay, is_first)
         new_leaves = []
         leaves = jax.tree.leaves(batch.params)
