@@ -57,7 +57,7 @@ def factors_of(model, params, inputs, positions):
     @jax.jit
     def measure(key, params, inputs):
         batch = CurvatureBatch(model, params, inputs, "monte_carlo", key=key, num_samples=1)
-        _, factors, _ = solver.measured(batch, jnp.float32)
+        factors = solver.measured(batch, jnp.float32).factors
         return [f for _, pair in sorted(factors.items()) for f in pair]
 
     return lambda key: measure(key, params, inputs)

@@ -719,7 +719,7 @@ def _token_model():
 
 def _factors(model, params, x, solver, key):
     batch = CurvatureBatch(model, params, x, "exact", key=key)
-    _, factors, _ = solver.measured(batch, jnp.float64)
+    factors = solver.measured(batch, jnp.float64).factors
     return [f for pair in factors.values() for f in pair]
 
 

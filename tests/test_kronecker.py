@@ -354,7 +354,8 @@ def test_exact_fisher_rows_taken_in_chunks_give_the_same_factors_and_update(appr
 
     def measured(params):
         batch = CurvatureBatch(model, params, x, "exact")
-        return ng.Kronecker(chunk_rows=3).measured(batch, jnp.float64)[1:]
+        measurement = ng.Kronecker(chunk_rows=3).measured(batch, jnp.float64)
+        return measurement.factors, measurement.diagonals
 
     scans = equations(jax.make_jaxpr(measured)(params).jaxpr, "scan")
     assert [e.params["length"] for e in scans] == [4]  # ⌈10 / 3⌉ chunks
