@@ -9,20 +9,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from natgrad_jax._capture.convolution import CONVOLUTION, convolution
 from natgrad_jax._capture.find import constant_factor
 from natgrad_jax._capture.layer import Capture, Layer
 from natgrad_jax._capture.uses import CALL_OPS, is_literal
 from natgrad_jax._capture.walk import count_equations, parameter_uses
 from natgrad_jax._fisher import varying_axes
-from natgrad_jax._jaxpr import inner_jaxpr, scan_counts
-
-
-def bind(eqn, args):
-    bind_params = eqn.primitive.get_bind_params(eqn.params)
-    # jax ≤ 0.9 returns (subfuns, params); newer releases return the params alone.
-    subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
-    out = eqn.primitive.bind(*subfuns, *args, **params)
-    return out if eqn.primitive.multiple_results else [out]
+from natgrad_jax._jaxpr import bind, inner_jaxpr, scan_counts
 
 
 def _evaluate(closed_jaxpr, args, probes, activations, counter):
@@ -51,7 +44,7 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
         elif eqn.primitive.name == "scan":
             outs = _evaluate_scan(eqn, values, probes, activations, counter)
         else:
-            outs = bind(eqn, values)
+            outs = _bind(eqn, values)
             if index in factors:
                 factor = values[factors[index]]
                 activations["factor", index] = jnp.broadcast_to(factor, outs[0].shape)
@@ -60,6 +53,15 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
                 outs = [outs[0] + _equation_probe(probes[index]).astype(outs[0].dtype)]
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in closed_jaxpr.jaxpr.outvars]
+
+
+def _bind(eqn, values) -> list:
+    """``bind``, but a convolution of floats through ``convolution`` (its backward pass
+    keeps the kernel's layout)."""
+    floats = all(jnp.issubdtype(jnp.result_type(v), jnp.floating) for v in values)
+    if eqn.primitive is CONVOLUTION and floats:
+        return [convolution(eqn.params, *values)]
+    return bind(eqn, values)
 
 
 def _equation_probe(pairs):
