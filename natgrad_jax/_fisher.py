@@ -302,6 +302,25 @@ def device_varying(params: PyTree, axis_name: str | None) -> PyTree:
     return jax.tree.map(cast, params)
 
 
+def device_invariant(tree: PyTree, axis_name: str | None) -> PyTree:
+    """``tree``'s leaves typed device-invariant: each averaged over ``axis_name`` where
+    JAX sees it varying (``tree`` itself without ``axis_name``).
+
+    Every device computes the same numbers from all-reduced statistics, but values
+    that passed through device-varying intermediates keep that type; the mean of
+    identical copies is the value itself.
+    """
+    if axis_name is None:
+        return tree
+
+    def invariant(leaf):
+        if axis_name in varying_axes(leaf):
+            return jax.lax.pmean(leaf, axis_name)
+        return leaf
+
+    return jax.tree.map(invariant, tree)
+
+
 def global_batch_size(inputs: PyTree, axis_name: str | None) -> int:
     """N over all devices: the local batch times the size of the mapped axis."""
     local = batch_size(inputs)

@@ -14,14 +14,15 @@ import jax.numpy as jnp
 import optax
 
 from natgrad_jax import _vectors as vectors
+from natgrad_jax._cadence import due_every, is_every_step, when_due
 from natgrad_jax._damping import LevenbergMarquardt, reduction_ratio
 from natgrad_jax._eager import compiled_when_eager
 from natgrad_jax._fisher import (
     FISHER_KINDS,
     check_num_samples,
     check_same_batch,
+    device_invariant,
     device_mean,
-    varying_axes,
 )
 from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._linalg import trust_region_scale
@@ -193,25 +194,6 @@ def _check_same_structure(updates, params) -> None:
 def _value_at(hyperparameter: ScalarOrSchedule, count: jax.Array):
     """A hyper-parameter's value at step ``count``: schedules are called, numbers kept."""
     return hyperparameter(count) if callable(hyperparameter) else hyperparameter
-
-
-def _invariant(value, axis_name):
-    """``value``, typed device-invariant: averaged over ``axis_name`` if JAX sees it varying.
-
-    Every device computes the same numbers from all-reduced statistics, but values
-    that passed through device-varying intermediates keep that type; the mean of
-    identical copies is the value itself.
-    """
-    if axis_name in varying_axes(value):
-        return jax.lax.pmean(value, axis_name)
-    return value
-
-
-def _invariant_leaves(tree, axis_name):
-    """``_invariant`` on every leaf of ``tree`` (``tree`` itself without ``axis_name``)."""
-    if axis_name is None:
-        return tree
-    return jax.tree.map(lambda a: _invariant(a, axis_name), tree)
 
 
 def _solve_dtype(dtype) -> jnp.dtype:
@@ -639,7 +621,7 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
     if options.adaptive:  # a skipped non-finite step leaves the state as it found it
         next_state = _unless_skipped(taken.finite, next_state, state, factorised)
     # Every device holds the same numbers; say so to shard_map.
-    invariant = lambda tree: _invariant_leaves(tree, options.axis_name)
+    invariant = lambda tree: device_invariant(tree, options.axis_name)
     next_state = next_state._replace(
         damping=invariant(next_state.damping),
         curvature=invariant(next_state.curvature),
@@ -693,18 +675,11 @@ def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan
         with matmul_precision(EXACT):
             return solver.factorise(curvature, batch, damping)
 
-    def when(due, fn, curvature):  # due: a flag, or True (every step)
-        if usable is not None:
-            due = usable if due is True else due & usable
-        if due is True:
-            return fn(curvature)
-        # Inside shard_map both branches must be typed alike: the stored state's way.
-        done = lambda c: _invariant_leaves(fn(c), options.axis_name)
-        return jax.lax.cond(due, done, lambda c: c, curvature)
+    def when(due, fn, curvature):
+        return when_due(due, usable, fn, curvature, options.axis_name)
 
     def every(period, fn, curvature):
-        every_step = _is_python_number(period) and period == 1
-        return when(True if every_step else state.count % period == 0, fn, curvature)
+        return when(due_every(period, state.count), fn, curvature)
 
     refresh_every, statistics_every = options.refresh_every, options.statistics_every
     if statistics_every is None or statistics_every == refresh_every:
@@ -714,8 +689,7 @@ def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan
             refresh_every, factorise, every(statistics_every, measure, state.curvature)
         )
     factorised_damping = jnp.asarray(damping, state.damping.dtype)
-    every_step = _is_python_number(refresh_every) and refresh_every == 1
-    if options.adaptive and solver.averages_for(batch.params) and not every_step:
+    if options.adaptive and solver.averages_for(batch.params) and not is_every_step(refresh_every):
         refactorised = state.count % refresh_every == 0
         if not plan.modelled:
             # The step's length comes from the factorisation alone: once λ has moved,

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax import _vectors as vectors
+from natgrad_jax._cadence import due_every, when_due
 from natgrad_jax._capture import capture
 from natgrad_jax._fisher import parameter_count
 from natgrad_jax._solvers.batch import CurvatureBatch
@@ -353,10 +354,5 @@ def _kronecker_refreshed(
         with jax.default_matmul_precision(batch.statistics_precision):
             return kronecker.refresh(stored, batch, damping, decay, steps == 0)
 
-    every_step = isinstance(refresh_every, int) and refresh_every == 1
-    if every_step and batch.measurable is None:
-        return refreshed(state.kronecker)
-    due = True if every_step else steps % refresh_every == 0
-    if batch.measurable is not None:
-        due = batch.measurable & due
-    return jax.lax.cond(due, refreshed, lambda stored: stored, state.kronecker)
+    due = due_every(refresh_every, steps)
+    return when_due(due, batch.measurable, refreshed, state.kronecker, batch.axis_name)
