@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import natgrad_jax as ng
 from natgrad_jax._capture import capture, probed_forward
 from natgrad_jax._capture.convolution import convolution
+from natgrad_jax._solvers.batch import CurvatureBatch
 from tests.helpers import equations
 
 # (input shape, kernel shape, keyword arguments of lax.conv_general_dilated)
@@ -105,25 +107,30 @@ def test_values_and_both_modes_of_differentiation_are_lax_own(name):
     jax.tree.map(close, hvp(ours), hvp(lax_conv))
 
 
-def _input_cotangent_kernels(conv, x, kernel):
-    """The kernels' rhs_spec of the convolutions that pull a cotangent back to ``x``."""
-    out, pull = jax.vjp(lambda x: conv(x, kernel), x)
-    jaxpr = jax.make_jaxpr(pull)(jnp.zeros(out.shape, out.dtype)).jaxpr
-    return [
-        e.params["dimension_numbers"].rhs_spec for e in equations(jaxpr, "conv_general_dilated")
-    ]
+def _specs(jaxpr):
+    """(lhs_spec, rhs_spec, out_spec) of each convolution in ``jaxpr``."""
+    return [tuple(e.params["dimension_numbers"]) for e in equations(jaxpr, "conv_general_dilated")]
+
+
+def _canonical(ndim):
+    """XLA CPU's fast layout: (N, spatial…, C) input and output, (spatial…, I, O) kernel."""
+    feature_last = (0, ndim - 1, *range(1, ndim - 1))
+    return (feature_last, (ndim - 1, ndim - 2, *range(ndim - 2)), feature_last)
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_the_input_cotangent_reads_the_kernel_in_the_forward_layout(name):
-    """The reason for the module: lax's transpose labels the kernel's feature axes
-    swapped (a layout XLA's CPU backend runs slowly inside lax.cond); ours convolves with
-    the forward's labels."""
+def test_the_forward_pass_and_the_input_cotangent_convolve_in_the_canonical_layout(name):
+    """The reason for the module: inside lax.cond XLA's CPU backend runs a convolution in
+    any other layout as a generic loop. The forward pass and the input's cotangent are
+    canonical convolutions; lax's own input cotangent is not (it labels the kernel's
+    feature axes swapped)."""
     lax_conv, ours, x, kernel, _ = _case(name)
-    forward = jax.make_jaxpr(lax_conv)(x, kernel).eqns[0].params["dimension_numbers"].rhs_spec
-    out_axis, in_axis, *spatial = forward
-    assert _input_cotangent_kernels(ours, x, kernel) == [forward]
-    assert _input_cotangent_kernels(lax_conv, x, kernel) == [(in_axis, out_axis, *spatial)]
+    canonical = _canonical(x.ndim)
+    out, pull = jax.vjp(lambda x: ours(x, kernel), x)
+    assert _specs(jax.make_jaxpr(ours)(x, kernel).jaxpr) == [canonical]
+    assert _specs(jax.make_jaxpr(pull)(out).jaxpr) == [canonical]
+    _, lax_pull = jax.vjp(lambda x: lax_conv(x, kernel), x)
+    assert _specs(jax.make_jaxpr(lax_pull)(out).jaxpr) != [canonical]
 
 
 def test_the_statistics_pass_of_a_cnn_backpropagates_in_the_forward_layout():
@@ -166,3 +173,59 @@ def test_the_statistics_pass_of_a_cnn_backpropagates_in_the_forward_layout():
     h = conv(x, params["w1"])
     expected = jax.vmap(jax.vjp(lambda h: after_first(params, h), h)[1])(rows)[0]
     np.testing.assert_allclose(gradients(rows)[first], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_kfac_statistics_of_an_nchw_cnn_convolve_in_the_canonical_layout():
+    """Equinox's layout (NCHW input, OIHW kernel): the K-FAC statistics' forward pass,
+    the patches of A and the backward pass through the second convolution run no
+    convolution on an NCHW input, and every leaf's factors equal those of the same
+    network in NHWC/HWIO (A up to the order of its patch axis)."""
+    layouts = {"nchw": ("NCHW", "OIHW", "NCHW"), "nhwc": ("NHWC", "HWIO", "NHWC")}
+
+    def network(numbers):
+        channel_axis = numbers[0].index("C")
+
+        def apply(p, x):
+            for w in (p["w1"], p["w2"]):
+                x = jnp.tanh(
+                    jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=numbers)
+                )
+            x = jnp.moveaxis(x, channel_axis, -1)  # one head for both layouts
+            return x.reshape(x.shape[0], -1) @ p["head"]
+
+        return apply
+
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    hwio = [jax.random.normal(keys[0], (3, 3, 2, 4)), jax.random.normal(keys[1], (3, 3, 4, 4))]
+    head = jax.random.normal(keys[2], (64, 4))
+    x = jax.random.normal(keys[3], (5, 4, 4, 2))
+    cases = {
+        "nhwc": ({"w1": hwio[0], "w2": hwio[1], "head": head}, x),
+        "nchw": (
+            {
+                "w1": hwio[0].transpose(3, 2, 0, 1),
+                "w2": hwio[1].transpose(3, 2, 0, 1),
+                "head": head,
+            },
+            x.transpose(0, 3, 1, 2),
+        ),
+    }
+    factors = {}
+    for name, (params, inputs) in cases.items():
+        model = ng.Model(network(layouts[name]), ng.Categorical())
+
+        def measured(params, model=model, inputs=inputs):
+            batch = CurvatureBatch(model, params, inputs, "exact")
+            return ng.Kronecker().measured(batch, jnp.float64).factors
+
+        if name == "nchw":
+            lhs_specs = {spec[0] for spec in _specs(jax.make_jaxpr(measured)(params).jaxpr)}
+            assert (0, 1, 2, 3) not in lhs_specs, lhs_specs
+        factors[name] = measured(params)
+    # The kernels' views differ by layout (HWIO: A over 3·3·I patches, then G; OIHW: G,
+    # then A over I·3·3), so A are equal up to a permutation: compare spectra.
+    spectra = lambda pair: sorted((np.linalg.eigvalsh(f) for f in pair), key=len)
+    assert factors["nhwc"].keys() == factors["nchw"].keys()
+    for k, pair in factors["nhwc"].items():
+        for ours, theirs in zip(spectra(pair), spectra(factors["nchw"][k]), strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)

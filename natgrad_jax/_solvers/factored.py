@@ -36,6 +36,7 @@ from natgrad_jax._capture import (
     capture,
     operand_of,
 )
+from natgrad_jax._capture.convolution import convolution
 from natgrad_jax._fisher import (
     batch_size,
     device_varying,
@@ -110,7 +111,7 @@ def _conv_patches(layer: Layer, x):
     one_hot = jnp.moveaxis(jnp.eye(k, dtype=x.dtype).reshape(k, *window), 0, out_axis)
     exact = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     params = dict(layer.primitive_params, precision=exact, preferred_element_type=None)
-    patches = layer.primitive.bind(x, _varying_like(one_hot, x), **params)
+    patches = convolution(params, x, _varying_like(one_hot, x))  # in XLA's fast layout
     spec = layer.primitive_params["dimension_numbers"].out_spec
     patches = jnp.transpose(patches, (spec[0], *spec[2:], spec[1]))
     return patches.reshape(patches.shape[0], -1, k)
