@@ -1,24 +1,13 @@
 """Reading nested jaxprs the same way on every supported jax (0.9.1 to 0.12).
 
-Three things moved between releases: a call's body is a ``ClosedJaxpr`` on some
-primitives and an open ``Jaxpr`` on others, ``scan`` gave up its
-``num_consts``/``num_carry`` parameters (jax 0.12) for ``ft_in``, a flat tree of its
-(consts, carry, xs) inputs, and ``get_bind_params`` returns the parameters alone.
+Two things moved between releases: a call's body is a ``ClosedJaxpr`` on some primitives
+and an open ``Jaxpr`` on others, and ``scan`` gave up its ``num_consts``/``num_carry``
+parameters (jax 0.12) for ``ft_in``, a flat tree of its (consts, carry, xs) inputs.
 """
 
 from __future__ import annotations
 
 import jax.extend.core as jex_core
-
-
-def bind(eqn, args, params=None) -> list:
-    """The outputs of ``eqn``'s primitive applied to ``args`` (with ``params`` instead
-    of the equation's, if given), as a list."""
-    bind_params = eqn.primitive.get_bind_params(eqn.params if params is None else params)
-    # jax ≤ 0.9 returns (subfuns, params); newer releases return the params alone.
-    subfuns, bind_params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
-    out = eqn.primitive.bind(*subfuns, *args, **bind_params)
-    return out if eqn.primitive.multiple_results else [out]
 
 
 def inner_jaxpr(eqn) -> jex_core.ClosedJaxpr | None:

@@ -15,7 +15,15 @@ from natgrad_jax._capture.layer import Capture, Layer
 from natgrad_jax._capture.uses import CALL_OPS, is_literal
 from natgrad_jax._capture.walk import count_equations, parameter_uses
 from natgrad_jax._fisher import varying_axes
-from natgrad_jax._jaxpr import bind, inner_jaxpr, scan_counts
+from natgrad_jax._jaxpr import inner_jaxpr, scan_counts
+
+
+def bind(eqn, args):
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    # jax ≤ 0.9 returns (subfuns, params); newer releases return the params alone.
+    subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+    out = eqn.primitive.bind(*subfuns, *args, **params)
+    return out if eqn.primitive.multiple_results else [out]
 
 
 def _evaluate(closed_jaxpr, args, probes, activations, counter):
