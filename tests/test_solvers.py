@@ -7,6 +7,8 @@ import pytest
 
 from natgrad_jax._linalg import (
     _GROUP,
+    _inverse_from_cholesky,
+    _triangular_inverse,
     batched_inverses,
     damped_inverse,
     damped_inverses,
@@ -114,9 +116,26 @@ def test_batched_inverses_equal_one_at_a_time_with_a_singular_one_among_them():
 
     assert shapes("cholesky") == [(5, 5)] * 3 + [(2, 2)]
     assert shapes("eigh") == [(5, 5), (2, 2)]  # the fallbacks' loop bodies, one matrix each
-    assert len(shapes("triangular_solve")) == 2 * 4
-    assert all(len(shape) == 2 for shape in shapes("triangular_solve"))
+    # One triangular inverse each (``_inverse_from_cholesky``; small: one solve).
+    assert shapes("triangular_solve") == [(5, 5)] * 3 + [(2, 2)]
     assert [e.primitive.name for e in five_by_five.jaxpr.eqns].count("cond") == 2
+
+
+@pytest.mark.parametrize("size", [64, 65, 203])
+def test_inverse_from_a_cholesky_factor_by_halves_is_the_inverse(size):
+    """M⁻¹ from M's Cholesky factor through ``_triangular_inverse``'s halves (uneven for
+    odd sides, several levels deep for 203) equals NumPy's inverse of M, and L⁻¹ is
+    lower-triangular and inverts L; 64 is a single triangular solve."""
+    root = np.random.default_rng(size).normal(size=(size, 2 * size))
+    matrix = root @ root.T / size + 0.1 * np.eye(size)
+    lower = np.linalg.cholesky(matrix)
+    inverse_lower = np.asarray(_triangular_inverse(jnp.asarray(lower)))
+    np.testing.assert_array_equal(np.triu(inverse_lower, 1), 0.0)
+    np.testing.assert_allclose(inverse_lower @ lower, np.eye(size), atol=1e-12)
+    inverse = np.asarray(_inverse_from_cholesky(jnp.asarray(lower)))
+    np.testing.assert_allclose(inverse, np.linalg.inv(matrix), rtol=1e-10, atol=1e-12)
+    solves = len(equations(jax.make_jaxpr(_triangular_inverse)(lower).jaxpr, "triangular_solve"))
+    assert solves == {64: 1, 65: 2, 203: 4}[size]
 
 
 def test_more_same_size_matrices_than_a_group_are_inverted_in_a_loop_of_single_calls():
