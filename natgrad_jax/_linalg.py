@@ -8,12 +8,12 @@ pseudo-inverted, so a PSD input never produces NaN.
 
 from __future__ import annotations
 
-import itertools
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from natgrad_jax._blocks import block_layout, block_ranges, is_blocked, stacked
 from natgrad_jax._precision import exact_matmuls
 
 Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
@@ -89,57 +89,28 @@ def eigenbases(matrices, mesh: Mesh | None = None, block_size: int | None = None
     """The eigenvectors of each symmetric matrix (``jnp.linalg.eigh``), those of the same
     size stacked for one loop of LAPACK calls (``_each``) spread over ``mesh``'s devices
     (``spread_over``). A matrix of side s over twice ``block_size`` (``is_blocked``) gets
-    the eigenbases of its ``block_ranges``' diagonal blocks instead, as a (B, b, b) stack
-    (``_stacked_blocks``; shape ``basis_shape``): together an orthogonal basis, the
-    eigenbasis of the matrix's block-diagonal part, for s·b² work against s³."""
+    the eigenbases of its diagonal blocks instead, as a (B, b, b) stack (``_blocks``;
+    shape ``blocked_shape``): together an orthogonal basis, the eigenbasis of the
+    matrix's block-diagonal part, for s·b² work against s³. The blocks are sliced
+    unpadded: a padded block's eigenvectors would mix the padding into the matrix's own
+    null space; each basis is padded with an identity afterwards."""
     blocks, parts = [], []  # the symmetric matrices to decompose; each input's among them
     for matrix in matrices:
         size = matrix.shape[0]
-        ranges = block_ranges(size, block_size) if is_blocked(size, block_size) else [(0, size)]
+        count = block_layout(size, block_size)[0] if is_blocked(size, block_size) else 1
+        ranges = block_ranges(size, count)
         parts.append(list(range(len(blocks), len(blocks) + len(ranges))))
         blocks += [matrix[start:stop, start:stop] for start, stop in ranges]
     vectors = [None] * len(blocks)
     eigenvectors = lambda stacked: _each(_eigenvectors, stacked)
     for indices in _indices_by_size(blocks):
-        stacked = spread_over(mesh, eigenvectors, jnp.stack([blocks[i] for i in indices]))
+        group = spread_over(mesh, eigenvectors, jnp.stack([blocks[i] for i in indices]))
         for position, index in enumerate(indices):
-            vectors[index] = stacked[position]
+            vectors[index] = group[position]
     return [
-        vectors[own[0]] if len(own) == 1 else _stacked_blocks([vectors[i] for i in own])
+        vectors[own[0]] if len(own) == 1 else stacked([vectors[i] for i in own], padding=1.0)
         for own in parts
     ]
-
-
-def _stacked_blocks(bases) -> jax.Array:
-    """Square bases of sides b or b − 1 as one (B, b, b) stack, each smaller one padded
-    with a 1 on the diagonal (an identity on the padding: no mixing with the block)."""
-    side = max(basis.shape[0] for basis in bases)
-    return (
-        jnp.stack([jnp.pad(basis, (0, side - basis.shape[0])) for basis in bases])
-        .at[:, side - 1, side - 1]
-        .add(jnp.array([float(basis.shape[0] < side) for basis in bases], bases[0].dtype))
-    )
-
-
-def basis_shape(size: int, block_size: int | None) -> tuple[int, ...]:
-    """The shape of ``eigenbases``' answer for a side: (s, s), or (B, b, b) blocks."""
-    if not is_blocked(size, block_size):
-        return (size, size)
-    count, side = block_layout(size, block_size)
-    return (count, side, side)
-
-
-def rotate_rows(basis: jax.Array, matrix: jax.Array, transpose: bool = False) -> jax.Array:
-    """Uᵀ M (or U M with ``transpose``) for an (s, s) basis U or its (B, b, b) blocks
-    (``eigenbases``; M's rows split as ``block_ranges``, each part padded to b)."""
-    if basis.ndim == 2:
-        return (basis if transpose else basis.T) @ matrix
-    count, side, _ = basis.shape
-    size = matrix.shape[0]
-    parts = [matrix[start:stop] for start, stop in _split(size, count)]
-    padded = jnp.stack([jnp.pad(part, ((0, side - part.shape[0]), (0, 0))) for part in parts])
-    rotated = jnp.einsum("kij,kin->kjn" if not transpose else "kji,kin->kjn", basis, padded)
-    return jnp.concatenate([rotated[k, : part.shape[0]] for k, part in enumerate(parts)])
 
 
 def _eigenvectors(matrix: jax.Array) -> jax.Array:
@@ -147,20 +118,6 @@ def _eigenvectors(matrix: jax.Array) -> jax.Array:
     ``damped_inverses`` hands its matrices): a column-major input is the row-major
     matrix XLA keeps in the state, so a step that does not refresh copies nothing."""
     return jax.lax.linalg.eigh(matrix.T, symmetrize_input=False)[0]
-
-
-def block_ranges(size: int, block_size: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the ``block_layout`` count of diagonal blocks of a side, as
-    equal as integers allow (no padding: a padded block's eigenvectors would mix the
-    padding into the matrix's own null space)."""
-    return _split(size, block_layout(size, block_size)[0])
-
-
-def _split(size: int, count: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of ``count`` consecutive parts of ``range(size)``, of sides
-    ⌊size/count⌋ or ⌈size/count⌉."""
-    edges = [size * b // count for b in range(count + 1)]
-    return list(itertools.pairwise(edges))
 
 
 def _eigh_pseudo_inverse(matrix: jax.Array) -> jax.Array:
@@ -202,10 +159,11 @@ def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
     The Cholesky factorisation reads one triangle (no symmetrising copy), its pivots
     alone tell whether it succeeded (a failed factor is NaN, and a NaN entry reaches
     the pivots of the rows after it), and the inverses are formed outside the
-    ``lax.cond``, whose other branch replaces the failed ones by pseudo-inverses. On the 2.8M-parameter
-    autoencoder's six 1000×1000 factors this took a refresh's factorisation from 260 to
-    208 ms (fastest of 15 runs, 2-core CPU, jax 0.10.2) against the Cholesky solves
-    inside the ``cond`` after a symmetrising copy and a scan of every entry for NaN.
+    ``lax.cond``, whose other branch replaces the failed ones by pseudo-inverses. On
+    the 2.8M-parameter autoencoder's six 1000×1000 factors this took a refresh's
+    factorisation from 260 to 208 ms (fastest of 15 runs, 2-core CPU, jax 0.10.2)
+    against the Cholesky solves inside the ``cond`` after a symmetrising copy and a
+    scan of every entry for NaN.
 
     The fallback's branch is compiled even when it never runs: on the README demo's
     autoencoder it was 0.9 s of the default step's 3.3 s of XLA compilation (jax
@@ -283,81 +241,45 @@ def damped_reciprocal(values: jax.Array, damping) -> jax.Array:
     return jnp.where(damped > 0, 1.0 / jnp.where(damped > 0, damped, 1.0), 0.0)
 
 
-def block_layout(size: int, block_size: int) -> tuple[int, int]:
-    """(B, b): B = ⌈size / block_size⌉ diagonal blocks of one side b = ⌈size / B⌉."""
-    count = -(-size // block_size)
-    return count, -(-size // count)
-
-
-def diagonal_blocks(matrix: jax.Array, block_size: int) -> jax.Array:
-    """The diagonal blocks of an (s, s) matrix as (B, b, b) (``block_layout``; the last
-    padded with zeros beyond s)."""
-    size = matrix.shape[0]
-    count, block = block_layout(size, block_size)
-    padded = jnp.pad(matrix, ((0, count * block - size),) * 2)
-    grid = padded.reshape(count, block, count, block)
-    return grid[jnp.arange(count), :, jnp.arange(count), :]
-
-
-def block_diagonal(blocks: jax.Array, size: int) -> jax.Array:
-    """The (size, size) block-diagonal matrix of (B, b, b) ``blocks`` (B·b ≥ size)."""
-    count, block, _ = blocks.shape
-    grid = jnp.zeros((count, block, count, block), blocks.dtype)
-    grid = grid.at[jnp.arange(count), :, jnp.arange(count), :].set(blocks)
-    return grid.reshape(count * block, count * block)[:size, :size]
-
-
-def is_blocked(size: int, block_size: int | None) -> bool:
-    """Whether a factor of this side is factorised as diagonal blocks: over twice
-    ``block_size`` (``None``: never)."""
-    return block_size is not None and size > 2 * block_size
-
-
 @exact_matmuls
-def batched_inverses(
-    factors, dampings, block_size: int | None = None, mesh: Mesh | None = None
-) -> list:
-    """(factor + damping I)⁻¹ of each factor (a matrix, or a diagonal kept as a vector),
-    matrices of the same size inverted together (``damped_inverses``), spread over the
-    devices of ``mesh`` if given (``spread_over``).
+def batched_inverses(factors, dampings, mesh: Mesh | None = None) -> list:
+    """(factor + damping I)⁻¹ of each factor: a matrix, a diagonal kept as a vector, or
+    a (B, b, b) stack of diagonal blocks (``_blocks``; each block inverted on its own,
+    s·b² work against s³). Matrices and blocks of the same size are inverted together
+    (``damped_inverses``), spread over the devices of ``mesh`` if given
+    (``spread_over``).
 
     A 1×1 matrix is inverted as the scalar it is (the same pseudo-inverse: 0 where the
     damped value is not positive), without a factorisation of its own: a network's
     biases each have one (their input factor), and a Cholesky for them would add a
-    ``lax.cond`` and an eigendecomposition branch to compile. A matrix of side over
-    twice ``block_size`` (``is_blocked``) is inverted block by block: the result is the
-    block-diagonal matrix of its diagonal blocks' damped inverses (``diagonal_blocks``),
-    s·b² work against s³.
+    ``lax.cond`` and an eigendecomposition branch to compile. A block's zero padding is
+    damped like the rest of its diagonal (undamped, it takes the pseudo-inverse
+    branch, as a dead unit's zero row does, and its inverse is 0 there).
     """
     inverses = [
-        damped_reciprocal(f.reshape(-1), d).reshape(f.shape) if f.ndim == 1 or f.size == 1 else None
+        damped_reciprocal(f, d) if f.ndim == 1 or f.shape[-1] == 1 else None
         for f, d in zip(factors, dampings, strict=True)
     ]
     pieces, parts = [], {}  # square matrices to invert; each factor's positions among them
     for index, factor in enumerate(factors):
-        if inverses[index] is not None:
-            continue
-        blocked = is_blocked(factor.shape[0], block_size)
-        own = list(diagonal_blocks(factor, block_size)) if blocked else [factor]
-        parts[index] = list(range(len(pieces), len(pieces) + len(own)))
-        pieces.extend(own)
+        if inverses[index] is None:
+            own = list(factor) if factor.ndim == 3 else [factor]
+            parts[index] = list(range(len(pieces), len(pieces) + len(own)))
+            pieces.extend(own)
     damping_of = {position: dampings[i] for i, positions in parts.items() for position in positions}
     inverted = [None] * len(pieces)
     for positions in _indices_by_size(pieces):
-        stacked = spread_over(
+        group = spread_over(
             mesh,
             damped_inverses,
             jnp.stack([pieces[p] for p in positions]),
             jnp.stack([damping_of[p] for p in positions]),
         )
         for k, position in enumerate(positions):
-            inverted[position] = stacked[k]
+            inverted[position] = group[k]
     for index, positions in parts.items():
-        if is_blocked(factors[index].shape[0], block_size):
-            blocks = jnp.stack([inverted[p] for p in positions])
-            inverses[index] = block_diagonal(blocks, factors[index].shape[0])
-        else:
-            inverses[index] = inverted[positions[0]]
+        own = [inverted[p] for p in positions]
+        inverses[index] = jnp.stack(own) if factors[index].ndim == 3 else own[0]
     return inverses
 
 

@@ -10,7 +10,8 @@ import optax
 import pytest
 
 import natgrad_jax as ng
-from natgrad_jax._linalg import eigenbases, rotate_rows
+from natgrad_jax._blocks import block_matmul
+from natgrad_jax._linalg import eigenbases
 from tests.helpers import classifier_nll_before_and_after, init_mlp, mlp
 from tests.test_ekfac import _shared_weight_model
 
@@ -165,7 +166,7 @@ def test_blocked_eigenbases_are_those_of_the_diagonal_blocks():
     """``_linalg.eigenbases`` with a block size: a 10×10 matrix over blocks of about 4
     gets the bases of its diagonal blocks of sides 3, 3 and 4, stacked as (3, 4, 4)
     (padded with an identity); a 4×4 one in the same call its whole basis; a 1×1 one
-    [[±1]]. ``rotate_rows`` applies a stack as the block-diagonal matrix it stands for."""
+    [[±1]]. ``block_matmul`` applies a stack as the block-diagonal matrix it stands for."""
     a = jax.random.normal(jax.random.PRNGKey(0), (10, 10))
     b = jax.random.normal(jax.random.PRNGKey(1), (4, 4))
     matrices = [a @ a.T, b @ b.T, jnp.array([[2.0]]), a.T @ a]
@@ -176,10 +177,10 @@ def test_blocked_eigenbases_are_those_of_the_diagonal_blocks():
     np.testing.assert_allclose(np.abs(bases[2]), [[1.0]])
     m = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (10, 3)))
     dense = _dense_basis(bases[0], 10)
-    np.testing.assert_allclose(rotate_rows(bases[0], m), dense.T @ m, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(
-        rotate_rows(bases[0], m, transpose=True), dense @ m, rtol=1e-12, atol=1e-14
+        block_matmul(bases[0], m, transpose=True), dense.T @ m, rtol=1e-12, atol=1e-14
     )
+    np.testing.assert_allclose(block_matmul(bases[0], m), dense @ m, rtol=1e-12, atol=1e-14)
 
 
 def test_adam_learning_rates_train_a_classifier():

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
-from natgrad_jax._linalg import block_diagonal, diagonal_blocks, is_blocked
 from natgrad_jax._solvers.batch import CurvatureBatch
 from tests.helpers import (
     classifier_nll_before_and_after,
@@ -464,42 +464,39 @@ def test_auto_takes_refresh_every_and_decay_as_its_kfac_cadence(monkeypatch):
         assert changed == refreshed
 
 
-def test_diagonal_blocks_are_the_matrixs_own_and_invert_back_block_by_block():
-    matrix = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (10, 10)))
-    blocks = np.asarray(diagonal_blocks(jnp.asarray(matrix), 4))  # 3 blocks of 4, padded
-    assert blocks.shape == (3, 4, 4)
-    for k in range(3):
-        want = np.zeros((4, 4))
-        part = matrix[4 * k : 4 * k + 4, 4 * k : 4 * k + 4]
-        want[: part.shape[0], : part.shape[1]] = part
-        np.testing.assert_array_equal(blocks[k], want)
-    whole = np.asarray(block_diagonal(jnp.asarray(blocks), 10))
-    mask = np.kron(np.eye(3), np.ones((4, 4)))[:10, :10].astype(bool)
-    np.testing.assert_array_equal(whole, np.where(mask, matrix, 0.0))
-    assert not is_blocked(8, 4) and is_blocked(9, 4) and not is_blocked(10**6, None)
-
-
-def test_a_factor_over_twice_the_block_size_is_solved_block_by_block():
-    """A 12-input dense layer with ``block_size=4``: its statistics stay whole (A is
-    1/N Σ x xᵀ, the definition), its π from the whole factors, and the update solves
-    (blockdiag(A) + π√λ I) ΔW (G + √λ/π I) = V exactly, with blockdiag(A) the three
-    4×4 diagonal blocks of A; the bias and its 1×1 A are unchanged by the blocks."""
-    params = init_mlp(jax.random.PRNGKey(0), [12, 3])
+def test_a_factor_over_twice_the_block_size_is_kept_and_solved_block_by_block():
+    """A 14-input dense layer with ``block_size=4``: A is kept as its four diagonal
+    blocks over inputs 0–2, 3–6, 7–9 and 10–13 (stacked as (4, 4, 4), the sides-3 ones
+    zero-padded), each the block of 1/N Σ x xᵀ (the definition); π from the whole
+    factor's trace over its 14 inputs; and the update solves
+    (blockdiag(A) + π√λ I) ΔW (G + √λ/π I) = V exactly. The bias and its 1×1 A are
+    unchanged by the blocks."""
+    params = init_mlp(jax.random.PRNGKey(0), [14, 3])
     model = ng.Model(mlp, ng.Categorical())
-    x = jax.random.normal(jax.random.PRNGKey(1), (20, 12))
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (20, 14)))
     y = jax.random.randint(jax.random.PRNGKey(2), (20,), 0, 3)
     g = jax.grad(model.nll)(params, x, y)
     damping = 0.05
     tx = ng.scale_by_natural_gradient(model, damping=damping, solver=ng.Kronecker(block_size=4))
     updates, state = tx.update(g, tx.init(params), params, inputs=x)
     weight = state.curvature.leaves[1]  # [b, w]
-    np.testing.assert_allclose(weight.left, x.T @ x / len(x), rtol=1e-12)
-    left_damping, right_damping = _mlp_pi_dampings(state.curvature.leaves, damping)[1]
-    mask = np.kron(np.eye(3), np.ones((4, 4))).astype(bool)
-    left = np.where(mask, weight.left, 0.0) + left_damping * np.eye(12)
-    right = np.asarray(weight.right) + right_damping * np.eye(3)
+    assert weight.left.shape == weight.left_inverse.shape == (4, 4, 4)
+    second_moment = x.T @ x / len(x)
+    ranges = [(0, 3), (3, 7), (7, 10), (10, 14)]
+    for block, (start, stop) in zip(np.asarray(weight.left), ranges, strict=True):
+        side = stop - start
+        np.testing.assert_allclose(block[:side, :side], second_moment[start:stop, start:stop])
+        np.testing.assert_array_equal(block[side:], 0.0)
+        np.testing.assert_array_equal(block[:, side:], 0.0)
+    right = np.asarray(weight.right)
+    pi = np.sqrt((np.trace(second_moment) / 14) / (np.trace(right) / 3))
+    left_damping, right_damping = pi * np.sqrt(damping), np.sqrt(damping) / pi
+    blockdiag = scipy.linalg.block_diag(*(second_moment[a:b, a:b] for a, b in ranges))
+    left = blockdiag + left_damping * np.eye(14)
     update = np.asarray(updates[0]["w"])
-    np.testing.assert_allclose(left @ update @ right, g[0]["w"], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(
+        left @ update @ (right + right_damping * np.eye(3)), g[0]["w"], rtol=1e-10, atol=1e-13
+    )
     whole = ng.scale_by_natural_gradient(model, damping=damping, solver="kronecker")
     whole_updates, _ = whole.update(g, whole.init(params), params, inputs=x)
     np.testing.assert_allclose(updates[0]["b"], whole_updates[0]["b"], rtol=1e-12)

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natgrad_jax._linalg import basis_shape, moving_average, rotate_rows
+from natgrad_jax._blocks import block_matmul, blocked_shape
+from natgrad_jax._linalg import moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.ekfac import kronecker_eigenbases
 from natgrad_jax._solvers.kronecker import DEFAULT_BLOCK_SIZE, Kronecker, split_shape
@@ -110,7 +111,7 @@ class EigenbasisAdam(Solver):
     @property
     def _kronecker(self) -> Kronecker:
         # The factors whole (their eigenbases need them so), as EKFAC's.
-        return Kronecker(self.approximation, max_factor_size=None)
+        return Kronecker(self.approximation, max_factor_size=None, block_size=None)
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats held at once, for the memory guard: four copies of each leaf's two
@@ -130,8 +131,8 @@ class EigenbasisAdam(Solver):
                 EigenbasisAdamLeafState(
                     left=zeros(m, m),
                     right=zeros(n, n),
-                    left_basis=zeros(*basis_shape(m, self.block_size)),
-                    right_basis=zeros(*basis_shape(n, self.block_size)),
+                    left_basis=zeros(*blocked_shape(m, self.block_size)),
+                    right_basis=zeros(*blocked_shape(n, self.block_size)),
                     first_moment=zeros(m, n),
                     second_moment=zeros(m, n),
                 )
@@ -192,5 +193,5 @@ class EigenbasisAdam(Solver):
 
 def _rotated(leaf: EigenbasisAdamLeafState, matrix: jax.Array, back: bool = False) -> jax.Array:
     """U_Lᵀ M U_R, the m×n matrix M in the leaf's eigenbasis (``back``: U_L M U_Rᵀ)."""
-    left = rotate_rows(leaf.left_basis, matrix, transpose=back)
-    return rotate_rows(leaf.right_basis, left.T, transpose=back).T
+    left = block_matmul(leaf.left_basis, matrix, transpose=not back)
+    return block_matmul(leaf.right_basis, left.T, transpose=not back).T

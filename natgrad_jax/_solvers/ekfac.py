@@ -148,7 +148,9 @@ class EKFAC(Solver):
     @property
     def _kronecker(self) -> Kronecker:
         # Eigenbases need whole matrices.
-        return Kronecker(self.approximation, max_factor_size=None, chunk_rows=self.chunk_rows)
+        return Kronecker(
+            self.approximation, max_factor_size=None, chunk_rows=self.chunk_rows, block_size=None
+        )
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats held at once, for the memory guard: four copies of each leaf's two

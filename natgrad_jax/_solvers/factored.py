@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax import _vectors as vectors
+from natgrad_jax._blocks import block_ranges, diagonal_blocks, stacked
 from natgrad_jax._capture import (
     Capture,
     Layer,
@@ -294,18 +295,25 @@ class FactoredRows:
         to_leaf = jax.vmap(lambda row: matrix_to_leaf(layer, row[None], template))
         return to_leaf(g.reshape(-1, g.shape[-1])).reshape(-1, *shape)
 
-    def tensor_normal_moments(self, index, shape, diagonal=(False, False)):
+    def tensor_normal_moments(self, index, shape, forms=(None, None)):
         """(E[G Gᵀ], E[GᵀG]) of the score rows G of layer ``index`` as m×n matrices
-        (``leaf_gradients``), sums over the rows / N; ``diagonal=(left, right)`` as in
+        (``leaf_gradients``), sums over the rows / N; ``forms=(left, right)`` as in
         ``kronecker_factors``."""
         g = self.leaf_gradients(index, shape)
-        left = jnp.sum(g**2, axis=(0, 2)) if diagonal[0] else jnp.einsum("rij,rkj->ik", g, g)
-        right = jnp.sum(g**2, axis=(0, 1)) if diagonal[1] else jnp.einsum("rji,rjk->ik", g, g)
+        if _is_diagonal(forms[0]):
+            left = jnp.sum(g**2, axis=(0, 2))
+        else:
+            left = _blocks_if(jnp.einsum("rij,rkj->ik", g, g), forms[0])
+        if _is_diagonal(forms[1]):
+            right = jnp.sum(g**2, axis=(0, 1))
+        else:
+            right = _blocks_if(jnp.einsum("rji,rjk->ik", g, g), forms[1])
         return left / self.num_examples, right / self.num_examples
 
-    def kronecker_factors(self, index, approximation: str = "expand", diagonal=(False, False)):
+    def kronecker_factors(self, index, approximation: str = "expand", forms=(None, None)):
         """(A, G) of layer ``index``, whose Kronecker product approximates its block;
-        ``diagonal=(for A, for G)`` asks for a factor's diagonal only (a vector).
+        ``forms=(for A, for G)`` the shape each is wanted in: None or (s, s) whole, (s,)
+        its diagonal only, (B, b, b) its diagonal blocks (``_blocks``).
 
         With T positions sharing the weight (tokens, convolution sites; Eschenhagen et
         al. 2023):
@@ -322,11 +330,11 @@ class FactoredRows:
         (``input_factor``).
         """
         return (
-            self.input_factor(index, approximation, diagonal[0]),
-            self.output_factor(index, approximation, diagonal[1]),
+            self.input_factor(index, approximation, forms[0]),
+            self.output_factor(index, approximation, forms[1]),
         )
 
-    def input_factor(self, index, approximation: str = "expand", only_diagonal=False, sample=None):
+    def input_factor(self, index, approximation: str = "expand", form=None, sample=None):
         """A of ``kronecker_factors``. ``sample=(key, S)`` ("expand" only): from S of
         the layer's N·T positions (``sampled_positions``), N·T/S · 1/N Σ over them, an
         unbiased estimate of A."""
@@ -336,12 +344,12 @@ class FactoredRows:
         num_positions = a.shape[0] * a.shape[1]
         positions = sampled_positions(index, sample, num_positions)
         if positions is None:
-            return _second_moment(a, only_diagonal, self.spread) / self.num_examples
+            return _second_moment(a, form, self.spread) / self.num_examples
         scale = num_positions / positions.shape[0]
         sampled = a.reshape(num_positions, -1)[positions]
-        return _second_moment(sampled, only_diagonal, self.spread) * (scale / self.num_examples)
+        return _second_moment(sampled, form, self.spread) * (scale / self.num_examples)
 
-    def output_factor(self, index, approximation: str = "expand", only_diagonal=False, sample=None):
+    def output_factor(self, index, approximation: str = "expand", form=None, sample=None):
         """G of ``kronecker_factors``: a sum over the output-Fisher rows. With
         ``sample`` (as ``input_factor``, the same positions) 1/S Σ over those positions
         of every row."""
@@ -352,9 +360,9 @@ class FactoredRows:
         num_positions = g.shape[1] * g.shape[2]
         positions = sampled_positions(index, sample, num_positions)
         if positions is None:
-            return _second_moment(g, only_diagonal, self.spread) / (self.num_examples * t)
+            return _second_moment(g, form, self.spread) / (self.num_examples * t)
         sampled = g.reshape(g.shape[0], num_positions, -1)[:, positions]
-        return _second_moment(sampled, only_diagonal, self.spread) / positions.shape[0]
+        return _second_moment(sampled, form, self.spread) / positions.shape[0]
 
 
 def sampled_positions(index, sample, num_positions: int):
@@ -372,8 +380,19 @@ def sampled_positions(index, sample, num_positions: int):
     return jax.random.randint(layer_key, (count,), 0, num_positions)
 
 
-def _second_moment(x, only_diagonal: bool, spread: bool = False):
-    """Σ x xᵀ over all but the last axis of x (its diagonal Σ x ⊙ x if ``only_diagonal``).
+def _is_diagonal(form) -> bool:
+    return form is not None and len(form) == 1
+
+
+def _blocks_if(matrix, form):
+    """The whole matrix, or its diagonal blocks for a (B, b, b) ``form``."""
+    return diagonal_blocks(matrix, form[0]) if form is not None and len(form) == 3 else matrix
+
+
+def _second_moment(x, form=None, spread: bool = False):
+    """Σ x xᵀ over all but the last axis of x, in ``form``: None or (s, s) whole, (s,)
+    its diagonal Σ x ⊙ x, (B, b, b) its diagonal blocks (``_blocks``: B products of
+    b columns, s·b work per row against s²).
 
     On one device the leading axes are merged into rows first, free for XLA's
     row-major layout; contracting them in place instead costs a transposed copy of x
@@ -383,8 +402,11 @@ def _second_moment(x, only_diagonal: bool, spread: bool = False):
     mesh of docs/sharding.md: 16.6 MiB per device against 14.1).
     """
     leading = tuple(range(x.ndim - 1))
-    if only_diagonal:  # a reduction: no copy, whatever the layout
+    if _is_diagonal(form):  # a reduction: no copy, whatever the layout
         return jnp.sum(x**2, axis=leading)
+    if form is not None and len(form) == 3:
+        ranges = block_ranges(x.shape[-1], form[0])
+        return stacked([_second_moment(x[..., a:b], None, spread) for a, b in ranges])
     if spread:
         return jnp.tensordot(x, x, axes=(leading, leading))
     rows = x.reshape(-1, x.shape[-1])

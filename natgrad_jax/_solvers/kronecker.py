@@ -39,15 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax import _vectors as vectors
+from natgrad_jax._blocks import block_layout, block_matmul, blocked_shape, is_blocked
 from natgrad_jax._cache import FifoCache
 from natgrad_jax._capture import capture
-from natgrad_jax._linalg import (
-    batched_inverses,
-    block_layout,
-    damped_reciprocal,
-    is_blocked,
-    moving_average,
-)
+from natgrad_jax._linalg import batched_inverses, damped_reciprocal, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import (
     RowSizes,
@@ -60,10 +55,11 @@ from natgrad_jax._solvers.solver import Solver
 
 class KroneckerLeafState(NamedTuple):
     """Arrays of one parameter leaf. A side longer than ``Kronecker.max_factor_size`` keeps
-    its factor's diagonal only: (m,) instead of (m, m)."""
+    its factor's diagonal only: (m,) instead of (m, m); one over twice its ``block_size``
+    its diagonal blocks, (B, b, b) (``_blocks``)."""
 
-    left: jax.Array  # (m, m) or (m,) float: factor over the leading axes
-    right: jax.Array  # (n, n) or (n,) float: factor over the trailing axes
+    left: jax.Array  # (m, m), (m,) or (B, b, b) float: factor over the leading axes
+    right: jax.Array  # (n, n), (n,) or (B, b, b) float: factor over the trailing axes
     left_inverse: jax.Array  # like left: damped inverse at the last refresh
     right_inverse: jax.Array  # like right: damped inverse at the last refresh
     diagonal: jax.Array  # float, the leaf's shape: exact diagonal, used when it is not factored
@@ -168,9 +164,10 @@ def _tensor_normal(left, right):
 
 
 def _trace(factor):
-    """The trace of a factor kept as a matrix or as its diagonal. Summed from the
-    diagonal: ``jnp.trace`` masks all n² entries first, an n×n pass per factor."""
-    return jnp.sum(jnp.diagonal(factor) if factor.ndim == 2 else factor)
+    """The trace of a factor kept as a matrix, its diagonal blocks (their padding is
+    zero) or its diagonal. Summed from the diagonal: ``jnp.trace`` masks all n² entries
+    first, an n×n pass per factor."""
+    return jnp.sum(factor if factor.ndim == 1 else jnp.diagonal(factor, axis1=-2, axis2=-1))
 
 
 DEFAULT_MAX_FACTOR_SIZE = 4096
@@ -287,8 +284,8 @@ def factored_share(captured, shapes) -> float:
     return sum(sizes[k] for k in factored_leaves(captured, shapes)) / max(sum(sizes), 1)
 
 
-def _mean_eigenvalue(factor):
-    return _trace(factor) / factor.shape[0]
+def _mean_eigenvalue(factor, size: int):
+    return _trace(factor) / size
 
 
 def unused_diagonal(diagonal, leaf):
@@ -298,19 +295,28 @@ def unused_diagonal(diagonal, leaf):
     return vectors.sharded_like(diagonal, leaf)
 
 
-def _pi_dampings(left, right, damping):
-    """(π√λ, √λ/π), π from the factors' mean eigenvalues (Martens & Grosse 2015, 6.3)."""
+def _pi_dampings(left, right, damping, sizes):
+    """(π√λ, √λ/π), π from the factors' mean eigenvalues (Martens & Grosse 2015, 6.3);
+    ``sizes`` (m, n) their sides."""
     eps = jnp.finfo(left.dtype).tiny
-    left_mean, right_mean = _mean_eigenvalue(left), _mean_eigenvalue(right)
+    left_mean, right_mean = _mean_eigenvalue(left, sizes[0]), _mean_eigenvalue(right, sizes[1])
     pi = jnp.sqrt(jnp.maximum(left_mean, eps) / jnp.maximum(right_mean, eps))
     root = jnp.sqrt(jnp.asarray(damping, left.dtype))
     return pi * root, root / pi
 
 
 def _precondition(left_inverse, matrix, right_inverse):
-    """left_inverse @ matrix @ right_inverse, a vector standing for a diagonal."""
-    matrix = left_inverse @ matrix if left_inverse.ndim == 2 else left_inverse[:, None] * matrix
-    return matrix @ right_inverse if right_inverse.ndim == 2 else matrix * right_inverse
+    """left_inverse @ matrix @ right_inverse, a vector standing for a diagonal and a
+    (B, b, b) stack for its block-diagonal matrix (the inverses are symmetric)."""
+    if left_inverse.ndim == 1:
+        matrix = left_inverse[:, None] * matrix
+    else:
+        matrix = block_matmul(left_inverse, matrix)
+    if right_inverse.ndim == 1:
+        return matrix * right_inverse
+    if right_inverse.ndim == 2:
+        return matrix @ right_inverse
+    return block_matmul(right_inverse, matrix.T).T
 
 
 APPROXIMATIONS = ("expand", "reduce")
@@ -334,8 +340,9 @@ class Kronecker(Solver):
         of at most this side (``None``: whole). A CNN's flattened head (8·8·32 = 2,048
         inputs) would otherwise make every refresh a 2,048³ factorisation and its
         inverse: about 160 ms on a 2-core CPU against 2.4 ms for an AdamW step of the
-        whole network; as four 512-blocks, a sixteenth of the work. The statistics stay
-        whole; the cross-block correlations are left out of the solve.
+        whole network; as four 512-blocks, a sixteenth of the work. Such a factor is kept
+        as its blocks (``_blocks``: statistics, inverses and products cost s·b
+        against s²); the correlations across blocks are left out.
       statistics_positions: A and G of a layer from at most this many of its N·T
         positions (examples × tokens or convolution sites), drawn uniformly with
         replacement at every measurement (the same for A and G, from the step's PRNG
@@ -426,14 +433,18 @@ class Kronecker(Solver):
     def _is_diagonal(self, side: int) -> bool:
         return self.max_factor_size is not None and side > self.max_factor_size
 
+    def side_shape(self, side: int) -> tuple[int, ...]:
+        """The shape a factor over ``side`` entries is kept in: (s,) its diagonal, (s, s)
+        whole, or (B, b, b) its diagonal blocks."""
+        return (side,) if self._is_diagonal(side) else blocked_shape(side, self.block_size)
+
     def _factor_floats(self, side: int) -> int:
-        return side if self._is_diagonal(side) else side * side
+        return math.prod(self.side_shape(side))
 
     def init(self, params, dtype) -> KroneckerState:
         leaves = []
         for leaf in jax.tree.leaves(params):
-            m, n = split_shape(np.shape(leaf))
-            left, right = ((s,) if self._is_diagonal(s) else (s, s) for s in (m, n))
+            left, right = map(self.side_shape, split_shape(np.shape(leaf)))
             leaves.append(
                 KroneckerLeafState(
                     left=jnp.zeros(left, dtype),
@@ -463,12 +474,12 @@ class Kronecker(Solver):
         factored = self.factored_leaves(batch)
         leaves = jax.tree.leaves(batch.params)
         shared = self.shared_output_factors(batch)
-        # Per factored leaf: its layer, and whether its input and output factors are
-        # kept as diagonals.
+        # Per factored leaf: its layer, and the shapes its input and output factors are
+        # kept in (``side_shape``).
         plan, tensor_normal = {}, {}
         for k, (layer_index, orientation) in factored.items():
             shape = split_shape(np.shape(leaves[k]))
-            left, right = map(self._is_diagonal, shape)
+            left, right = map(self.side_shape, shape)
             if orientation == "tensor_normal":
                 tensor_normal[k] = (layer_index, shape, (left, right))
                 continue
@@ -481,8 +492,8 @@ class Kronecker(Solver):
 
         def summed(rows):  # statistics that are sums over the output-Fisher rows
             outputs = {
-                k: rows.output_factor(layer_index, self.approximation, output_diagonal, sample)
-                for k, (layer_index, _, output_diagonal) in plan.items()
+                k: rows.output_factor(layer_index, self.approximation, output_form, sample)
+                for k, (layer_index, _, output_form) in plan.items()
                 if k not in shared
             }
             outputs.update((bias, outputs[weight]) for bias, weight in shared.items())
@@ -493,8 +504,8 @@ class Kronecker(Solver):
             batch, summed, self.chunk_rows, dtype
         )
         factors = {k: _tensor_normal(*pair) for k, pair in moments.items()}
-        for k, (layer_index, input_diagonal, _) in plan.items():
-            inputs = rows.input_factor(layer_index, self.approximation, input_diagonal, sample)
+        for k, (layer_index, input_form, _) in plan.items():
+            inputs = rows.input_factor(layer_index, self.approximation, input_form, sample)
             pair = (inputs, outputs[k])
             factors[k] = pair if factored[k][1] == "left_is_inputs" else pair[::-1]
         diagonals = vectors.scale(1 / batch.num_examples, diagonal)
@@ -535,15 +546,19 @@ class Kronecker(Solver):
         factored = self.factored_leaves(batch)
         shared = self.shared_output_factors(batch)
         owned = sorted(set(factored) - set(shared))
+        leaves = jax.tree.leaves(batch.params)
         dampings = {
-            k: _pi_dampings(state.leaves[k].left, state.leaves[k].right, damping) for k in owned
+            k: _pi_dampings(
+                state.leaves[k].left, state.leaves[k].right, damping, split_shape(leaves[k].shape)
+            )
+            for k in owned
         }
         g_side = {k: output_side(factored[k][1]) for k in shared.values()}
         factors = [f for k in owned for f in (state.leaves[k].left, state.leaves[k].right)]
         factors += [state.leaves[bias].left for bias in shared]  # 1×1: no factorisation
         damping_of = [d for k in owned for d in dampings[k]]
         damping_of += [dampings[weight][1 - g_side[weight]] for weight in shared.values()]
-        inverses = iter(batched_inverses(factors, damping_of, self.block_size, batch.mesh))
+        inverses = iter(batched_inverses(factors, damping_of, batch.mesh))
         new_leaves = list(state.leaves)
         for k in owned:
             new_leaves[k] = new_leaves[k]._replace(
@@ -562,7 +577,7 @@ class Kronecker(Solver):
         solved = []
         for k, (leaf, piece) in enumerate(zip(state.leaves, vector, strict=True)):
             if k in factored:
-                matrix = piece.reshape(leaf.left.shape[0], leaf.right.shape[0])
+                matrix = piece.reshape(split_shape(piece.shape))
                 solved.append(
                     _precondition(leaf.left_inverse, matrix, leaf.right_inverse).reshape(
                         piece.shape
