@@ -10,6 +10,7 @@ import natgrad_jax as ng
 from natgrad_jax._capture import capture, probed_forward
 from natgrad_jax._capture.convolution import convolution
 from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.factored import _conv_patches, leaf_to_matrix
 from tests.helpers import equations
 
 # (input shape, kernel shape, keyword arguments of lax.conv_general_dilated)
@@ -229,3 +230,29 @@ def test_kfac_statistics_of_an_nchw_cnn_convolve_in_the_canonical_layout():
     for k, pair in factors["nhwc"].items():
         for ours, theirs in zip(spectra(pair), spectra(factors["nchw"][k]), strict=True):
             np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if "groups" not in name])
+def test_patches_times_the_kernel_as_a_matrix_are_the_convolution(name):
+    """K-FAC's input rows of a convolution (``_conv_patches``): row (n, t) times the
+    kernel viewed as K×D (``leaf_to_matrix``) is the output at site t, for every layout,
+    stride, padding and dilation; sliced out of the input (no convolution) unless the
+    convolution dilates its input. (Grouped convolutions are not captured: their
+    kernels take the exact diagonal.)"""
+    lax_conv, _, x, kernel, _ = _case(name)
+    (layer,) = capture(lambda k, x: lax_conv(x, k), kernel, x).layers
+    assert layer.kind == "conv"
+    patches = _conv_patches(layer, x)
+    numbers = layer.primitive_params["dimension_numbers"]
+    out = jnp.transpose(
+        lax_conv(x, kernel), (numbers.out_spec[0], *numbers.out_spec[2:], numbers.out_spec[1])
+    )
+    want = out.reshape(out.shape[0], -1, out.shape[-1])
+    np.testing.assert_allclose(
+        patches @ leaf_to_matrix(layer, kernel), want, rtol=1e-12, atol=1e-12
+    )
+    sliced = set(layer.primitive_params["lhs_dilation"]) == {1}
+    convolutions = equations(
+        jax.make_jaxpr(lambda x: _conv_patches(layer, x))(x).jaxpr, "conv_general_dilated"
+    )
+    assert (len(convolutions) == 0) == sliced
