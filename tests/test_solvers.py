@@ -7,8 +7,8 @@ import pytest
 
 from natgrad_jax._linalg import (
     _GROUP,
-    _inverse_from_cholesky,
-    _triangular_inverse,
+    _inverses_from_cholesky,
+    _triangular_inverses,
     batched_inverses,
     damped_inverse,
     damped_inverses,
@@ -116,26 +116,33 @@ def test_batched_inverses_equal_one_at_a_time_with_a_singular_one_among_them():
 
     assert shapes("cholesky") == [(5, 5)] * 3 + [(2, 2)]
     assert shapes("eigh") == [(5, 5), (2, 2)]  # the fallbacks' loop bodies, one matrix each
-    # One triangular inverse each (``_inverse_from_cholesky``; small: one solve).
+    # One triangular inverse each (``_inverses_from_cholesky``; small: one solve).
     assert shapes("triangular_solve") == [(5, 5)] * 3 + [(2, 2)]
     assert [e.primitive.name for e in five_by_five.jaxpr.eqns].count("cond") == 2
 
 
-@pytest.mark.parametrize("size", [64, 65, 203])
-def test_inverse_from_a_cholesky_factor_by_halves_is_the_inverse(size):
-    """M⁻¹ from M's Cholesky factor through ``_triangular_inverse``'s halves (uneven for
-    odd sides, several levels deep for 203) equals NumPy's inverse of M, and L⁻¹ is
-    lower-triangular and inverts L; 64 is a single triangular solve."""
-    root = np.random.default_rng(size).normal(size=(size, 2 * size))
-    matrix = root @ root.T / size + 0.1 * np.eye(size)
-    lower = np.linalg.cholesky(matrix)
-    inverse_lower = np.asarray(_triangular_inverse(jnp.asarray(lower)))
-    np.testing.assert_array_equal(np.triu(inverse_lower, 1), 0.0)
-    np.testing.assert_allclose(inverse_lower @ lower, np.eye(size), atol=1e-12)
-    inverse = np.asarray(_inverse_from_cholesky(jnp.asarray(lower)))
-    np.testing.assert_allclose(inverse, np.linalg.inv(matrix), rtol=1e-10, atol=1e-12)
-    solves = len(equations(jax.make_jaxpr(_triangular_inverse)(lower).jaxpr, "triangular_solve"))
-    assert solves == {64: 1, 65: 2, 203: 4}[size]
+@pytest.mark.parametrize("size", [1, 128, 129, 403])
+def test_inverses_from_cholesky_factors_by_halves_are_the_inverses(size):
+    """M⁻¹ from M's Cholesky factor through ``_triangular_inverses``' halves (padded to
+    2 × 65 for 129, 4 × 101 for 403), for a stack of three: equal to NumPy's inverses of
+    M, and each L⁻¹ lower-triangular and inverting L; 128 is one triangular solve."""
+    roots = np.random.default_rng(size).normal(size=(3, size, 2 * size))
+    matrices = roots @ np.swapaxes(roots, 1, 2) / size + 0.1 * np.eye(size)
+    lowers = np.linalg.cholesky(matrices)
+    inverse_lowers = np.asarray(_triangular_inverses(jnp.asarray(lowers)))
+    np.testing.assert_array_equal(np.triu(inverse_lowers, 1), 0.0)
+    np.testing.assert_allclose(
+        inverse_lowers @ lowers, np.broadcast_to(np.eye(size), lowers.shape), atol=1e-12
+    )
+    inverses = np.asarray(_inverses_from_cholesky(jnp.asarray(lowers)))
+    np.testing.assert_allclose(inverses, np.linalg.inv(matrices), rtol=1e-10, atol=1e-12)
+    jaxpr = lambda stack: jax.make_jaxpr(_triangular_inverses)(stack).jaxpr
+    # One solve per diagonal block of each matrix (``_each``: a loop over groups of
+    # eight beyond eight), and the same products for one matrix as for three.
+    solves = equations(jaxpr(lowers), "triangular_solve")
+    assert len(solves) == min(3 * {1: 1, 128: 1, 129: 2, 403: 4}[size], 8)
+    products = lambda stack: len(equations(jaxpr(stack), "dot_general"))
+    assert products(lowers[:1]) == products(lowers) == {1: 0, 128: 0, 129: 2, 403: 4}[size]
 
 
 def test_more_same_size_matrices_than_a_group_are_inverted_in_a_loop_of_single_calls():
