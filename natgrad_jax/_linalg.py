@@ -206,7 +206,7 @@ def damped_inverses(matrices: jax.Array, dampings: jax.Array) -> jax.Array:
 
 
 # Triangular inverses work on diagonal blocks of at most this side.
-_TRIANGULAR_LEAF = 128
+_TRIANGULAR_LEAF = 256
 
 
 def _triangular_inverses(lowers: jax.Array) -> jax.Array:
@@ -220,10 +220,11 @@ def _triangular_inverses(lowers: jax.Array) -> jax.Array:
     each level joins pairs of inverses of all the matrices in one batched product, so
     that the program does not grow with B. A triangular solve against the identity
     (what ``cho_solve`` does twice) runs far below a product's speed on XLA's CPU
-    backend: four 512×512 inverses from their Cholesky factors took 13 against
-    26–29 ms, six 1000×1000 ones 118–131 against 132–145 ms (2-core CPU, jax 0.10.2).
-    Blocks of at most 128 rather than 64 ran as fast and compiled in 0.45 against
-    0.65 s (four 512×512; 0.12 s for ``cho_solve``)."""
+    backend: the CNN of ``benchmarks/cnn.py``'s damped inverses (four 512×512, five
+    of 9–144) took 19 against 28 ms, the 2.8M-parameter autoencoder's sixteen (250 to
+    1001 wide) 170 against 197 ms (2-core CPU, jax 0.10.2). Each size's joins compile
+    on their own: 0.2 and 2.1 s more than ``cho_solve`` there (blocks of 128: 0.5
+    and 3.7 s, no faster), so the blocks are as large as 256."""
     count, size, dtype = lowers.shape[0], lowers.shape[-1], lowers.dtype
     blocks = 2 ** max(0, math.ceil(math.log2(size / _TRIANGULAR_LEAF)))
     side = -(-size // blocks)

@@ -121,11 +121,11 @@ def test_batched_inverses_equal_one_at_a_time_with_a_singular_one_among_them():
     assert [e.primitive.name for e in five_by_five.jaxpr.eqns].count("cond") == 2
 
 
-@pytest.mark.parametrize("size", [1, 128, 129, 403])
+@pytest.mark.parametrize("size", [1, 256, 257, 803])
 def test_inverses_from_cholesky_factors_by_halves_are_the_inverses(size):
     """M⁻¹ from M's Cholesky factor through ``_triangular_inverses``' halves (padded to
-    2 × 65 for 129, 4 × 101 for 403), for a stack of three: equal to NumPy's inverses of
-    M, and each L⁻¹ lower-triangular and inverting L; 128 is one triangular solve."""
+    2 × 129 for 257, 4 × 201 for 803), for a stack of three: equal to NumPy's inverses of
+    M, and each L⁻¹ lower-triangular and inverting L; 256 is one triangular solve."""
     roots = np.random.default_rng(size).normal(size=(3, size, 2 * size))
     matrices = roots @ np.swapaxes(roots, 1, 2) / size + 0.1 * np.eye(size)
     lowers = np.linalg.cholesky(matrices)
@@ -140,9 +140,9 @@ def test_inverses_from_cholesky_factors_by_halves_are_the_inverses(size):
     # One solve per diagonal block of each matrix (``_each``: a loop over groups of
     # eight beyond eight), and the same products for one matrix as for three.
     solves = equations(jaxpr(lowers), "triangular_solve")
-    assert len(solves) == min(3 * {1: 1, 128: 1, 129: 2, 403: 4}[size], 8)
+    assert len(solves) == min(3 * {1: 1, 256: 1, 257: 2, 803: 4}[size], 8)
     products = lambda stack: len(equations(jaxpr(stack), "dot_general"))
-    assert products(lowers[:1]) == products(lowers) == {1: 0, 128: 0, 129: 2, 403: 4}[size]
+    assert products(lowers[:1]) == products(lowers) == {1: 0, 256: 0, 257: 2, 803: 4}[size]
 
 
 def test_more_same_size_matrices_than_a_group_are_inverted_in_a_loop_of_single_calls():
