@@ -55,12 +55,6 @@ def stacked(blocks, padding: float = 0.0) -> jax.Array:
     return padded.at[:, side - 1, side - 1].add(padding * short)
 
 
-def diagonal_blocks(matrix: jax.Array, count: int) -> jax.Array:
-    """The (B, b, b) stack of an (s, s) matrix's ``count`` diagonal blocks."""
-    size = matrix.shape[0]
-    return stacked([matrix[a:b, a:b] for a, b in block_ranges(size, count)])
-
-
 def block_matmul(factor: jax.Array, matrix: jax.Array, transpose: bool = False) -> jax.Array:
     """F M (Fᵀ M with ``transpose``) for an (s, s) matrix F or a (B, b, b) stack standing
     for its block-diagonal matrix, M of s rows."""

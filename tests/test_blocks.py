@@ -11,7 +11,6 @@ from natgrad_jax._blocks import (
     block_matmul,
     block_ranges,
     blocked_shape,
-    diagonal_blocks,
     is_blocked,
     stacked,
 )
@@ -25,16 +24,16 @@ def test_a_side_is_blocked_over_twice_the_block_size_in_near_equal_ranges():
     assert block_ranges(2048, 4) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)]
 
 
-def test_diagonal_blocks_are_the_matrixs_own_padded_with_zeros_or_an_identity():
+def test_stacked_blocks_are_the_matrixs_own_padded_with_zeros_or_an_identity():
     matrix = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (10, 10)))
-    blocks = np.asarray(diagonal_blocks(jnp.asarray(matrix), 3))
+    parts = [jnp.asarray(matrix[a:b, a:b]) for a, b in block_ranges(10, 3)]
+    blocks = np.asarray(stacked(parts))
     assert blocks.shape == (3, 4, 4)
     for block, (start, stop) in zip(blocks, block_ranges(10, 3), strict=True):
         side = stop - start
         np.testing.assert_array_equal(block[:side, :side], matrix[start:stop, start:stop])
         np.testing.assert_array_equal(block[side:], 0.0)
         np.testing.assert_array_equal(block[:, side:], 0.0)
-    parts = [jnp.asarray(matrix[a:b, a:b]) for a, b in block_ranges(10, 3)]
     with_identity = np.asarray(stacked(parts, padding=1.0))
     np.testing.assert_array_equal(with_identity[:2, 3], [[0, 0, 0, 1]] * 2)  # the 3×3 ones
     np.testing.assert_array_equal(with_identity[2], blocks[2])  # the 4×4 one unpadded

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax import _vectors as vectors
-from natgrad_jax._blocks import block_ranges, diagonal_blocks, stacked
+from natgrad_jax._blocks import block_ranges, stacked
 from natgrad_jax._capture import (
     Capture,
     Layer,
@@ -355,15 +355,9 @@ class FactoredRows:
         """(E[G Gᵀ], E[GᵀG]) of the score rows G of layer ``index`` as m×n matrices
         (``leaf_gradients``), sums over the rows / N; ``forms=(left, right)`` as in
         ``kronecker_factors``."""
-        g = self.leaf_gradients(index, shape)
-        if _is_diagonal(forms[0]):
-            left = jnp.sum(g**2, axis=(0, 2))
-        else:
-            left = _blocks_if(jnp.einsum("rij,rkj->ik", g, g), forms[0])
-        if _is_diagonal(forms[1]):
-            right = jnp.sum(g**2, axis=(0, 1))
-        else:
-            right = _blocks_if(jnp.einsum("rji,rjk->ik", g, g), forms[1])
+        g = self.leaf_gradients(index, shape)  # (rows, m, n)
+        left = _second_moment(jnp.swapaxes(g, 1, 2), forms[0], self.spread)  # Σ_{r,j} g gᵀ
+        right = _second_moment(g, forms[1], self.spread)  # Σ_{r,i} over the columns
         return left / self.num_examples, right / self.num_examples
 
     def kronecker_factors(self, index, approximation: str = "expand", forms=(None, None)):
@@ -438,11 +432,6 @@ def sampled_positions(index, sample, num_positions: int):
 
 def _is_diagonal(form) -> bool:
     return form is not None and len(form) == 1
-
-
-def _blocks_if(matrix, form):
-    """The whole matrix, or its diagonal blocks for a (B, b, b) ``form``."""
-    return diagonal_blocks(matrix, form[0]) if form is not None and len(form) == 3 else matrix
 
 
 def _second_moment(x, form=None, spread: bool = False):
