@@ -55,6 +55,13 @@ def stacked(blocks, padding: float = 0.0) -> jax.Array:
     return padded.at[:, side - 1, side - 1].add(padding * short)
 
 
+def blocks_of(stack: jax.Array, size: int) -> list[jax.Array]:
+    """The diagonal blocks a (B, b, b) stack of a side of ``size`` stands for, each
+    without its padding (the inverse of ``stacked``)."""
+    sides = [stop - start for start, stop in block_ranges(size, stack.shape[0])]
+    return [block[:side, :side] for block, side in zip(stack, sides, strict=True)]
+
+
 def block_matmul(factor: jax.Array, matrix: jax.Array, transpose: bool = False) -> jax.Array:
     """F M (Fᵀ M with ``transpose``) for an (s, s) matrix F or a (B, b, b) stack standing
     for its block-diagonal matrix, M of s rows."""

@@ -14,7 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from natgrad_jax._blocks import block_layout, block_ranges, is_blocked, stacked
+from natgrad_jax._blocks import blocks_of, stacked
 from natgrad_jax._precision import exact_matmuls
 
 Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
@@ -86,31 +86,34 @@ def _indices_by_size(matrices) -> list[list[int]]:
     return list(by_size.values())
 
 
-def eigenbases(matrices, mesh: Mesh | None = None, block_size: int | None = None) -> list:
-    """The eigenvectors of each symmetric matrix (``jnp.linalg.eigh``), those of the same
+def eigenbases(factors, mesh: Mesh | None = None, sizes=None) -> list:
+    """The eigenvectors of each symmetric factor (``jnp.linalg.eigh``), those of the same
     size stacked for one loop of LAPACK calls (``_each``) spread over ``mesh``'s devices
-    (``spread_over``). A matrix of side s over twice ``block_size`` (``is_blocked``) gets
-    the eigenbases of its diagonal blocks instead, as a (B, b, b) stack (``_blocks``;
-    shape ``blocked_shape``): together an orthogonal basis, the eigenbasis of the
-    matrix's block-diagonal part, for s·b² work against s³. The blocks are sliced
-    unpadded: a padded block's eigenvectors would mix the padding into the matrix's own
-    null space; each basis is padded with an identity afterwards."""
-    blocks, parts = [], []  # the symmetric matrices to decompose; each input's among them
-    for matrix in matrices:
-        size = matrix.shape[0]
-        count = block_layout(size, block_size)[0] if is_blocked(size, block_size) else 1
-        ranges = block_ranges(size, count)
-        parts.append(list(range(len(blocks), len(blocks) + len(ranges))))
-        blocks += [matrix[start:stop, start:stop] for start, stop in ranges]
+    (``spread_over``). A factor is an (s, s) matrix or a (B, b, b) stack of the diagonal
+    blocks of a side of ``sizes[i]`` entries (``_blocks``); a stack gets the
+    eigenbases of its blocks, as a stack of the same shape: together an orthogonal
+    basis, the eigenbasis of the block-diagonal matrix the stack stands for, for s·b²
+    work against s³. The blocks are decomposed without their padding (a padded block's
+    eigenvectors would mix the padding into the block's own null space); each basis is
+    padded with an identity afterwards."""
+    if sizes is None:
+        if any(factor.ndim == 3 for factor in factors):
+            raise ValueError("eigenbases: a (B, b, b) stack needs its side in sizes=.")
+        sizes = [factor.shape[-1] for factor in factors]
+    blocks, parts = [], []  # the symmetric matrices to decompose; each factor's among them
+    for factor, size in zip(factors, sizes, strict=True):
+        own = blocks_of(factor, size) if factor.ndim == 3 else [factor]
+        parts.append(list(range(len(blocks), len(blocks) + len(own))))
+        blocks += own
     vectors = [None] * len(blocks)
-    eigenvectors = lambda stacked: _each(_eigenvectors, stacked)
+    eigenvectors = lambda group: _each(_eigenvectors, group)
     for indices in _indices_by_size(blocks):
         group = spread_over(mesh, eigenvectors, jnp.stack([blocks[i] for i in indices]))
         for position, index in enumerate(indices):
             vectors[index] = group[position]
     return [
-        vectors[own[0]] if len(own) == 1 else stacked([vectors[i] for i in own], padding=1.0)
-        for own in parts
+        stacked([vectors[i] for i in own], padding=1.0) if factor.ndim == 3 else vectors[own[0]]
+        for factor, own in zip(factors, parts, strict=True)
     ]
 
 

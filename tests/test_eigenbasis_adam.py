@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import natgrad_jax as ng
-from natgrad_jax._blocks import block_matmul
+from natgrad_jax._blocks import block_matmul, block_ranges, stacked
 from natgrad_jax._linalg import eigenbases
 from tests.helpers import classifier_nll_before_and_after, init_mlp, mlp
 from tests.test_ekfac import _shared_weight_model
@@ -26,24 +26,40 @@ def _problem(name):
     return ng.Model(mlp, ng.Categorical()), params, x
 
 
-def _dense_basis(basis, size):
-    """An (s, s) basis as it is, or the (s, s) block-diagonal matrix of (B, b, b) blocks,
-    block k on rows ⌊ks/B⌋ to ⌊(k+1)s/B⌋, each padded (if smaller than b) with an
-    identity that the check asserts."""
-    basis = np.asarray(basis)
-    if basis.ndim == 2:
-        return basis
-    count, side, _ = basis.shape
+def _dense(stack, size, padding):
+    """An (s, s) matrix as it is, or the (s, s) block-diagonal matrix of a (B, b, b)
+    stack, block k on rows ⌊ks/B⌋ to ⌊(k+1)s/B⌋, each padded (if smaller than b) with
+    ``padding`` times an identity, which the check asserts."""
+    stack = np.asarray(stack)
+    if stack.ndim == 2:
+        return stack
+    count, side, _ = stack.shape
     dense = np.zeros((size, size))
     edges = [size * k // count for k in range(count + 1)]
     for k, (start, stop) in enumerate(itertools.pairwise(edges)):
         own = stop - start
-        dense[start:stop, start:stop] = basis[k, :own, :own]
-        padding = np.zeros((side, side))
-        padding[own:, own:] = np.eye(side - own)
-        padding[:own, :own] = basis[k, :own, :own]
-        np.testing.assert_array_equal(basis[k], padding)
+        dense[start:stop, start:stop] = stack[k, :own, :own]
+        expected = padding * np.eye(side)
+        expected[:own, :own] = stack[k, :own, :own]
+        np.testing.assert_array_equal(stack[k], expected)
     return dense
+
+
+def _dense_basis(basis, size):
+    return _dense(basis, size, padding=1.0)
+
+
+def _block_mask(size, block_size):
+    """Where the diagonal blocks of a side of ``size`` over blocks of about
+    ``block_size`` lie (everywhere: kept whole)."""
+    mask = np.ones((size, size), dtype=bool)
+    if block_size is not None and size > 2 * block_size:
+        count = -(-size // block_size)
+        edges = [size * b // count for b in range(count + 1)]
+        mask[:] = False
+        for start, stop in itertools.pairwise(edges):
+            mask[start:stop, start:stop] = True
+    return mask
 
 
 def _assert_diagonalises(basis, factor, block_size):
@@ -53,14 +69,9 @@ def _assert_diagonalises(basis, factor, block_size):
     factor = np.asarray(factor)
     basis = _dense_basis(basis, len(factor))
     np.testing.assert_allclose(basis.T @ basis, np.eye(len(basis)), atol=1e-12)
-    if block_size is not None and len(factor) > 2 * block_size:
-        count = -(-len(factor) // block_size)
-        edges = [len(factor) * b // count for b in range(count + 1)]
-        mask = np.zeros_like(factor, dtype=bool)
-        for start, stop in itertools.pairwise(edges):
-            mask[start:stop, start:stop] = True
-        assert np.all(basis[~mask] == 0)
-        factor = np.where(mask, factor, 0.0)
+    mask = _block_mask(len(factor), block_size)
+    assert np.all(basis[~mask] == 0)
+    factor = np.where(mask, factor, 0.0)
     rotated = basis.T @ factor @ basis
     off_diagonal = rotated - np.diag(np.diag(rotated))
     assert np.max(np.abs(off_diagonal)) <= 1e-12 * max(np.max(np.abs(factor)), 1e-30)
@@ -100,11 +111,17 @@ def test_steps_are_adam_on_the_weights_in_the_kfac_eigenbasis(problem, block_siz
         zip(state.curvature.leaves, kfac_state.curvature.leaves, strict=True)
     ):
         shape = leaf.first_moment.shape
-        np.testing.assert_allclose(leaf.left, reference.left, rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(leaf.right, reference.right, rtol=1e-12, atol=1e-14)
+        # With block_size 4 a side of 10 is kept as the diagonal blocks of K-FAC's
+        # whole factor, zero-padded: measured as blocks, not cut from the whole.
+        for factor, whole, size in zip(
+            (leaf.left, leaf.right), (reference.left, reference.right), shape, strict=True
+        ):
+            blocked = _dense(factor, size, padding=0.0)
+            within = np.where(_block_mask(size, block_size), whole, 0.0)
+            np.testing.assert_allclose(blocked, within, rtol=1e-12, atol=1e-14)
         if shape[0] > 1:  # a bias's 1×1 input factor has the basis [[1]]
-            _assert_diagonalises(leaf.left_basis, leaf.left, block_size)
-        _assert_diagonalises(leaf.right_basis, leaf.right, block_size)
+            _assert_diagonalises(leaf.left_basis, _dense(leaf.left, shape[0], 0.0), block_size)
+        _assert_diagonalises(leaf.right_basis, _dense(leaf.right, shape[1], 0.0), block_size)
         left = _dense_basis(leaf.left_basis, shape[0])
         right = _dense_basis(leaf.right_basis, shape[1])
         adam = optax.scale_by_adam(b1=B1, b2=B2, eps=EPS)
@@ -163,15 +180,24 @@ def test_a_refresh_moves_the_basis_and_keeps_the_moments():
 
 
 def test_blocked_eigenbases_are_those_of_the_diagonal_blocks():
-    """``_linalg.eigenbases`` with a block size: a 10×10 matrix over blocks of about 4
-    gets the bases of its diagonal blocks of sides 3, 3 and 4, stacked as (3, 4, 4)
-    (padded with an identity); a 4×4 one in the same call its whole basis; a 1×1 one
-    [[±1]]. ``block_matmul`` applies a stack as the block-diagonal matrix it stands for."""
+    """``_linalg.eigenbases`` of a (3, 4, 4) stack, the diagonal blocks of sides 3, 3
+    and 4 of a 10×10 matrix (zero-padded), gets the bases of those blocks as a stack
+    padded with an identity; a 4×4 matrix in the same call its whole basis, a 1×1 one
+    [[±1]]. A block of rank 1 keeps its null space to itself (the padding is not
+    decomposed with it). ``block_matmul`` applies a stack as the block-diagonal matrix
+    it stands for."""
     a = jax.random.normal(jax.random.PRNGKey(0), (10, 10))
     b = jax.random.normal(jax.random.PRNGKey(1), (4, 4))
-    matrices = [a @ a.T, b @ b.T, jnp.array([[2.0]]), a.T @ a]
-    bases = eigenbases(matrices, block_size=4)
-    assert [basis.shape for basis in bases] == [(3, 4, 4), (4, 4), (1, 1), (3, 4, 4)]
+    rank_one = a[:, :1] @ a[:, :1].T
+    ranges = block_ranges(10, 3)
+    assert ranges == [(0, 3), (3, 6), (6, 10)]
+    as_blocks = lambda m: stacked([m[start:stop, start:stop] for start, stop in ranges])
+    matrices = [a @ a.T, b @ b.T, jnp.array([[2.0]]), a.T @ a, rank_one]
+    factors = [as_blocks(matrices[0]), *matrices[1:3], as_blocks(matrices[3]), as_blocks(rank_one)]
+    with pytest.raises(ValueError, match="sizes="):
+        eigenbases(factors)
+    bases = eigenbases(factors, sizes=[10, 4, 1, 10, 10])
+    assert [basis.shape for basis in bases] == [(3, 4, 4), (4, 4), (1, 1), (3, 4, 4), (3, 4, 4)]
     for basis, matrix in zip(bases, matrices, strict=True):
         _assert_diagonalises(basis, matrix, 4)
     np.testing.assert_allclose(np.abs(bases[2]), [[1.0]])
@@ -181,6 +207,24 @@ def test_blocked_eigenbases_are_those_of_the_diagonal_blocks():
         block_matmul(bases[0], m, transpose=True), dense.T @ m, rtol=1e-12, atol=1e-14
     )
     np.testing.assert_allclose(block_matmul(bases[0], m), dense @ m, rtol=1e-12, atol=1e-14)
+
+
+def test_a_blocked_side_is_measured_as_blocks():
+    """With ``block_size`` 4 the 10-wide factors of a 3-10-4 MLP are kept as (3, 4, 4)
+    stacks in the state (K-FAC's own, ``Kronecker.side_shape``), the 4-wide whole; the
+    memory guard counts what is kept: 2·48 floats for a blocked side against 100."""
+    _, params, _ = _problem("mlp")
+    blocked, whole = ng.EigenbasisAdam(block_size=4), ng.EigenbasisAdam(block_size=None)
+    shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
+    for leaf, shape in zip(blocked.init(params, jnp.float64).leaves, shapes, strict=True):
+        m, n = (1, *shape)[-2:] if len(shape) == 1 else shape
+        expected = lambda side: (3, 4, 4) if side == 10 else (side, side)
+        assert leaf.left.shape == leaf.left_basis.shape == expected(m)
+        assert leaf.right.shape == leaf.right_basis.shape == expected(n)
+    # The sides: 3 and 10, 1 and 10, 10 and 4, 1 and 4 (a bias's input side is 1).
+    saved = 4 * (3 * (100 - 48))  # four copies of each of three blocked 10-wide sides
+    P, M = sum(np.prod(s) for s in shapes), 7
+    assert whole.memory(P, M, shapes) - blocked.memory(P, M, shapes) == saved
 
 
 def test_adam_learning_rates_train_a_classifier():

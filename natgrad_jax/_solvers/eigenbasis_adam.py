@@ -20,20 +20,22 @@ weight (K² → K·b for a side kept as blocks of b).
 Cadences (``refresh_every``, ``statistics_every``, ``decay``): ``measure`` averages the
 factors; ``factorise`` recomputes the eigenbases, carries m into the new basis (the same
 m in W's own coordinates, as SOAP keeps it) and keeps v as it is (as SOAP does: a basis
-moves slowly between refreshes). A factor side over twice ``block_size`` gets the
-eigenbasis of its diagonal blocks (``_linalg.eigenbases``).
+moves slowly between refreshes). A factor side over twice ``block_size`` is measured,
+kept and decomposed as its diagonal blocks (``_blocks``), as K-FAC keeps it: its
+eigenbasis is that of its block-diagonal part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natgrad_jax._blocks import block_matmul, blocked_shape
+from natgrad_jax._blocks import block_matmul
 from natgrad_jax._linalg import moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.ekfac import kronecker_eigenbases
@@ -44,11 +46,11 @@ from natgrad_jax._solvers.solver import Solver
 class EigenbasisAdamLeafState(NamedTuple):
     """Arrays of one parameter leaf (m×n as Kronecker's ``split_shape``)."""
 
-    left: jax.Array  # (m, m) float: factor over the leading axes (A or G)
-    right: jax.Array  # (n, n) float: factor over the trailing axes
-    left_basis: jax.Array  # (m, m) float: eigenvectors of ``left`` at the last refresh,
-    #   or (B, b, b): those of its diagonal blocks (``_linalg.eigenbases``)
-    right_basis: jax.Array  # (n, n) or (B, b, b) float: eigenvectors of ``right``
+    left: jax.Array  # (m, m) float: factor over the leading axes (A or G), or (B, b, b):
+    #   its diagonal blocks (``Kronecker.side_shape``)
+    right: jax.Array  # (n, n) or (B, b, b) float: factor over the trailing axes
+    left_basis: jax.Array  # float, ``left``'s shape: its eigenvectors at the last refresh
+    right_basis: jax.Array  # float, ``right``'s shape: its eigenvectors
     first_moment: jax.Array  # (m, n) float: Adam's m, in the eigenbasis (own: unfactored)
     second_moment: jax.Array  # (m, n) float: Adam's v, in the eigenbasis (own: unfactored)
 
@@ -69,8 +71,8 @@ class EigenbasisAdam(Solver):
       b2: decay of the second moment (Adam's β₂), in [0, 1).
       approximation: ``"expand"`` or ``"reduce"`` for the factors of weights shared
         across positions, as for ``ng.Kronecker``.
-      block_size: a factor side over twice this gets the eigenbasis of its diagonal
-        blocks of about this side (``None``: whole).
+      block_size: a factor side over twice this is kept as its diagonal blocks of
+        about this side, each with its own eigenbasis (``None``: whole).
 
     The transform's damping is Adam's ε here. Example (a leaf the capture does not
     factor is plain Adam):
@@ -110,15 +112,16 @@ class EigenbasisAdam(Solver):
 
     @property
     def _kronecker(self) -> Kronecker:
-        # The factors whole (their eigenbases need them so), as EKFAC's.
-        return Kronecker(self.approximation, max_factor_size=None, block_size=None)
+        # Every factor a matrix or its blocks (an eigenbasis needs one), never a diagonal.
+        return Kronecker(self.approximation, max_factor_size=None, block_size=self.block_size)
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats held at once, for the memory guard: four copies of each leaf's two
-        factors (the factors and eigenbases in the state, the eigendecomposition's input
-        and output), four P-vectors (the two moments, the update, a rotated gradient) and
-        the rows K-FAC's statistics are measured from."""
-        factors = sum(m * m + n * n for m, n in map(split_shape, leaf_shapes))
+        factors as they are kept (the factors and eigenbases in the state, the
+        eigendecomposition's input and output), four P-vectors (the two moments, the
+        update, a rotated gradient) and the rows K-FAC's statistics are measured from."""
+        floats = lambda side: math.prod(self._kronecker.side_shape(side))
+        factors = sum(floats(m) + floats(n) for m, n in map(split_shape, leaf_shapes))
         statistics = self._kronecker.statistics_memory(num_rows, leaf_shapes, rows)
         return 4 * factors + 4 * num_params + statistics
 
@@ -126,13 +129,14 @@ class EigenbasisAdam(Solver):
         leaves = []
         for leaf in jax.tree.leaves(params):
             m, n = split_shape(np.shape(leaf))
+            left, right = map(self._kronecker.side_shape, (m, n))
             zeros = lambda *shape: jnp.zeros(shape, dtype)
             leaves.append(
                 EigenbasisAdamLeafState(
-                    left=zeros(m, m),
-                    right=zeros(n, n),
-                    left_basis=zeros(*blocked_shape(m, self.block_size)),
-                    right_basis=zeros(*blocked_shape(n, self.block_size)),
+                    left=zeros(*left),
+                    right=zeros(*right),
+                    left_basis=zeros(*left),
+                    right_basis=zeros(*right),
                     first_moment=zeros(m, n),
                     second_moment=zeros(m, n),
                 )
@@ -161,7 +165,7 @@ class EigenbasisAdam(Solver):
             _rotated(leaf, leaf.first_moment, back=True) if k in factored else None
             for k, leaf in enumerate(state.leaves)
         ]
-        leaves = kronecker_eigenbases(self._kronecker, state.leaves, batch, self.block_size)
+        leaves = kronecker_eigenbases(self._kronecker, state.leaves, batch)
         for k in factored:
             leaves[k] = leaves[k]._replace(first_moment=_rotated(leaves[k], own[k]))
         return state._replace(leaves=tuple(leaves))

@@ -88,17 +88,19 @@ def _moments_in(leaves, factored):
     return moments
 
 
-def kronecker_eigenbases(kronecker: Kronecker, leaves, batch, block_size=None) -> list:
+def kronecker_eigenbases(kronecker: Kronecker, leaves, batch) -> list:
     """The leaves (states with ``left``, ``right``, ``left_basis``, ``right_basis``) with
-    the eigenbases of their current factors (``_linalg.eigenbases``; a side over twice
-    ``block_size`` gets the basis of its diagonal blocks); a bias that shares its weight's
-    G (``Kronecker.shared_output_factors``) takes the weight's basis of it."""
+    the eigenbases of their current factors (``_linalg.eigenbases``; a factor kept as its
+    diagonal blocks gets the bases of its blocks); a bias that shares its weight's G
+    (``Kronecker.shared_output_factors``) takes the weight's basis of it."""
     factored = kronecker.factored_leaves(batch)
     shared = kronecker.shared_output_factors(batch)
+    shapes = [split_shape(np.shape(leaf)) for leaf in jax.tree.leaves(batch.params)]
     leaves = list(leaves)
     owned = sorted(set(factored) - set(shared))
     factors = [f for k in owned for f in (leaves[k].left, leaves[k].right)]
-    bases = iter(eigenbases(factors, batch.mesh, block_size))
+    sizes = [size for k in owned for size in shapes[k]]
+    bases = iter(eigenbases(factors, batch.mesh, sizes))
     for k in owned:
         leaves[k] = leaves[k]._replace(left_basis=next(bases), right_basis=next(bases))
     for bias, weight in shared.items():
