@@ -7,7 +7,8 @@ from typing import Any
 import optax
 
 from natgrad_jax._model import Model
-from natgrad_jax._solvers.eigenbasis_adam import DEFAULT_BLOCK_SIZE, EigenbasisAdam
+from natgrad_jax._solvers.eigenbasis_adam import EigenbasisAdam
+from natgrad_jax._solvers.kronecker import DEFAULT_BLOCK_SIZE
 from natgrad_jax._transform import scale_by_natural_gradient
 
 
@@ -52,8 +53,7 @@ def eigenbasis_adam(
       decay: EMA factor of the K-FAC factors across refreshes, in [0, 1).
       fisher: the K-FAC factors' Fisher: ``"monte_carlo"``, ``"exact"`` or ``"empirical"``.
       block_size: a factor side over twice this is kept as its diagonal blocks of
-        about this side, each with its own eigenbasis (``None``: whole). Half K-FAC's
-        default: an eigendecomposition costs several Cholesky factorisations.
+        about this side, each with its own eigenbasis (``None``: whole).
       **options: other keywords of ``scale_by_natural_gradient`` (``statistics_every``,
         ``seed``, ``mesh``, ``axis_name``, ``max_curvature_bytes``, ``precision``...).
 

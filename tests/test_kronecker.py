@@ -508,4 +508,4 @@ def test_a_factor_over_twice_the_block_size_is_kept_and_solved_block_by_block():
 def test_describe_names_the_blocks_of_a_large_factor():
     params = init_mlp(jax.random.PRNGKey(0), [2048, 10], jnp.float32)
     text = ng.describe(ng.Model(mlp, ng.Categorical()), params, jnp.zeros((4, 2048)))
-    assert "A ⊗ G: 2048×2048 in 4 blocks of 512 ⊗ 10×10" in text
+    assert "A ⊗ G: 2048×2048 in 8 blocks of 256 ⊗ 10×10" in text

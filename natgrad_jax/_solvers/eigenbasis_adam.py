@@ -39,18 +39,8 @@ from natgrad_jax._blocks import block_matmul
 from natgrad_jax._linalg import moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.ekfac import kronecker_eigenbases
-from natgrad_jax._solvers.kronecker import Kronecker, split_shape
+from natgrad_jax._solvers.kronecker import DEFAULT_BLOCK_SIZE, Kronecker, split_shape
 from natgrad_jax._solvers.solver import Solver
-
-# Blocks half K-FAC's side: an eigendecomposition costs several Cholesky factorisations
-# (the eigenbases of a 2,048 side's four 512-blocks 76 ms, of its eight 256-blocks
-# 27 ms), and the smaller blocks' bases trained as well or better. 2-core CPU, jax
-# 0.10.2, 256 against 512: on the CNN of benchmarks/cnn.py (a 2,048-wide head) a refresh
-# step cost 35–37 against 74–77 ms (9–11 AdamW steps against 18–22) and the best loss
-# at 20 s was 0.0287 against 0.0294; on the 2.8M-parameter autoencoder (1000-wide
-# layers, whole at 512) the amortised step was 4.0× Adam's against 7.5×, and Adam's
-# best loss took 140 steps against 180.
-DEFAULT_BLOCK_SIZE = 256
 
 
 class EigenbasisAdamLeafState(NamedTuple):

@@ -171,7 +171,15 @@ def _trace(factor):
 
 
 DEFAULT_MAX_FACTOR_SIZE = 4096
-DEFAULT_BLOCK_SIZE = 512
+# Blocks of 256, not 512 (2-core CPU, jax 0.10.2, same session, `--only` runs of the
+# benchmarks): the CNN of benchmarks/cnn.py (a 2,048-wide head) refreshed in 21–22
+# against 30–31 ms, stepped at 2.8× AdamW's amortised against 3.7× and reached 0.0157
+# against 0.0242 at 20 s; the 2.8M-parameter autoencoder (1000-wide layers, whole at
+# 512) stepped at 4.7× Adam's amortised against 6.5× and reached Adam's best loss in
+# 12.3 s (50 steps) against 12.7 s (40). Eigenbasis Adam gains more (an
+# eigendecomposition costs several Cholesky factorisations): its CNN refresh 35–37
+# against 74–77 ms, the autoencoder's step 4.0× Adam's against 7.5×, as good a loss.
+DEFAULT_BLOCK_SIZE = 256
 
 
 def kronecker_route(
@@ -340,7 +348,7 @@ class Kronecker(Solver):
         of at most this side (``None``: whole). A CNN's flattened head (8·8·32 = 2,048
         inputs) would otherwise make every refresh a 2,048³ factorisation and its
         inverse: about 160 ms on a 2-core CPU against 2.4 ms for an AdamW step of the
-        whole network; as four 512-blocks, a sixteenth of the work. Such a factor is kept
+        whole network; as eight 256-blocks (the default), a 64th of the work. Such a factor is kept
         as its blocks (``_blocks``: statistics, inverses and products cost s·b
         against s²); the correlations across blocks are left out.
       statistics_positions: A and G of a layer from at most this many of its N·T
