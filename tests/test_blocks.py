@@ -11,6 +11,7 @@ from natgrad_jax._blocks import (
     block_matmul,
     block_ranges,
     blocked_shape,
+    blocks_of,
     is_blocked,
     stacked,
 )
@@ -34,6 +35,8 @@ def test_stacked_blocks_are_the_matrixs_own_padded_with_zeros_or_an_identity():
         np.testing.assert_array_equal(block[:side, :side], matrix[start:stop, start:stop])
         np.testing.assert_array_equal(block[side:], 0.0)
         np.testing.assert_array_equal(block[:, side:], 0.0)
+    for block, part in zip(blocks_of(jnp.asarray(blocks), 10), parts, strict=True):
+        np.testing.assert_array_equal(block, part)  # ``blocks_of`` undoes ``stacked``
     with_identity = np.asarray(stacked(parts, padding=1.0))
     np.testing.assert_array_equal(with_identity[:2, 3], [[0, 0, 0, 1]] * 2)  # the 3×3 ones
     np.testing.assert_array_equal(with_identity[2], blocks[2])  # the 4×4 one unpadded

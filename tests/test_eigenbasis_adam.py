@@ -212,7 +212,7 @@ def test_blocked_eigenbases_are_those_of_the_diagonal_blocks():
 def test_a_blocked_side_is_measured_as_blocks():
     """With ``block_size`` 4 the 10-wide factors of a 3-10-4 MLP are kept as (3, 4, 4)
     stacks in the state (K-FAC's own, ``Kronecker.side_shape``), the 4-wide whole; the
-    memory guard counts what is kept: 2·48 floats for a blocked side against 100."""
+    memory guard counts what is kept: 48 floats (3·4·4) for a blocked side against 100."""
     _, params, _ = _problem("mlp")
     blocked, whole = ng.EigenbasisAdam(block_size=4), ng.EigenbasisAdam(block_size=None)
     shapes = [leaf.shape for leaf in jax.tree.leaves(params)]

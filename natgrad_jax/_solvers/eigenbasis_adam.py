@@ -28,7 +28,6 @@ eigenbasis is that of its block-diagonal part.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -120,7 +119,7 @@ class EigenbasisAdam(Solver):
         factors as they are kept (the factors and eigenbases in the state, the
         eigendecomposition's input and output), four P-vectors (the two moments, the
         update, a rotated gradient) and the rows K-FAC's statistics are measured from."""
-        floats = lambda side: math.prod(self._kronecker.side_shape(side))
+        floats = self._kronecker.factor_floats
         factors = sum(floats(m) + floats(n) for m, n in map(split_shape, leaf_shapes))
         statistics = self._kronecker.statistics_memory(num_rows, leaf_shapes, rows)
         return 4 * factors + 4 * num_params + statistics

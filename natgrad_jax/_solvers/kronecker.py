@@ -412,9 +412,7 @@ class Kronecker(Solver):
         ``RowSizes``: the layers' a and g, one chunk of rows at a time, and the
         per-example gradients of the layers it does not factor; else an estimate from
         the leaves' shapes)."""
-        factors = sum(
-            6 * sum(map(self._factor_floats, split_shape(shape))) for shape in leaf_shapes
-        )
+        factors = sum(6 * sum(map(self.factor_floats, split_shape(shape))) for shape in leaf_shapes)
         return factors + self.statistics_memory(num_rows, leaf_shapes, rows) + 3 * num_params
 
     def statistics_memory(self, num_rows: int, leaf_shapes=(), rows=None) -> int:
@@ -446,7 +444,8 @@ class Kronecker(Solver):
         whole, or (B, b, b) its diagonal blocks."""
         return (side,) if self._is_diagonal(side) else blocked_shape(side, self.block_size)
 
-    def _factor_floats(self, side: int) -> int:
+    def factor_floats(self, side: int) -> int:
+        """Floats of a factor over ``side`` entries as it is kept (``side_shape``)."""
         return math.prod(self.side_shape(side))
 
     def init(self, params, dtype) -> KroneckerState:
