@@ -592,7 +592,7 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
     if forward is None and plan.modelled:
         # The quadratic model's forward-mode products need a forward pass at every step:
         # one, shared with the damping rule's loss.
-        batch = dataclasses.replace(batch, model_pass=batch.forward_pass())
+        batch = dataclasses.replace(batch, model_pass=batch.linearised())
     # A skipped step must leave the curvature as it found it: with the damping rule, a
     # batch whose gradient is not finite refreshes nothing (selecting the whole state
     # afterwards would read and write every factor at every step).

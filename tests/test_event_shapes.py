@@ -6,6 +6,7 @@ between p(·|x, θ) and p(·|x, θ'), each family's cross-entropy written out be
 its closed form (not from the library), mean over examples, sum over events.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -252,7 +253,9 @@ def test_matrix_free_products_equal_the_reference(problem):
 @pytest.mark.parametrize("kind", ["exact", "monte_carlo", "empirical"])
 def test_fisher_gram_equals_the_reference_quadratic_forms(problem, kind):
     """VᵀFV from forward-mode products alone (what a step's quadratic model uses), with
-    and without the forward pass of ``ng.value_and_grad``, against the dense Fishers."""
+    and without the forward pass of ``ng.value_and_grad`` and through the linearisation
+    a plain step builds once (``model_pass``, which gives the loss too), against the
+    dense Fishers."""
     model, params, x, y = (problem[k] for k in ("model", "params", "x", "y"))
     key = jax.random.PRNGKey(4)
     reference = {
@@ -263,10 +266,10 @@ def test_fisher_gram_equals_the_reference_quadratic_forms(problem, kind):
     flat, _ = ravel_pytree(params)
     vectors = jax.random.normal(jax.random.PRNGKey(8), (3, flat.size))
     (_, forward), _ = ng.value_and_grad(model)(params, x, y)
-    for given in (None, forward):
-        batch = CurvatureBatch(
-            model, params, x, kind, targets=y, key=key, num_samples=2, forward=given
-        )
+    plain = CurvatureBatch(model, params, x, kind, targets=y, key=key, num_samples=2)
+    linearised = dataclasses.replace(plain, model_pass=plain.linearised())
+    np.testing.assert_allclose(linearised.nll(), model.nll(params, x, y), rtol=1e-13)
+    for batch in (plain, dataclasses.replace(plain, forward=forward), linearised):
         span = [as_leaves(params, v) for v in vectors]
         np.testing.assert_allclose(
             batch.fisher_gram(span), vectors @ reference @ vectors.T, rtol=1e-10, atol=1e-12
