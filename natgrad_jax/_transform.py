@@ -589,9 +589,10 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
     dtype = vectors.dtype_of(gradient)
     _check_memory(options.solver, params, dtype, options.max_curvature_bytes, batch)
     plan = _plan(options, state, batch)
-    if forward is None and plan.modelled:
-        # The quadratic model's forward-mode products need a forward pass at every step:
-        # one, shared with the damping rule's loss.
+    if plan.modelled:
+        # The quadratic model's forward-mode products linearise the model at every step
+        # (with ``forward`` too: ``CurvatureBatch.linearised``); the damping rule's loss
+        # shares that pass.
         batch = dataclasses.replace(batch, model_pass=batch.linearised())
     # A skipped step must leave the curvature as it found it: with the damping rule, a
     # batch whose gradient is not finite refreshes nothing (selecting the whole state

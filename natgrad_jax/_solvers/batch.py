@@ -52,10 +52,12 @@ class CurvatureBatch:
     ``shard_map``) ``inputs`` is this device's share of the batch: ``num_examples``,
     ``device_sum``, ``gather_rows`` and ``matvec`` then speak of the whole batch.
     ``forward``, when given (from ``ng.value_and_grad``), is the model's forward pass on
-    this batch at ``params``: the statistics, products and loss are taken from it
-    instead of from new passes. ``statistics_precision`` is the matmul precision of the
-    statistics a solver measures inside its solve (``"auto"``'s K-FAC): the
-    transform's ``precision=``, else the one in effect where ``update`` was traced.
+    this batch at ``params``: the statistics, the Fisher-vector products and the loss
+    are taken from it instead of from new passes (the quadratic model's forward-mode
+    products linearise the model themselves: ``linearised``). ``statistics_precision``
+    is the matmul precision of the statistics a solver measures inside its solve
+    (``"auto"``'s K-FAC): the transform's ``precision=``, else the one in effect where
+    ``update`` was traced.
     ``mesh``: the devices a solver spreads its factorisations over (the transform's
     ``mesh=`` or the context's; ``natgrad_jax._linalg.spread_over``). ``measurable``: a
     flag, false on a step the transform will skip (its gradient is not finite), whose
@@ -141,25 +143,25 @@ class CurvatureBatch:
         """The model linearised at ``params`` on this batch: one forward pass, each
         product J v about one more.
 
-        Forward mode directly, not the transpose of a reverse-mode pass
-        (``ForwardPass.jvp``), whose products read the backward pass's residuals: on
-        the transformer LM of ``benchmarks/transformer_lm.py`` a forward pass and two
-        products took 20–24 ms that way against 41–46 ms through a ``ForwardPass``
-        (2-core CPU, jax 0.10.2)."""
+        Forward mode directly, also where ``forward`` is given, not the transpose of
+        its reverse-mode pullback (``ForwardPass.jvp``): on the transformer LM of
+        ``benchmarks/transformer_lm.py`` a forward pass and two products took 20–24 ms
+        this way against 41–46 ms through a ``ForwardPass`` (2-core CPU, jax 0.10.2;
+        XLA's CPU dots over (batch, position, width) activations run slowly where the
+        transpose contracts two axes), and the default step with ``forward`` 74
+        against 109 ms; on the 2.8M-parameter autoencoder (2-D activations) the
+        extra pass was within the machine's noise (102–111 against 101–107 ms)."""
         params = device_varying(self.params, self.axis_name)
         outputs, jvp = jax.linearize(lambda p: self.model.apply_fn(p, self.inputs), params)
         return Linearisation(outputs, jvp)
 
-    def _shared_pass(self) -> ForwardPass | Linearisation | None:
-        """The forward pass the loss and the quadratic model read: ``forward``, else
-        ``model_pass`` (built once at the top of a step whose quadratic model runs; the
-        statistics build their own inside the refresh's branch, so that the two passes'
-        residuals are not alive at once)."""
-        return self.forward if self.forward is not None else self.model_pass
-
     def nll(self):
-        """The batch's mean negative log-likelihood at ``params`` (over every device)."""
-        shared = self._shared_pass()
+        """The batch's mean negative log-likelihood at ``params`` (over every device),
+        from ``forward``, else ``model_pass`` (the quadratic model's linearisation, built
+        once at the top of a step whose quadratic model runs; the statistics build their
+        own pass inside the refresh's branch, so that the two passes' residuals are not
+        alive at once), else a new forward pass."""
+        shared = self.forward if self.forward is not None else self.model_pass
         if shared is None:
             local = self.model.nll(self.params, self.inputs, self.targets)
         else:
@@ -230,9 +232,7 @@ class CurvatureBatch:
         not a ``vmap`` over them, which would stack the vectors and transpose their
         batched weight blocks: copies of P floats each.
         """
-        forward = self._shared_pass()
-        if forward is None:
-            forward = self.linearised()
+        forward = self.model_pass if self.model_pass is not None else self.linearised()
         outputs = forward.outputs
 
         def tangent(vector):
