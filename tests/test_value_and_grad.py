@@ -170,7 +170,7 @@ def count_forward_passes(step, *args):
         ("kronecker", "monte_carlo", ng.LevenbergMarquardt(), 3),
     ],
 )
-def test_a_train_step_with_the_helper_runs_the_model_forward_once(
+def test_a_train_step_with_the_helper_runs_the_model_forward_once_for_loss_gradient_and_curvature(
     solver, fisher, damping, forward_passes
 ):
     """One forward pass for the loss, the gradient and the curvature; the quadratic
