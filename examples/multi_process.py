@@ -193,17 +193,19 @@ def launch(
     missing: int = 0,
     checkpoint: str | None = None,
     solvers=SOLVERS,
+    xla_flags: str = "",
 ) -> str:
     """Runs ``num_processes`` copies of this program and returns their logs; raises with
     the logs if one fails or any is still running after ``timeout`` seconds.
-    ``missing``: start that many fewer (their peers then time out waiting for them)."""
+    ``missing``: start that many fewer (their peers then time out waiting for them).
+    ``xla_flags``: the processes' ``XLA_FLAGS`` (none of the caller's)."""
     port = free_port()
     command = [sys.executable, __file__, "--num-processes", str(num_processes), "--port"]
     command += [str(port), "--steps", str(steps), "--timeout", str(int(timeout))]
     command += ["--out", out] if out else []
     command += ["--checkpoint", checkpoint] if checkpoint else []
     command += ["--solvers", ",".join(solvers)]
-    env = {**os.environ, "XLA_FLAGS": "", "OPENBLAS_NUM_THREADS": "1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "OPENBLAS_NUM_THREADS": "1"}
     processes = [
         subprocess.Popen(
             [*command, "--process-id", str(k)],

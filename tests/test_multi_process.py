@@ -19,6 +19,10 @@ from jax.flatten_util import ravel_pytree
 from tests.helpers import BENCHMARKS, optional_import
 
 EXAMPLES = BENCHMARKS.parent / "examples"
+# The processes' five steps of a tiny MLP are nearly all compilation: without LLVM's
+# optimisations it takes two processes 18 s against 27–28 s (2-core CPU, jax 0.10.2);
+# the programs, their collectives and their numbers are the same to round-off.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,9 @@ def test_every_solver_in_several_processes_equals_one_process(
     multi_process, num_processes, tmp_path
 ):
     out = tmp_path / "params.npz"
-    logs = multi_process.launch(num_processes, steps=5, out=str(out), timeout=240)
+    logs = multi_process.launch(
+        num_processes, steps=5, out=str(out), timeout=240, xla_flags=FAST_COMPILE
+    )
     assert logs.count("Rank") == num_processes  # every process joined the collectives
     saved = np.load(out)
     for solver in multi_process.SOLVERS:
@@ -51,7 +57,13 @@ def test_a_checkpoint_written_by_two_processes_restores_in_one(multi_process, tm
     optional_import("orbax.checkpoint")
     checkpoint, solver = tmp_path / "checkpoint", multi_process.CHECKPOINTED
     multi_process.launch(
-        2, steps=5, out=None, timeout=240, checkpoint=str(checkpoint), solvers=[solver]
+        2,
+        steps=5,
+        out=None,
+        timeout=240,
+        checkpoint=str(checkpoint),
+        solvers=[solver],
+        xla_flags=FAST_COMPILE,
     )
     params, state = multi_process.train(solver, 5)
     restored = multi_process.restore(str(checkpoint), {"params": params, "state": state})
@@ -60,5 +72,5 @@ def test_a_checkpoint_written_by_two_processes_restores_in_one(multi_process, tm
 
 def test_a_process_whose_peer_never_comes_ends_with_the_logs(multi_process):
     with pytest.raises(RuntimeError, match=r"processes \[0\] failed") as failure:
-        multi_process.launch(2, steps=1, out=None, timeout=8, missing=1)
+        multi_process.launch(2, steps=1, out=None, timeout=8, missing=1, xla_flags=FAST_COMPILE)
     assert "--- process 0 ---" in str(failure.value)
