@@ -50,11 +50,12 @@ def value_and_grad(
     (captured layers' a and g, Monte-Carlo labels sampled from the outputs), the
     Fisher-vector products of conjugate gradients, and the loss the damping compares
     against all come from it. What still runs the model: the quadratic model's
-    forward-mode products (``rescale``, ``momentum``: one linearisation of their own,
-    faster than the transpose of this pass's pullback), the adaptive damping's loss at
-    the moved parameters (a different point), and the per-example ``jax.vmap`` rows of
-    leaves capture does not cover and of the dense and block-diagonal solvers
-    (``ng.describe`` lists them).
+    forward-mode products (``rescale``, ``momentum``: one linearisation of their own; on
+    a transformer's (batch, position, width) activations it costs half what the
+    transpose of this pass's pullback does, on 2-D ones about as much), the adaptive
+    damping's loss at the moved parameters (a different point), and the per-example
+    ``jax.vmap`` rows of leaves capture does not cover and of the dense and
+    block-diagonal solvers (``ng.describe`` lists them).
 
     The forward pass runs at the caller's matmul precision (``precision=`` of the
     transform sets the precision of the statistics computed from it, not of the forward
