@@ -24,6 +24,20 @@ class RejectedSteps(NamedTuple):
         return cls(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
 
 
+class Adaptation(NamedTuple):
+    """What the last measured step found, reused until the next is due (``adapt_every``)."""
+
+    # The quadratic model's coefficients (α, μ) of the direction and the previous update
+    # (zeros where unused).
+    coefficients: jax.Array
+    # Levenberg–Marquardt rejected the last measured step: measure again at the next one.
+    retry: jax.Array
+
+    @classmethod
+    def initial(cls, dtype) -> Adaptation:
+        return cls(jnp.zeros([2], dtype), jnp.zeros([], bool))
+
+
 class NaturalGradientState(NamedTuple):
     """State of ``scale_by_natural_gradient``: arrays only (jit, shard, checkpoint).
 
@@ -39,3 +53,5 @@ class NaturalGradientState(NamedTuple):
     # With momentum: the last update's direction (flat, zeros after a rejected step).
     previous_direction: jax.Array | None = None
     rejected: RejectedSteps | None = None
+    # With ``adapt_every`` > 1: the step length, momentum and λ measured last.
+    adaptation: Adaptation | None = None

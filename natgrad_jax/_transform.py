@@ -37,7 +37,7 @@ from natgrad_jax._parameters import (
 from natgrad_jax._precision import EXACT, matmul_precision, statistics_precision
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.solver import Solver, solve_on_leaves
-from natgrad_jax._state import NaturalGradientState, RejectedSteps
+from natgrad_jax._state import Adaptation, NaturalGradientState, RejectedSteps
 from natgrad_jax._value_and_grad import check_forward_pass
 
 PyTree = Any
@@ -129,6 +129,16 @@ def _check_statistics_every(statistics_every, refresh_every) -> None:
         raise ValueError("statistics_every needs refresh_every as a Python int.")
 
 
+def _checked_adapt_every(adapt_every) -> int:
+    if adapt_every is None:
+        return 1
+    if isinstance(adapt_every, bool) or not (
+        isinstance(adapt_every, numbers.Integral) and adapt_every >= 1
+    ):
+        raise ValueError(f"adapt_every must be a Python int ≥ 1, got {adapt_every!r}.")
+    return int(adapt_every)
+
+
 def _check_separate_cadences(curvature: Solver, params, statistics_every, refresh_every) -> None:
     separate = statistics_every is not None and statistics_every != refresh_every
     if separate and not curvature.averages_for(params):
@@ -212,6 +222,7 @@ def scale_by_natural_gradient(
     decay: float | jax.Array | None = None,
     refresh_every: int | jax.Array | None = None,
     statistics_every: int | None = None,
+    adapt_every: int | None = None,
     num_samples: int | None = None,
     seed: int | jax.Array = 0,
     max_curvature_bytes: float | None = DEFAULT_MAX_CURVATURE_BYTES,
@@ -429,6 +440,7 @@ class _Options:
     decay: float | jax.Array
     refresh_every: int | jax.Array
     statistics_every: int | None
+    adapt_every: int
     num_samples: int
     seed: int | jax.Array
     max_curvature_bytes: float | None
@@ -487,6 +499,7 @@ def _validated_options(*, model, fisher, damping, solver, decay, refresh_every, 
         solver = solver.without_damping()
     refresh_every = 1 if refresh_every is None else refresh_every
     _check_statistics_every(rest["statistics_every"], refresh_every)
+    rest["adapt_every"] = _checked_adapt_every(rest["adapt_every"])
     return _Options(
         model=model,
         fisher=fisher,
@@ -549,6 +562,7 @@ def _init(options: _Options, params) -> NaturalGradientState:
         factorised_damping=jnp.asarray(initial_damping, dtype),
         previous_direction=(vectors.zeros_as(params, dtype) if keeps_previous else None),
         rejected=RejectedSteps.none(),
+        adaptation=None if options.adapt_every == 1 else Adaptation.initial(dtype),
     )
 
 
@@ -589,11 +603,6 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
     dtype = vectors.dtype_of(gradient)
     _check_memory(options.solver, params, dtype, options.max_curvature_bytes, batch)
     plan = _plan(options, state, batch)
-    if plan.modelled:
-        # The quadratic model's forward-mode products linearise the model at every step
-        # (with ``forward`` too: ``CurvatureBatch.linearised``); the damping rule's loss
-        # shares that pass.
-        batch = dataclasses.replace(batch, model_pass=batch.linearised())
     # A skipped step must leave the curvature as it found it: with the damping rule, a
     # batch whose gradient is not finite refreshes nothing (selecting the whole state
     # afterwards would read and write every factor at every step).
@@ -601,26 +610,21 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
         batch = dataclasses.replace(batch, measurable=vectors.all_finite(gradient))
     factorised, factorised_damping = _advance_curvature(options, state, batch, damping, plan)
     with matmul_precision(EXACT):
-        direction, curvature, fisher_quadratic = _direction(
-            options, factorised, batch, gradient, damping, state.previous_direction, plan
-        )
-        direction, fisher_quadratic = _trust_region(
-            options, state.count, batch, curvature, gradient, direction, damping, fisher_quadratic
-        )
-        direction, next_damping, taken = _adapt_damping(
-            options, batch, gradient, direction, damping, fisher_quadratic
-        )
+        direction, curvature = solve_on_leaves(options.solver, factorised, batch, gradient, damping)
+        step = _shaped_step(options, state, batch, curvature, gradient, direction, damping, plan)
+    direction = step.direction
     next_state = NaturalGradientState(
         count=optax.safe_int32_increment(state.count),
         key=key,
-        damping=next_damping.astype(state.damping.dtype),
+        damping=step.next_damping.astype(state.damping.dtype),
         curvature=curvature,
         factorised_damping=factorised_damping,
         previous_direction=None if state.previous_direction is None else direction,
-        rejected=_count_rejections(state.rejected, taken),
+        rejected=_count_rejections(state.rejected, step.taken),
+        adaptation=step.adaptation,
     )
     if options.adaptive:  # a skipped non-finite step leaves the state as it found it
-        next_state = _unless_skipped(taken.finite, next_state, state, factorised)
+        next_state = _unless_skipped(step.taken.finite, next_state, state, factorised)
     # Every device holds the same numbers; say so to shard_map.
     invariant = lambda tree: device_invariant(tree, options.axis_name)
     next_state = next_state._replace(
@@ -628,6 +632,7 @@ def _precondition(options: _Options, updates, state, params, frozen, inputs, tar
         curvature=invariant(next_state.curvature),
         factorised_damping=invariant(next_state.factorised_damping),
         previous_direction=invariant(next_state.previous_direction),
+        adaptation=invariant(next_state.adaptation),
     )
     direction = invariant(direction)
     new_updates = [new.astype(old.dtype) for new, old in zip(direction, update_leaves, strict=True)]
@@ -706,15 +711,70 @@ def _advance_curvature(options: _Options, state, batch, damping, plan: _StepPlan
     return curvature, factorised_damping
 
 
-def _direction(options: _Options, curvature, batch, gradient, damping, previous, plan: _StepPlan):
-    """``(d, curvature state, dᵀFd or None)``: the solve, then, with the quadratic model,
-    the minimiser of the batch's exact model over d (and the previous update)."""
-    direction, curvature = solve_on_leaves(options.solver, curvature, batch, gradient, damping)
-    if not plan.modelled:
-        return direction, curvature, None
-    span = [direction] + ([previous] if plan.with_momentum else [])
-    direction, fisher_quadratic = _minimise_quadratic_model(batch, gradient, span, damping)
-    return direction, curvature, fisher_quadratic
+class _ShapedStep(NamedTuple):
+    """The step after the quadratic model, the trust region and the damping rule."""
+
+    direction: tuple  # leaf by leaf
+    next_damping: jax.Array
+    taken: _Taken
+    adaptation: Adaptation | None
+
+
+def _shaped_step(options: _Options, state, batch, curvature, gradient, direction, damping, plan):
+    """The solve's direction d shaped into the step: with the quadratic model, the
+    minimiser of the batch's exact model over d (and the previous update), then the trust
+    region and the damping rule.
+
+    With ``adapt_every`` > 1 the model's coefficients and λ are measured every that many
+    updates, and again after a rejected step; the updates in between combine their own d
+    (and previous update) with the coefficients measured last and keep λ, sparing the
+    linearisation, its products and the damping rule's forward pass."""
+    span = [direction] + ([state.previous_direction] if plan.with_momentum else [])
+
+    def trust_region(on_batch, step, fisher_quadratic):
+        return _trust_region(
+            options, state.count, on_batch, curvature, gradient, step, damping, fisher_quadratic
+        )
+
+    def measured():
+        coefficients, fisher_quadratic, step, measuring = None, None, direction, batch
+        if plan.modelled:
+            measuring = dataclasses.replace(batch, model_pass=batch.linearised())
+            coefficients, fisher_quadratic = _quadratic_model(measuring, gradient, span, damping)
+            step = vectors.combination(coefficients, span)
+        step, fisher_quadratic = trust_region(measuring, step, fisher_quadratic)
+        step, next_damping, taken = _adapt_damping(
+            options, measuring, gradient, step, damping, fisher_quadratic
+        )
+        return _ShapedStep(step, next_damping, taken, _adaptation(coefficients, taken, state))
+
+    def reused():
+        step = direction
+        if plan.modelled:
+            step = vectors.combination(state.adaptation.coefficients[: len(span)], span)
+        step, _ = trust_region(batch, step, None)
+        finite = vectors.all_finite(gradient, step)
+        if options.adaptive:
+            step = vectors.where(finite, step, 0.0)
+        taken = _Taken(finite, accepted=jnp.ones([], bool))
+        adaptation = state.adaptation._replace(retry=jnp.zeros([], bool))
+        return _ShapedStep(step, state.damping, taken, adaptation)
+
+    if state.adaptation is None or not (plan.modelled or options.adaptive):
+        return measured()._replace(adaptation=state.adaptation)
+    due = (state.count % options.adapt_every == 0) | state.adaptation.retry
+    invariant = lambda step: device_invariant(step, options.axis_name)
+    return jax.lax.cond(due, lambda: invariant(measured()), lambda: invariant(reused()))
+
+
+def _adaptation(coefficients, taken: _Taken, state) -> Adaptation | None:
+    """What a measured step leaves for the updates that reuse it (``adapt_every`` > 1)."""
+    if state.adaptation is None:
+        return None
+    stored = state.adaptation.coefficients
+    if coefficients is not None:
+        stored = jnp.zeros_like(stored).at[: coefficients.shape[0]].set(coefficients)
+    return Adaptation(stored, taken.finite & ~taken.accepted)
 
 
 def _trust_region(
@@ -790,13 +850,14 @@ def _unless_skipped(finite, next_state: NaturalGradientState, state, factorised)
         previous_direction=jax.tree.map(
             keep, next_state.previous_direction, state.previous_direction
         ),
+        adaptation=jax.tree.map(keep, next_state.adaptation, state.adaptation),
     )
 
 
-def _minimise_quadratic_model(batch: CurvatureBatch, gradient, span, damping):
-    """(δ, δᵀFδ): the minimiser δ = Σ_i c_i v_i of the batch's exact quadratic model
-    m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2 vectors v_i of ``span``
-    (each held leaf by leaf).
+def _quadratic_model(batch: CurvatureBatch, gradient, span, damping):
+    """(c, δᵀFδ): the coefficients of the minimiser δ = Σ_i c_i v_i of the batch's
+    exact quadratic model m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2
+    vectors v_i of ``span`` (each held leaf by leaf).
 
     With v = d alone, δ = α d, α = gᵀd / dᵀ(F + λI)d (0 if d is not a descent direction
     of the model): α = 1 for d = (F + λI)⁻¹g, and for an approximate curvature (K-FAC) α
@@ -825,7 +886,7 @@ def _minimise_quadratic_model(batch: CurvatureBatch, gradient, span, damping):
             ]
         )
         coefficients = jnp.where(regular, plane / safe, coefficients)
-    return vectors.combination(coefficients, span), coefficients @ fisher @ coefficients
+    return coefficients, coefficients @ fisher @ coefficients
 
 
 def _kl_quadratic(

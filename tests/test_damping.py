@@ -357,8 +357,9 @@ def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
     products); its prediction must equal the one from a fresh Fisher-vector product."""
     from jax.flatten_util import ravel_pytree
 
+    from natgrad_jax import _vectors as vectors
     from natgrad_jax._solvers.batch import CurvatureBatch
-    from natgrad_jax._transform import _levenberg_marquardt, _minimise_quadratic_model
+    from natgrad_jax._transform import _levenberg_marquardt, _quadratic_model
 
     params = init_mlp(jax.random.PRNGKey(0), [3, 6, 2])
     model = ng.Model(mlp, ng.Gaussian(scale=0.5))
@@ -370,7 +371,8 @@ def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
     rule = ng.LevenbergMarquardt(initial=0.3)
     for flat in (flat_g, jnp.cos(jnp.arange(flat_g.size, dtype=flat_g.dtype))):
         candidate = as_leaves(params, flat)
-        direction, fisher_quadratic = _minimise_quadratic_model(batch, g, [candidate], 0.3)
+        coefficients, fisher_quadratic = _quadratic_model(batch, g, [candidate], 0.3)
+        direction = vectors.combination(coefficients, [candidate])
         reused = _levenberg_marquardt(rule, batch, g, direction, 0.3, fisher_quadratic)
         fresh = _levenberg_marquardt(rule, batch, g, direction, 0.3)
         np.testing.assert_allclose(reused[0], fresh[0], rtol=1e-12)
