@@ -27,15 +27,17 @@ class RejectedSteps(NamedTuple):
 class Adaptation(NamedTuple):
     """What the last measured step found, reused until the next is due (``adapt_every``)."""
 
-    # The quadratic model's coefficients (α, μ) of the direction and the previous update
-    # (zeros where unused).
-    coefficients: jax.Array
+    # α: the quadratic model's minimiser along the direction alone (float []).
+    step_length: jax.Array
+    # (α d)ᵀ(F̂ + λI)(α d) by the solve's own curvature F̂ (K-FAC: α² gᵀd): the steps that
+    # reuse α are no longer than this in that norm.
+    solver_quadratic: jax.Array
     # Levenberg–Marquardt rejected the last measured step: measure again at the next one.
     retry: jax.Array
 
     @classmethod
     def initial(cls, dtype) -> Adaptation:
-        return cls(jnp.zeros([2], dtype), jnp.zeros([], bool))
+        return cls(jnp.zeros([], dtype), jnp.zeros([], dtype), jnp.zeros([], bool))
 
 
 class NaturalGradientState(NamedTuple):

@@ -725,10 +725,12 @@ def _shaped_step(options: _Options, state, batch, curvature, gradient, direction
     minimiser of the batch's exact model over d (and the previous update), then the trust
     region and the damping rule.
 
-    With ``adapt_every`` > 1 the model's coefficients and λ are measured every that many
-    updates, and again after a rejected step; the updates in between combine their own d
-    (and previous update) with the coefficients measured last and keep λ, sparing the
-    linearisation, its products and the damping rule's forward pass."""
+    With ``adapt_every`` > 1 the model and λ are measured every that many updates, and
+    again after a rejected step; the updates in between take their own d at the step
+    length α last measured along d alone and keep λ, sparing the linearisation, its
+    products and the damping rule's forward pass. (Not the momentum's coefficient too:
+    the recurrence p ← α d + μ p with a μ held fixed grows without bound for |μ| ≥ 1,
+    which the plane's minimiser often has.)"""
     span = [direction] + ([state.previous_direction] if plan.with_momentum else [])
 
     def trust_region(on_batch, step, fisher_quadratic):
@@ -737,21 +739,40 @@ def _shaped_step(options: _Options, state, batch, curvature, gradient, direction
         )
 
     def measured():
-        coefficients, fisher_quadratic, step, measuring = None, None, direction, batch
+        model, fisher_quadratic, step, measuring = None, None, direction, batch
         if plan.modelled:
             measuring = dataclasses.replace(batch, model_pass=batch.linearised())
-            coefficients, fisher_quadratic = _quadratic_model(measuring, gradient, span, damping)
-            step = vectors.combination(coefficients, span)
+            model = _quadratic_model(measuring, gradient, span, damping)
+            step, fisher_quadratic = (
+                vectors.combination(model.coefficients, span),
+                model.fisher_quadratic,
+            )
         step, fisher_quadratic = trust_region(measuring, step, fisher_quadratic)
         step, next_damping, taken = _adapt_damping(
             options, measuring, gradient, step, damping, fisher_quadratic
         )
-        return _ShapedStep(step, next_damping, taken, _adaptation(coefficients, taken, state))
+        return _ShapedStep(step, next_damping, taken, adaptation(model, taken))
+
+    def solver_quadratic(step_length):
+        return step_length**2 * options.solver.step_quadratic(curvature, gradient, direction)
+
+    def adaptation(model: _QuadraticModel | None, taken: _Taken) -> Adaptation | None:
+        if state.adaptation is None:
+            return None
+        measured = state.adaptation
+        if model is not None:
+            step_length = model.step_length.astype(measured.step_length.dtype)
+            measured = Adaptation(step_length, solver_quadratic(step_length), measured.retry)
+        return measured._replace(retry=taken.finite & ~taken.accepted)
 
     def reused():
         step = direction
         if plan.modelled:
-            step = vectors.combination(state.adaptation.coefficients[: len(span)], span)
+            measured = state.adaptation
+            longest = trust_region_scale(
+                solver_quadratic(measured.step_length), 0.5 * measured.solver_quadratic
+            )
+            step = vectors.scale(measured.step_length * longest, direction)
         step, _ = trust_region(batch, step, None)
         finite = vectors.all_finite(gradient, step)
         if options.adaptive:
@@ -765,16 +786,6 @@ def _shaped_step(options: _Options, state, batch, curvature, gradient, direction
     due = (state.count % options.adapt_every == 0) | state.adaptation.retry
     invariant = lambda step: device_invariant(step, options.axis_name)
     return jax.lax.cond(due, lambda: invariant(measured()), lambda: invariant(reused()))
-
-
-def _adaptation(coefficients, taken: _Taken, state) -> Adaptation | None:
-    """What a measured step leaves for the updates that reuse it (``adapt_every`` > 1)."""
-    if state.adaptation is None:
-        return None
-    stored = state.adaptation.coefficients
-    if coefficients is not None:
-        stored = jnp.zeros_like(stored).at[: coefficients.shape[0]].set(coefficients)
-    return Adaptation(stored, taken.finite & ~taken.accepted)
 
 
 def _trust_region(
@@ -854,10 +865,16 @@ def _unless_skipped(finite, next_state: NaturalGradientState, state, factorised)
     )
 
 
-def _quadratic_model(batch: CurvatureBatch, gradient, span, damping):
-    """(c, δᵀFδ): the coefficients of the minimiser δ = Σ_i c_i v_i of the batch's
-    exact quadratic model m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2
-    vectors v_i of ``span`` (each held leaf by leaf).
+class _QuadraticModel(NamedTuple):
+    coefficients: jax.Array  # (k,): c of the minimiser over the span
+    fisher_quadratic: jax.Array  # δᵀFδ of that minimiser
+    step_length: jax.Array  # α of the minimiser along d alone
+
+
+def _quadratic_model(batch: CurvatureBatch, gradient, span, damping) -> _QuadraticModel:
+    """The coefficients c of the minimiser δ = Σ_i c_i v_i of the batch's exact quadratic
+    model m(−δ) = −gᵀδ + ½ δᵀ(F + λI)δ over the span of the k ≤ 2 vectors v_i of
+    ``span`` (each held leaf by leaf), δᵀFδ, and the minimiser's α along d = v_1 alone.
 
     With v = d alone, δ = α d, α = gᵀd / dᵀ(F + λI)d (0 if d is not a descent direction
     of the model): α = 1 for d = (F + λI)⁻¹g, and for an approximate curvature (K-FAC) α
@@ -886,7 +903,7 @@ def _quadratic_model(batch: CurvatureBatch, gradient, span, damping):
             ]
         )
         coefficients = jnp.where(regular, plane / safe, coefficients)
-    return coefficients, coefficients @ fisher @ coefficients
+    return _QuadraticModel(coefficients, coefficients @ fisher @ coefficients, alpha)
 
 
 def _kl_quadratic(

@@ -371,7 +371,7 @@ def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
     rule = ng.LevenbergMarquardt(initial=0.3)
     for flat in (flat_g, jnp.cos(jnp.arange(flat_g.size, dtype=flat_g.dtype))):
         candidate = as_leaves(params, flat)
-        coefficients, fisher_quadratic = _quadratic_model(batch, g, [candidate], 0.3)
+        coefficients, fisher_quadratic, _ = _quadratic_model(batch, g, [candidate], 0.3)
         direction = vectors.combination(coefficients, [candidate])
         reused = _levenberg_marquardt(rule, batch, g, direction, 0.3, fisher_quadratic)
         fresh = _levenberg_marquardt(rule, batch, g, direction, 0.3)

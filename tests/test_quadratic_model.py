@@ -47,17 +47,17 @@ def test_the_minimiser_over_a_plane_solves_the_two_by_two_model():
     coefficients, want = _plane_minimiser(fisher, np.asarray(g), [d, p])
     assert min(abs(coefficients)) > 0.01 * max(abs(coefficients))  # both matter here
     leaves = functools.partial(as_leaves, params)
-    got, fisher_quadratic = _quadratic_model(batch, leaves(g), [leaves(d), leaves(p)], DAMPING)
+    got, fisher_quadratic, _ = _quadratic_model(batch, leaves(g), [leaves(d), leaves(p)], DAMPING)
     np.testing.assert_allclose(got, coefficients, rtol=1e-9)
     np.testing.assert_allclose(fisher_quadratic, want @ fisher @ want, rtol=1e-9)
     # along d alone: α = gᵀd / dᵀ(F + λI)d
     (alpha,), want_line = _plane_minimiser(fisher, np.asarray(g), [d])
-    line, _ = _quadratic_model(batch, leaves(g), [leaves(d)], DAMPING)
+    line, _, _ = _quadratic_model(batch, leaves(g), [leaves(d)], DAMPING)
     np.testing.assert_allclose(line * d, want_line, rtol=1e-9)
     # a previous update of 0 (first step, rejected step) or parallel to d: d alone
     for degenerate in (jnp.zeros_like(d), -2.0 * d):
         span = [leaves(d), leaves(degenerate)]
-        plane, _ = _quadratic_model(batch, leaves(g), span, DAMPING)
+        plane, _, _ = _quadratic_model(batch, leaves(g), span, DAMPING)
         np.testing.assert_allclose(plane, [alpha, 0.0], rtol=1e-9)
 
 
