@@ -222,6 +222,7 @@ GRIDS = {
     "adamw": ("lr", (1e-3, 3e-3, 1e-2)),
     "muon": ("lr", (3e-3, 1e-2, 3e-2)),
     "ngd defaults": ("lr", (0.25, 0.5, 1.0)),
+    "ngd adapt_every=5": ("lr", (0.25, 0.5, 1.0)),
     "ngd kl-clipped": ("max_kl", (0.03, 0.1, 0.3)),
     "ng eigenbasis adam": ("lr", (1e-3, 3e-3, 1e-2)),
 }
@@ -254,6 +255,7 @@ def race(model, params, batches, validation_loss, args, plot_as):
         "adamw": optax.adamw,
         "muon": optax.contrib.muon,
         "ngd defaults": lambda lr: ng.natural_gradient(model, lr),
+        "ngd adapt_every=5": lambda lr: ng.natural_gradient(model, lr, adapt_every=5),
         "ngd kl-clipped": lambda max_kl: kl_clipped_kfac(model, max_kl),
         "ng eigenbasis adam": lambda lr: ng.eigenbasis_adam(model, lr),
     }

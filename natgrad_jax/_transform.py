@@ -320,6 +320,19 @@ def scale_by_natural_gradient(
         refresh_every=20`` is the usual K-FAC: cheap statistics at every step, the
         inverses every 20. Needs a solver with separate ``measure`` and
         ``factorise`` (dense, Kronecker, diagonal, block-diagonal).
+      adapt_every: measure the quadratic model (``rescale``, ``momentum``) and adapt a
+        Levenberg–Marquardt λ every this many updates (a Python int; ``None`` means 1),
+        and again at the update after a rejected step. The updates in between take
+        their own direction d at the step length α last measured along d alone, no
+        longer than that step in the solve's own norm (α² gᵀd for K-FAC: free), and
+        keep λ: they spare the linearisation, its forward-mode products and the
+        damping rule's forward pass, so a step costs about what the solve costs. The
+        momentum acts at the measured updates only (a momentum coefficient held fixed
+        can make the steps grow without bound). On the transformer LM of
+        ``benchmarks/transformer_lm.py``, ``adapt_every=5`` makes the amortised step
+        1.4× AdamW's instead of 2.4× and wins at equal time where every-step
+        measurement loses; unchecked updates are not rejected, so keep it where the
+        curvature is an approximation that is refreshed on a cadence too.
       num_samples: labels sampled per example for the Monte-Carlo Fisher (a Python int;
         ``None`` means 1). It fixes array shapes, so with ``optax.inject_hyperparams``
         list it in ``static_args``.
@@ -1024,6 +1037,8 @@ def natural_gradient(
         ``scale_by_natural_gradient``; with ``"auto"`` its K-FAC factors' cadence).
       statistics_every (int | None): measure the curvature statistics every this many steps
         (``None``: with every refactorisation).
+      adapt_every (int | None): measure the quadratic model and adapt λ every this many
+        steps (``None`` means 1; see ``scale_by_natural_gradient``).
       num_samples (int | None): Monte-Carlo labels per example (``None`` means 1).
       seed (int): seed of the Monte-Carlo PRNG key held in the state.
       max_curvature_bytes (float | None): memory budget of the curvature (``None``: unchecked).

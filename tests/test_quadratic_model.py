@@ -127,3 +127,66 @@ def test_natural_gradient_takes_momentum_where_the_solve_is_an_approximation(mon
 
     assert not holds_previous("kronecker", scale)
     assert holds_previous("dense", scale, momentum=True)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_adapt_every_reuses_the_measured_step_length_within_its_own_bound(momentum):
+    """``adapt_every=3``, exact diagonal, fixed λ, five batches: steps 0 and 3 are the
+    dense quadratic model's minimisers (over d, or the plane of d and the previous
+    step); steps 1, 2 and 4 are α d with the α measured last along d alone, shortened
+    where α² gᵀd would exceed its value at the measured step."""
+    model, params, _, _ = _problem()
+    tx = ng.scale_by_natural_gradient(
+        model, solver="diagonal", damping=DAMPING, rescale=True, momentum=momentum, adapt_every=3
+    )
+    state = tx.init(params)
+    previous, alpha, bound, scales = None, None, None, []
+    for k in range(5):
+        _, _, x, y = _problem(seed=10 + k)
+        g = jax.grad(model.nll)(params, x, y)
+        updates, state = tx.update(g, state, params, inputs=x, targets=y)
+        fisher = np.asarray(ng.fisher(model, params, x))
+        flat_g = np.asarray(ravel_pytree(g)[0])
+        d = flat_g / (np.diag(fisher) + DAMPING)
+        if k % 3 == 0:
+            (alpha,), _ = _plane_minimiser(fisher, flat_g, [d])
+            span = [d] if previous is None or not momentum else [d, previous]
+            _, want = _plane_minimiser(fisher, flat_g, span)
+            bound = alpha**2 * flat_g @ d
+        else:
+            scale = min(1.0, np.sqrt(bound / (alpha**2 * flat_g @ d)))
+            want = alpha * scale * d
+            scales.append(scale)
+        np.testing.assert_allclose(ravel_pytree(updates)[0], want, rtol=1e-9)
+        previous = want
+        params = optax.apply_updates(params, jax.tree.map(lambda u: -0.5 * u, updates))
+    assert min(scales) < 1.0  # the bound acts on some step
+
+
+def test_adapt_every_adapts_damping_at_measured_steps_and_again_after_a_rejection():
+    """Levenberg–Marquardt with ``adapt_every=3``: λ moves only at steps 0 and 3, except
+    that a rejected step is measured again at the next update. An ascent direction
+    passed as the gradient is rejected at each measurement (λ × 10); the descent
+    gradient afterwards is accepted (λ × 2/3 at steps 2 and 3), and λ then holds."""
+    model, params, x, y = _problem()
+    rule = ng.LevenbergMarquardt(initial=1.0)
+    tx = ng.scale_by_natural_gradient(model, solver="diagonal", damping=rule, adapt_every=3)
+    state = tx.init(params)
+    dampings, rejections = [], []
+    for k in range(6):
+        g = jax.grad(model.nll)(params, x, y)
+        sign = -1.0 if k < 2 else 1.0  # two rejected steps: 0 (due) and 1 (its retry)
+        given = jax.tree.map(lambda v, s=sign: s * v, g)
+        updates, state = tx.update(given, state, params, inputs=x, targets=y)
+        params = optax.apply_updates(params, jax.tree.map(lambda u: -u, updates))
+        dampings.append(float(state.damping))
+        rejections.append(int(state.rejected.no_decrease))
+    np.testing.assert_allclose(dampings, [10, 100, 200 / 3, 400 / 9, 400 / 9, 400 / 9], rtol=1e-12)
+    assert rejections == [1, 2, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("adapt_every", [0, -2, 1.5, True, "5"])
+def test_adapt_every_refuses_what_is_not_a_positive_python_int(adapt_every):
+    model, _, _, _ = _problem()
+    with pytest.raises(ValueError, match="adapt_every"):
+        ng.scale_by_natural_gradient(model, adapt_every=adapt_every)
