@@ -235,18 +235,23 @@ def check_shard_map(model, params, x, y, g, singles):
 
 def check_one_pass_in_shard_map(model, params, x, y, singles):
     """ng.value_and_grad inside shard_map: the loss, gradient and update of the whole
-    batch, as on one device without it."""
-    for kind, solver, damping, momentum in (
-        ("exact", "kronecker", 1e-2, False),
-        ("exact", "kronecker", ng.LevenbergMarquardt(), True),
+    batch, as on one device without it (with ``adapt_every``, the measured step's
+    ``lax.cond`` too)."""
+    for kind, solver, damping, momentum, adapt_every in (
+        ("exact", "kronecker", 1e-2, False, None),
+        ("exact", "kronecker", ng.LevenbergMarquardt(), True, None),
+        ("exact", "kronecker", ng.LevenbergMarquardt(), True, 2),
         (
             "empirical",
             ng.ConjugateGradient(tol=1e-13, max_iters=500),
             ng.LevenbergMarquardt(),
             False,
+            None,
         ),
     ):
-        options = dict(fisher=kind, solver=solver, damping=damping, momentum=momentum)
+        options = dict(
+            fisher=kind, solver=solver, damping=damping, momentum=momentum, adapt_every=adapt_every
+        )
         single_tx = ng.natural_gradient(model, 0.1, **options)
         tx = ng.natural_gradient(model, 0.1, axis_name="data", **options)
         g = jax.grad(model.nll)(params, x, y)
@@ -264,7 +269,7 @@ def check_one_pass_in_shard_map(model, params, x, y, singles):
             return loss, grads, updates
 
         loss, grads, updates = mapped(step, x, y)
-        name = f"{kind}{', momentum' if momentum else ''}"
+        name = f"{kind}{', momentum' if momentum else ''}, adapt_every={adapt_every}"
         close(loss, model.nll(params, x, y), f"one-pass loss[{name}]")
         close(ravel_pytree(grads)[0], ravel_pytree(g)[0], f"one-pass gradient[{name}]")
         close(ravel_pytree(updates)[0], ravel_pytree(single)[0], f"one-pass update[{name}]")

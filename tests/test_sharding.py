@@ -25,7 +25,7 @@ EXPECTED_UPDATES = {
         "ok spread eigenbasis": 11,
         "memory ratio ": 8,
     },
-    "shard_map": {"ok shard_map update[": 12, "ok one-pass update[": 3},
+    "shard_map": {"ok shard_map update[": 12, "ok one-pass update[": 4},
     "traced_inside": {"ok traced-inside update[": 2},
 }
 

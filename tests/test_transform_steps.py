@@ -13,13 +13,15 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad_jax as ng
 from natgrad_jax._solvers.batch import CurvatureBatch
+from natgrad_jax._solvers.solver import solve_on_leaves
 from natgrad_jax._state import RejectedSteps
 from natgrad_jax._transform import (
     _adapt_damping,
     _advance_curvature,
     _count_rejections,
-    _direction,
     _init,
+    _quadratic_model,
+    _shaped_step,
     _StepPlan,
     _Taken,
     _trust_region,
@@ -36,6 +38,7 @@ DEFAULTS = {
     "decay": None,
     "refresh_every": None,
     "statistics_every": None,
+    "adapt_every": None,
     "num_samples": None,
     "seed": 0,
     "max_curvature_bytes": None,
@@ -137,18 +140,25 @@ def test_adaptive_damping_refactorises_between_refreshes_once_lambda_moved():
 # --- the direction -------------------------------------------------------------------
 
 
+def _shaped(options, state, curvature, batch, gradient, plan, previous=None):
+    """The solve's direction and the step ``_shaped_step`` makes of it (fixed λ 1e-2)."""
+    direction, curvature = solve_on_leaves(options.solver, curvature, batch, gradient, 1e-2)
+    state = state._replace(previous_direction=previous)
+    step = _shaped_step(options, state, batch, curvature, gradient, direction, 1e-2, plan)
+    return direction, step
+
+
 def test_the_direction_is_the_solve_without_the_quadratic_model():
     model, params, x, y, gradient = _problem()
     options = _options(model)
     state = _init(options, params)
     batch = _batch(model, params, x, y)
     curvature, _ = _advance_curvature(options, state, batch, 1e-2, PLAIN)
-    direction, _, fisher_quadratic = _direction(
-        options, curvature, batch, as_leaves(params, gradient), 1e-2, None, PLAIN
-    )
+    leaves = as_leaves(params, gradient)
+    direction, step = _shaped(options, state, curvature, batch, leaves, PLAIN)
     _, damped = _damped(model, params, x, 1e-2)
     np.testing.assert_allclose(as_flat(direction), np.linalg.solve(damped, gradient), rtol=1e-8)
-    assert fisher_quadratic is None
+    np.testing.assert_array_equal(as_flat(step.direction), as_flat(direction))
 
 
 def test_the_quadratic_model_rescales_the_direction_and_adds_the_previous_update():
@@ -165,20 +175,23 @@ def test_the_quadratic_model_rescales_the_direction_and_adds_the_previous_update
 
     rescaled = _StepPlan(rescaled=True, with_momentum=False)
     leaves = as_leaves(params, gradient)
-    direction, _, quadratic = _direction(options, curvature, batch, leaves, 1e-2, None, rescaled)
+    _, step = _shaped(options, state, curvature, batch, leaves, rescaled)
     alpha = (gradient @ d) / (d @ damped @ d)
-    np.testing.assert_allclose(as_flat(direction), alpha * d, rtol=1e-8)
+    np.testing.assert_allclose(as_flat(step.direction), alpha * d, rtol=1e-8)
+    (got_alpha,), quadratic, _ = _quadratic_model(batch, leaves, [as_leaves(params, d)], 1e-2)
+    np.testing.assert_allclose(got_alpha, alpha, rtol=1e-8)
     np.testing.assert_allclose(quadratic, (alpha * d) @ fisher @ (alpha * d), rtol=1e-8)
 
     previous = np.asarray(jax.random.normal(jax.random.PRNGKey(4), d.shape))
     both = _StepPlan(rescaled=True, with_momentum=True)
-    direction, _, quadratic = _direction(
-        options, curvature, batch, leaves, 1e-2, as_leaves(params, previous), both
-    )
+    _, step = _shaped(options, state, curvature, batch, leaves, both, as_leaves(params, previous))
     basis = np.stack([d, previous], axis=1)
     coefficients = np.linalg.solve(basis.T @ damped @ basis, basis.T @ gradient)
     expected = basis @ coefficients
-    np.testing.assert_allclose(as_flat(direction), expected, rtol=1e-7)
+    np.testing.assert_allclose(as_flat(step.direction), expected, rtol=1e-7)
+    span = [as_leaves(params, d), as_leaves(params, previous)]
+    got, quadratic, _ = _quadratic_model(batch, leaves, span, 1e-2)
+    np.testing.assert_allclose(got, coefficients, rtol=1e-7)
     np.testing.assert_allclose(quadratic, expected @ fisher @ expected, rtol=1e-7)
 
 
