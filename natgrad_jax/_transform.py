@@ -773,27 +773,27 @@ def _shaped_step(options: _Options, state, batch, curvature, gradient, direction
     def adaptation(model: _QuadraticModel | None, taken: _Taken) -> Adaptation | None:
         if state.adaptation is None:
             return None
-        measured = state.adaptation
+        last = state.adaptation
         if model is not None:
-            step_length = model.step_length.astype(measured.step_length.dtype)
-            measured = Adaptation(step_length, solver_quadratic(step_length), measured.retry)
-        return measured._replace(retry=taken.finite & ~taken.accepted)
+            step_length = model.step_length.astype(last.step_length.dtype)
+            last = Adaptation(step_length, solver_quadratic(step_length), last.retry)
+        return last._replace(retry=taken.finite & ~taken.accepted)
 
     def reused():
         step = direction
         if plan.modelled:
-            measured = state.adaptation
+            last = state.adaptation
             longest = trust_region_scale(
-                solver_quadratic(measured.step_length), 0.5 * measured.solver_quadratic
+                solver_quadratic(last.step_length), 0.5 * last.solver_quadratic
             )
-            step = vectors.scale(measured.step_length * longest, direction)
+            step = vectors.scale(last.step_length * longest, direction)
         step, _ = trust_region(batch, step, None)
         finite = vectors.all_finite(gradient, step)
         if options.adaptive:
             step = vectors.where(finite, step, 0.0)
         taken = _Taken(finite, accepted=jnp.ones([], bool))
         adaptation = state.adaptation._replace(retry=jnp.zeros([], bool))
-        return _ShapedStep(step, state.damping, taken, adaptation)
+        return _ShapedStep(step, jnp.asarray(damping, state.damping.dtype), taken, adaptation)
 
     if state.adaptation is None or not (plan.modelled or options.adaptive):
         return measured()._replace(adaptation=state.adaptation)
