@@ -331,7 +331,7 @@ def scale_by_natural_gradient(
         grow without bound). ``None`` means 1. The updates it does not measure are not
         rejected; measured on ``benchmarks/``, ``adapt_every=5`` with K-FAC refreshed
         every 5 steps makes a step 1.3–1.4 AdamW steps amortised on the transformer LM
-        instead of 2.1–2.4 (and its loss at equal time ahead of AdamW's, where
+        instead of about 2 (and its loss at equal time ahead of AdamW's, where
         measuring every step is level or behind), but the deep autoencoder needs 120
         steps to Adam's loss instead of 50 and loses the time it saved.
       num_samples: labels sampled per example for the Monte-Carlo Fisher (a Python int;
