@@ -55,5 +55,5 @@ class NaturalGradientState(NamedTuple):
     # With momentum: the last update's direction (flat, zeros after a rejected step).
     previous_direction: jax.Array | None = None
     rejected: RejectedSteps | None = None
-    # With ``adapt_every`` > 1: the step length, momentum and λ measured last.
+    # With ``adapt_every`` > 1: the step length and its bound measured last.
     adaptation: Adaptation | None = None

@@ -752,11 +752,6 @@ def _shaped_step(options: _Options, state, batch, curvature, gradient, direction
             options, state.count, on_batch, curvature, gradient, step, damping, fisher_quadratic
         )
 
-    @exact_matmuls
-    def quadratic_model(measuring):
-        model = _quadratic_model(measuring, gradient, span, damping)
-        return model, vectors.combination(model.coefficients, span)
-
     def measured():
         model, fisher_quadratic, step, measuring = None, None, direction, batch
         if plan.modelled:
@@ -764,16 +759,16 @@ def _shaped_step(options: _Options, state, batch, curvature, gradient, direction
             # products at the statistics' precision (on the LM's CPU step, "highest"
             # made them 10–13 ms slower); the algebra on them at full precision.
             measuring = dataclasses.replace(batch, model_pass=batch.linearised())
-            model, step = quadratic_model(measuring)
-            fisher_quadratic = model.fisher_quadratic
-        return exact_matmuls(finish)(measuring, step, fisher_quadratic, model)
-
-    def finish(measuring, step, fisher_quadratic, model):
-        step, fisher_quadratic = trust_region(measuring, step, fisher_quadratic)
-        step, next_damping, taken = _adapt_damping(
-            options, measuring, gradient, step, damping, fisher_quadratic
-        )
-        return _ShapedStep(step, next_damping, taken, adaptation(model, taken))
+        with matmul_precision(EXACT):
+            if plan.modelled:
+                model = _quadratic_model(measuring, gradient, span, damping)
+                step = vectors.combination(model.coefficients, span)
+                fisher_quadratic = model.fisher_quadratic
+            step, fisher_quadratic = trust_region(measuring, step, fisher_quadratic)
+            step, next_damping, taken = _adapt_damping(
+                options, measuring, gradient, step, damping, fisher_quadratic
+            )
+            return _ShapedStep(step, next_damping, taken, adaptation(model, taken))
 
     def solver_quadratic(step_length):
         return step_length**2 * options.solver.step_quadratic(curvature, gradient, direction)
@@ -806,7 +801,7 @@ def _shaped_step(options: _Options, state, batch, curvature, gradient, direction
 
     if state.adaptation is None or not (plan.modelled or options.adaptive):
         return measured()._replace(adaptation=state.adaptation)
-    due = (state.count % options.adapt_every == 0) | state.adaptation.retry
+    due = due_every(options.adapt_every, state.count) | state.adaptation.retry
     invariant = lambda step: device_invariant(step, options.axis_name)
     return jax.lax.cond(due, lambda: invariant(measured()), lambda: invariant(reused()))
 
