@@ -10,7 +10,10 @@ but not for what the library promises to the last digit:
 * factorisations and solves (Cholesky/eigendecomposition inverses, the Woodbury kernel's
   eigenbasis, conjugate gradients, the step's trust region): always at ``"highest"``;
 * the transform's statistics: at its ``precision=`` (default ``None``: JAX's default,
-  TF32 on such GPUs; ``"highest"`` for full float32 statistics).
+  TF32 on such GPUs; ``"highest"`` for full float32 statistics), and so the step's
+  other passes through the model (the quadratic model's linearisation, the damping
+  rule's loss at θ − d): like the gradient, estimates the algebra after them takes
+  exactly.
 
 The precision is fixed while a function is traced, so this holds under ``jax.jit`` too.
 On CPUs every setting computes in full precision.
@@ -31,6 +34,13 @@ def matmul_precision(precision: str | None):
     """A context setting ``jax.default_matmul_precision`` (``None``: leave it as it is)."""
     if precision is None:
         return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
+
+
+def model_precision(precision: str | None):
+    """A context setting ``jax.default_matmul_precision`` to ``precision``, ``None`` (JAX's
+    default) included: a pass of the model traced inside an ``EXACT`` context runs at
+    the statistics' precision (``statistics_precision``), not at full precision."""
     return jax.default_matmul_precision(precision)
 
 

@@ -22,7 +22,6 @@ from natgrad_jax._fisher import (
     check_num_samples,
     check_same_batch,
     device_invariant,
-    device_mean,
 )
 from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._linalg import trust_region_scale
@@ -363,6 +362,8 @@ def scale_by_natural_gradient(
         network, factor and kernel products): ``None`` follows
         ``jax.default_matmul_precision`` (TF32 for float32 on recent NVIDIA GPUs,
         relative error ~1e-3, a few times faster); ``"highest"`` gives full float32.
+        The step's own passes (the quadratic model's linearisation and products, the
+        damping rule's loss at θ − d, ``max_kl``'s exact Fisher) follow it too.
         Factorisations, solves and the trust region always run at ``"highest"``, and so
         do the products that Woodbury and CG measure inside their solves.
       rescale: scale the direction d to the minimiser of the batch's exact quadratic
@@ -755,9 +756,8 @@ def _shaped_step(options: _Options, state, batch, curvature, gradient, direction
     def measured():
         model, fisher_quadratic, step, measuring = None, None, direction, batch
         if plan.modelled:
-            # The model's linearisation outside the exact context: its forward pass and
-            # products at the statistics' precision (on the LM's CPU step, "highest"
-            # made them 10–13 ms slower); the algebra on them at full precision.
+            # The linearisation runs at the statistics' precision wherever it is traced
+            # (``CurvatureBatch.linearised``), the algebra on it at full precision.
             measuring = dataclasses.replace(batch, model_pass=batch.linearised())
         with matmul_precision(EXACT):
             if plan.modelled:
@@ -963,9 +963,7 @@ def _levenberg_marquardt(
 
     ``fisher_quadratic``: dᵀFd where already measured (else one Fisher-vector product)."""
     step = vectors.scale(-1, direction)
-    moved = vectors.moved(batch.params, step)
-    moved_nll = device_mean(batch.model.nll(moved, batch.inputs, batch.targets), batch.axis_name)
-    actual = moved_nll - batch.nll()
+    actual = batch.nll_at(vectors.moved(batch.params, step)) - batch.nll()
     if fisher_quadratic is None:
         fisher_quadratic = vectors.vdot(step, batch.matvec(step))
     predicted = vectors.vdot(gradient, step) + 0.5 * fisher_quadratic

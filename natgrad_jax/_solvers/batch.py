@@ -30,6 +30,7 @@ from natgrad_jax._fisher import (
     scores_by_leaf,
 )
 from natgrad_jax._model import Model
+from natgrad_jax._precision import model_precision
 
 PyTree = Any
 
@@ -150,9 +151,15 @@ class CurvatureBatch:
         XLA's CPU dots over (batch, position, width) activations run slowly where the
         transpose contracts two axes), and the default step with ``forward`` 74
         against 109 ms; on the 2.8M-parameter autoencoder (2-D activations) the
-        extra pass was within the machine's noise (102–111 against 101–107 ms)."""
+        extra pass was within the machine's noise (102–111 against 101–107 ms).
+
+        Traced at the statistics' precision wherever it is called from (the products'
+        matmuls are fixed when the model is linearised): inside the transform's exact
+        context, "highest" made the LM's forward pass and two products 10–13 ms slower
+        on that CPU, and on a GPU float32 matmuls run several times slower than TF32."""
         params = device_varying(self.params, self.axis_name)
-        outputs, jvp = jax.linearize(lambda p: self.model.apply_fn(p, self.inputs), params)
+        with model_precision(self.statistics_precision):
+            outputs, jvp = jax.linearize(lambda p: self.model.apply_fn(p, self.inputs), params)
         return Linearisation(outputs, jvp)
 
     def nll(self):
@@ -163,9 +170,15 @@ class CurvatureBatch:
         alive at once), else a new forward pass."""
         shared = self.forward if self.forward is not None else self.model_pass
         if shared is None:
-            local = self.model.nll(self.params, self.inputs, self.targets)
-        else:
-            local = self.model.nll_of_outputs(shared.outputs, self.targets)
+            return self.nll_at(self.params)
+        local = self.model.nll_of_outputs(shared.outputs, self.targets)
+        return device_mean(local, self.axis_name)
+
+    def nll_at(self, params):
+        """The batch's mean negative log-likelihood at ``params`` (over every device),
+        from a new forward pass at the statistics' precision (see ``linearised``)."""
+        with model_precision(self.statistics_precision):
+            local = self.model.nll(params, self.inputs, self.targets)
         return device_mean(local, self.axis_name)
 
     @functools.cached_property
