@@ -96,13 +96,16 @@ def problem_of(params: PyTree, dtype, batch=None) -> Problem:
 
 def remedies(solver: Solver, problem: Problem, max_bytes: float):
     """The changes that bring the update within ``max_bytes``, each checked: other
-    solvers, the Monte-Carlo Fisher (where the exact one has more rows than examples:
-    one sampled label each), the largest batch that fits (halving)."""
+    solvers (that ``exact_rows_refusal`` does not refuse either), the Monte-Carlo
+    Fisher (where the exact one has more rows than examples: one sampled label each),
+    the largest batch that fits (halving)."""
     found = []
     fitting = [
         name
         for name in CHEAPER_SOLVERS
-        if name != solver.name and problem.bytes_for(SOLVERS[name]()) <= max_bytes
+        if name != solver.name
+        and problem.bytes_for(SOLVERS[name]()) <= max_bytes
+        and exact_rows_refusal(SOLVERS[name](), problem) is None
     ]
     if fitting:
         names = [repr(name) for name in fitting]
@@ -138,4 +141,38 @@ def refusal(solver: Solver, problem: Problem, max_bytes: float):
         f"solver {solver.name!r} would allocate about {needed / 2**30:.2f} GiB in an update "
         f"(P = {problem.num_params}, {rows}), over max_curvature_bytes = "
         f"{max_bytes / 2**30:.2f} GiB. {offer}"
+    )
+
+
+def exact_rows_refusal(solver: Solver, problem: Problem, max_bytes: float | None = None):
+    """The message of an update whose exact-Fisher statistics would back-propagate more
+    output-Fisher rows per example than ``solver.exact_rows_limit()`` allows (one
+    backward pass each), or None. It offers only what passes both guards at
+    ``max_bytes`` (None: no memory budget): the Monte-Carlo Fisher (``num_samples``
+    rows per example), CG's matrix-free products of the exact Fisher, the solver
+    without the limit."""
+    limit = solver.exact_rows_limit()
+    if problem.kind != "exact" or limit is None or problem.num_examples == 0:
+        return None
+    rows = problem.num_rows // problem.num_examples
+    if rows <= limit:
+        return None
+    fits = lambda candidate, on=problem: max_bytes is None or on.bytes_for(candidate) <= max_bytes
+    sampled = dataclasses.replace(problem, num_rows=problem.num_examples, kind="monte_carlo")
+    unlimited = dataclasses.replace(solver, max_exact_rows=None)
+    fixes = [
+        fix
+        for fix, passes in (
+            ("fisher='monte_carlo' (one backward pass per sampled label)", fits(solver, sampled)),
+            ("solver='cg' (the exact Fisher's matrix-free products)", fits(ConjugateGradient())),
+            (f"solver=ng.{type(solver).__name__}(max_exact_rows=None)", fits(unlimited)),
+        )
+        if passes
+    ]
+    offer = "Use " + " or ".join(fixes) + "." if fixes else "Nothing else fits max_curvature_bytes."
+    return (
+        f"fisher='exact' with solver {solver.name!r} back-propagates each of the {rows:,} "
+        "output-Fisher rows of an example (one per entry of its outputs: positions × "
+        "classes for a per-token model) at every refresh, a backward pass each, over its "
+        f"max_exact_rows = {limit:,}. {offer}"
     )

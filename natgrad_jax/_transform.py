@@ -25,7 +25,13 @@ from natgrad_jax._fisher import (
 )
 from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._linalg import trust_region_scale
-from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, SOLVERS, problem_of, refusal
+from natgrad_jax._memory import (
+    DEFAULT_MAX_CURVATURE_BYTES,
+    SOLVERS,
+    exact_rows_refusal,
+    problem_of,
+    refusal,
+)
 from natgrad_jax._model import Model, check_model
 from natgrad_jax._parameters import (
     merge_updates,
@@ -176,14 +182,21 @@ def _check_averaging(curvature: Solver, params, decay, refresh_every) -> None:
 
 def _check_memory(curvature, params, dtype, max_bytes, batch=None) -> None:
     """Raises, naming the remedies that would fit, before anything is allocated if the
-    solver would exceed the budget (at ``init``, without a batch: for its state alone).
+    solver would exceed the budget (at ``init``, without a batch: for its state alone),
+    or if its exact-Fisher statistics would back-propagate more output rows per example
+    than it allows (``Solver.exact_rows_limit``).
 
     Only a Python-number budget is checked (under ``optax.inject_hyperparams`` list
     ``max_curvature_bytes`` in ``static_args`` to keep the check).
     """
-    if not _is_python_number(max_bytes):
+    budget = float(max_bytes) if _is_python_number(max_bytes) else None
+    rows_checked = batch is not None and batch.kind == "exact" and curvature.exact_rows_limit()
+    if budget is None and not rows_checked:
         return
-    message = refusal(curvature, problem_of(params, dtype, batch), max_bytes)
+    problem = problem_of(params, dtype, batch)
+    message = exact_rows_refusal(curvature, problem, budget) if rows_checked else None
+    if message is None and budget is not None:
+        message = refusal(curvature, problem, budget)
     if message is not None:
         raise ValueError(message)
 

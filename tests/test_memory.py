@@ -6,6 +6,7 @@ layers) must be within a factor of 2 of the temporaries and outputs of the compi
 model sizes. Nothing is run: the update is only compiled.
 """
 
+import dataclasses
 import math
 import re
 
@@ -16,7 +17,12 @@ import pytest
 
 import natgrad_jax as ng
 from natgrad_jax._capture import capture
-from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, SOLVERS, problem_of
+from natgrad_jax._memory import (
+    DEFAULT_MAX_CURVATURE_BYTES,
+    SOLVERS,
+    exact_rows_refusal,
+    problem_of,
+)
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import captured_row_sizes
 from tests.helpers import benchmark_module, init_mlp, mlp
@@ -28,11 +34,21 @@ SIZES = {  # (layer sizes, batch): P = 1,160, 2,762 and 85,002
 }
 
 
+def _unlimited(solver):
+    """The solver named ``solver`` without a limit on the exact rows it back-propagates
+    (``exact_rows_refusal``: these tests measure memory, not that guard)."""
+    solver = SOLVERS[solver]() if isinstance(solver, str) else solver
+    if solver.exact_rows_limit() is None:
+        return solver
+    return dataclasses.replace(solver, max_exact_rows=None)
+
+
 def _update_memory(model, params, inputs, targets, solver, fisher):
-    """XLA's memory analysis of the compiled ``update`` (λ = 1e-2, no memory guard);
-    skips the test where the backend gives none. Nothing is run."""
+    """XLA's memory analysis of the compiled ``update`` (λ = 1e-2, no memory guard nor
+    limit on the exact rows); skips the test where the backend gives none. Nothing is
+    run."""
     tx = ng.scale_by_natural_gradient(
-        model, solver=solver, fisher=fisher, damping=1e-2, max_curvature_bytes=None
+        model, solver=_unlimited(solver), fisher=fisher, damping=1e-2, max_curvature_bytes=None
     )
     state = jax.eval_shape(tx.init, params)
     update = jax.jit(lambda g, s, p, x, y: tx.update(g, s, p, inputs=x, targets=y))
@@ -235,7 +251,7 @@ def _guard_passes(model, params, x, y, budget, **options) -> bool:
     try:
         _update_shapes(tx, params, x, y)
     except ValueError as error:
-        assert "over max_curvature_bytes" in str(error)
+        assert "over max_curvature_bytes" in str(error) or "over its max_exact_rows" in str(error)
         return False
     return True
 
@@ -245,21 +261,22 @@ def test_a_refusal_names_every_remedy_that_passes_the_guard_and_no_other():
     solver the message offers passes at that budget and each it leaves out is refused;
     the Monte-Carlo Fisher and the smaller batch it offers pass."""
     model, params, x, y = _language_model()
+    kfac = _unlimited("kronecker")  # its 1,280 exact rows an example taken, as asked
     budget = _estimated_bytes(model, params, x, y, "kronecker", "exact") / 2
-    assert not _guard_passes(model, params, x, y, budget, solver="kronecker")
-    tx = ng.scale_by_natural_gradient(model, solver="kronecker", max_curvature_bytes=budget)
+    assert not _guard_passes(model, params, x, y, budget, solver=kfac)
+    tx = ng.scale_by_natural_gradient(model, solver=kfac, max_curvature_bytes=budget)
     with pytest.raises(ValueError) as refused:
         _update_shapes(tx, params, x, y)
     message = str(refused.value)
     offered = re.search(r"solver=([^;]*);", message).group(1)
-    for name in ("auto", "cg", "diagonal"):
+    for name in ("auto", "cg", "diagonal"):  # the diagonal: refused for its exact rows
         passes = _guard_passes(model, params, x, y, budget, solver=name)
         assert (repr(name) in offered) == passes, (name, passes, message)
     assert "fisher='monte_carlo'" in message
-    assert _guard_passes(model, params, x, y, budget, solver="kronecker", fisher="monte_carlo")
+    assert _guard_passes(model, params, x, y, budget, solver=kfac, fisher="monte_carlo")
     examples = int(re.search(r"a batch of at most (\d+) examples", message).group(1))
     smaller = jax.ShapeDtypeStruct((examples, *x.shape[1:]), x.dtype)
-    assert _guard_passes(model, params, smaller, smaller, budget, solver="kronecker")
+    assert _guard_passes(model, params, smaller, smaller, budget, solver=kfac)
     assert message.endswith("or raise max_curvature_bytes.")
 
 
@@ -270,3 +287,75 @@ def test_describe_says_whether_the_defaults_would_be_refused():
     text = ng.describe(model, params, x, max_curvature_bytes=needed / 2)
     assert "an update would be refused: solver 'auto' would allocate" in text
     assert "fisher='monte_carlo'" not in text.split("refused:")[0]
+
+
+# --- exact-Fisher rows back-propagated one by one ---------------------------------------
+
+
+def _per_token_model(positions=40, classes=30, width=8, examples=4):
+    """Per-token Categorical logits (N, T, C): T·C = 1,200 exact rows an example."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {
+        "embed": 0.3 * jax.random.normal(keys[0], (classes, width)),
+        "out": 0.3 * jax.random.normal(keys[1], (width, classes)),
+    }
+    model = ng.Model(lambda p, t: jnp.tanh(p["embed"][t]) @ p["out"], ng.Categorical())
+    tokens = jax.random.randint(keys[2], (examples, positions), 0, classes)
+    return model, params, tokens, jnp.roll(tokens, -1, axis=1)
+
+
+@pytest.mark.parametrize("name", ["kronecker", "ekfac", "diagonal"])
+def test_exact_statistics_over_the_row_limit_are_refused_for_remedies_that_run(name):
+    """K-FAC, EKFAC and the diagonal back-propagate every output-Fisher row of an
+    example at a refresh, one backward pass each: with the exact Fisher of a per-token
+    model (1,200 rows an example here; 6,080 on the LM benchmark, over 5 minutes a
+    refresh) the update is refused, and each remedy the message names runs."""
+    model, params, x, y = _per_token_model()
+    grads = jax.grad(model.nll)(params, x, y)
+
+    def update(**options):
+        tx = ng.natural_gradient(model, 0.5, **options)
+        updates, _ = tx.update(grads, tx.init(params), params, inputs=x, targets=y)
+        return updates
+
+    with pytest.raises(ValueError, match="1,200 output-Fisher rows") as refused:
+        update(solver=name)
+    message = str(refused.value)
+    solver_class = type(SOLVERS[name]())
+    remedies = {
+        "fisher='monte_carlo'": {"solver": name, "fisher": "monte_carlo"},
+        "solver='cg'": {"solver": "cg"},
+        f"solver=ng.{solver_class.__name__}(max_exact_rows=None)": {
+            "solver": solver_class(max_exact_rows=None)
+        },
+    }
+    for offered, options in remedies.items():
+        assert offered in message, (offered, message)
+        updates = update(**options)
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(updates))
+    update(solver=solver_class(max_exact_rows=1200))  # the limit is inclusive
+    with pytest.raises(ValueError, match="max_exact_rows = 1,199"):
+        update(solver=solver_class(max_exact_rows=1199))
+    for bad in (0, -2, 1.5, True, "1024"):
+        with pytest.raises(ValueError, match="max_exact_rows must be an int"):
+            solver_class(max_exact_rows=bad)
+
+
+def test_the_row_limits_remedies_are_the_ones_the_memory_guard_admits():
+    """Under a budget that admits K-FAC with the Monte-Carlo Fisher exactly, the row
+    refusal offers CG and the unlimited K-FAC only where their estimates fit; the
+    Monte-Carlo Fisher and the model's own fisher='monte_carlo' rows pass it."""
+    model, params, x, y = _language_model()
+    batch = CurvatureBatch(model, params, x, "exact", y)
+    problem = problem_of(params, jnp.float32, batch)
+    kfac = ng.Kronecker()
+    sampled = dataclasses.replace(problem, num_rows=problem.num_examples, kind="monte_carlo")
+    budget = sampled.bytes_for(kfac)
+    message = exact_rows_refusal(kfac, problem, budget)
+    assert "1,280 output-Fisher rows" in message and "fisher='monte_carlo'" in message
+    cg_fits = problem.bytes_for(ng.ConjugateGradient()) <= budget
+    assert ("solver='cg'" in message) == cg_fits
+    unlimited_fits = problem.bytes_for(kfac) <= budget
+    assert ("max_exact_rows=None" in message) == unlimited_fits
+    assert exact_rows_refusal(kfac, sampled, budget) is None
+    assert exact_rows_refusal(ng.ConjugateGradient(), problem, budget) is None

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 from natgrad_jax import _vectors as vectors
 from natgrad_jax._linalg import damped_reciprocal, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
-from natgrad_jax._solvers.factored import FactoredRows, dense_row_sizes, summed_over_rows
+from natgrad_jax._solvers.factored import (
+    DEFAULT_MAX_EXACT_ROWS,
+    FactoredRows,
+    check_max_exact_rows,
+    dense_row_sizes,
+    summed_over_rows,
+)
 from natgrad_jax._solvers.solver import Solver
 
 
@@ -32,15 +38,24 @@ class Diagonal(Solver):
     Σ (a ⊙ a)(g ⊙ g)ᵀ from one batched pass, without per-example gradients, and the
     output-Fisher rows are taken ``chunk_rows`` per example at a time (``None``: all at
     once): an exact Fisher with many outputs (784 rows per example for a Gaussian
-    image model) never holds every row's g (see ``ng.Kronecker``).
+    image model) never holds every row's g (see ``ng.Kronecker``). With
+    ``fisher="exact"`` a model with more than ``max_exact_rows`` rows per example is
+    refused (each row is one backward pass; see ``ng.Kronecker``).
     """
 
     capture: bool = True
     chunk_rows: int | None = 32
+    max_exact_rows: int | None = DEFAULT_MAX_EXACT_ROWS
     name = "diagonal"
     approximate = True
     averages = True
     per_leaf = True
+
+    def __post_init__(self):
+        check_max_exact_rows(self.max_exact_rows)
+
+    def exact_rows_limit(self) -> int | None:
+        return self.max_exact_rows
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats an update allocates, for the memory guard: the rows (``rows``, a

@@ -34,7 +34,11 @@ import numpy as np
 
 from natgrad_jax._linalg import damped_reciprocal, eigenbases, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
-from natgrad_jax._solvers.factored import summed_over_rows
+from natgrad_jax._solvers.factored import (
+    DEFAULT_MAX_EXACT_ROWS,
+    check_max_exact_rows,
+    summed_over_rows,
+)
 from natgrad_jax._solvers.kronecker import Kronecker, output_side, split_shape, unused_diagonal
 from natgrad_jax._solvers.solver import Solver
 
@@ -126,6 +130,10 @@ class EKFAC(Solver):
         takes them once. Under tensor parallelism each row's backward pass holds the
         layers' output-gradients at full width, so fewer rows at a time hold less per
         device (docs/sharding.md).
+      max_exact_rows: with ``fisher="exact"``, the most output-Fisher rows per
+        example a refresh back-propagates (one backward pass each); the transform
+        refuses a model with more (a per-token language model: positions × classes)
+        and names the remedies. ``None``: no limit.
 
     Example:
       >>> import jax, jax.numpy as jnp, natgrad_jax as ng
@@ -141,11 +149,18 @@ class EKFAC(Solver):
 
     approximation: str = "expand"
     chunk_rows: int | None = 32
+    max_exact_rows: int | None = DEFAULT_MAX_EXACT_ROWS
 
     name = "ekfac"
     approximate = True
     averages = True
     per_leaf = True
+
+    def __post_init__(self):
+        check_max_exact_rows(self.max_exact_rows)
+
+    def exact_rows_limit(self) -> int | None:
+        return self.max_exact_rows
 
     @property
     def _kronecker(self) -> Kronecker:

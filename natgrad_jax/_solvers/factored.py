@@ -596,6 +596,22 @@ def _fallback_rows(batch, captured: Capture, cotangents, dtype):
     return jnp.moveaxis(per_example, 0, 1).astype(dtype)
 
 
+# The exact Fisher's statistics back-propagate each of an example's R output-Fisher
+# rows (R = the entries of its outputs: a per-token Categorical LM has positions ×
+# classes), one backward pass each, where the Monte-Carlo Fisher takes one per sampled
+# label. 1,024 admits a Gaussian model of 28×28 images (784 rows); the transformer LM of
+# benchmarks/transformer_lm.py has 64 × 95 = 6,080, and one K-FAC refresh with every row
+# took over 5 minutes on a 2-core CPU (an AdamW step: 36 ms).
+DEFAULT_MAX_EXACT_ROWS = 1024
+
+
+def check_max_exact_rows(value) -> None:
+    if value is not None and not (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    ):
+        raise ValueError(f"max_exact_rows must be an int ≥ 1 or None, got {value!r}.")
+
+
 def factored_rows(batch, dtype=None) -> FactoredRows:
     """One forward and one row-batched backward pass: the factored score rows of ``batch``.
 

@@ -45,7 +45,9 @@ from natgrad_jax._capture import capture
 from natgrad_jax._linalg import batched_inverses, damped_reciprocal, moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import (
+    DEFAULT_MAX_EXACT_ROWS,
     RowSizes,
+    check_max_exact_rows,
     leaf_to_matrix,
     output_layout,
     summed_over_rows,
@@ -362,6 +364,10 @@ class Kronecker(Solver):
         many rows (784 for a Gaussian image model) and each holds every layer's g; the
         output factors and diagonals are sums over rows, accumulated chunk by chunk
         with the same result.
+      max_exact_rows: with ``fisher="exact"``, the most output-Fisher rows per
+        example a refresh back-propagates (one backward pass each); the transform
+        refuses a model with more (a per-token language model: positions × classes)
+        and names the remedies. ``None``: no limit.
 
     Example:
       >>> import jax, jax.numpy as jnp, natgrad_jax as ng
@@ -380,6 +386,7 @@ class Kronecker(Solver):
     chunk_rows: int | None = 32
     block_size: int | None = DEFAULT_BLOCK_SIZE
     statistics_positions: int | None = None
+    max_exact_rows: int | None = DEFAULT_MAX_EXACT_ROWS
 
     name = "kronecker"
     approximate = True
@@ -387,6 +394,7 @@ class Kronecker(Solver):
     per_leaf = True
 
     def __post_init__(self):
+        check_max_exact_rows(self.max_exact_rows)
         if self.approximation not in APPROXIMATIONS:
             raise ValueError(
                 f"approximation must be one of {APPROXIMATIONS}, got {self.approximation!r}."
@@ -403,6 +411,9 @@ class Kronecker(Solver):
                     'examples; with approximation="reduce" the positions are summed '
                     "first (leave statistics_positions=None)."
                 )
+
+    def exact_rows_limit(self) -> int | None:
+        return self.max_exact_rows
 
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats an update allocates, for the memory guard: six copies of each leaf's

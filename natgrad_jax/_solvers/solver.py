@@ -100,6 +100,13 @@ class Solver(abc.ABC):
         """Floats an update allocates, for the memory guard (``max_curvature_bytes``);
         ``rows`` (``RowSizes``, from the batch's capture) is None at ``init``."""
 
+    def exact_rows_limit(self) -> int | None:
+        """The most output-Fisher rows per example an exact-Fisher refresh may
+        back-propagate one by one (``None``: no limit; the transform refuses more).
+        Solvers that take products (CG) or store the rows (dense, Woodbury: the memory
+        guard bounds them) have none."""
+        return None
+
     def measure(self, state, batch, decay, is_first):
         """Measures the curvature statistics on ``batch`` and averages them into the
         state with ``decay`` (``is_first``: replace instead). Keeps nothing by default."""
