@@ -308,8 +308,8 @@ def _per_token_model(positions=40, classes=30, width=8, examples=4):
 def test_exact_statistics_over_the_row_limit_are_refused_for_remedies_that_run(name):
     """K-FAC, EKFAC and the diagonal back-propagate every output-Fisher row of an
     example at a refresh, one backward pass each: with the exact Fisher of a per-token
-    model (1,200 rows an example here; 6,080 on the LM benchmark, over 5 minutes a
-    refresh) the update is refused, and each remedy the message names runs."""
+    model (1,200 rows an example here; 6,080 on the LM benchmark: minutes
+    a refresh) the update is refused, and each remedy the message names runs."""
     model, params, x, y = _per_token_model()
     grads = jax.grad(model.nll)(params, x, y)
 

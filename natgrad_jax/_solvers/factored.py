@@ -600,8 +600,8 @@ def _fallback_rows(batch, captured: Capture, cotangents, dtype):
 # rows (R = the entries of its outputs: a per-token Categorical LM has positions ×
 # classes), one backward pass each, where the Monte-Carlo Fisher takes one per sampled
 # label. 1,024 admits a Gaussian model of 28×28 images (784 rows); the transformer LM of
-# benchmarks/transformer_lm.py has 64 × 95 = 6,080, and one K-FAC refresh with every row
-# took over 5 minutes on a 2-core CPU (an AdamW step: 36 ms).
+# benchmarks/transformer_lm.py has 64 × 95 = 6,080: on a 2-core CPU its first EKFAC step
+# (a refresh) took 482 s, and K-FAC's had not ended after 290 s (an AdamW step: 36 ms).
 DEFAULT_MAX_EXACT_ROWS = 1024
 
 
