@@ -159,16 +159,18 @@ def exact_rows_refusal(solver: Solver, problem: Problem, max_bytes: float | None
         return None
     fits = lambda candidate, on=problem: max_bytes is None or on.bytes_for(candidate) <= max_bytes
     sampled = dataclasses.replace(problem, num_rows=problem.num_examples, kind="monte_carlo")
-    unlimited = dataclasses.replace(solver, max_exact_rows=None)
-    fixes = [
-        fix
-        for fix, passes in (
-            ("fisher='monte_carlo' (one backward pass per sampled label)", fits(solver, sampled)),
-            ("solver='cg' (the exact Fisher's matrix-free products)", fits(ConjugateGradient())),
-            (f"solver=ng.{type(solver).__name__}(max_exact_rows=None)", fits(unlimited)),
-        )
-        if passes
+    candidates = [
+        ("fisher='monte_carlo' (one backward pass per sampled label)", fits(solver, sampled)),
+        ("solver='cg' (the exact Fisher's matrix-free products)", fits(ConjugateGradient())),
     ]
+    limitable = dataclasses.is_dataclass(solver) and any(
+        field.name == "max_exact_rows" for field in dataclasses.fields(solver)
+    )
+    if limitable:  # a solver of its own may set a limit without the field
+        unlimited = dataclasses.replace(solver, max_exact_rows=None)
+        name = f"solver=ng.{type(solver).__name__}(max_exact_rows=None)"
+        candidates.append((name, fits(unlimited)))
+    fixes = [fix for fix, passes in candidates if passes]
     offer = "Use " + " or ".join(fixes) + "." if fixes else "Nothing else fits max_curvature_bytes."
     return (
         f"fisher='exact' with solver {solver.name!r} back-propagates each of the {rows:,} "

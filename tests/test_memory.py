@@ -359,3 +359,29 @@ def test_the_row_limits_remedies_are_the_ones_the_memory_guard_admits():
     assert ("max_exact_rows=None" in message) == unlimited_fits
     assert exact_rows_refusal(kfac, sampled, budget) is None
     assert exact_rows_refusal(ng.ConjugateGradient(), problem, budget) is None
+
+
+def test_a_solver_of_its_own_with_a_row_limit_gets_the_remedies_it_has():
+    """A user's solver may set a limit without a ``max_exact_rows`` field: the refusal
+    then offers the Monte-Carlo Fisher and CG only."""
+
+    class FewRows(ng.Solver):  # not a dataclass
+        name = "few_rows"
+
+        def init(self, params, dtype):
+            return ()
+
+        def memory(self, num_params, num_rows, leaf_shapes=(), rows=None):
+            return num_params
+
+        def solve(self, state, batch, vector, damping):
+            return vector, state
+
+        def exact_rows_limit(self):
+            return 10
+
+    model, params, x, y = _per_token_model()
+    problem = problem_of(params, jnp.float32, CurvatureBatch(model, params, x, "exact", y))
+    message = exact_rows_refusal(FewRows(), problem)
+    assert "max_exact_rows = 10." in message and "fisher='monte_carlo'" in message
+    assert "solver='cg'" in message and "max_exact_rows=None" not in message
