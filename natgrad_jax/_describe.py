@@ -10,13 +10,25 @@ import jax.numpy as jnp
 from natgrad_jax._capture import capture
 from natgrad_jax._fisher import exact_rows_per_example
 from natgrad_jax._independence import check_independent_examples
-from natgrad_jax._memory import DEFAULT_MAX_CURVATURE_BYTES, SOLVERS, Problem, refusal
+from natgrad_jax._memory import (
+    DEFAULT_MAX_CURVATURE_BYTES,
+    SOLVERS,
+    Problem,
+    exact_rows_refusal,
+    in_units,
+    refusal,
+)
 from natgrad_jax._model import Model
 from natgrad_jax._parameters import on_trainable
 from natgrad_jax._solvers.auto import Auto, auto_choice
 from natgrad_jax._solvers.kronecker import kronecker_route, shared_output_factors
 
 PyTree = Any
+
+# The solvers a user names to ``ng.natural_gradient`` (``describe`` gives their
+# verdicts); ``"eigenbasis_adam"`` is ``ng.eigenbasis_adam``'s, with Monte-Carlo
+# statistics and Adam's ε for a damping.
+NAMED_SOLVERS = tuple(name for name in SOLVERS if name not in ("auto", "eigenbasis_adam"))
 
 COLUMNS = (
     "leaf",
@@ -56,7 +68,11 @@ def describe(
     or gathered into one P-vector; K-FAC's factors are factorised whole on every
     device, or each on one with the transform's ``mesh=``), and the memory the
     memory guard estimates for that update against ``max_curvature_bytes``: whether it
-    fits, or the refusal an update would raise, with the remedies that fit.
+    fits, or the refusal an update would raise, with the remedies that fit. Then each
+    solver a user may name (``solver="..."`` with the exact Fisher, the transform's
+    default): whether an update runs it, or refuses it for its memory (with the
+    estimate) or for the output-Fisher rows of an example that its statistics would
+    back-propagate one by one (over ``max_exact_rows``).
 
     Args:
       model: an ``ng.Model``.
@@ -80,6 +96,8 @@ def describe(
         least estimated cost, P = 8, M = 16: dense 1.2e+03, woodbury 3.7e+03, cg 3.0e+07
         placement: dense gathers the P-vector; its P×P Fisher on every device
       memory: about 0.0 MiB an update, within max_curvature_bytes = 4.00 GiB
+      solver="..." by name, fisher="exact":
+        runs: dense, woodbury, cg, diagonal, block_diagonal, kronecker, ekfac
     """
     check_independent_examples(model.apply_fn, params, inputs)
     model, params = on_trainable(model, params)
@@ -97,14 +115,19 @@ def describe(
     solver, reason = auto_choice(captured, captured.leaf_shapes, num_rows, num_examples)
     lines = [*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"]
     lines.append(f"  {_placement(solver, params)}")
+    leaf_dtypes = (getattr(leaf, "dtype", leaf) for leaf in jax.tree.leaves(params))
+    dtype = jnp.result_type(*leaf_dtypes, jnp.float32)  # a leaf may be a Python float
+    problem = Problem(
+        captured.leaf_shapes,
+        jnp.dtype(dtype).itemsize,
+        captured,
+        num_rows,
+        num_examples,
+        kind="exact",
+    )
     if max_curvature_bytes is not None:
-        leaf_dtypes = (getattr(leaf, "dtype", leaf) for leaf in jax.tree.leaves(params))
-        dtype = jnp.result_type(*leaf_dtypes, jnp.float32)  # a leaf may be a Python float
-        itemsize = jnp.dtype(dtype).itemsize
-        problem = Problem(
-            captured.leaf_shapes, itemsize, captured, num_rows, num_examples, kind="exact"
-        )
         lines.append(f"  {_memory_verdict(problem, max_curvature_bytes)}")
+    lines += _named_verdicts(problem, max_curvature_bytes)
     return "\n".join(lines)
 
 
@@ -136,6 +159,37 @@ def _memory_verdict(problem: Problem, max_bytes: float) -> str:
         return f"memory: an update would be refused: {refused}"
     needed = problem.bytes_for(Auto())
     return (
-        f"memory: about {needed / 2**20:.1f} MiB an update, within max_curvature_bytes = "
-        f"{max_bytes / 2**30:.2f} GiB"
+        f"memory: about {in_units(needed)} an update, within max_curvature_bytes = "
+        f"{in_units(max_bytes)}"
     )
+
+
+def _named_verdicts(problem: Problem, max_bytes: float | None) -> list[str]:
+    """Lines: the solvers an update runs when named (``solver="..."``, the exact
+    Fisher), and those it refuses, grouped by the guard that refuses them (the row
+    limit first, as the transform checks it)."""
+    runs, over_rows, over_memory = [], [], []
+    for name in NAMED_SOLVERS:
+        solver = SOLVERS[name]()
+        needed = problem.bytes_for(solver)
+        if exact_rows_refusal(solver, problem) is not None:
+            over_rows.append((name, solver.exact_rows_limit()))
+        elif max_bytes is not None and needed > max_bytes:
+            over_memory.append(f"{name} (about {in_units(needed)})")
+        else:
+            runs.append(name)
+    lines = ['solver="..." by name, fisher="exact":']
+    if runs:
+        lines.append("  runs: " + ", ".join(runs))
+    if over_memory:
+        lines.append("  refused, over max_curvature_bytes: " + ", ".join(over_memory))
+    if over_rows:
+        rows = problem.num_rows // problem.num_examples
+        names = ", ".join(name for name, _ in over_rows)
+        limits = {limit for _, limit in over_rows}
+        limit = f"{limits.pop():,}" if len(limits) == 1 else "their"
+        lines.append(
+            f"  refused, {rows:,} output-Fisher rows an example over max_exact_rows = "
+            f"{limit} (fisher='monte_carlo' takes one): {names}"
+        )
+    return lines

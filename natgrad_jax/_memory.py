@@ -49,6 +49,13 @@ CHEAPER_SOLVERS = ("auto", "kronecker", "cg", "diagonal")
 DEFAULT_MAX_CURVATURE_BYTES = 4.0 * 2**30
 
 
+def in_units(num_bytes: float) -> str:
+    """A byte count for a message: GiB from 1 GiB up, else MiB."""
+    if num_bytes >= 2**30:
+        return f"{num_bytes / 2**30:.2f} GiB"
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """The sizes an estimate depends on: the leaves, and (with a batch) the capture,
@@ -138,9 +145,9 @@ def refusal(solver: Solver, problem: Problem, max_bytes: float):
         offer = "No other solver, Fisher or batch size fits: raise max_curvature_bytes."
     rows = f"{problem.num_rows} score rows" if problem.captured else "its state alone"
     return (
-        f"solver {solver.name!r} would allocate about {needed / 2**30:.2f} GiB in an update "
+        f"solver {solver.name!r} would allocate about {in_units(needed)} in an update "
         f"(P = {problem.num_params}, {rows}), over max_curvature_bytes = "
-        f"{max_bytes / 2**30:.2f} GiB. {offer}"
+        f"{in_units(max_bytes)}. {offer}"
     )
 
 

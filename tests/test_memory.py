@@ -341,6 +341,57 @@ def test_exact_statistics_over_the_row_limit_are_refused_for_remedies_that_run(n
             solver_class(max_exact_rows=bad)
 
 
+def _transforms_verdict(model, params, x, y, solver, budget) -> str:
+    """What ``ng.natural_gradient(model, lr, solver=solver)`` does with an update at
+    ``budget``: "runs", or the guard that refuses it ("rows" or "memory"). Traced only
+    (``jax.eval_shape``): the guards raise at trace time."""
+    tx = ng.natural_gradient(model, 0.5, solver=solver, max_curvature_bytes=budget)
+    grads = jax.eval_shape(jax.grad(model.nll), params, x, y)
+    try:
+        state = jax.eval_shape(tx.init, params)
+        jax.eval_shape(lambda g, s: tx.update(g, s, params, inputs=x, targets=y), grads, state)
+    except ValueError as refused:
+        if "output-Fisher rows" in str(refused):
+            return "rows"
+        assert "over max_curvature_bytes" in str(refused), refused
+        return "memory"
+    return "runs"
+
+
+@pytest.mark.parametrize("budget", ["default", "dense's estimate", "one byte less", None])
+def test_describe_gives_each_named_solvers_verdict_as_an_update_would(budget):
+    """For every solver a user may name, ``describe`` says what an update with it does
+    at this budget: runs, or is refused for its memory or its exact rows (the per-token
+    model: 1,200 rows an example); each verdict is the transform's own, at the edge of
+    dense's estimate too."""
+    model, params, x, y = _per_token_model()
+    batch = CurvatureBatch(model, params, x, "exact", y)
+    dtype = jax.tree.leaves(params)[0].dtype  # float64 under the tests' x64
+    dense_bytes = problem_of(params, dtype, batch).bytes_for(ng.Dense())
+    budget = {
+        "default": DEFAULT_MAX_CURVATURE_BYTES,
+        "dense's estimate": dense_bytes,
+        "one byte less": dense_bytes - 1,
+    }.get(budget, budget)
+    text = ng.describe(model, params, x, max_curvature_bytes=budget)
+    said = {}
+    for line in text.split('solver="..." by name, fisher="exact":\n')[1].splitlines():
+        head, _, names = line.strip().partition(": ")
+        verdict = {"runs": "runs", "refused, over max_curvature_bytes": "memory"}.get(head, "rows")
+        if verdict == "rows":
+            assert head.startswith("refused, 1,200 output-Fisher rows an example over "), head
+            assert "max_exact_rows = 1,024" in head
+        for name in names.split(", "):
+            said[name.partition(" (about ")[0]] = verdict
+    named = set(SOLVERS) - {"auto", "eigenbasis_adam"}
+    assert set(said) == named, text
+    for name in named:
+        assert said[name] == _transforms_verdict(model, params, x, y, name, budget), name
+    assert said["kronecker"] == said["ekfac"] == said["diagonal"] == "rows"
+    assert said["cg"] == "runs"
+    assert (said["dense"] == "memory") == (budget == dense_bytes - 1)
+
+
 def test_the_row_limits_remedies_are_the_ones_the_memory_guard_admits():
     """Under a budget that admits K-FAC with the Monte-Carlo Fisher exactly, the row
     refusal offers CG and the unlimited K-FAC only where their estimates fit; the
