@@ -974,11 +974,13 @@ def _levenberg_marquardt(
 ):
     """(next λ, whether to take the step), from the reduction ratio of the unit step −d.
 
-    ``fisher_quadratic``: dᵀFd where already measured (else one Fisher-vector product)."""
+    ``fisher_quadratic``: dᵀFd where already measured, else from one forward-mode
+    product J d (``CurvatureBatch.fisher_gram``, at the statistics' precision like the
+    loss at θ − d; a Fisher-vector product F d would add a backward pass)."""
     step = vectors.scale(-1, direction)
     actual = batch.nll_at(vectors.moved(batch.params, step)) - batch.nll()
     if fisher_quadratic is None:
-        fisher_quadratic = vectors.vdot(step, batch.matvec(step))
+        fisher_quadratic = batch.fisher_gram([step])[0, 0]
     predicted = vectors.vdot(gradient, step) + 0.5 * fisher_quadratic
     dtype = vectors.dtype_of(step)
     ratio = reduction_ratio(actual.astype(dtype), predicted)

@@ -377,3 +377,46 @@ def test_the_reduction_ratio_is_the_same_from_a_reused_fisher_product():
         fresh = _levenberg_marquardt(rule, batch, g, direction, 0.3)
         np.testing.assert_allclose(reused[0], fresh[0], rtol=1e-12)
         assert bool(reused[1]) == bool(fresh[1])
+
+
+def test_the_reduction_ratio_without_the_quadratic_model_is_its_definition():
+    """Without the quadratic model the rule measures dᵀFd itself: ρ equals
+    (L(θ − d) − L(θ)) / (−gᵀd + ½ dᵀFd) with F the dense ``ng.fisher`` (exact and
+    Monte-Carlo and empirical), to 1e-9: a rule whose threshold sits 1e-9 below ρ decreases λ, one
+    1e-9 above does not."""
+    from jax.flatten_util import ravel_pytree
+
+    from natgrad_jax._solvers.batch import CurvatureBatch
+    from natgrad_jax._transform import _levenberg_marquardt
+
+    params = init_mlp(jax.random.PRNGKey(0), [3, 6, 2])
+    model = ng.Model(mlp, ng.Gaussian(scale=0.5))
+    x = jax.random.normal(jax.random.PRNGKey(1), (9, 3))
+    y = jax.random.normal(jax.random.PRNGKey(2), (9, 2))
+    flat_g, unravel = ravel_pytree(jax.grad(model.nll)(params, x, y))
+    g = as_leaves(params, flat_g)
+    key = jax.random.PRNGKey(3)
+    dense = {
+        "exact": ng.fisher(model, params, x),
+        "monte_carlo": ng.monte_carlo_fisher(model, params, x, key),
+        "empirical": ng.empirical_fisher(model, params, x, y),
+    }
+    for kind, fisher in dense.items():
+        batch = CurvatureBatch(model, params, x, kind, targets=y, key=key)
+        wiggle = jnp.sin(jnp.arange(flat_g.size, dtype=flat_g.dtype))
+        along = flat_g + 0.1 * jnp.linalg.norm(flat_g) * wiggle
+        best = (flat_g @ along) / (along @ fisher @ along)  # the model's minimiser
+        for scale in (0.25 * best, 0.75 * best):
+            flat_d = scale * along
+            actual = model.nll(unravel(ravel_pytree(params)[0] - flat_d), x, y) - model.nll(
+                params, x, y
+            )
+            predicted = -flat_g @ flat_d + 0.5 * flat_d @ fisher @ flat_d
+            ratio = actual / predicted
+            assert predicted < 0 and 0 < ratio < 10, (kind, scale / best, predicted, ratio)
+            d = as_leaves(params, flat_d)
+            for shift, decreases in ((-1e-9, True), (1e-9, False)):
+                rule = ng.LevenbergMarquardt(initial=0.3, low=-1e9, high=float(ratio) + shift)
+                damping, accepted = _levenberg_marquardt(rule, batch, g, d, 0.3)
+                assert bool(accepted), (kind, scale, float(ratio))
+                assert (float(damping) < 0.3) == decreases, (kind, scale, shift, float(ratio))

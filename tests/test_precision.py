@@ -120,14 +120,16 @@ def test_autos_kfac_statistics_follow_the_precision_option_and_its_solve_does_no
         {},
         {"adapt_every": 3, "max_kl": 0.1},
         {"rescale": False, "momentum": False, "damping": 1e-2, "max_kl": 0.1},
+        {"rescale": False, "momentum": False},
     ],
-    ids=["defaults", "adapt_every", "kl_clipped"],
+    ids=["defaults", "adapt_every", "kl_clipped", "damping_rule_alone"],
 )
 def test_the_steps_model_passes_follow_the_statistics_precision(options):
     """Besides the statistics, a step passes the model through its batch for the
     quadratic model's linearisation and forward-mode products, the damping rule's loss
     at θ − d and ``max_kl``'s exact Fisher (in the unmeasured steps of ``adapt_every``
-    and without the quadratic model too). Each runs at the statistics' precision
+    and without the quadratic model too), and without the quadratic model the damping
+    rule's dᵀFd. Each runs at the statistics' precision
     (TF32 by default here), as the gradient does: at "highest" they cost the
     transformer LM's CPU step 10–13 ms, and a GPU's float32 matmuls several times their
     TF32 time. The algebra on their results stays at "highest". A per-example matmul
