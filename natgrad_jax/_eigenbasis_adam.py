@@ -8,6 +8,7 @@ import optax
 
 from natgrad_jax._model import Model
 from natgrad_jax._solvers.eigenbasis_adam import EigenbasisAdam
+from natgrad_jax._solvers.factored import DEFAULT_MAX_EXACT_ROWS
 from natgrad_jax._solvers.kronecker import DEFAULT_BLOCK_SIZE
 from natgrad_jax._transform import scale_by_natural_gradient
 
@@ -24,6 +25,7 @@ def eigenbasis_adam(
     decay: float = 0.95,
     fisher: str = "monte_carlo",
     block_size: int | None = DEFAULT_BLOCK_SIZE,
+    max_exact_rows: int | None = DEFAULT_MAX_EXACT_ROWS,
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam run in the eigenbasis of each layer's K-FAC factors (``ng.EigenbasisAdam``).
@@ -54,6 +56,10 @@ def eigenbasis_adam(
       fisher: the K-FAC factors' Fisher: ``"monte_carlo"``, ``"exact"`` or ``"empirical"``.
       block_size: a factor side over twice this is kept as its diagonal blocks of
         about this side, each with its own eigenbasis (``None``: whole).
+      max_exact_rows: with ``fisher="exact"``, the most output-Fisher rows per example
+        a refresh back-propagates, one backward pass each (a per-token language model
+        has positions × classes: the update refuses more and names the remedies);
+        ``None``: no limit.
       **options: other keywords of ``scale_by_natural_gradient`` (``statistics_every``,
         ``seed``, ``mesh``, ``axis_name``, ``max_curvature_bytes``, ``precision``...).
 
@@ -85,7 +91,7 @@ def eigenbasis_adam(
             "ng.scale_by_natural_gradient(model, solver=ng.EigenbasisAdam(...), ...) "
             "to choose them."
         )
-    solver = EigenbasisAdam(b1=b1, b2=b2, block_size=block_size)
+    solver = EigenbasisAdam(b1=b1, b2=b2, block_size=block_size, max_exact_rows=max_exact_rows)
     return optax.chain(
         scale_by_natural_gradient(
             model,

@@ -156,8 +156,8 @@ def exact_rows_refusal(solver: Solver, problem: Problem, max_bytes: float | None
     output-Fisher rows per example than ``solver.exact_rows_limit()`` allows (one
     backward pass each), or None. It offers only what passes both guards at
     ``max_bytes`` (None: no memory budget): the Monte-Carlo Fisher (``num_samples``
-    rows per example), CG's matrix-free products of the exact Fisher, the solver
-    without the limit."""
+    rows per example), CG's matrix-free products of the exact Fisher (for a solver
+    that ``applies_curvature_inverse``), the solver without the limit."""
     limit = solver.exact_rows_limit()
     if problem.kind != "exact" or limit is None or problem.num_examples == 0:
         return None
@@ -167,15 +167,19 @@ def exact_rows_refusal(solver: Solver, problem: Problem, max_bytes: float | None
     fits = lambda candidate, on=problem: max_bytes is None or on.bytes_for(candidate) <= max_bytes
     sampled = dataclasses.replace(problem, num_rows=problem.num_examples, kind="monte_carlo")
     candidates = [
-        ("fisher='monte_carlo' (one backward pass per sampled label)", fits(solver, sampled)),
-        ("solver='cg' (the exact Fisher's matrix-free products)", fits(ConjugateGradient())),
+        ("fisher='monte_carlo' (one backward pass per sampled label)", fits(solver, sampled))
     ]
+    if solver.applies_curvature_inverse:
+        cg = "solver='cg' (the exact Fisher's matrix-free products)"
+        candidates.append((cg, fits(ConjugateGradient())))
     limitable = dataclasses.is_dataclass(solver) and any(
         field.name == "max_exact_rows" for field in dataclasses.fields(solver)
     )
     if limitable:  # a solver of its own may set a limit without the field
         unlimited = dataclasses.replace(solver, max_exact_rows=None)
         name = f"solver=ng.{type(solver).__name__}(max_exact_rows=None)"
+        if isinstance(solver, EigenbasisAdam):
+            name += " (ng.eigenbasis_adam's max_exact_rows=None)"
         candidates.append((name, fits(unlimited)))
     fixes = [fix for fix, passes in candidates if passes]
     offer = "Use " + " or ".join(fixes) + "." if fixes else "Nothing else fits max_curvature_bytes."

@@ -341,6 +341,31 @@ def test_exact_statistics_over_the_row_limit_are_refused_for_remedies_that_run(n
             solver_class(max_exact_rows=bad)
 
 
+def test_eigenbasis_adam_refuses_exact_statistics_over_the_row_limit_with_its_own_remedies():
+    """``ng.eigenbasis_adam(fisher="exact")`` measures K-FAC's statistics from every
+    output-Fisher row: refused over the limit, as K-FAC is, offering the Monte-Carlo
+    Fisher and its own unlimited form; not CG, which would not be Adam in an
+    eigenbasis. Each remedy runs."""
+    model, params, x, y = _per_token_model()
+    grads = jax.grad(model.nll)(params, x, y)
+
+    def update(**options):
+        tx = ng.eigenbasis_adam(model, 1e-3, **options)
+        updates, _ = tx.update(grads, tx.init(params), params, inputs=x, targets=y)
+        return updates
+
+    with pytest.raises(ValueError, match="1,200 output-Fisher rows") as refused:
+        update(fisher="exact")
+    message = str(refused.value)
+    assert "fisher='monte_carlo'" in message and "solver='cg'" not in message
+    assert "ng.eigenbasis_adam's max_exact_rows=None" in message
+    for options in ({}, {"fisher": "exact", "max_exact_rows": None}):
+        updates = update(**options)
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(updates))
+    with pytest.raises(ValueError, match="max_exact_rows must be an int"):
+        ng.eigenbasis_adam(model, 1e-3, max_exact_rows=0)
+
+
 def _transforms_verdict(model, params, x, y, solver, budget) -> str:
     """What ``ng.natural_gradient(model, lr, solver=solver)`` does with an update at
     ``budget``: "runs", or the guard that refuses it ("rows" or "memory"). Traced only

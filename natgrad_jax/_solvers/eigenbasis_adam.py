@@ -38,6 +38,7 @@ from natgrad_jax._blocks import block_matmul
 from natgrad_jax._linalg import moving_average
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.ekfac import kronecker_eigenbases
+from natgrad_jax._solvers.factored import DEFAULT_MAX_EXACT_ROWS, check_max_exact_rows
 from natgrad_jax._solvers.kronecker import DEFAULT_BLOCK_SIZE, Kronecker, split_shape
 from natgrad_jax._solvers.solver import Solver
 
@@ -72,6 +73,10 @@ class EigenbasisAdam(Solver):
         across positions, as for ``ng.Kronecker``.
       block_size: a factor side over twice this is kept as its diagonal blocks of
         about this side, each with its own eigenbasis (``None``: whole).
+      max_exact_rows: with ``fisher="exact"``, the most output-Fisher rows per
+        example a refresh back-propagates (one backward pass each), as for
+        ``ng.Kronecker``: the transform refuses a model with more (a per-token
+        language model: positions × classes). ``None``: no limit.
 
     The transform's damping is Adam's ε here. Example (a leaf the capture does not
     factor is plain Adam):
@@ -90,17 +95,20 @@ class EigenbasisAdam(Solver):
     b2: float = 0.999
     approximation: str = "expand"
     block_size: int | None = DEFAULT_BLOCK_SIZE
+    max_exact_rows: int | None = DEFAULT_MAX_EXACT_ROWS
 
     name = "eigenbasis_adam"
     approximate = True
     averages = True
     per_leaf = True
+    applies_curvature_inverse = False
     adaptive_damping_refusal = (
         "its damping is Adam's ε (added to the square root of the second moments), "
         "not a curvature's λ; pass a number"
     )
 
     def __post_init__(self):
+        check_max_exact_rows(self.max_exact_rows)
         for name in ("b1", "b2"):
             value = getattr(self, name)
             if not 0 <= value < 1:
@@ -108,6 +116,9 @@ class EigenbasisAdam(Solver):
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"EigenbasisAdam: block_size must be ≥ 1, got {self.block_size!r}.")
         self._kronecker  # noqa: B018 (validates ``approximation``)
+
+    def exact_rows_limit(self) -> int | None:
+        return self.max_exact_rows
 
     @property
     def _kronecker(self) -> Kronecker:

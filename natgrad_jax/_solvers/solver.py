@@ -80,6 +80,9 @@ class Solver(abc.ABC):
     per_leaf: ClassVar[bool] = False
     adaptive_damping_refusal: ClassVar[str | None] = None
     gates_refresh: ClassVar[bool] = False
+    # The update is (F + λI)⁻¹ g for some curvature F, so another solver (CG) can stand
+    # in for it in a refusal's remedies; not eigenbasis Adam's moments.
+    applies_curvature_inverse: ClassVar[bool] = True
 
     @abc.abstractmethod
     def init(self, params: PyTree, dtype) -> NamedTuple | tuple:
