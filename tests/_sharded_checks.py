@@ -484,14 +484,16 @@ def check_sharded_memory():
 
 
 # Per-device memory over one device's, as a multiple of Adam's ratio (0.258 here); the
-# target is 1.25. On jax 0.10.2: diagonal 1.42 (1.16 taking the exact Fisher's 16 output
-# rows 4 at a time: their backward pass all-reduces (rows, examples, width) buffers at
-# full width under tensor parallelism, where Adam's gradient has one row), CG 1.38;
-# K-FAC 1.75 and EKFAC 1.77 factorising every factor on every device, 0.96 and 1.31 with
-# mesh= (each factor on one device; K-FAC the same under jax.set_mesh; EKFAC 2.12 with
-# chunk_rows=8: its loop over chunks carries whole factor statistics on every device). With the
-# gradient concatenated into one P-vector (as the update did before, jax 0.10.2): 2.57,
-# 2.06, 1.94 and 3.52.
+# target is 1.25. On jax 0.10.2 (2026-12-07): diagonal 1.43 (1.19 taking the exact
+# Fisher's 16 output rows 4 at a time: their backward pass all-reduces (rows, examples,
+# width) buffers at full width under tensor parallelism, where Adam's gradient has one
+# row), CG 1.38; K-FAC 1.96 and EKFAC 1.97 factorising every factor on every device, 0.98
+# and 1.43 with mesh= (each factor on one device; K-FAC the same under jax.set_mesh;
+# EKFAC 1.31 before its second moments took the rows in groups, which shrank its
+# one-device step more than its sharded one; 2.12 with chunk_rows=8: its loop over
+# chunks carries whole factor statistics on every device). With the gradient
+# concatenated into one P-vector (as the update did before, jax 0.10.2): 2.57, 2.06,
+# 1.94 and 3.52.
 SHARDED_MEMORY_BOUNDS = {
     "diagonal": 1.6,
     "diagonal, chunk_rows=4": 1.25,

@@ -17,7 +17,7 @@ from tests.helpers import (
 from tests.test_kronecker import multi_axis_biases
 
 
-def _shared_weight_model():
+def _shared_weight_model(classes=3):
     """A tanh layer applied at each of 3 positions, summed: positions share the weight."""
 
     def apply(p, x):  # x: (N, 3, 4)
@@ -27,7 +27,7 @@ def _shared_weight_model():
     params = {
         "w": jax.random.normal(keys[0], (4, 5)) / 2,
         "b": jnp.full((5,), 0.1),
-        "v": jax.random.normal(keys[1], (5, 3)),
+        "v": jax.random.normal(keys[1], (5, classes)),
     }
     return ng.Model(apply, ng.Categorical()), params, jax.random.normal(keys[2], (6, 3, 4))
 
@@ -55,8 +55,10 @@ def test_one_example_is_solved_exactly():
     [
         ("mlp", 32),
         ("mlp", 3),
+        ("mlp_9_classes", 32),
         ("shared_weight", 32),
         ("shared_weight", 2),
+        ("shared_weight_9_classes", 32),
         ("40_gaussian_outputs", 32),
         ("multi_axis_biases", 32),
         ("multi_axis_biases", 2),
@@ -66,15 +68,21 @@ def test_scalings_are_the_fishers_diagonal_in_the_kronecker_eigenbasis(make, chu
     """s = diag(Uᵀ F_ℓ U) for each factored leaf, U = U_left ⊗ U_right of the state (with
     40 Gaussian outputs: 40 exact-Fisher rows per example, more than the default chunk;
     with biases of several axes, U from their tensor-normal factors). A small
-    ``chunk_rows`` takes the rows in chunks, the last one partly a repeat."""
+    ``chunk_rows`` takes the rows in chunks, the last one partly a repeat; over
+    ``MOMENT_ROWS`` rows of a layer of one position (9 classes: groups of 5 and 4 rows;
+    40 outputs in chunks of 32: four groups of 8) s is summed over groups of rows."""
     if make == "multi_axis_biases":
         model, params, x = multi_axis_biases()
-    elif make in ("mlp", "40_gaussian_outputs"):
-        width, likelihood = (4, ng.Categorical()) if make == "mlp" else (40, ng.Gaussian(1.0))
+    elif make in ("mlp", "mlp_9_classes", "40_gaussian_outputs"):
+        width, likelihood = {
+            "mlp": (4, ng.Categorical()),
+            "mlp_9_classes": (9, ng.Categorical()),
+            "40_gaussian_outputs": (40, ng.Gaussian(1.0)),
+        }[make]
         params = init_mlp(jax.random.PRNGKey(0), [3, 5, width])
         model, x = ng.Model(mlp, likelihood), jax.random.normal(jax.random.PRNGKey(1), (7, 3))
     else:
-        model, params, x = _shared_weight_model()
+        model, params, x = _shared_weight_model(9 if make.endswith("9_classes") else 3)
     solver = ng.EKFAC(chunk_rows=chunk_rows)
     tx = ng.scale_by_natural_gradient(model, solver=solver, damping=1e-2)
     g = jax.tree.map(jnp.ones_like, params)
