@@ -460,6 +460,8 @@ def check_sharded_memory():
         state_s = jax.jit(sharded_tx.init)(params_s)
         with context():
             spread = per_device_memory(step_of(sharded_tx), params_s, state_s, x_s, y_s)
+        # The ratio falls when one device's program grows: the bytes say what a device holds.
+        print(f"  a device {spread / 2**20:.1f} MiB, one device {one / 2**20:.1f} MiB")
         return spread / one
 
     adam = ratio(optax.adam(1e-3), with_batch=False)
