@@ -171,10 +171,9 @@ def _named_verdicts(problem: Problem, max_bytes: float | None) -> list[str]:
     runs, over_rows, over_memory = [], [], []
     for name in NAMED_SOLVERS:
         solver = SOLVERS[name]()
-        needed = problem.bytes_for(solver)
         if exact_rows_refusal(solver, problem) is not None:
             over_rows.append((name, solver.exact_rows_limit()))
-        elif max_bytes is not None and needed > max_bytes:
+        elif max_bytes is not None and (needed := problem.bytes_for(solver)) > max_bytes:
             over_memory.append(f"{name} (about {in_units(needed)})")
         else:
             runs.append(name)

@@ -54,9 +54,6 @@ class Diagonal(Solver):
     def __post_init__(self):
         check_max_exact_rows(self.max_exact_rows)
 
-    def exact_rows_limit(self) -> int | None:
-        return self.max_exact_rows
-
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats an update allocates, for the memory guard: the rows (``rows``, a
         ``RowSizes``, with capture; else (M, P)) and three P-vectors (the new diagonal,

@@ -117,9 +117,6 @@ class EigenbasisAdam(Solver):
             raise ValueError(f"EigenbasisAdam: block_size must be ≥ 1, got {self.block_size!r}.")
         self._kronecker  # noqa: B018 (validates ``approximation``)
 
-    def exact_rows_limit(self) -> int | None:
-        return self.max_exact_rows
-
     @property
     def _kronecker(self) -> Kronecker:
         # Every factor a matrix or its blocks (an eigenbasis needs one), never a diagonal.

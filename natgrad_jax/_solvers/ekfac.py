@@ -183,9 +183,6 @@ class EKFAC(Solver):
     def __post_init__(self):
         check_max_exact_rows(self.max_exact_rows)
 
-    def exact_rows_limit(self) -> int | None:
-        return self.max_exact_rows
-
     @property
     def _kronecker(self) -> Kronecker:
         # Eigenbases need whole matrices.

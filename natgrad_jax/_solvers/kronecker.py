@@ -412,9 +412,6 @@ class Kronecker(Solver):
                     "first (leave statistics_positions=None)."
                 )
 
-    def exact_rows_limit(self) -> int | None:
-        return self.max_exact_rows
-
     def memory(self, num_params: int, num_rows: int, leaf_shapes=(), rows=None) -> int:
         """Floats an update allocates, for the memory guard: six copies of each leaf's
         two factors (in the state with their inverses, and the batched factorisation's

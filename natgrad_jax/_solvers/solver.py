@@ -105,10 +105,11 @@ class Solver(abc.ABC):
 
     def exact_rows_limit(self) -> int | None:
         """The most output-Fisher rows per example an exact-Fisher refresh may
-        back-propagate one by one (``None``: no limit; the transform refuses more).
-        Solvers that take products (CG) or store the rows (dense, Woodbury: the memory
-        guard bounds them) have none."""
-        return None
+        back-propagate one by one (``None``: no limit; the transform refuses more): the
+        solver's ``max_exact_rows`` field where it has one (K-FAC, EKFAC, the diagonal,
+        eigenbasis Adam). Solvers that take products (CG) or store the rows (dense,
+        Woodbury: the memory guard bounds them) have none."""
+        return getattr(self, "max_exact_rows", None)
 
     def measure(self, state, batch, decay, is_first):
         """Measures the curvature statistics on ``batch`` and averages them into the
