@@ -147,9 +147,22 @@ def _check_target_values(model, params, inputs, targets, **_):
     restricted.check_targets(trainable, inputs, targets)
 
 
+ONE_EXAMPLE_NOTE = (
+    "natgrad_jax evaluated the model here one example at a time (per-example gradients, "
+    "each example a batch of one): apply_fn must run on any batch size (x.shape[0], not "
+    "a fixed number). Where it cannot, solver='cg' takes products through the whole batch."
+)
+
+
 def _map_examples(fn, *batches):
-    """vmap ``fn`` over the examples of ``batches``, each example kept as a batch of one."""
-    return jax.vmap(lambda *example: fn(*jax.tree.map(lambda a: a[None], example)))(*batches)
+    """vmap ``fn`` over the examples of ``batches``, each example kept as a batch of one.
+    An error raised there says so (``ONE_EXAMPLE_NOTE``, on Python ≥ 3.11)."""
+    try:
+        return jax.vmap(lambda *example: fn(*jax.tree.map(lambda a: a[None], example)))(*batches)
+    except Exception as error:
+        if hasattr(error, "add_note"):
+            error.add_note(ONE_EXAMPLE_NOTE)
+        raise
 
 
 @compiled_when_eager(eager_checks=_check_target_values)

@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 import natgrad_jax as ng
 from natgrad_jax import _vectors as vectors
 from natgrad_jax._capture import capture
+from natgrad_jax._capture.interpreter import probed_apply
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import factored_rows
 from tests.helpers import assert_capture_rebuilds_vmap_gradients, init_mlp, mlp
@@ -79,7 +80,79 @@ def equinox_mlp():
     return apply, params
 
 
-MODELS = [hand_written, hand_written_with_casts_and_reshapes, flax_linen, flax_nnx, equinox_mlp]
+def hand_written_with_checkpoints():
+    """Each layer in its own ``jax.checkpoint`` (the first saving its matmul's output),
+    as models too large to keep their activations are written."""
+    policy = jax.checkpoint_policies.checkpoint_dots
+
+    def apply(params, x):
+        hidden, out = params
+        layer = lambda h, p: jnp.tanh(h @ p["w"] + p["b"])
+        x = jax.checkpoint(layer, policy=policy)(x, hidden)
+        return jax.checkpoint(lambda h, p: h @ p["w"] + p["b"])(x, out)
+
+    return apply, init_mlp(jax.random.PRNGKey(0), [IN, 5, OUT])
+
+
+def flax_linen_remat():
+    nn = pytest.importorskip("flax.linen")
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.tanh(nn.Dense(5)(x))
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(OUT)(nn.remat(Block)()(x))
+
+    module = Mlp()
+    return module.apply, module.init(jax.random.PRNGKey(0), _inputs())
+
+
+def flax_nnx_remat():
+    """``nnx.remat`` returns the module's parameters from its checkpoint, unused after."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(IN, 5, rngs=rngs)
+            self.out = nnx.Linear(5, OUT, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.remat(lambda layer, x: jnp.tanh(layer(x)))(self.hidden, x))
+
+    graphdef, state = nnx.split(Mlp(nnx.Rngs(0)))
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+def hand_written_with_weights_from_a_jit():
+    """A nested ``jit`` returns the weights, cast and reshaped, for matmuls after it."""
+    params = {"w1": jnp.ones(IN * 5, jnp.float32) * 0.3, "w2": jnp.linspace(-1, 1, 5 * OUT)}
+
+    @jax.jit
+    def prepared(p):
+        return p["w1"].astype(jnp.float64).reshape(IN, 5), p["w2"].reshape(OUT, 5).T
+
+    def apply(p, x):
+        w1, w2 = prepared(p)
+        return jnp.tanh(x @ w1) @ w2
+
+    return apply, params
+
+
+MODELS = [
+    hand_written,
+    hand_written_with_casts_and_reshapes,
+    flax_linen,
+    flax_nnx,
+    equinox_mlp,
+    hand_written_with_checkpoints,
+    flax_linen_remat,
+    flax_nnx_remat,
+    hand_written_with_weights_from_a_jit,
+]
 
 
 @pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
@@ -93,6 +166,64 @@ def test_every_dense_layer_is_captured_and_rebuilds_vmap_gradients(make):
     assert_capture_rebuilds_vmap_gradients(
         apply, captured, params, x, cotangent, rtol=1e-5, atol=1e-6
     )
+
+
+def _checkpointed_recurrence(params, x):
+    """h_t = tanh(x_t W + h_{t−1} U) over T steps, each step a ``jax.checkpoint`` inside
+    the scan; the last state through a dense head. x: (N, T, IN)."""
+
+    @jax.checkpoint
+    def step(h, x_t):
+        return jnp.tanh(x_t @ params["w"] + h @ params["u"]), None
+
+    h0 = jnp.zeros((x.shape[0], 5), x.dtype)
+    h, _ = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
+    return h @ params["head"]
+
+
+def test_checkpointed_layers_are_captured_and_keep_their_checkpoint():
+    """Layers under ``jax.checkpoint`` (alone, with a policy, and inside a scan's body)
+    are captured as those without it: the same per-example gradients as ``vmap``, and
+    the probed forward pass keeps each checkpoint, policy and all, so the statistics'
+    backward pass recomputes what the model's own recomputes."""
+    apply, params = hand_written_with_checkpoints()
+    x = _inputs()
+    captured = capture(apply, params, x)
+    probes = [jnp.zeros(layer.probe_shape, layer.output_dtype) for layer in captured.layers]
+    jaxpr = jax.make_jaxpr(lambda p: probed_apply(apply, captured, params, x, p))(probes)
+    remat = ("remat2", "checkpoint")
+    policies = [e.params["policy"] for e in jaxpr.eqns if e.primitive.name in remat]
+    assert policies == [jax.checkpoint_policies.checkpoint_dots, None]
+
+    recurrence_params = {
+        "w": jax.random.normal(jax.random.PRNGKey(3), (IN, 5)) / 2,
+        "u": jax.random.normal(jax.random.PRNGKey(4), (5, 5)) / 3,
+        "head": jax.random.normal(jax.random.PRNGKey(5), (5, OUT)),
+    }
+    sequences = jax.random.normal(jax.random.PRNGKey(6), (N, 7, IN))
+    captured = capture(_checkpointed_recurrence, recurrence_params, sequences)
+    names = sorted(captured.leaf_names[layer.leaf] for layer in captured.layers)
+    assert names == ["['head']", "['u']", "['w']"] and captured.fallback == ()
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (N, OUT))
+    assert_capture_rebuilds_vmap_gradients(
+        _checkpointed_recurrence, captured, recurrence_params, sequences, cotangent, rtol=1e-10
+    )
+
+
+def test_a_checkpointed_model_takes_the_same_kronecker_step_as_without():
+    apply, params = hand_written_with_checkpoints()
+    model, plain = ng.Model(apply, ng.Categorical()), ng.Model(mlp, ng.Categorical())
+    x = _inputs()
+    y = jnp.arange(N) % OUT
+    steps = []
+    for each in (model, plain):
+        tx = ng.natural_gradient(each, 0.5, solver="kronecker", refresh_every=1)
+        gradient = jax.grad(each.nll)(params, x, y)
+        step, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, inputs=x, targets=y))(  # noqa: B023
+            gradient, tx.init(params), params
+        )
+        steps.append(flat(step))
+    np.testing.assert_allclose(steps[0], steps[1], rtol=1e-12, atol=1e-14)
 
 
 def _tricky_model():

@@ -206,3 +206,48 @@ def test_update_is_finite_and_solves_the_damped_system(
     f = ng.fisher(model, params, x)
     residual = (f + damping * jnp.eye(len(f))) @ d - flat_g
     assert float(jnp.linalg.norm(residual)) <= 1e-8 * (1 + float(jnp.linalg.norm(flat_g)))
+
+
+def _fixed_batch_model(batch):
+    """A model written for one batch size: it reshapes its hidden layer to (batch, ...)."""
+
+    def apply(params, x):
+        h = jnp.tanh(x @ params["w"]).reshape(batch, 2, 2)  # not x.shape[0]
+        return h.reshape(batch, 4) @ params["out"]
+
+    params = {
+        "w": jax.random.normal(jax.random.PRNGKey(0), (3, 4)) / 2,
+        "out": jax.random.normal(jax.random.PRNGKey(1), (4, 3)) / 2,
+    }
+    return ng.Model(apply, ng.Categorical()), params
+
+
+def test_a_model_of_one_batch_size_is_told_why_and_cg_solves_it():
+    """Per-example gradients evaluate the model on batches of one: a model that only runs
+    at its batch size gets that said with its own error, ``describe`` gives the reason
+    for each leaf, and the remedy the note names (CG's whole-batch products) solves
+    (F + λI) d = g with F = Jᵀ F_out J / N of the whole batch's Jacobian."""
+    model, params = _fixed_batch_model(6)
+    x = jax.random.normal(jax.random.PRNGKey(2), (6, 3))
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    gradient = jax.grad(model.nll)(params, x, y)
+    dense = ng.natural_gradient(model, 1.0, solver="dense", damping=0.1)
+    with pytest.raises(TypeError, match="reshape") as raised:
+        dense.update(gradient, dense.init(params), params, inputs=x, targets=y)
+    if hasattr(raised.value, "add_note"):  # Python ≥ 3.11
+        assert any("one example at a time" in note for note in raised.value.__notes__)
+    reasons = ng.describe(model, params, x)
+    assert reasons.count("apply_fn fails on N + 1 examples (TypeError)") == 2
+
+    cg = ng.scale_by_natural_gradient(model, damping=0.1, solver=ng.ConjugateGradient(tol=1e-12))
+    step, _ = cg.update(gradient, cg.init(params), params, inputs=x, targets=y)
+    flat, unravel = ravel_pytree(params)
+    outputs = model.apply_fn(params, x)
+    jacobian = jax.jacobian(lambda v: model.apply_fn(unravel(v), x).ravel())(flat)
+    probabilities = jax.nn.softmax(outputs)  # a categorical's Fisher in its logits
+    output_fisher = jax.scipy.linalg.block_diag(
+        *[jnp.diag(p) - jnp.outer(p, p) for p in probabilities]
+    )
+    fisher = jacobian.T @ output_fisher @ jacobian / 6
+    expected = jnp.linalg.solve(fisher + 0.1 * jnp.eye(flat.size), ravel_pytree(gradient)[0])
+    np.testing.assert_allclose(ravel_pytree(step)[0], expected, rtol=1e-9, atol=1e-12)

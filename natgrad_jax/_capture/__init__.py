@@ -25,7 +25,9 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
      by a value c computed without the inputs (BatchNorm's running 1/σ) is followed
      through that product; its layer input is x ⊙ c.
 
-   Nested ``jit`` calls are entered recursively. Leaves concatenated (then passed
+   Nested ``jit`` calls and ``jax.checkpoint`` (remat) bodies are entered recursively,
+   and a leaf such a body returns (``nnx.remat`` returns its module's parameters) is
+   followed after it; the interpreter of 4. keeps each checkpoint, policy and all. Leaves concatenated (then passed
    through layout operations) before a ``dot_general`` along one of its free axes, or
    before an ``add``, are a layer each: the same input, their slice of the output
    (flax's ``OptimizedLSTMCell`` joins its four gates' kernels for one matmul).

@@ -71,10 +71,11 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
     names = tuple(jax.tree_util.keystr(path) or "params" for path, _ in leaves_with_paths)
     shapes = tuple(tuple(np.shape(leaf)) for _, leaf in leaves_with_paths)
     closed, uses = trace_uses(apply_fn, params, inputs)
+    grown_failure = None
     try:
         _, grown = trace_uses(apply_fn, params, grown_batch(inputs))
-    except Exception:  # a model that only runs at one batch size: nothing is captured
-        grown = []
+    except Exception as error:  # a model that only runs at one batch size: nothing is captured
+        grown, grown_failure = [], f"apply_fn fails on N + 1 examples ({type(error).__name__})"
     grown_by_eqn = {(u.eqn, u.leaf): u for u in grown if u.eqn is not None}
 
     by_leaf: dict[int, list[Use]] = {}
@@ -83,6 +84,8 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
     layers, reasons = [], {}
     for leaf in range(len(shapes)):
         found = _layer_of_leaf(leaf, by_leaf.get(leaf, []), grown_by_eqn, shapes[leaf])
+        if grown_failure is not None and found == CHANGES_WITH_BATCH:
+            found = grown_failure
         if isinstance(found, Layer):
             layers.append(found)
         else:
@@ -110,6 +113,9 @@ def _unbroadcast(use: Use, leaf_shape) -> Use:
     return dataclasses.replace(use, chain=tuple(chain), operand_aval=operand)
 
 
+CHANGES_WITH_BATCH = "its layer changes with the batch size"
+
+
 def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
     """The captured layer of ``leaf``, or why it has none."""
     if not uses:
@@ -125,7 +131,7 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
         return f"used by {use.primitive_name}, which capture does not read"
     twin = grown_by_eqn.get((use.eqn, leaf))
     if twin is None or twin.kind != use.kind:
-        return "its layer changes with the batch size"
+        return CHANGES_WITH_BATCH
     twin = _unbroadcast(twin, leaf_shape)
     output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
     input_axis = None

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from natgrad_jax._capture.convolution import CONVOLUTION, convolution
 from natgrad_jax._capture.find import constant_factor
 from natgrad_jax._capture.layer import Capture, Layer
-from natgrad_jax._capture.uses import CALL_OPS, is_literal
+from natgrad_jax._capture.uses import CALL_OPS, REMAT_OPS, is_literal
 from natgrad_jax._capture.walk import count_equations, parameter_uses
 from natgrad_jax._fisher import varying_axes
 from natgrad_jax._jaxpr import inner_jaxpr, scan_counts
@@ -51,6 +51,8 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
             outs = _evaluate(inner_jaxpr(eqn), values, probes, activations, counter)
         elif eqn.primitive.name == "scan":
             outs = _evaluate_scan(eqn, values, probes, activations, counter)
+        elif eqn.primitive.name in REMAT_OPS:
+            outs = _evaluate_checkpoint(eqn, values, probes, activations, counter)
         else:
             outs = _bind(eqn, values)
             if index in factors:
@@ -102,9 +104,7 @@ def _evaluate_scan(eqn, values, probes, activations, counter):
     """A scan whose body holds probed layers: rerun as ``lax.scan`` with the probes as
     extra scanned inputs and the layers' inputs as extra stacked outputs."""
     body = inner_jaxpr(eqn)
-    start = counter[0]
-    counter[0] += count_equations(body)
-    inside = sorted(k for k in probes if start <= k < counter[0])
+    start, inside = _probes_inside(body, probes, counter)
     if not inside:
         return bind(eqn, values)
     num_consts, num_carry = scan_counts(eqn)
@@ -132,6 +132,38 @@ def _evaluate_scan(eqn, values, probes, activations, counter):
     )
     activations.update(zip(inside, stacked_inputs, strict=True))
     return [*carry, *ys]
+
+
+def _probes_inside(body, probes, counter) -> tuple[int, list]:
+    """``(start, the probed equations of a nested body)``, the counter moved past it."""
+    start = counter[0]
+    counter[0] += count_equations(body)
+    return start, sorted(k for k in probes if start <= k < counter[0])
+
+
+def _evaluate_checkpoint(eqn, values, probes, activations, counter):
+    """A ``jax.checkpoint`` whose body holds probed layers: rerun as a checkpoint with the
+    probes as extra inputs and the layers' inputs as extra outputs, so that the backward
+    pass recomputes the body as the model's own does (its policy kept), and saves only
+    what the statistics read."""
+    body = inner_jaxpr(eqn)
+    start, inside = _probes_inside(body, probes, counter)
+    if not inside:
+        return bind(eqn, values)
+
+    def run(values, inside_probes):
+        body_probes = {
+            k: [(layer, p) for (layer, _), p in zip(probes[k], ps, strict=True)]
+            for k, ps in zip(inside, inside_probes, strict=True)
+        }
+        body_inputs = collections.ChainMap({}, activations)
+        outs = _evaluate(body, values, body_probes, body_inputs, [start])
+        return outs, [body_inputs[k] for k in inside]
+
+    rerun = jax.checkpoint(run, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+    outs, layer_inputs = rerun(values, [[p for _, p in probes[k]] for k in inside])
+    activations.update(zip(inside, layer_inputs, strict=True))
+    return outs
 
 
 def probed_apply(apply_fn, captured: Capture, params, inputs, probes):

@@ -8,7 +8,8 @@ it reads, looked up by the walk in ``RULES``:
 * layout operations (reshape, transpose, casts, broadcast): the leaf, one step on;
 * ``concatenate``: leaves joined for one layer (``follow_concatenation`` then follows
   them);
-* calls (``pjit``, ``closed_call``) and ``scan``: their bodies, walked in turn;
+* calls (``pjit``, ``closed_call``, ``jax.checkpoint``) and ``scan``: their bodies,
+  walked in turn;
 * ``pvary``: the same values, marked device-varying inside ``shard_map``;
 * anything else (``use_as_other``): a use capture does not read, so the leaf goes to
   the fallback.
@@ -26,12 +27,14 @@ import numpy as np
 from natgrad_jax._capture.uses import (
     BIAS_OPS,
     CALL_OPS,
+    REMAT_OPS,
     Concatenation,
     Origin,
     Use,
     is_literal,
     layer_use,
     leaves_of,
+    output_uses,
 )
 from natgrad_jax._independence import inner_tainted
 from natgrad_jax._jaxpr import inner_jaxpr, scan_counts
@@ -120,13 +123,16 @@ def _concatenate(walk: Walk, read: Read) -> None:
 
 
 def _call(walk: Walk, read: Read) -> None:
-    """A nested ``jit`` (or closed call): its body is walked with its operands' origins."""
+    """A nested ``jit``, closed call or ``jax.checkpoint``: its body is walked with its
+    operands' origins, and a leaf it returns (``nnx.remat`` returns the module's
+    parameters) is followed on in this walk like any other value."""
     inner = inner_jaxpr(read.eqn)
     if inner is None:
         use_as_other(walk, read)
         return
     tainted = inner_tainted(read.eqn, inner.jaxpr, walk.tainted)
-    walk.enter(inner, read.derived, tainted, walk.scan_lengths)
+    outputs = walk.enter(inner, read.derived, tainted, walk.scan_lengths)
+    walk.env.update((v, d) for v, d in zip(read.eqn.outvars, outputs, strict=True) if d is not None)
 
 
 def _scan(walk: Walk, read: Read) -> None:
@@ -142,7 +148,8 @@ def _scan(walk: Walk, read: Read) -> None:
         for leaf in leaves_of(derived[k])
     )
     tainted = inner_tainted(eqn, body.jaxpr, walk.tainted)
-    walk.enter(body, derived[:num_consts], tainted, (*walk.scan_lengths, eqn.params["length"]))
+    lengths = (*walk.scan_lengths, eqn.params["length"])
+    walk.uses.extend(output_uses(walk.enter(body, derived[:num_consts], tainted, lengths)))
 
 
 def layer_kind(eqn, sides, derived) -> str | None:
@@ -319,7 +326,7 @@ RULES = {
     "mul": _scale,
     **dict.fromkeys(BIAS_OPS, _layout),
     "concatenate": _concatenate,
-    **dict.fromkeys(CALL_OPS, _call),
+    **dict.fromkeys(CALL_OPS | REMAT_OPS, _call),
     "scan": _scan,
     "pvary": _pass_through,
 }

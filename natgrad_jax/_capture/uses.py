@@ -17,6 +17,10 @@ BIAS_OPS = LAYOUT_OPS | {"broadcast_in_dim"}
 
 CALL_OPS = frozenset({"pjit", "jit", "closed_call", "core_call"})
 
+# ``jax.checkpoint`` (remat): a call whose body the backward pass recomputes; the walk
+# reads it as a call, and the probed forward pass keeps it a checkpoint.
+REMAT_OPS = frozenset({"remat2", "checkpoint"})
+
 
 def is_literal(var) -> bool:
     return isinstance(var, jex_core.Literal)
@@ -67,6 +71,16 @@ def leaves_of(derived) -> list[int]:
     if isinstance(derived, Concatenation):
         return [origin.leaf for origin, _, _ in derived.parts]
     return [derived.leaf]
+
+
+def output_uses(derived_outputs) -> list[Use]:
+    """A use by no layer for each leaf that reaches an output unchanged but for layout."""
+    return [
+        Use(leaf, None, primitive_name="output")
+        for derived in derived_outputs
+        if derived is not None
+        for leaf in leaves_of(derived)
+    ]
 
 
 def layer_use(kind, index, origin: Origin, side, eqn, scan_lengths) -> Use:

@@ -9,12 +9,13 @@ import jax
 from natgrad_jax._capture.rules import RULES, Read, follow_concatenation, use_as_other
 from natgrad_jax._capture.uses import (
     CALL_OPS,
+    REMAT_OPS,
     Concatenation,
     LayerOutputs,
     Origin,
     Use,
     is_literal,
-    leaves_of,
+    output_uses,
 )
 from natgrad_jax._jaxpr import inner_jaxpr
 
@@ -51,18 +52,21 @@ class Walk:
     scan_lengths: tuple
     layer_outputs: LayerOutputs
 
-    def enter(self, inner, derived, tainted, scan_lengths) -> None:
+    def enter(self, inner, derived, tainted, scan_lengths) -> list:
         """Walks a nested jaxpr (a call's or a scan's body) whose leading inputs are
-        ``derived``; its uses join this walk's."""
+        ``derived``; its uses join this walk's. Returns how each of its outputs derives
+        from a leaf (None where it does not)."""
         origins = inner_origins(inner, derived)
-        analyse(inner, origins, self.uses, self.counter, tainted, scan_lengths)
+        return analyse(inner, origins, self.uses, self.counter, tainted, scan_lengths)
 
 
-def analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()) -> None:
+def analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()) -> list:
     """Walks a jaxpr, following parameter-derived variables: each live equation goes to
     the rule of its primitive (``RULES``; ``use_as_other`` for the primitives capture
     does not read), or, where it reads concatenated leaves, to
-    ``follow_concatenation``."""
+    ``follow_concatenation``. Returns how each output derives from a leaf, if it does:
+    the caller decides whether that is a use (the model's outputs, a scan's) or a value
+    its own walk follows (a call's)."""
     live = live_equations(closed_jaxpr.jaxpr)
     layer_outputs = LayerOutputs(closed_jaxpr.jaxpr, live)
     walk = Walk(dict(origins), uses, counter, tainted, scan_lengths, layer_outputs)
@@ -80,10 +84,7 @@ def analyse(closed_jaxpr, origins, uses, counter, tainted, scan_lengths=()) -> N
             follow_concatenation(walk, read)
         else:
             RULES.get(eqn.primitive.name, use_as_other)(walk, read)
-    for var in closed_jaxpr.jaxpr.outvars:
-        if not is_literal(var) and var in walk.env:
-            leaves = leaves_of(walk.env[var])
-            uses.extend(Use(leaf, None, primitive_name="output") for leaf in leaves)
+    return [None if is_literal(v) else walk.env.get(v) for v in closed_jaxpr.jaxpr.outvars]
 
 
 def inner_origins(inner, derived) -> dict:
@@ -98,7 +99,7 @@ def count_equations(closed_jaxpr) -> int:
 
 def nested_equations(eqn) -> int:
     """How many indices the equations nested in ``eqn`` (a call or a scan) take."""
-    nested = eqn.primitive.name in CALL_OPS or eqn.primitive.name == "scan"
+    nested = eqn.primitive.name in CALL_OPS | REMAT_OPS or eqn.primitive.name == "scan"
     inner = inner_jaxpr(eqn) if nested else None
     return 0 if inner is None else count_equations(inner)
 
@@ -113,5 +114,5 @@ def parameter_uses(closed, num_leaves) -> list[Use]:
     """Every use of the first ``num_leaves`` inputs (the parameter leaves) of a jaxpr."""
     origins = {v: Origin(k, (), False) for k, v in enumerate(closed.jaxpr.invars[:num_leaves])}
     uses: list[Use] = []
-    analyse(closed, origins, uses, [0], set(closed.jaxpr.invars[num_leaves:]))
-    return uses
+    outputs = analyse(closed, origins, uses, [0], set(closed.jaxpr.invars[num_leaves:]))
+    return uses + output_uses(outputs)
