@@ -27,10 +27,11 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
 
    Nested ``jit`` calls and ``jax.checkpoint`` (remat) bodies are entered recursively,
    and a leaf such a body returns (``nnx.remat`` returns its module's parameters) is
-   followed after it; the interpreter of 4. keeps each checkpoint, policy and all. Leaves concatenated (then passed
-   through layout operations) before a ``dot_general`` along one of its free axes, or
-   before an ``add``, are a layer each: the same input, their slice of the output
-   (flax's ``OptimizedLSTMCell`` joins its four gates' kernels for one matmul).
+   followed after it; the interpreter of 4. keeps each checkpoint, policy and all.
+   Leaves concatenated (then passed through layout operations) before a ``dot_general``
+   along one of its free axes, or before an ``add``, are a layer each: the same input,
+   their slice of the output (flax's ``OptimizedLSTMCell`` joins its four gates' kernels
+   for one matmul).
    Equations whose results are never used (dead code) are skipped.
 2. A leaf is **captured** if every use of it is such a layer (one layer per leaf); any
    other leaf (weights inside custom derivatives, tied weights, a weight multiplied by
