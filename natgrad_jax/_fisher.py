@@ -39,13 +39,30 @@ FISHER_KINDS: tuple[str, ...] = ("exact", "monte_carlo", "empirical")
 
 def batch_size(inputs: PyTree) -> int:
     """The number of examples N: the common leading axis of every leaf of ``inputs``."""
-    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(inputs)}
+    leaves = jax.tree.leaves(inputs)
+    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
     if len(sizes) != 1 or None in sizes:
+        keys = any(_is_random_key(leaf) for leaf in leaves)
         raise ValueError(
             "inputs must be a batch: every leaf needs the same leading (example) axis, got "
-            f"leading sizes {sorted(map(str, sizes))}."
+            f"leading sizes {sorted(map(str, sizes))}." + (SHARED_KEY_HINT if keys else "")
         )
     return sizes.pop()
+
+
+SHARED_KEY_HINT = (
+    " A random key among the inputs (dropout) must be one key per example: pass "
+    "jax.random.split(key, N) and draw each example's mask from its own key (jax.vmap "
+    "over the keys and examples), so that an example evaluated alone keeps its mask."
+)
+
+
+def _is_random_key(leaf) -> bool:
+    """A typed PRNG key array, or a raw uint32 key (its last axis of 2)."""
+    dtype = jnp.result_type(leaf)
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return dtype == jnp.uint32 and jnp.shape(leaf)[-1:] == (2,)
 
 
 def check_same_batch(inputs: PyTree, targets: PyTree) -> int:

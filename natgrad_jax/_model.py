@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from natgrad_jax._eager import eval_shape
 from natgrad_jax._likelihoods import Likelihood, concrete_values
@@ -24,6 +25,27 @@ def per_example(values: jax.Array) -> jax.Array:
             "(apply_fn maps a batch of inputs to a batch of outputs)."
         )
     return values
+
+
+def check_example_axis(likelihood: Likelihood, outputs: PyTree) -> None:
+    """Raises if ``outputs`` leave the likelihood no example axis: its last
+    ``event_ndim`` axes are one example's event (a vector of D numbers for ``Gaussian``
+    and ``Categorical``), so (N,) outputs of one number per example are one event."""
+    if likelihood.batch_shape(outputs):
+        return
+    shape = tuple(np.shape(jax.tree.leaves(outputs)[0]))
+    hint = ""
+    if likelihood.event_ndim == 1:
+        hint = (
+            f" {type(likelihood).__name__} reads the last axis of the outputs as one "
+            f"example's event, so outputs of shape {shape} are one example: for one number "
+            "per example, return outputs of shape (N, 1) (``[:, None]``) and pass targets "
+            "of that shape."
+        )
+    raise ValueError(
+        f"The outputs of shape {shape} have no example axis (apply_fn maps a batch of "
+        f"inputs to a batch of outputs).{hint}"
+    )
 
 
 def _poison_invalid_examples(outputs: PyTree, likelihood: Likelihood, targets) -> PyTree:
@@ -97,6 +119,7 @@ class Model:
 
     def log_likelihood_of_outputs(self, outputs: PyTree, targets: PyTree) -> jax.Array:
         """``log_likelihood`` from the outputs of ``apply_fn`` (already computed)."""
+        check_example_axis(self.likelihood, outputs)
         self.likelihood.check_targets(outputs, targets)
         if concrete_values(targets) is None:
             outputs = _poison_invalid_examples(outputs, self.likelihood, targets)
@@ -106,6 +129,7 @@ class Model:
         """Per-example log-likelihood whose scores at labels sampled from the model average
         to the exact Fisher (``Likelihood.sampled_log_prob``); shape (N,)."""
         outputs = self.apply_fn(params, inputs)
+        check_example_axis(self.likelihood, outputs)
         return per_example(self.likelihood.sampled_log_prob(outputs, targets))
 
     def check_targets(self, params: PyTree, inputs: PyTree, targets: PyTree) -> None:

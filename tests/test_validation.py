@@ -251,3 +251,64 @@ def test_a_model_of_one_batch_size_is_told_why_and_cg_solves_it():
     fisher = jacobian.T @ output_fisher @ jacobian / 6
     expected = jnp.linalg.solve(fisher + 0.1 * jnp.eye(flat.size), ravel_pytree(gradient)[0])
     np.testing.assert_allclose(ravel_pytree(step)[0], expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("likelihood", [ng.Gaussian(scale=1.0), ng.Categorical()])
+def test_one_number_per_example_is_told_to_take_an_event_axis(likelihood):
+    """(N,) outputs are one event of a vector likelihood: the error says so and names the
+    (N, 1) shape, with which the loss is the mean of the examples' own terms."""
+    params = init_mlp(jax.random.PRNGKey(0), [3, 4, 1])
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+    targets = {"Gaussian": jnp.linspace(-1.0, 1.0, 5), "Categorical": jnp.zeros(5, jnp.int32)}
+    y = targets[type(likelihood).__name__]
+    flat = ng.Model(lambda p, x: mlp(p, x)[:, 0], likelihood)
+    with pytest.raises(ValueError, match=r"shape \(5,\) are one example: .* \(N, 1\)"):
+        flat.nll(params, x, y)
+    column = ng.Model(mlp, likelihood)
+    y = y[:, None] if isinstance(likelihood, ng.Gaussian) else y
+    outputs = mlp(params, x)[:, 0]
+    expected = (
+        jnp.mean(0.5 * (outputs - y[:, 0]) ** 2 + 0.5 * jnp.log(2 * jnp.pi))
+        if isinstance(likelihood, ng.Gaussian)
+        else 0.0  # one class: log-probability 0
+    )
+    np.testing.assert_allclose(column.nll(params, x, y), expected, atol=1e-12)
+
+
+def _dropout_mlp(params, inputs):
+    """A 3-4-3 tanh MLP with dropout (keep 0.75) on its hidden layer, each example's mask
+    drawn from its own key."""
+    x, keys = inputs
+    hidden = jnp.tanh(x @ params[0]["w"] + params[0]["b"])
+    keep = jax.vmap(lambda key: jax.random.bernoulli(key, 0.75, hidden.shape[1:]))(keys)
+    return (hidden * keep / 0.75) @ params[1]["w"] + params[1]["b"]
+
+
+def test_dropout_takes_one_key_per_example_and_keeps_its_masks():
+    """One key for the batch is refused with the way out; with a key per example the
+    Fisher is that of the masked network, Jᵀ F_out J / N of the whole batch's Jacobian
+    (each example evaluated alone keeps its mask), which the dense and the Woodbury
+    (captured layers) steps solve with."""
+    model = ng.Model(_dropout_mlp, ng.Categorical())
+    params = init_mlp(jax.random.PRNGKey(0), [3, 4, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+    key = jax.random.PRNGKey(2)
+    with pytest.raises(ValueError, match=r"jax.random.split\(key, N\)"):
+        ng.fisher(model, params, (x, key))
+    inputs = (x, jax.random.split(key, 6))
+    flat, unravel = ravel_pytree(params)
+    outputs = _dropout_mlp(params, inputs)
+    jacobian = jax.jacobian(lambda v: _dropout_mlp(unravel(v), inputs).ravel())(flat)
+    probabilities = jax.nn.softmax(outputs)
+    output_fisher = jax.scipy.linalg.block_diag(
+        *[jnp.diag(p) - jnp.outer(p, p) for p in probabilities]
+    )
+    expected = jacobian.T @ output_fisher @ jacobian / 6
+    assert float(jnp.abs(jacobian).min(initial=1.0)) == 0.0  # some units are dropped
+    np.testing.assert_allclose(ng.fisher(model, params, inputs), expected, atol=1e-12)
+    gradient = jax.grad(model.nll)(params, inputs, jnp.array([0, 1, 2, 0, 1, 2]))
+    solution = jnp.linalg.solve(expected + 0.1 * jnp.eye(flat.size), ravel_pytree(gradient)[0])
+    for solver in ("dense", "woodbury"):  # Woodbury's kernel from the captured layers
+        tx = ng.scale_by_natural_gradient(model, damping=0.1, solver=solver)
+        step, _ = tx.update(gradient, tx.init(params), params, inputs=inputs)
+        np.testing.assert_allclose(ravel_pytree(step)[0], solution, rtol=1e-9, atol=1e-12)
