@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -224,6 +225,30 @@ def test_a_checkpointed_model_takes_the_same_kronecker_step_as_without():
         )
         steps.append(flat(step))
     np.testing.assert_allclose(steps[0], steps[1], rtol=1e-12, atol=1e-14)
+
+
+def test_a_checkpointed_model_trains_as_without_from_one_forward_pass():
+    """The defaults (quadratic model, damping rule, momentum) fed by ``ng.value_and_grad``,
+    whose forward pass runs the probed checkpoints: three steps, the same parameters."""
+    apply, params = hand_written_with_checkpoints()
+    x, y = _inputs(), jnp.arange(N) % OUT
+    trained = []
+    for each in (apply, mlp):
+        model = ng.Model(each, ng.Categorical())
+        tx = ng.natural_gradient(model, 0.5)
+
+        @jax.jit
+        def step(p, s, model=model, tx=tx):
+            (_, forward_pass), g = ng.value_and_grad(model)(p, x, y)
+            u, s = tx.update(g, s, p, inputs=x, targets=y, forward_pass=forward_pass)
+            return optax.apply_updates(p, u), s
+
+        p, s = params, tx.init(params)
+        for _ in range(3):
+            p, s = step(p, s)
+        trained.append(flat(p))
+    assert float(jnp.max(jnp.abs(trained[1] - flat(params)))) > 1e-2  # they moved
+    np.testing.assert_allclose(trained[0], trained[1], rtol=1e-12, atol=1e-14)
 
 
 def _tricky_model():
