@@ -388,3 +388,25 @@ def test_a_python_float_leaf_that_scales_the_output_falls_back_to_vmap():
         tx = ng.scale_by_natural_gradient(model, solver=solver, damping=0.1)
         update, _ = tx.update(g, tx.init(params), params, inputs=x, targets=y)
         np.testing.assert_allclose(ravel_pytree(update)[0], want, rtol=1e-9)
+
+
+def test_layers_stacked_over_a_scan_are_told_to_unroll_and_unrolled_are_captured():
+    """A weight sliced per step of a scan (layers stacked over it, as flax's nn.scan
+    does) is not read: ``describe`` says so and how to get each layer captured, which
+    the same layers as a Python loop are."""
+    stacked = {"w": jax.random.normal(jax.random.PRNGKey(0), (3, IN, IN)) / 2}
+    x = _inputs()
+
+    def scanned(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+
+    def unrolled(p, x):
+        for w in p["w"]:
+            x = jnp.tanh(x @ w)
+        return x
+
+    text = ng.describe(ng.Model(scanned, ng.Gaussian(scale=1.0)), stacked, x)
+    assert "scan, a slice each step (stacked layers: unroll them to capture each)" in text
+    layers = {"w": list(stacked["w"])}
+    captured = capture(lambda p, x: unrolled({"w": p["w"]}, x), layers, x)
+    assert len(captured.layers) == 3 and captured.fallback == ()

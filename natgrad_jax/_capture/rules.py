@@ -139,10 +139,12 @@ def _scan(walk: Walk, read: Read) -> None:
     """A ``scan``: a leaf among its constants is walked into the body (applied at every
     step); one carried or scanned is a use capture does not read."""
     eqn, derived = read.eqn, read.derived
-    body, (num_consts, _) = inner_jaxpr(eqn), scan_counts(eqn)
-    where = "scan, as a carry or scanned input"
+    body, (num_consts, num_carry) = inner_jaxpr(eqn), scan_counts(eqn)
+    carried = "scan, as a carry"
+    # Layers stacked over a scan (flax's nn.scan): unrolled, each would be captured.
+    sliced = "scan, a slice each step (stacked layers: unroll them to capture each)"
     walk.uses.extend(
-        Use(leaf, None, primitive_name=where)
+        Use(leaf, None, primitive_name=carried if k < num_consts + num_carry else sliced)
         for k in read.sides
         if k >= num_consts
         for leaf in leaves_of(derived[k])
