@@ -275,6 +275,14 @@ def scale_by_natural_gradient(
     model on the transformer LM of ``benchmarks/transformer_lm.py``: steps as cheap as
     AdamW's, kept from diverging by the clip.
 
+    **A building block.** Its defaults are plain natural gradient's: a fixed λ = 1e-3,
+    no quadratic model, no momentum. A unit step with the exact Fisher is then a damped
+    Gauss–Newton step, which fits the batch's linearised model and can overshoot on a
+    nonlinear network at learning rates ``natural_gradient`` takes. In a chain of your
+    own, keep a step-length control: ``damping=ng.LevenbergMarquardt()`` (with
+    ``rescale=None, momentum=None``, as ``natural_gradient``: the same steps) or
+    ``max_kl=ε``.
+
     The update is jit-compatible, has no Python control flow on traced values, keeps
     the dtype of each update leaf and solves in at least float32.
 

@@ -436,6 +436,34 @@ def test_chain_with_clipping_and_weight_decay():
     np.testing.assert_allclose(updates, expected, rtol=1e-10)
 
 
+def test_a_chain_with_the_damping_rule_takes_natural_gradients_steps():
+    """The docstring's advice: ``scale_by_natural_gradient`` with Levenberg–Marquardt
+    damping and the quadratic model's defaults, then the learning rate, is
+    ``natural_gradient``: the same parameters after four steps on an MLP classifier."""
+    params = init_mlp(jax.random.PRNGKey(0), [4, 8, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 4))
+    y = jnp.arange(16) % 3
+    model = ng.Model(mlp, ng.Categorical())
+    rule = ng.LevenbergMarquardt()
+    optimizers = [
+        optax.chain(
+            ng.scale_by_natural_gradient(model, damping=rule, rescale=None, momentum=None),
+            optax.scale_by_learning_rate(0.5),
+        ),
+        ng.natural_gradient(model, 0.5),
+    ]
+    trained = []
+    for optimizer in optimizers:
+        p, state = params, optimizer.init(params)
+        for _ in range(4):
+            g = jax.grad(model.nll)(p, x, y)
+            updates, state = optimizer.update(g, state, p, inputs=x, targets=y)
+            p = optax.apply_updates(p, updates)
+        trained.append(ravel_pytree(p)[0])
+    assert float(model.nll(p, x, y)) < 0.9 * float(model.nll(params, x, y))
+    np.testing.assert_allclose(trained[0], trained[1], rtol=1e-12, atol=1e-14)
+
+
 def test_learning_rate_schedule():
     model, x, y = _logistic_problem()
     schedule = optax.linear_schedule(1.0, 0.25, transition_steps=2)
