@@ -45,10 +45,16 @@ def batch_size(inputs: PyTree) -> int:
         keys = any(_is_random_key(leaf) for leaf in leaves)
         raise ValueError(
             "inputs must be a batch: every leaf needs the same leading (example) axis, got "
-            f"leading sizes {sorted(map(str, sizes))}." + (SHARED_KEY_HINT if keys else "")
+            f"leading sizes {sorted(map(str, sizes))}."
+            + (SHARED_KEY_HINT if keys else SHARED_VALUE_HINT)
         )
     return sizes.pop()
 
+
+SHARED_VALUE_HINT = (
+    " A value the same for every example (a temperature, a causal mask) is no example's "
+    "input: close over it in apply_fn, or give it the example axis (jnp.broadcast_to)."
+)
 
 SHARED_KEY_HINT = (
     " A random key among the inputs (dropout) must be one key per example: pass "

@@ -312,3 +312,18 @@ def test_dropout_takes_one_key_per_example_and_keeps_its_masks():
         tx = ng.scale_by_natural_gradient(model, damping=0.1, solver=solver)
         step, _ = tx.update(gradient, tx.init(params), params, inputs=inputs)
         np.testing.assert_allclose(ravel_pytree(step)[0], solution, rtol=1e-9, atol=1e-12)
+
+
+def test_a_value_shared_by_the_batch_among_the_inputs_is_told_where_it_goes():
+    """A scalar among the inputs has no example axis: refused with the two ways out, and
+    the first (a closure) gives the Fisher of the same function of the examples."""
+    params = init_mlp(jax.random.PRNGKey(0), [3, 4, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+    tempered = ng.Model(lambda p, inputs: mlp(p, inputs[0]) / inputs[1], ng.Categorical())
+    with pytest.raises(ValueError, match=r"close over it in apply_fn, or give it the example"):
+        ng.fisher(tempered, params, (x, jnp.asarray(2.0)))
+    closed = ng.Model(lambda p, x: mlp(p, x) / 2.0, ng.Categorical())
+    broadcast = (x, jnp.full((5,), 2.0)[:, None])
+    np.testing.assert_allclose(
+        ng.fisher(closed, params, x), ng.fisher(tempered, params, broadcast), atol=1e-14
+    )
