@@ -171,9 +171,10 @@ def _check_target_values(model, params, inputs, targets, **_):
 
 
 ONE_EXAMPLE_NOTE = (
-    "natgrad_jax evaluated the model here one example at a time (per-example gradients, "
-    "each example a batch of one): apply_fn must run on any batch size (x.shape[0], not "
-    "a fixed number). Where it cannot, solver='cg' takes products through the whole batch."
+    "natgrad_jax was evaluating the model one example at a time here (per-example "
+    "gradients, each example a batch of one): if apply_fn assumes a batch size, make it "
+    "run on any (x.shape[0], not a fixed number), or use solver='cg', whose products "
+    "take the whole batch."
 )
 
 

@@ -83,9 +83,8 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
         by_leaf.setdefault(use.leaf, []).append(use)
     layers, reasons = [], {}
     for leaf in range(len(shapes)):
-        found = _layer_of_leaf(leaf, by_leaf.get(leaf, []), grown_by_eqn, shapes[leaf])
-        if grown_failure is not None and found == CHANGES_WITH_BATCH:
-            found = grown_failure
+        uses_of_leaf = by_leaf.get(leaf, [])
+        found = _layer_of_leaf(leaf, uses_of_leaf, grown_by_eqn, shapes[leaf], grown_failure)
         if isinstance(found, Layer):
             layers.append(found)
         else:
@@ -113,11 +112,9 @@ def _unbroadcast(use: Use, leaf_shape) -> Use:
     return dataclasses.replace(use, chain=tuple(chain), operand_aval=operand)
 
 
-CHANGES_WITH_BATCH = "its layer changes with the batch size"
-
-
-def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
-    """The captured layer of ``leaf``, or why it has none."""
+def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape, grown_failure=None) -> Layer | str:
+    """The captured layer of ``leaf``, or why it has none (``grown_failure``: why the
+    model could not be traced with N + 1 examples, if it could not)."""
     if not uses:
         return "not used by apply_fn"
     if len(uses) != 1:
@@ -131,7 +128,7 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape) -> Layer | str:
         return f"used by {use.primitive_name}, which capture does not read"
     twin = grown_by_eqn.get((use.eqn, leaf))
     if twin is None or twin.kind != use.kind:
-        return CHANGES_WITH_BATCH
+        return grown_failure or "its layer changes with the batch size"
     twin = _unbroadcast(twin, leaf_shape)
     output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
     input_axis = None
