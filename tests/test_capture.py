@@ -55,8 +55,8 @@ def flax_linen():
     return module.apply, module.init(jax.random.PRNGKey(0), _inputs())
 
 
-def flax_nnx():
-    nnx = pytest.importorskip("flax.nnx")
+def _nnx_mlp(nnx, hidden):
+    """An NNX IN-5-OUT MLP whose hidden layer runs as ``hidden(layer, x)``, split."""
 
     class Mlp(nnx.Module):
         def __init__(self, rngs):
@@ -64,10 +64,15 @@ def flax_nnx():
             self.out = nnx.Linear(5, OUT, rngs=rngs)
 
         def __call__(self, x):
-            return self.out(jnp.tanh(self.hidden(x)))
+            return self.out(hidden(self.hidden, x))
 
     graphdef, state = nnx.split(Mlp(nnx.Rngs(0)))
     return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+def flax_nnx():
+    nnx = pytest.importorskip("flax.nnx")
+    return _nnx_mlp(nnx, lambda layer, x: jnp.tanh(layer(x)))
 
 
 def equinox_mlp():
@@ -115,17 +120,7 @@ def flax_linen_remat():
 def flax_nnx_remat():
     """``nnx.remat`` returns the module's parameters from its checkpoint, unused after."""
     nnx = pytest.importorskip("flax.nnx")
-
-    class Mlp(nnx.Module):
-        def __init__(self, rngs):
-            self.hidden = nnx.Linear(IN, 5, rngs=rngs)
-            self.out = nnx.Linear(5, OUT, rngs=rngs)
-
-        def __call__(self, x):
-            return self.out(nnx.remat(lambda layer, x: jnp.tanh(layer(x)))(self.hidden, x))
-
-    graphdef, state = nnx.split(Mlp(nnx.Rngs(0)))
-    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+    return _nnx_mlp(nnx, nnx.remat(lambda layer, x: jnp.tanh(layer(x))))
 
 
 def hand_written_with_weights_from_a_jit():

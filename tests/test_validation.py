@@ -208,6 +208,18 @@ def test_update_is_finite_and_solves_the_damped_system(
     assert float(jnp.linalg.norm(residual)) <= 1e-8 * (1 + float(jnp.linalg.norm(flat_g)))
 
 
+def _categorical_fisher_by_jacobian(apply_fn, params, inputs):
+    """(Jᵀ F_out J / N, J) of a categorical model: J the whole batch's (N·C, P) Jacobian
+    of its logits, F_out = diag(p) − ppᵀ for each example."""
+    flat, unravel = ravel_pytree(params)
+    jacobian = jax.jacobian(lambda v: apply_fn(unravel(v), inputs).ravel())(flat)
+    probabilities = jax.nn.softmax(apply_fn(params, inputs))
+    output_fisher = jax.scipy.linalg.block_diag(
+        *[jnp.diag(p) - jnp.outer(p, p) for p in probabilities]
+    )
+    return jacobian.T @ output_fisher @ jacobian / len(probabilities), jacobian
+
+
 def _fixed_batch_model(batch):
     """A model written for one batch size: it reshapes its hidden layer to (batch, ...)."""
 
@@ -241,15 +253,8 @@ def test_a_model_of_one_batch_size_is_told_why_and_cg_solves_it():
 
     cg = ng.scale_by_natural_gradient(model, damping=0.1, solver=ng.ConjugateGradient(tol=1e-12))
     step, _ = cg.update(gradient, cg.init(params), params, inputs=x, targets=y)
-    flat, unravel = ravel_pytree(params)
-    outputs = model.apply_fn(params, x)
-    jacobian = jax.jacobian(lambda v: model.apply_fn(unravel(v), x).ravel())(flat)
-    probabilities = jax.nn.softmax(outputs)  # a categorical's Fisher in its logits
-    output_fisher = jax.scipy.linalg.block_diag(
-        *[jnp.diag(p) - jnp.outer(p, p) for p in probabilities]
-    )
-    fisher = jacobian.T @ output_fisher @ jacobian / 6
-    expected = jnp.linalg.solve(fisher + 0.1 * jnp.eye(flat.size), ravel_pytree(gradient)[0])
+    fisher, _ = _categorical_fisher_by_jacobian(model.apply_fn, params, x)
+    expected = jnp.linalg.solve(fisher + 0.1 * jnp.eye(len(fisher)), ravel_pytree(gradient)[0])
     np.testing.assert_allclose(ravel_pytree(step)[0], expected, rtol=1e-9, atol=1e-12)
 
 
@@ -296,18 +301,11 @@ def test_dropout_takes_one_key_per_example_and_keeps_its_masks():
     with pytest.raises(ValueError, match=r"jax.random.split\(key, N\)"):
         ng.fisher(model, params, (x, key))
     inputs = (x, jax.random.split(key, 6))
-    flat, unravel = ravel_pytree(params)
-    outputs = _dropout_mlp(params, inputs)
-    jacobian = jax.jacobian(lambda v: _dropout_mlp(unravel(v), inputs).ravel())(flat)
-    probabilities = jax.nn.softmax(outputs)
-    output_fisher = jax.scipy.linalg.block_diag(
-        *[jnp.diag(p) - jnp.outer(p, p) for p in probabilities]
-    )
-    expected = jacobian.T @ output_fisher @ jacobian / 6
+    expected, jacobian = _categorical_fisher_by_jacobian(_dropout_mlp, params, inputs)
     assert float(jnp.abs(jacobian).min(initial=1.0)) == 0.0  # some units are dropped
     np.testing.assert_allclose(ng.fisher(model, params, inputs), expected, atol=1e-12)
     gradient = jax.grad(model.nll)(params, inputs, jnp.array([0, 1, 2, 0, 1, 2]))
-    solution = jnp.linalg.solve(expected + 0.1 * jnp.eye(flat.size), ravel_pytree(gradient)[0])
+    solution = jnp.linalg.solve(expected + 0.1 * jnp.eye(len(expected)), ravel_pytree(gradient)[0])
     for solver in ("dense", "woodbury"):  # Woodbury's kernel from the captured layers
         tx = ng.scale_by_natural_gradient(model, damping=0.1, solver=solver)
         step, _ = tx.update(gradient, tx.init(params), params, inputs=inputs)
