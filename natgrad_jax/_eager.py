@@ -27,7 +27,7 @@ def _is_array(leaf) -> bool:
     return isinstance(leaf, jax.Array | np.ndarray | np.generic)
 
 
-def _split(tree):
+def split_arrays(tree):
     """``(treedef, static, arrays)``: ``static`` holds every leaf with ``_ARRAY`` in place of
     the array leaves, which are ``arrays``."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -35,15 +35,15 @@ def _split(tree):
     return treedef, static, [leaf for leaf in leaves if _is_array(leaf)]
 
 
-def _join(treedef, static, arrays):
-    """The inverse of ``_split``."""
+def join_arrays(treedef, static, arrays):
+    """The inverse of ``split_arrays``."""
     arrays = iter(arrays)
     return jax.tree.unflatten(treedef, [next(arrays) if s is _ARRAY else s for s in static])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _call_on_arrays(fn, treedef, static, arrays):
-    return fn(*_join(treedef, static, arrays))
+    return fn(*join_arrays(treedef, static, arrays))
 
 
 def eval_shape(fn, *args):
@@ -52,13 +52,13 @@ def eval_shape(fn, *args):
     ``equinox.filter_eval_shape`` does: shapes and dtypes of the result, no FLOPs. Like
     ``jax.eval_shape``, a second call with the same ``fn`` and shapes does not trace
     ``fn`` again."""
-    treedef, static, arrays = _split(args)
+    treedef, static, arrays = split_arrays(args)
     if all(leaf is _ARRAY for leaf in static):
         return jax.eval_shape(fn, *args)
     try:
         hash(static)
     except TypeError:
-        return jax.eval_shape(lambda arrays: fn(*_join(treedef, static, arrays)), arrays)
+        return jax.eval_shape(lambda arrays: fn(*join_arrays(treedef, static, arrays)), arrays)
     return jax.eval_shape(functools.partial(_call_on_arrays, fn, treedef, static), arrays)
 
 
@@ -75,7 +75,7 @@ def compiled_when_eager(fn=None, *, eager_checks=None):
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
     def run(treedef, static, arrays):
-        args, kwargs = _join(treedef, static, arrays)
+        args, kwargs = join_arrays(treedef, static, arrays)
         return fn(*args, **kwargs)
 
     @functools.wraps(fn)
@@ -84,7 +84,7 @@ def compiled_when_eager(fn=None, *, eager_checks=None):
             return fn(*args, **kwargs)
         if eager_checks is not None:
             eager_checks(*args, **kwargs)
-        treedef, static, arrays = _split((args, kwargs))
+        treedef, static, arrays = split_arrays((args, kwargs))
         try:
             hash(static)
         except TypeError:

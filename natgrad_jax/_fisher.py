@@ -31,6 +31,7 @@ from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._model import Model, check_model, per_example
 from natgrad_jax._parameters import check_no_state_collections, on_trainable, trainable_part
 from natgrad_jax._precision import exact_matmuls
+from natgrad_jax._sharding_types import on_automatic_axes, replicated
 
 PyTree = Any
 FisherKind = Literal["exact", "monte_carlo", "empirical"]
@@ -376,6 +377,7 @@ def _gram(rows: jax.Array, inputs: PyTree, axis_name: str | None) -> jax.Array:
 
 @compiled_when_eager
 @exact_matmuls
+@on_automatic_axes(replicated)
 def fisher(
     model: Model,
     params: PyTree,
@@ -484,6 +486,7 @@ def fisher_hessian(
 
 @compiled_when_eager
 @exact_matmuls
+@on_automatic_axes(replicated)
 def monte_carlo_fisher(
     model: Model,
     params: PyTree,
@@ -533,6 +536,7 @@ def monte_carlo_fisher(
 
 @compiled_when_eager(eager_checks=_check_target_values)
 @exact_matmuls
+@on_automatic_axes(replicated)
 def empirical_fisher(
     model: Model,
     params: PyTree,

@@ -40,6 +40,7 @@ from natgrad_jax._parameters import (
     with_frozen,
 )
 from natgrad_jax._precision import EXACT, exact_matmuls, matmul_precision, statistics_precision
+from natgrad_jax._sharding_types import on_automatic_axes
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.solver import Solver, solve_on_leaves
 from natgrad_jax._state import Adaptation, NaturalGradientState, RejectedSteps
@@ -442,7 +443,9 @@ def scale_by_natural_gradient(
     # shapes, see natgrad_jax._eager). Hyper-parameters given as arrays come from
     # optax.inject_hyperparams, which builds a new transform at every step: its
     # compilation would never be reused, so that case runs op by op.
-    precondition = functools.partial(_precondition, options)
+    # On a mesh with explicit axes the update's results keep its arguments' shardings.
+    keep_shardings = on_automatic_axes(lambda updates, state, *_: (updates, state))
+    precondition = keep_shardings(functools.partial(_precondition, options))
     run = precondition if options.has_array_hyperparameters else compiled_when_eager(precondition)
 
     def update_fn(

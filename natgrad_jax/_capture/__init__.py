@@ -10,7 +10,8 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
 
 1. ``jax.make_jaxpr(apply_fn)`` is read equation by equation. A variable *derives from
    leaf ℓ* if it is the leaf or comes from it through dtype/layout operations
-   (convert_element_type, reshape, transpose, copy, squeeze, expand_dims). A **layer**
+   (convert_element_type, reshape, transpose, copy, squeeze, expand_dims; placements
+   such as ``jax.sharding.reshard``, which leave the values as they are). A **layer**
    is an equation with exactly one such operand that is
 
    * a ``dot_general`` with no batch dimensions on it (dense layers, attention

@@ -35,7 +35,8 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
     """Finds the parameter leaves of ``apply_fn`` whose per-example gradients come from (a, g).
 
     The analysis depends only on shapes and dtypes and is cached on them (and on the
-    default matmul precision, which the traced matmuls record).
+    default matmul precision, which the traced matmuls record, and the context's mesh,
+    whose placements ``jax.sharding.reshard`` records).
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs`` on a batch.
@@ -46,7 +47,8 @@ def capture(apply_fn, params: PyTree, inputs: PyTree) -> Capture:
       A ``Capture``; ``ng.describe`` prints what was found.
     """
     precision = jax.config.jax_default_matmul_precision
-    key = (apply_fn, _signature(params), _signature(inputs), precision)
+    mesh = jax.sharding.get_abstract_mesh()
+    key = (apply_fn, _signature(params), _signature(inputs), precision, mesh)
     if key in _CAPTURED:
         return _CAPTURED[key]
     found = _analyse_capture(apply_fn, *jax.tree.map(abstract_leaf, (params, inputs)))

@@ -9,8 +9,16 @@ from typing import Any, NamedTuple
 
 import jax.extend.core as jex_core
 
-LAYOUT_OPS = frozenset(
-    {"convert_element_type", "reshape", "transpose", "copy", "copy_p", "squeeze", "expand_dims"}
+# Operations that place a value on devices and leave it unchanged (``jax.sharding.reshard``
+# of an FSDP model's weights, ``jax.lax.with_sharding_constraint``): kept in a chain so
+# that the operand is placed as the model placed it.
+SHARDING_OPS = frozenset({"reshard", "sharding_constraint", "mesh_cast"})
+
+LAYOUT_OPS = (
+    frozenset(
+        {"convert_element_type", "reshape", "transpose", "copy", "copy_p", "squeeze", "expand_dims"}
+    )
+    | SHARDING_OPS
 )
 
 BIAS_OPS = LAYOUT_OPS | {"broadcast_in_dim"}

@@ -1,0 +1,88 @@
+"""Sharding in types: natgrad's computations on a mesh whose axes are ``Explicit``.
+
+On such a mesh (``jax.make_mesh(shape, names, axis_types=(AxisType.Explicit, ...))``)
+every array's type names its sharding, and an operation whose result's sharding its
+operands leave open is an error. A Fisher computation is made of those: statistics
+summed over a sharded example axis (Σᵢ aᵢ aᵢᵀ), kernels of sharded rows (S Sᵀ). Rather
+than name a sharding at each, natgrad runs them with the mesh's axes automatic
+(``jax.sharding.auto_axes``), where XLA places every intermediate as under plain
+``jax.jit``, and gives its results back with the shardings the caller's types ask
+for: an update as its gradient's, a state as the state it was given.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, PartitionSpec
+
+from natgrad_jax._eager import join_arrays, split_arrays
+
+PyTree = Any
+
+
+def _has_explicit_axes(mesh) -> bool:
+    return any(kind == AxisType.Explicit for kind in getattr(mesh, "axis_types", ()))
+
+
+def explicit_mesh(tree: PyTree):
+    """The mesh with explicit axes that the context sets (``jax.set_mesh``) or that an
+    array of ``tree`` is typed on; None where there is none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if _has_explicit_axes(mesh):
+        return mesh
+    for leaf in split_arrays(tree)[2]:
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if _has_explicit_axes(mesh):
+            return mesh
+    return None
+
+
+def sharding_of(value) -> PartitionSpec:
+    """The spec of ``value``'s type (a ``PartitionSpec`` is returned as it is)."""
+    if isinstance(value, PartitionSpec):
+        return value
+    return jax.typeof(value).sharding.spec
+
+
+def replicated(*args, **kwargs) -> PartitionSpec:
+    """Results on every device (a matrix summed over the batch, a scalar)."""
+    del args, kwargs
+    return PartitionSpec()
+
+
+def on_automatic_axes(results_like: Callable[..., PyTree]):
+    """Decorates ``fn`` to run with a mesh's explicit axes automatic.
+
+    ``results_like(*args, **kwargs)`` gives, for ``fn``'s results, values (or
+    ``PartitionSpec``s, a prefix of the results' tree allowed) whose shardings they come
+    back with. Without an explicit mesh ``fn`` runs as it is. Arguments that are not
+    arrays (a model, Python numbers, functions) pass through unchanged.
+    """
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            mesh = explicit_mesh((args, kwargs))
+            if mesh is None:
+                return fn(*args, **kwargs)
+            treedef, static, arrays = split_arrays((args, kwargs))
+
+            def on_arrays(arrays):
+                args, kwargs = join_arrays(treedef, static, arrays)
+                return fn(*args, **kwargs)
+
+            shardings = jax.tree.map(
+                sharding_of,
+                results_like(*args, **kwargs),
+                is_leaf=lambda leaf: isinstance(leaf, PartitionSpec),
+            )
+            with jax.sharding.use_abstract_mesh(mesh):
+                return jax.sharding.auto_axes(on_arrays, out_sharding=shardings)(arrays)
+
+        return wrapped
+
+    return decorate
