@@ -31,7 +31,7 @@ from natgrad_jax._independence import check_independent_examples
 from natgrad_jax._model import Model, check_model, per_example
 from natgrad_jax._parameters import check_no_state_collections, on_trainable, trainable_part
 from natgrad_jax._precision import exact_matmuls
-from natgrad_jax._sharding_types import on_automatic_axes, replicated
+from natgrad_jax._sharding_types import by_examples, on_automatic_axes, placed_like, replicated
 
 PyTree = Any
 FisherKind = Literal["exact", "monte_carlo", "empirical"]
@@ -192,6 +192,7 @@ def _map_examples(fn, *batches):
 
 @compiled_when_eager(eager_checks=_check_target_values)
 @exact_matmuls
+@on_automatic_axes(by_examples)
 def per_example_scores(
     model: Model,
     params: PyTree,
@@ -437,6 +438,7 @@ def fisher(
 
 @compiled_when_eager
 @exact_matmuls
+@on_automatic_axes(replicated)
 def fisher_hessian(
     model: Model,
     params: PyTree,
@@ -634,7 +636,7 @@ def fisher_operator(
 
     @exact_matmuls
     def product(vector):
-        vector = trainable_part(vector, full_params)
+        vector = placed_like(trainable_part(vector, full_params), params)
         return device_mean(local_product(device_varying(vector, axis_name)), axis_name)
 
     return product
@@ -672,8 +674,14 @@ def _local_fisher_operator(model, params, inputs, num_examples, kind, targets, k
     return product
 
 
+def _like_vector(vector, **arguments):
+    del arguments
+    return vector
+
+
 @compiled_when_eager
 @exact_matmuls
+@on_automatic_axes(_like_vector)
 def fisher_vector_product(
     model: Model,
     params: PyTree,
@@ -712,6 +720,7 @@ def fisher_vector_product(
 
 @compiled_when_eager
 @exact_matmuls
+@on_automatic_axes(replicated)
 def kl_divergence(
     model: Model,
     params_p: PyTree,

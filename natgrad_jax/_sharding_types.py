@@ -13,6 +13,7 @@ for: an update as its gradient's, a state as the state it was given.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -48,22 +49,41 @@ def sharding_of(value) -> PartitionSpec:
     return jax.typeof(value).sharding.spec
 
 
-def replicated(*args, **kwargs) -> PartitionSpec:
+def replicated(**arguments) -> PartitionSpec:
     """Results on every device (a matrix summed over the batch, a scalar)."""
-    del args, kwargs
+    del arguments
     return PartitionSpec()
+
+
+def by_examples(inputs: PyTree, **arguments) -> PartitionSpec:
+    """Results whose leading axis indexes the examples, sharded as the inputs' is."""
+    del arguments
+    spec = sharding_of(jax.tree.leaves(inputs)[0])
+    return PartitionSpec(spec[0] if len(spec) else None)
+
+
+def placed_like(tree: PyTree, like: PyTree) -> PyTree:
+    """``tree`` moved to the shardings of ``like`` (same structure) on an explicit mesh, so
+    that a tangent meets its primal's type; as it is elsewhere."""
+    mesh = explicit_mesh((tree, like))
+    if mesh is None:
+        return tree
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.tree.map(lambda a, b: jax.sharding.reshard(a, sharding_of(b)), tree, like)
 
 
 def on_automatic_axes(results_like: Callable[..., PyTree]):
     """Decorates ``fn`` to run with a mesh's explicit axes automatic.
 
-    ``results_like(*args, **kwargs)`` gives, for ``fn``'s results, values (or
-    ``PartitionSpec``s, a prefix of the results' tree allowed) whose shardings they come
-    back with. Without an explicit mesh ``fn`` runs as it is. Arguments that are not
-    arrays (a model, Python numbers, functions) pass through unchanged.
+    ``results_like(**arguments)``, given ``fn``'s arguments by name, returns values (or
+    ``PartitionSpec``s, a prefix of the results' tree allowed) whose shardings ``fn``'s
+    results come back with. Without an explicit mesh ``fn`` runs as it is. Arguments
+    that are not arrays (a model, Python numbers, functions) pass through unchanged.
     """
 
     def decorate(fn):
+        signature = inspect.signature(fn)
+
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
             mesh = explicit_mesh((args, kwargs))
@@ -75,9 +95,10 @@ def on_automatic_axes(results_like: Callable[..., PyTree]):
                 args, kwargs = join_arrays(treedef, static, arrays)
                 return fn(*args, **kwargs)
 
+            bound = signature.bind(*args, **kwargs)
             shardings = jax.tree.map(
                 sharding_of,
-                results_like(*args, **kwargs),
+                results_like(**bound.arguments),
                 is_leaf=lambda leaf: isinstance(leaf, PartitionSpec),
             )
             with jax.sharding.use_abstract_mesh(mesh):

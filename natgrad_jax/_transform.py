@@ -444,7 +444,7 @@ def scale_by_natural_gradient(
     # optax.inject_hyperparams, which builds a new transform at every step: its
     # compilation would never be reused, so that case runs op by op.
     # On a mesh with explicit axes the update's results keep its arguments' shardings.
-    keep_shardings = on_automatic_axes(lambda updates, state, *_: (updates, state))
+    keep_shardings = on_automatic_axes(lambda updates, state, **_: (updates, state))
     precondition = keep_shardings(functools.partial(_precondition, options))
     run = precondition if options.has_array_hyperparameters else compiled_when_eager(precondition)
 

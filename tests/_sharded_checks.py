@@ -1,6 +1,7 @@
 """Run by test_sharding.py in a subprocess with 8 forced host devices (not collected)."""
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -133,26 +134,27 @@ def check_sharded_step_compiles_once(model, params, x, y):
 
 
 def main(part):
-    """Runs one part of the checks (``gspmd``, ``shard_map`` or ``traced_inside``), so
-    that the test suite's workers can share them."""
+    """Runs one part of the checks (see ``test_sharding.EXPECTED_UPDATES``), so that the
+    test suite's workers can share them."""
     assert len(jax.devices()) == 8
+    model, params, x, y, g = problem()
     if part == "traced_inside":
         check_layers_traced_inside_shard_map()
-    else:
-        model, params, x, y, g = problem()
+    elif part == "gspmd":
+        check_gspmd(model, params, x, y, g, single_device_updates(model, params, x, y, g))
+        check_sharded_step_compiles_once(model, params, x, y)
+    elif part == "sharded_params":
+        check_sharded_parameters(model, params, x, y)
+        check_spread_factorisations()
+        check_sharded_memory()
+    elif part == "explicit_axes":
+        check_explicit_axes(model, params, x, y)
+    elif part == "shard_map":
         singles = single_device_updates(model, params, x, y, g)
-        if part == "gspmd":
-            check_gspmd(model, params, x, y, g, singles)
-            check_sharded_step_compiles_once(model, params, x, y)
-        elif part == "sharded_params":
-            check_sharded_parameters(model, params, x, y, g, singles)
-            check_spread_factorisations()
-            check_sharded_memory()
-        elif part == "shard_map":
-            check_shard_map(model, params, x, y, g, singles)
-            check_one_pass_in_shard_map(model, params, x, y, singles)
-        else:
-            raise ValueError(f"unknown part {part!r}")
+        check_shard_map(model, params, x, y, g, singles)
+        check_one_pass_in_shard_map(model, params, x, y, singles)
+    else:
+        raise ValueError(f"unknown part {part!r}")
     print(f"sharded checks passed: {part}")
 
 
@@ -332,14 +334,13 @@ def _steps(model, tx, params, batches):
     return params, state
 
 
-def check_sharded_parameters(model, params, x, y, g, singles):
+def check_sharded_parameters(model, params, x, y):
     """FSDP and tensor parallelism together: the batch over 'data', every weight's
     columns and every bias over 'model' (a 2×4 mesh). After three steps each solver's
     parameters equal one device's, and so do those of the factorising solvers with
     their factorisations spread over the mesh (``mesh=``); the per-leaf ones keep their
     vectors on the leaves' sharding (the previous update is laid out as its leaf) and
     spread K-FAC's factors."""
-    del g, singles
     alone = {}  # each solver's parameters after the steps on one device
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     by_model = lambda a: NamedSharding(mesh, P(*[None] * (a.ndim - 1), "model"))
@@ -399,6 +400,139 @@ def check_sharded_parameters(model, params, x, y, g, singles):
         "sharded-params update[eigenbasis_adam, mesh=]",
         rtol=1e-8,
     )
+
+
+def gathered(leaf):
+    """A weight gathered onto every device before its layer, as an FSDP model on a mesh
+    with explicit axes is written (the identity off a mesh)."""
+    return leaf if jax.sharding.get_abstract_mesh().empty else jax.sharding.reshard(leaf, P())
+
+
+def fsdp_mlp(params, x):
+    return mlp(jax.tree.map(gathered, params), x)
+
+
+def _flat(tree):
+    """The leaves' numbers in one vector, on the host (``ravel_pytree`` would reshape
+    arrays typed as sharded)."""
+    return np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(tree)])
+
+
+def _types(tree):
+    return [str(jax.typeof(leaf)) for leaf in jax.tree.leaves(tree)]
+
+
+EXPLICIT_SOLVERS = ("dense", "woodbury", "cg", "diagonal", "kronecker", "ekfac")
+
+
+def check_explicit_axes(model, params, x, y):
+    """JAX's sharding in types: a 2×4 mesh whose axes are Explicit, the batch over
+    'data', every weight stored over 'model' and gathered before its layer (FSDP).
+    Without natgrad's care each Fisher sum over the sharded batch is a
+    ShardingTypeError there. Every solver's three steps equal one device's; the
+    parameters keep their types and the step compiles once (its state comes back with
+    the types it went in with); the capture reads the gathered weights' layers; every
+    Fisher function, the one-pass step and eigenbasis Adam give one device's numbers; and
+    a batch typed on a mesh that no ``jax.set_mesh`` names works the same."""
+    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=explicit)
+    model = ng.Model(fsdp_mlp, model.likelihood)
+    batches = [(x, y), (-x, y), (0.5 * x + 0.25, y[::-1])]
+    with jax.set_mesh(mesh):
+        params_s = jax.tree.map(
+            lambda a: jax.device_put(a, P(*[None] * (a.ndim - 1), "model")), params
+        )
+        batches_s = [tuple(jax.device_put(a, P("data")) for a in batch) for batch in batches]
+        x_s, y_s = batches_s[0]
+        routes = ng.describe(model, params_s, x_s).splitlines()[1:5]
+        assert all("captured: " in line for line in routes), routes
+        for name in EXPLICIT_SOLVERS:  # "auto" picks dense here; block-diagonal is dense's
+            solver = ALL_SOLVERS[name]
+            single, _ = _trained(model, params, batches, solver, name)
+            cadence = {"decay": 0.5, "refresh_every": 2} if name in AVERAGING else {}
+            tx = ng.natural_gradient(model, 1.0, solver=solver, **cadence)
+            step, trained = jax.jit(_step_of(model, tx)), (params_s, tx.init(params_s))
+            for batch in batches_s:
+                trained = step(*trained, *batch)
+            assert _types(trained[0]) == _types(params_s), name
+            assert step._cache_size() == 1, name
+            close(
+                _flat(trained[0]),
+                _flat(single),
+                f"explicit-axes update[{name}]",
+                rtol=1e-9,
+            )
+        _check_explicit_fisher_functions(model, params, params_s, x, y, x_s, y_s)
+        _check_explicit_one_pass_and_eigenbasis(model, params, params_s, batches, batches_s)
+    _check_explicit_batch_without_context(params, x, y)
+
+
+def _check_explicit_fisher_functions(model, params, params_s, x, y, x_s, y_s):
+    """Each Fisher function on the sharded batch and parameters, jitted and eager."""
+    key, v = jax.random.PRNGKey(3), jax.tree.map(jnp.ones_like, params)
+    other = jax.tree.map(lambda a: 1.1 * a, params)
+    functions = {
+        "fisher": lambda p, x, y: ng.fisher(model, p, x),
+        "empirical_fisher": lambda p, x, y: ng.empirical_fisher(model, p, x, y),
+        "monte_carlo_fisher": lambda p, x, y: ng.monte_carlo_fisher(model, p, x, key),
+        "fisher_hessian": lambda p, x, y: ng.fisher_hessian(model, p, x),
+        "fisher_vector_product": lambda p, x, y: ng.fisher_vector_product(model, p, x, v),
+        "fisher_operator": lambda p, x, y: ng.fisher_operator(model, p, x)(v),
+        "kl_divergence": lambda p, x, y: ng.kl_divergence(model, p, other, x),
+        "per_example_scores": lambda p, x, y: ng.per_example_scores(model, p, x, y),
+    }
+    for name, function in functions.items():
+        single = _flat(function(params, x, y))
+        runs = {"jit": jax.jit(function), "eager": function} if name == "fisher" else {}
+        for how, run in (runs or {"jit": jax.jit(function)}).items():
+            close(_flat(run(params_s, x_s, y_s)), single, f"explicit-axes {name}[{how}]")
+
+
+def _check_explicit_one_pass_and_eigenbasis(model, params, params_s, batches, batches_s):
+    """The defaults fed ``ng.value_and_grad``'s forward pass, and eigenbasis Adam."""
+
+    def one_pass(tx):
+        def step(params, state, x, y):
+            (_, forward), grads = ng.value_and_grad(model)(params, x, y)
+            updates, state = tx.update(
+                grads, state, params, inputs=x, targets=y, forward_pass=forward
+            )
+            return optax.apply_updates(params, updates), state
+
+        return step
+
+    for name, tx, step_of in (
+        ("defaults, value_and_grad", ng.natural_gradient(model, 0.5), one_pass),
+        ("eigenbasis_adam", ng.eigenbasis_adam(model, 0.05, refresh_every=2), None),
+    ):
+        step_of = step_of or functools.partial(_step_of, model)
+        trained = {}
+        for placed, runs in (("one device", batches), ("mesh", batches_s)):
+            p = params if placed == "one device" else params_s
+            step, carry = jax.jit(step_of(tx)), (p, tx.init(p))
+            for batch in runs:
+                carry = step(*carry, *batch)
+            trained[placed] = _flat(carry[0])
+        # Eigenbasis Adam's m/√v divides roundoff by roundoff (see above), hence 1e-8.
+        close(trained["mesh"], trained["one device"], f"explicit-axes update[{name}]", 1e-8)
+
+
+def _check_explicit_batch_without_context(params, x, y):
+    """Arrays typed on an explicit mesh, no ``jax.set_mesh``: the update finds the mesh in
+    the types (a plain MLP, the batch over all 8 devices)."""
+    model = ng.Model(mlp, ng.Categorical())
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x_s, y_s = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+    tx = ng.natural_gradient(model, 0.1, solver="kronecker", damping=1e-2)
+    g = jax.grad(model.nll)(params, x, y)
+    single = tx.update(g, tx.init(params), params, inputs=x, targets=y)
+    for how, update in (("jit", jax.jit(tx.update)), ("eager", tx.update)):
+        sharded = update(g, tx.init(params), params, inputs=x_s, targets=y_s)
+        close(
+            _flat(sharded),
+            _flat(single),
+            f"explicit-axes update[no set_mesh, {how}]",
+        )
 
 
 def check_spread_factorisations():

@@ -3,7 +3,8 @@
 The batch is sharded along its example axis over a mesh. Under plain ``jax.jit``
 (GSPMD), and inside ``shard_map`` with ``axis_name`` (explicit all-reduces and
 gathers), every Fisher function and solver must give the single-device numbers, on
-layers whose primitives need device-varying operands too (convolutions, ReLU, scans).
+layers whose primitives need device-varying operands too (convolutions, ReLU, scans);
+and on a mesh whose axes are Explicit (sharding in types) as well.
 """
 
 import os
@@ -24,6 +25,14 @@ EXPECTED_UPDATES = {
         "ok spread inverses": 2,
         "ok spread eigenbasis": 11,
         "memory ratio ": 8,
+    },
+    "explicit_axes": {
+        "ok explicit-axes update[": 10,
+        "ok explicit-axes fisher": 5,
+        "ok explicit-axes empirical_fisher[": 1,
+        "ok explicit-axes monte_carlo_fisher[": 1,
+        "ok explicit-axes kl_divergence[": 1,
+        "ok explicit-axes per_example_scores[": 1,
     },
     "shard_map": {"ok shard_map update[": 12, "ok one-pass update[": 4},
     "traced_inside": {"ok traced-inside update[": 2},
