@@ -20,6 +20,7 @@ from natgrad_jax._memory import (
 )
 from natgrad_jax._model import Model
 from natgrad_jax._parameters import on_trainable
+from natgrad_jax._sharding_types import MIN_COLUMNS_A_DEVICE, explicit_mesh
 from natgrad_jax._solvers.auto import Auto, auto_choice
 from natgrad_jax._solvers.kronecker import kronecker_route, shared_output_factors
 
@@ -141,15 +142,22 @@ def _placement(solver: str, params: PyTree) -> str:
         for device in leaf.sharding.device_set
     }
     where = f" (parameters on {len(devices)} devices)" if len(devices) > 1 else ""
+    mesh = explicit_mesh(params)
+    spread = (
+        ""
+        if mesh is None
+        else f"; on this mesh with explicit axes, init splits each state matrix of "
+        f"{MIN_COLUMNS_A_DEVICE * mesh.size} or more columns over its {mesh.size} devices"
+    )
     if SOLVERS[solver].per_leaf:
         line = f"placement{where}: {solver} works leaf by leaf, on each leaf's sharding"
         if solver == "kronecker":  # XLA gathers each factor for its factorisation
             line += (
                 "; it factorises each Kronecker factor whole, on every device (on one with mesh=)"
             )
-        return line
+        return line + spread
     held = "P×P Fisher" if solver == "dense" else "M×M kernel"
-    return f"placement{where}: {solver} gathers the P-vector; its {held} on every device"
+    return f"placement{where}: {solver} gathers the P-vector; its {held} on every device" + spread
 
 
 def _memory_verdict(problem: Problem, max_bytes: float) -> str:

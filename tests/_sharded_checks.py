@@ -444,13 +444,16 @@ def check_explicit_axes(model, params, x, y):
         )
         batches_s = [tuple(jax.device_put(a, P("data")) for a in batch) for batch in batches]
         x_s, y_s = batches_s[0]
-        routes = ng.describe(model, params_s, x_s).splitlines()[1:5]
-        assert all("captured: " in line for line in routes), routes
+        lines = ng.describe(model, params_s, x_s).splitlines()
+        assert all("captured: " in line for line in lines[1:5]), lines
+        assert any("each state matrix of 128 or more columns over its 8" in s for s in lines)
+        # A fixed λ: the damping rule's step is the one-pass check's below.
         for name in EXPLICIT_SOLVERS:  # "auto" picks dense here; block-diagonal is dense's
-            solver = ALL_SOLVERS[name]
-            single, _ = _trained(model, params, batches, solver, name)
             cadence = {"decay": 0.5, "refresh_every": 2} if name in AVERAGING else {}
-            tx = ng.natural_gradient(model, 1.0, solver=solver, **cadence)
+            tx = ng.natural_gradient(
+                model, 1.0, solver=ALL_SOLVERS[name], damping=0.1, momentum=False, **cadence
+            )
+            single = _steps(model, tx, params, batches)[0]
             step, trained = jax.jit(_step_of(model, tx)), (params_s, tx.init(params_s))
             for batch in batches_s:
                 trained = step(*trained, *batch)
@@ -534,30 +537,37 @@ def _check_explicit_memory(mesh):
         )
         x_s, y_s = (jax.device_put(a, P("data")) for a in (x, y))
 
-    def ratio(tx, with_batch):
-        step = _step_of(model, tx, with_batch)
-        one = per_device_memory(step, params, tx.init(params), x, y)
-        with jax.set_mesh(mesh):
-            state = tx.init(params_s)
-            spread = per_device_memory(step, params_s, state, x_s, y_s)
-        print(f"  a device {spread / 2**20:.1f} MiB, one device {one / 2**20:.1f} MiB")
-        return spread / one, state
+    def compiled(step, *args):
+        program = jax.jit(step).lower(*args).compile()
+        analysis = program.memory_analysis()
+        return program, analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
 
-    adam, _ = ratio(optax.adam(1e-3), with_batch=False)
+    def ratio(tx, with_batch):
+        """(memory ratio, both compiled steps and their arguments)."""
+        step = _step_of(model, tx, with_batch)
+        one_args = (params, tx.init(params), x, y)
+        one_step, one = compiled(step, *one_args)
+        with jax.set_mesh(mesh):
+            spread_args = (params_s, tx.init(params_s), x_s, y_s)
+            spread_step, spread = compiled(step, *spread_args)
+        print(f"  a device {spread / 2**20:.1f} MiB, one device {one / 2**20:.1f} MiB")
+        return spread / one, (one_step, one_args), (spread_step, spread_args)
+
+    adam = ratio(optax.adam(1e-3), with_batch=False)[0]
     print(f"memory ratio explicit adam {adam:.3f}")
     for name, bound in EXPLICIT_MEMORY_BOUNDS.items():
         tx = ng.natural_gradient(model, 0.1, solver=name, damping=1e-2)
-        got, state = ratio(tx, with_batch=True)
+        got, (one_step, one_args), (spread_step, spread_args) = ratio(tx, with_batch=True)
         print(f"memory ratio explicit {name} {got:.3f} ({got / adam:.2f}x adam's)")
         assert got <= bound * adam, (name, got, adam)
-        if name in ("kronecker", "ekfac"):
-            factors = [f for leaf in state[0].curvature.leaves for f in (leaf.left, leaf.right)]
+        if name == "kronecker":
+            state = spread_args[1][0]
+            factors = [f for leaf in state.curvature.leaves for f in (leaf.left, leaf.right)]
             assert any(not f.sharding.is_fully_replicated for f in factors), name
-    tx = ng.natural_gradient(model, 0.1, solver="kronecker", damping=1e-2)
-    single = jax.jit(_step_of(model, tx))(params, tx.init(params), x, y)[0]
-    with jax.set_mesh(mesh):
-        spread = jax.jit(_step_of(model, tx))(params_s, tx.init(params_s), x_s, y_s)[0]
-    close(_flat(spread), _flat(single), "explicit-axes update[kronecker, 512 wide]", 1e-9)
+            with jax.set_mesh(mesh):
+                spread = spread_step(*spread_args)[0]
+            single = one_step(*one_args)[0]
+            close(_flat(spread), _flat(single), "explicit-axes update[kronecker, 512 wide]", 1e-9)
 
 
 # Per-device memory over one device's on the explicit mesh, as a multiple of Adam's ratio
@@ -638,10 +648,14 @@ def check_sharded_memory():
     params_s = jax.tree.map(lambda a: jax.device_put(a, by_model(a)), params)
     x_s, y_s = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
 
-    def ratio(tx, with_batch, sharded_tx=None, context=contextlib.nullcontext):
+    one_device = {}  # one device's bytes by solver: the placements share its program
+
+    def ratio(key, tx, with_batch, sharded_tx=None, context=contextlib.nullcontext):
         step_of = lambda tx: _step_of(model, tx, with_batch)
         sharded_tx = sharded_tx or tx
-        one = per_device_memory(step_of(tx), params, jax.jit(tx.init)(params), x, y)
+        if key not in one_device:
+            one_device[key] = per_device_memory(step_of(tx), params, jax.jit(tx.init)(params), x, y)
+        one = one_device[key]
         state_s = jax.jit(sharded_tx.init)(params_s)
         with context():
             spread = per_device_memory(step_of(sharded_tx), params_s, state_s, x_s, y_s)
@@ -649,7 +663,7 @@ def check_sharded_memory():
         print(f"  a device {spread / 2**20:.1f} MiB, one device {one / 2**20:.1f} MiB")
         return spread / one
 
-    adam = ratio(optax.adam(1e-3), with_batch=False)
+    adam = ratio("adam", optax.adam(1e-3), with_batch=False)
     print(f"memory ratio adam {adam:.3f}")
     for name, bound in SHARDED_MEMORY_BOUNDS.items():
         solver, _, placement = name.partition(", ")
@@ -663,9 +677,9 @@ def check_sharded_memory():
         )
         # Over one device's memory without the mesh: with it, the factorisations of the
         # one-device program would be spread over the mesh's devices too.
-        one_device = ng.natural_gradient(model, 0.1, **options)
+        alone = ng.natural_gradient(model, 0.1, **options)
         sharded = ng.natural_gradient(model, 0.1, **options, **spread)
-        got = ratio(one_device, True, sharded, context)
+        got = ratio(repr(solver), alone, True, sharded, context)
         print(f"memory ratio {name} {got:.3f} ({got / adam:.2f}x adam's)")
         assert got <= bound * adam, (name, got, adam)
 
