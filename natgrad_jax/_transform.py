@@ -682,12 +682,16 @@ def _factorisation_mesh(options: _Options):
     """The mesh the refreshes' factorisations are spread over: ``mesh=``, else the one
     set with ``jax.set_mesh`` (or ``jax.sharding.use_mesh``) where ``update`` is traced,
     except inside ``shard_map`` (``axis_name``, or a mesh whose axes are manual there);
-    None for a mesh of one device, which has nothing to spread."""
-    mesh = options.mesh
+    None for a mesh of one device, which has nothing to spread. A ``mesh=`` of the
+    context's devices is taken with the context's axis types (on a mesh with explicit
+    axes the update runs with them automatic, see ``_sharding_types``)."""
+    mesh, context = options.mesh, jax.sharding.get_abstract_mesh()
     if mesh is None and options.axis_name is None:
-        mesh = jax.sharding.get_abstract_mesh()
+        mesh = context
         if any(kind == jax.sharding.AxisType.Manual for kind in mesh.axis_types):
             return None
+    elif mesh is not None and mesh.shape_tuple == context.shape_tuple:
+        mesh = context
     return mesh if mesh is not None and mesh.size > 1 else None
 
 

@@ -451,7 +451,7 @@ def check_explicit_axes(model, params, x, y):
         for name in EXPLICIT_SOLVERS:  # "auto" picks dense here; block-diagonal is dense's
             cadence = {"decay": 0.5, "refresh_every": 2} if name in AVERAGING else {}
             tx = ng.natural_gradient(
-                model, 1.0, solver=ALL_SOLVERS[name], damping=0.1, momentum=False, **cadence
+                model, 1.0, solver=name, damping=0.1, momentum=False, **cadence
             )
             single = _steps(model, tx, params, batches)[0]
             step, trained = jax.jit(_step_of(model, tx)), (params_s, tx.init(params_s))
@@ -465,10 +465,27 @@ def check_explicit_axes(model, params, x, y):
                 f"explicit-axes update[{name}]",
                 rtol=1e-9,
             )
+        _check_explicit_mesh_option(model, mesh, batches, batches_s)
         _check_explicit_fisher_functions(model, params, params_s, x, y, x_s, y_s)
         _check_explicit_one_pass_and_eigenbasis(model, params, params_s, batches, batches_s)
     _check_explicit_batch_without_context(params, x, y)
     _check_explicit_memory(mesh)
+
+
+def _check_explicit_mesh_option(model, mesh, batches, batches_s):
+    """K-FAC given the explicit mesh as ``mesh=`` spreads its factorisations over it (a
+    3-8-8-8-4 MLP: five 8×8 factors for 8 devices), as the update sees the mesh."""
+    params = init_mlp(jax.random.PRNGKey(4), [3, 8, 8, 8, 4])
+    options = dict(solver="kronecker", damping=0.1, momentum=False)
+    single = _steps(model, ng.natural_gradient(model, 1.0, **options), params, batches)[0]
+    params_s = jax.tree.map(
+        lambda a: jax.device_put(a, NamedSharding(mesh, P(*[None] * (a.ndim - 1), "model"))),
+        params,
+    )
+    with jax.set_mesh(mesh):
+        tx = ng.natural_gradient(model, 1.0, mesh=mesh, **options)
+        spread = _steps(model, tx, params_s, batches_s)[0]
+    close(_flat(spread), _flat(single), "explicit-axes update[kronecker, mesh=]", rtol=1e-9)
 
 
 def _check_explicit_fisher_functions(model, params, params_s, x, y, x_s, y_s):
