@@ -40,7 +40,7 @@ from natgrad_jax._parameters import (
     with_frozen,
 )
 from natgrad_jax._precision import EXACT, exact_matmuls, matmul_precision, statistics_precision
-from natgrad_jax._sharding_types import on_automatic_axes, spread_columns
+from natgrad_jax._sharding_types import explicit_mesh, on_automatic_axes, spread_columns
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.solver import Solver, solve_on_leaves
 from natgrad_jax._state import Adaptation, NaturalGradientState, RejectedSteps
@@ -455,6 +455,10 @@ def scale_by_natural_gradient(
         trainable, frozen = _checked_parameters(options, updates, params, inputs, targets)
         if forward_pass is not None:
             check_forward_pass(forward_pass, options.model, trainable, frozen, inputs)
+            # Its pullback takes cotangents typed for a mesh's explicit axes, which the
+            # update's computations run without (see _sharding_types): run the model again.
+            if explicit_mesh((params, inputs)) is not None:
+                forward_pass = None
         directions, new_state = run(
             trainable_part(updates, params), state, trainable, frozen, inputs, targets, forward_pass
         )

@@ -57,6 +57,11 @@ def value_and_grad(
     ``jax.vmap`` rows of leaves capture does not cover and of the dense and
     block-diagonal solvers (``ng.describe`` lists them).
 
+    On a mesh whose axes are ``Explicit`` the update does not reuse the forward pass: its
+    pullback takes cotangents typed for those axes, and the update's computations run
+    with them automatic (see "Beyond one device" in the docs), so it runs the model
+    again; the loss and gradient are as here.
+
     The forward pass runs at the caller's matmul precision (``precision=`` of the
     transform sets the precision of the statistics computed from it, not of the forward
     pass itself).

@@ -510,7 +510,8 @@ def _check_explicit_fisher_functions(model, params, params_s, x, y, x_s, y_s):
 
 
 def _check_explicit_one_pass_and_eigenbasis(model, params, params_s, batches, batches_s):
-    """The defaults fed ``ng.value_and_grad``'s forward pass, and eigenbasis Adam."""
+    """K-FAC with the damping rule given ``ng.value_and_grad``'s forward pass (which the
+    update does not reuse here: see its docstring), and eigenbasis Adam."""
 
     def one_pass(tx):
         def step(params, state, x, y):
@@ -523,7 +524,7 @@ def _check_explicit_one_pass_and_eigenbasis(model, params, params_s, batches, ba
         return step
 
     for name, tx, step_of in (
-        ("defaults, value_and_grad", ng.natural_gradient(model, 0.5), one_pass),
+        ("K-FAC, value_and_grad", ng.natural_gradient(model, 0.5, solver="kronecker"), one_pass),
         ("eigenbasis_adam", ng.eigenbasis_adam(model, 0.05, refresh_every=2), None),
     ):
         step_of = step_of or functools.partial(_step_of, model)
