@@ -27,8 +27,8 @@ EXPECTED_UPDATES = {
         "memory ratio ": 8,
     },
     "explicit_axes": {
-        "ok explicit-axes update[": 12,
-        "memory ratio explicit ": 5,
+        "ok explicit-axes update[": 10,
+        "memory ratio explicit ": 4,
         "ok explicit-axes fisher": 5,
         "ok explicit-axes empirical_fisher[": 1,
         "ok explicit-axes monte_carlo_fisher[": 1,
