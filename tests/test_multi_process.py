@@ -11,6 +11,8 @@ own. Timeouts are the test's: a process that cannot
 reach its peers ends the launch with every process's log, never a hang.
 """
 
+import os
+
 import chex
 import numpy as np
 import pytest
@@ -19,10 +21,16 @@ from jax.flatten_util import ravel_pytree
 from tests.helpers import BENCHMARKS, optional_import
 
 EXAMPLES = BENCHMARKS.parent / "examples"
-# The processes' five steps of a tiny MLP are nearly all compilation: without LLVM's
-# optimisations it takes two processes 18 s against 27–28 s (2-core CPU, jax 0.10.2);
-# the programs, their collectives and their numbers are the same to round-off.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# The processes' five steps of a tiny MLP are nearly all compilation: they take the
+# suite's flags for fast compilation (conftest.py: without LLVM's optimisations, and with
+# XLA's classic CPU emitters where this XLA has them), not its others (8 host devices).
+# Without LLVM's optimisations two processes took 18 s against 27–28 s (2-core CPU, jax
+# 0.10.2); the programs, their collectives and their numbers are the same to round-off.
+FAST_COMPILE = " ".join(
+    flag
+    for flag in os.environ.get("XLA_FLAGS", "").split()
+    if flag.startswith(("--xla_backend_optimization_level=", "--xla_cpu_use_fusion_emitters="))
+)
 
 
 @pytest.fixture(scope="module")
