@@ -20,7 +20,7 @@ from natgrad_jax._memory import (
 )
 from natgrad_jax._model import Model
 from natgrad_jax._parameters import on_trainable
-from natgrad_jax._sharding_types import MIN_COLUMNS_A_DEVICE, explicit_mesh
+from natgrad_jax._sharding_types import MIN_COLUMNS_A_DEVICE, context_explicit_mesh
 from natgrad_jax._solvers.auto import Auto, auto_choice
 from natgrad_jax._solvers.kronecker import kronecker_route, shared_output_factors
 
@@ -142,7 +142,7 @@ def _placement(solver: str, params: PyTree) -> str:
         for device in leaf.sharding.device_set
     }
     where = f" (parameters on {len(devices)} devices)" if len(devices) > 1 else ""
-    mesh = explicit_mesh(params)
+    mesh = context_explicit_mesh()
     spread = (
         ""
         if mesh is None

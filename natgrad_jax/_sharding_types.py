@@ -29,11 +29,17 @@ def _has_explicit_axes(mesh) -> bool:
     return any(kind == AxisType.Explicit for kind in getattr(mesh, "axis_types", ()))
 
 
+def context_explicit_mesh():
+    """The mesh with explicit axes that ``jax.set_mesh`` sets, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh if _has_explicit_axes(mesh) else None
+
+
 def explicit_mesh(tree: PyTree):
     """The mesh with explicit axes that the context sets (``jax.set_mesh``) or that an
     array of ``tree`` is typed on; None where there is none."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if _has_explicit_axes(mesh):
+    mesh = context_explicit_mesh()
+    if mesh is not None:
         return mesh
     for leaf in split_arrays(tree)[2]:
         mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
@@ -77,8 +83,8 @@ def placed_like(tree: PyTree, like: PyTree) -> PyTree:
 MIN_COLUMNS_A_DEVICE = 16
 
 
-def spread_columns(tree: PyTree, like: PyTree) -> PyTree:
-    """A curvature state spread over the explicit mesh of ``like`` (the parameters).
+def spread_columns(tree: PyTree) -> PyTree:
+    """A curvature state spread over the explicit mesh that ``jax.set_mesh`` sets.
 
     Each replicated matrix or stack of matrices is split along its last axis that gives
     every device of the mesh ``MIN_COLUMNS_A_DEVICE`` or more, over all the mesh's axes;
@@ -86,9 +92,10 @@ def spread_columns(tree: PyTree, like: PyTree) -> PyTree:
     update gives its state back as it was given, so a K-FAC factor stays 1/D on each of
     D devices from step to step, and XLA moves columns where a step needs them (on
     the 2×4 mesh of ``tests/_sharded_checks.py``, K-FAC's step holds 30 MiB a device
-    against 87 MiB with its state replicated). Without an explicit mesh: ``tree``.
+    against 87 MiB with its state replicated). Without an explicit mesh in the context
+    (arrays typed on one outside ``jax.set_mesh`` cannot be placed anew): ``tree``.
     """
-    mesh = explicit_mesh(like)
+    mesh = context_explicit_mesh()
     if mesh is None:
         return tree
 
@@ -104,8 +111,7 @@ def spread_columns(tree: PyTree, like: PyTree) -> PyTree:
             return leaf
         return jax.sharding.reshard(leaf, PartitionSpec(*[None] * axis, mesh.axis_names))
 
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.tree.map(spread, tree)
+    return jax.tree.map(spread, tree)
 
 
 def on_automatic_axes(results_like: Callable[..., PyTree]):

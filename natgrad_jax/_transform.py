@@ -604,7 +604,7 @@ def _init(options: _Options, params) -> NaturalGradientState:
         count=jnp.zeros([], jnp.int32),
         key=jax.random.PRNGKey(options.seed),
         damping=jnp.asarray(initial_damping, dtype),
-        curvature=spread_columns(solver.init(params, dtype), params),
+        curvature=spread_columns(solver.init(params, dtype)),
         factorised_damping=jnp.asarray(initial_damping, dtype),
         previous_direction=(vectors.zeros_as(params, dtype) if keeps_previous else None),
         rejected=RejectedSteps.none(),

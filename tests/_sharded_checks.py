@@ -610,6 +610,13 @@ def _check_explicit_batch_without_context(params, x, y):
     single = tx.update(g, tx.init(params), params, inputs=x, targets=y)[0]
     sharded = jax.jit(tx.update)(g, tx.init(params), params, inputs=x_s, targets=y_s)[0]
     close(_flat(sharded), _flat(single), "explicit-axes update[no set_mesh]")
+    # Parameters typed on the mesh outside set_mesh: init cannot place arrays anew there,
+    # so it leaves the state replicated (under set_mesh a 128-wide factor is split).
+    wide = init_mlp(jax.random.PRNGKey(5), [3, 128, 4])
+    by_data = NamedSharding(mesh, P(None, "data"))
+    wide = [dict(layer, w=jax.device_put(layer["w"], by_data)) for layer in wide[:-1]] + wide[-1:]
+    factors = [(f.left, f.right) for f in tx.init(wide)[0].curvature.leaves]
+    assert all(f.sharding.is_fully_replicated for f in jax.tree.leaves(factors))
 
 
 def check_spread_factorisations():
