@@ -379,9 +379,10 @@ def scale_by_natural_gradient(
         ``jax.set_mesh`` where ``update`` is traced, if any; else each device
         factorises every matrix (GSPMD's default). Other solvers do not factorise per
         matrix and ignore it. Not with ``axis_name`` (inside ``shard_map`` the program
-        is one device's). On a mesh whose axes are ``Explicit`` (sharding in types)
-        ``init`` also splits the curvature state's larger matrices by columns over its
-        devices, and ``update`` returns every array with the type it was given (see
+        is one device's). On a mesh whose axes are ``Explicit`` (sharding in types),
+        ``init`` under ``jax.set_mesh`` also splits the curvature state's larger
+        matrices by columns over its devices, and ``update`` returns every array with
+        the type it was given (see
         "Beyond one device" in the docs).
       precision: matmul precision of the curvature statistics (the passes through the
         network, factor and kernel products): ``None`` follows
