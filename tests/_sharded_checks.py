@@ -557,19 +557,14 @@ def _check_explicit_memory(mesh):
         )
         x_s, y_s = (jax.device_put(a, P("data")) for a in (x, y))
 
-    def compiled(step, *args):
-        program = jax.jit(step).lower(*args).compile()
-        analysis = program.memory_analysis()
-        return program, analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-
     def ratio(tx, with_batch):
         """(memory ratio, both compiled steps and their arguments)."""
         step = _step_of(model, tx, with_batch)
         one_args = (params, tx.init(params), x, y)
-        one_step, one = compiled(step, *one_args)
+        one_step, one = compiled_with_memory(step, *one_args)
         with jax.set_mesh(mesh):
             spread_args = (params_s, tx.init(params_s), x_s, y_s)
-            spread_step, spread = compiled(step, *spread_args)
+            spread_step, spread = compiled_with_memory(step, *spread_args)
         print(f"  a device {spread / 2**20:.1f} MiB, one device {one / 2**20:.1f} MiB")
         return spread / one, (one_step, one_args), (spread_step, spread_args)
 
@@ -652,10 +647,16 @@ def _mlp_512(key):
     return init_mlp(key, [512, 512, 512, 16])
 
 
+def compiled_with_memory(step, *args):
+    """(the compiled step, its arguments plus temporaries per device: XLA's analysis)."""
+    program = jax.jit(step).lower(*args).compile()
+    analysis = program.memory_analysis()
+    return program, analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+
+
 def per_device_memory(step, *args):
     """Arguments plus temporaries of the compiled step, per device (XLA's analysis)."""
-    analysis = jax.jit(step).lower(*args).compile().memory_analysis()
-    return analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+    return compiled_with_memory(step, *args)[1]
 
 
 def check_sharded_memory():
