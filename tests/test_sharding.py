@@ -28,7 +28,7 @@ EXPECTED_UPDATES = {
     },
     "explicit_axes": {
         "ok explicit-axes update[": 10,
-        "memory ratio explicit ": 4,
+        "memory ratio explicit ": 5,
         "ok explicit-axes fisher": 5,
         "ok explicit-axes empirical_fisher[": 1,
         "ok explicit-axes monte_carlo_fisher[": 1,
