@@ -235,7 +235,12 @@ class Categorical(Likelihood):
     def _event_log_prob(self, outputs, targets):
         log_probs = jax.nn.log_softmax(outputs, axis=-1)
         targets = jnp.asarray(targets)
-        return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        # The target's entry selected, not gathered: a class axis split over devices
+        # (vocabulary-parallel logits on a mesh with explicit axes) has no gather, and a
+        # logit of -inf elsewhere stays out of the sum. A label outside [0, C) reads NaN.
+        chosen = jnp.arange(log_probs.shape[-1]) == targets[..., None]
+        picked = jnp.sum(jnp.where(chosen, log_probs, 0.0), axis=-1)
+        return jnp.where(self.valid_targets(outputs, targets), picked, jnp.nan)
 
     def sample(self, key, outputs):
         return jax.random.categorical(key, outputs, axis=-1)

@@ -30,6 +30,21 @@ def test_categorical_log_prob_and_kl_match_numpy():
     np.testing.assert_allclose(lik.kl(logits_p, logits_q), (p * np.log(p / q)).sum(-1), rtol=1e-12)
 
 
+def test_categorical_log_prob_with_masked_classes_and_labels_out_of_range():
+    """A class masked with a logit of -inf (an action a policy may not take) leaves the
+    other labels' log-probability and its gradient finite, the softmax's over the
+    unmasked classes; a label outside [0, C) reads NaN, -1 included (not the last class)."""
+    logits = np.array([[0.3, -np.inf, 2.0], [0.3, -np.inf, 2.0], [1.0, 0.0, 0.5], [1.0, 0.0, 0.5]])
+    labels = np.array([2, 0, -1, 3])
+    lik = ng.Categorical()
+    got = np.asarray(lik.log_prob(logits, labels))
+    p = _probs(logits[:1, [0, 2]])[0]
+    np.testing.assert_allclose(got[:2], np.log([p[1], p[0]]), rtol=1e-12)
+    assert np.all(np.isnan(got[2:]))
+    gradient = jax.grad(lambda z: lik.log_prob(z, labels[:1]).sum())(logits[:1])
+    np.testing.assert_allclose(gradient, [[-p[0], 0.0, 1.0 - p[1]]], rtol=1e-12)
+
+
 def test_bernoulli_log_prob_and_kl_match_scipy():
     logits_p, logits_q = np.array([-2.0, 0.0, 3.0]), np.array([1.0, -0.5, 3.5])
     p, q = special.expit(logits_p), special.expit(logits_q)
