@@ -128,6 +128,9 @@ def parameter_count(params: PyTree) -> int:
 def exact_rows_per_example(model: Model, params: PyTree, inputs: PyTree) -> int:
     """R, the rows of the output Fisher's square root of one example (abstract)."""
     outputs = jax.eval_shape(model.apply_fn, params, inputs)
+    # Shapes only: placed on a mesh with explicit axes, the outputs' types could make
+    # the square root's algebra ambiguous (a class axis split over devices).
+    outputs = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), outputs)
     return jax.tree.leaves(jax.eval_shape(model.likelihood.fisher_sqrt, outputs))[0].shape[0]
 
 
@@ -173,9 +176,11 @@ def _check_target_values(model, params, inputs, targets, **_):
 
 ONE_EXAMPLE_NOTE = (
     "natgrad_jax was evaluating the model one example at a time here (per-example "
-    "gradients, each example a batch of one): if apply_fn assumes a batch size, make it "
-    "run on any (x.shape[0], not a fixed number), or use solver='cg', whose products "
-    "take the whole batch."
+    "gradients, each example a batch of one): if apply_fn assumes a batch size (a fixed "
+    "number, or placements that split the examples over a mesh's devices, which one "
+    "example cannot be), make it run on any, or use solver='cg', whose products take the "
+    "whole batch (on a mesh also 'kronecker', 'ekfac' or 'diagonal', whose statistics "
+    "take the whole batch wherever the capture reads every layer)."
 )
 
 

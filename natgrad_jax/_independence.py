@@ -45,12 +45,21 @@ def abstract_leaf(leaf) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf), weak_type=weak_type)
 
 
+def added_examples() -> int:
+    """How many examples ``grown_batch`` adds: one, or under a mesh (``jax.set_mesh``)
+    its device count, so that a batch the model splits over some of the mesh's axes (an
+    ``out_sharding`` naming them) still splits evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.size
+
+
 def grown_batch(inputs: PyTree) -> PyTree:
-    """The abstract ``inputs`` with one example more (axis 0 of every leaf)."""
+    """The abstract ``inputs`` with ``added_examples()`` more (axis 0 of every leaf)."""
+    extra = added_examples()
 
     def grow(leaf):
         struct = abstract_leaf(leaf)
-        shape = (struct.shape[0] + 1, *struct.shape[1:])
+        shape = (struct.shape[0] + extra, *struct.shape[1:])
         return jax.ShapeDtypeStruct(shape, struct.dtype, weak_type=struct.weak_type)
 
     return jax.tree.map(grow, inputs)
@@ -153,8 +162,9 @@ def interacting_examples(apply_fn, params: PyTree, inputs: PyTree) -> tuple[int,
 
 def _reduces_over_examples(closed, grown, num_params: int) -> bool:
     """Whether some value computed from the inputs has no axis that follows the batch
-    size (traced with N and N + 1 examples): a statistic of the batch. Only then is the
-    numerical check run; independent models (no such value) skip its compilation."""
+    size (traced with N and more examples, ``grown_batch``): a statistic of the batch.
+    Only then is the numerical check run; independent models (no such value) skip its
+    compilation."""
     inputs_of = set(closed.jaxpr.invars[num_params:])
     return _walk(closed.jaxpr, grown.jaxpr, inputs_of)
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec
 
 from natgrad_jax._eager import join_arrays, split_arrays
@@ -146,6 +149,82 @@ def spread_columns(tree: PyTree) -> PyTree:
     return jax.tree.map(spread, tree)
 
 
+# While ``on_automatic_axes`` runs a computation: the explicit mesh, and the specs its
+# parameters (arguments named ``params``, ``params_*`` or ``frozen``) and inputs were
+# given with, by the leaves' paths.
+_GIVEN_TYPES: contextvars.ContextVar = contextvars.ContextVar("given_types", default=None)
+
+
+def _specs_by_path(tree) -> dict:
+    """{path: (shape, spec)} of the arrays of ``tree`` typed on a mesh."""
+    return {
+        jax.tree_util.keystr(path): (jax.typeof(leaf).shape, sharding_of(leaf))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if isinstance(leaf, jax.Array)
+    }
+
+
+def _given_types(arguments: dict) -> tuple[dict, dict]:
+    params = {}
+    for name, value in arguments.items():
+        if name == "frozen" or name.startswith("params"):
+            params = {**_specs_by_path(value), **params}
+    return params, _specs_by_path(arguments.get("inputs"))
+
+
+def _specs_as_given(tree, given: dict):
+    """The spec of each leaf of ``tree``: the one its path was given with (same shape),
+    else replicated (a batch of another size, a vmapped example)."""
+
+    def spec(path, leaf):
+        shape, given_spec = given.get(jax.tree_util.keystr(path), (None, None))
+        return given_spec if shape == jnp.shape(leaf) else PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def _as_written(apply_fn):
+    """``apply_fn`` run as written for the explicit mesh, from inside ``on_automatic_axes``
+    (``jax.sharding.explicit_axes``): its own placements (``reshard`` of activations,
+    ``out_sharding=`` of a row-parallel matmul) name the mesh's axes, which are
+    automatic around it. Outside that: ``apply_fn`` itself."""
+
+    @functools.wraps(apply_fn)
+    def typed(params, inputs):
+        given = _GIVEN_TYPES.get()
+        if given is None:
+            return apply_fn(params, inputs)
+        mesh, (given_params, given_inputs) = given
+        in_sharding = (_specs_as_given(params, given_params), _specs_as_given(inputs, given_inputs))
+        run = jax.sharding.explicit_axes(apply_fn, axes=mesh.explicit_axes, in_sharding=in_sharding)
+        return run(params, inputs)
+
+    return typed
+
+
+_TYPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _with_typed_model(leaf):
+    """A model (or options holding one as ``model``) whose ``apply_fn`` is ``_as_written``
+    (one wrapper per function, so that caches keyed on it still hit)."""
+    holder, model = (leaf, leaf) if _is_model(leaf) else (leaf, getattr(leaf, "model", None))
+    if not _is_model(model):
+        return leaf
+    try:
+        typed = _TYPED.setdefault(model.apply_fn, _as_written(model.apply_fn))
+    except TypeError:  # not weakly referable
+        typed = _as_written(model.apply_fn)
+    typed_model = dataclasses.replace(model, apply_fn=typed)
+    return typed_model if holder is model else dataclasses.replace(holder, model=typed_model)
+
+
+def _is_model(leaf) -> bool:
+    return (
+        dataclasses.is_dataclass(leaf) and hasattr(leaf, "apply_fn") and hasattr(leaf, "likelihood")
+    )
+
+
 def on_automatic_axes(results_like: Callable[..., PyTree]):
     """Decorates ``fn`` to run with a mesh's explicit axes automatic.
 
@@ -164,12 +243,18 @@ def on_automatic_axes(results_like: Callable[..., PyTree]):
             if mesh is None:
                 return fn(*args, **kwargs)
             treedef, static, arrays = split_arrays((args, kwargs))
+            static = tuple(_with_typed_model(leaf) for leaf in static)
 
             def on_arrays(arrays):
                 args, kwargs = join_arrays(treedef, static, arrays)
-                return fn(*args, **kwargs)
+                token = _GIVEN_TYPES.set((mesh, given))
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    _GIVEN_TYPES.reset(token)
 
             bound = signature.bind(*args, **kwargs)
+            given = _given_types(bound.arguments)
             shardings = jax.tree.map(
                 sharding_of,
                 results_like(**bound.arguments),

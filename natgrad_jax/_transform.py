@@ -449,8 +449,10 @@ def scale_by_natural_gradient(
     # compilation would never be reused, so that case runs op by op.
     # On a mesh with explicit axes the update's results keep its arguments' shardings.
     keep_shardings = on_automatic_axes(lambda updates, state, **_: (updates, state))
-    precondition = keep_shardings(functools.partial(_precondition, options))
-    run = precondition if options.has_array_hyperparameters else compiled_when_eager(precondition)
+    run = keep_shardings(_precondition)
+    run = functools.partial(
+        run if options.has_array_hyperparameters else compiled_when_eager(run), options
+    )
 
     def update_fn(
         updates, state, params=None, *, inputs=None, targets=None, forward_pass=None, **extra_args

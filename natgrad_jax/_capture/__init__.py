@@ -40,8 +40,9 @@ How a and g are obtained, with public JAX APIs only (no tagging, no special laye
    left to the **fallback**: ``jax.vmap`` of per-example gradients restricted to those
    leaves. Nothing is silently approximated: ``describe`` lists both sets.
 3. The example axis of each layer's input is the axis whose size follows the batch
-   size: the function is traced a second time with N + 1 examples and the shapes
-   compared. A layer whose input has no such axis is left to the fallback.
+   size: the function is traced a second time with N + 1 examples (N + the device
+   count under ``jax.set_mesh``) and the shapes compared. A layer whose input has no
+   such axis is left to the fallback.
 4. The jaxpr is then evaluated by a small interpreter that adds a zero "probe" to the
    output of every captured layer and returns the layer inputs: the gradient w.r.t. a
    probe is g, from one batched backward pass. Inside ``shard_map`` the function is

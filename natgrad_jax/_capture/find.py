@@ -15,14 +15,16 @@ from natgrad_jax._capture.layer import Capture, Layer
 from natgrad_jax._capture.uses import Use
 from natgrad_jax._capture.walk import trace_uses
 from natgrad_jax._eager import is_traced
-from natgrad_jax._independence import abstract_leaf, grown_batch
+from natgrad_jax._independence import abstract_leaf, added_examples, grown_batch
 
 PyTree = Any
 
 
-def _example_axis(shape, grown_shape):
-    changed = [k for k, (a, b) in enumerate(zip(shape, grown_shape, strict=True)) if a + 1 == b]
-    unchanged = all(a == b for a, b in zip(shape, grown_shape, strict=True) if a + 1 != b)
+def _example_axis(shape, grown_shape, added):
+    """The axis that grew by the ``added`` examples, if it is the only one that changed."""
+    pairs = list(zip(shape, grown_shape, strict=True))
+    changed = [k for k, (a, b) in enumerate(pairs) if a + added == b]
+    unchanged = all(a == b for a, b in pairs if a + added != b)
     return changed[0] if len(changed) == 1 and unchanged else None
 
 
@@ -73,11 +75,14 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
     names = tuple(jax.tree_util.keystr(path) or "params" for path, _ in leaves_with_paths)
     shapes = tuple(tuple(np.shape(leaf)) for _, leaf in leaves_with_paths)
     closed, uses = trace_uses(apply_fn, params, inputs)
-    grown_failure = None
+    added, grown_failure = added_examples(), None
     try:
         _, grown = trace_uses(apply_fn, params, grown_batch(inputs))
     except Exception as error:  # a model that only runs at one batch size: nothing is captured
-        grown, grown_failure = [], f"apply_fn fails on N + 1 examples ({type(error).__name__})"
+        grown, grown_failure = (
+            [],
+            (f"apply_fn fails on N + {added} examples ({type(error).__name__})"),
+        )
     grown_by_eqn = {(u.eqn, u.leaf): u for u in grown if u.eqn is not None}
 
     by_leaf: dict[int, list[Use]] = {}
@@ -86,7 +91,9 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
     layers, reasons = [], {}
     for leaf in range(len(shapes)):
         uses_of_leaf = by_leaf.get(leaf, [])
-        found = _layer_of_leaf(leaf, uses_of_leaf, grown_by_eqn, shapes[leaf], grown_failure)
+        found = _layer_of_leaf(
+            leaf, uses_of_leaf, (grown_by_eqn, added), shapes[leaf], grown_failure
+        )
         if isinstance(found, Layer):
             layers.append(found)
         else:
@@ -114,9 +121,11 @@ def _unbroadcast(use: Use, leaf_shape) -> Use:
     return dataclasses.replace(use, chain=tuple(chain), operand_aval=operand)
 
 
-def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape, grown_failure=None) -> Layer | str:
-    """The captured layer of ``leaf``, or why it has none (``grown_failure``: why the
-    model could not be traced with N + 1 examples, if it could not)."""
+def _layer_of_leaf(leaf, uses, grown, leaf_shape, grown_failure=None) -> Layer | str:
+    """The captured layer of ``leaf``, or why it has none. ``grown``: the uses traced with
+    more examples, by (equation, leaf), and how many more; ``grown_failure``: why the
+    model could not be traced so, if it could not."""
+    grown_by_eqn, added = grown
     if not uses:
         return "not used by apply_fn"
     if len(uses) != 1:
@@ -132,11 +141,11 @@ def _layer_of_leaf(leaf, uses, grown_by_eqn, leaf_shape, grown_failure=None) -> 
     if twin is None or twin.kind != use.kind:
         return grown_failure or "its layer changes with the batch size"
     twin = _unbroadcast(twin, leaf_shape)
-    output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape)
+    output_axis = _example_axis(use.output_aval.shape, twin.output_aval.shape, added)
     input_axis = None
     no_example_axis = "its layer has no axis that indexes the examples"
     if use.kind in ("dot", "conv", "embed"):
-        input_axis = _example_axis(use.input_aval.shape, twin.input_aval.shape)
+        input_axis = _example_axis(use.input_aval.shape, twin.input_aval.shape, added)
         if input_axis is None:
             return no_example_axis
         if use.kind == "conv" and (input_axis, output_axis) != _conv_batch_axes(use):

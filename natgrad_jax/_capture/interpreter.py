@@ -4,10 +4,12 @@ every captured layer, returning the layers' inputs."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from natgrad_jax._capture.convolution import CONVOLUTION, convolution
 from natgrad_jax._capture.find import constant_factor
@@ -22,8 +24,20 @@ def bind(eqn, args):
     bind_params = eqn.primitive.get_bind_params(eqn.params)
     # jax ≤ 0.9 returns (subfuns, params); newer releases return the params alone.
     subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
-    out = eqn.primitive.bind(*subfuns, *args, **params)
+    with _mesh_of(eqn):
+        out = eqn.primitive.bind(*subfuns, *args, **params)
     return out if eqn.primitive.multiple_results else [out]
+
+
+def _mesh_of(eqn):
+    """The mesh context the equation was traced under, where its results are typed on a
+    mesh with explicit axes (a model run as written inside natgrad's automatic region,
+    ``_sharding_types._as_written``); the current one otherwise."""
+    for var in eqn.outvars:
+        mesh = getattr(getattr(var.aval, "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty and mesh.explicit_axes:
+            return jax.sharding.use_abstract_mesh(mesh)
+    return contextlib.nullcontext()
 
 
 def _evaluate(closed_jaxpr, args, probes, activations, counter):
@@ -59,8 +73,11 @@ def _evaluate(closed_jaxpr, args, probes, activations, counter):
                 factor = values[factors[index]]
                 activations["factor", index] = jnp.broadcast_to(factor, outs[0].shape)
             if index in probes:
-                activations[index] = _layer_input(probes[index][0][0], values, activations)
-                outs = [outs[0] + _equation_probe(probes[index]).astype(outs[0].dtype)]
+                layer_input = _layer_input(probes[index][0][0], values, activations)
+                activations[index] = _on_automatic_axes(layer_input)
+                probe = _equation_probe(probes[index]).astype(outs[0].dtype)
+                with _mesh_of(eqn):
+                    outs = [outs[0] + _typed_as(probe, outs[0])]
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in closed_jaxpr.jaxpr.outvars]
 
@@ -72,6 +89,27 @@ def _bind(eqn, values) -> list:
     if eqn.primitive is CONVOLUTION and floats:
         return [convolution(eqn.params, *values)]
     return bind(eqn, values)
+
+
+def _typed_as(value, like):
+    """``value`` typed as ``like`` is, where ``like`` is typed on a mesh with explicit
+    axes (under that mesh's context, see ``_mesh_of``); ``value`` elsewhere."""
+    if not _explicit_mesh_of(like):
+        return value
+    return jax.sharding.reshard(value, jax.typeof(like).sharding.spec)
+
+
+def _on_automatic_axes(value):
+    """``value`` typed on the context's automatic axes, where it is typed on explicit ones
+    (a layer input inside a model run as written): natgrad's algebra runs there."""
+    if not _explicit_mesh_of(value):
+        return value
+    return jax.sharding.reshard(value, PartitionSpec(*[None] * jnp.ndim(value)))
+
+
+def _explicit_mesh_of(value) -> bool:
+    mesh = getattr(jax.typeof(value).sharding, "mesh", None)
+    return mesh is not None and not mesh.empty and bool(mesh.explicit_axes)
 
 
 def _equation_probe(pairs):

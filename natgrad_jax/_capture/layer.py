@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from natgrad_jax._capture.uses import SHARDING_OPS
+
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
@@ -101,5 +103,6 @@ def operand_of(layer: Layer, leaf):
     """The layer's parameter operand computed from the leaf, through its chain of casts
     and layout operations (a bias or scale: with its broadcast axes of size one)."""
     for primitive, params in layer.chain:
-        leaf = primitive.bind(leaf, **params)
+        if primitive.name not in SHARDING_OPS:  # placements of the traced model's mesh
+            leaf = primitive.bind(leaf, **params)
     return leaf.reshape(layer.operand_shape) if layer.kind in ("add", "mul") else leaf
