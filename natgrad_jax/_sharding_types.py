@@ -7,7 +7,10 @@ summed over a sharded example axis (Σᵢ aᵢ aᵢᵀ), kernels of sharded rows
 than name a sharding at each, natgrad runs them with the mesh's axes automatic
 (``jax.sharding.auto_axes``), where XLA places every intermediate as under plain
 ``jax.jit``, and gives its results back with the shardings the caller's types ask
-for: an update as its gradient's, a state as the state it was given.
+for: an update as its gradient's, a state as the state it was given. The model itself
+runs as written in there (``jax.sharding.explicit_axes``, its parameters and inputs
+typed as given), so that its own placements (a gather, a row-parallel matmul's
+``out_sharding``) hold.
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ def along_examples(value: jax.Array, axis: int = 0) -> jax.Array:
     every example on every device: EKFAC's output-Fisher rows met the bases (spread by
     columns) so, and the 512-wide MLP's step on the explicit 2 × 4 mesh of
     ``tests/_sharded_checks.py`` held 37.5 MiB of temporaries a device, 28.6 with them
-    split by examples. (K-FAC's factor statistics are better left to XLA: it sums them
-    straight into spread columns.)"""
+    split by examples (before the model ran as written). K-FAC's factor statistics are
+    better left to XLA: it sums them straight into spread columns."""
     axes = _EXAMPLE_AXES.get()
     if axes is None:
         return value
@@ -105,12 +108,15 @@ def along_examples(value: jax.Array, axis: int = 0) -> jax.Array:
 
 
 @contextlib.contextmanager
-def _examples_split_over(axes):
-    token = _EXAMPLE_AXES.set(axes)
+def _set(variable: contextvars.ContextVar, value):
+    token = variable.set(value)
     try:
         yield
     finally:
-        _EXAMPLE_AXES.reset(token)
+        variable.reset(token)
+
+
+_examples_split_over = functools.partial(_set, _EXAMPLE_AXES)
 
 
 # The fewest columns of a spread matrix a device holds: a factor of a few columns per
@@ -126,9 +132,10 @@ def spread_columns(tree: PyTree) -> PyTree:
     vectors, scalars, arrays laid out as a leaf and small matrices stay as they are. The
     update gives its state back as it was given, so a K-FAC factor stays 1/D on each of
     D devices from step to step, and XLA moves columns where a step needs them (on
-    the 2×4 mesh of ``tests/_sharded_checks.py``, K-FAC's step holds 30 MiB a device
-    against 87 MiB with its state replicated). Without an explicit mesh in the context
-    (arrays typed on one outside ``jax.set_mesh`` cannot be placed anew): ``tree``.
+    the 2×4 mesh of ``tests/_sharded_checks.py``, K-FAC's step held 30 MiB a device
+    against 87 MiB with its state replicated, the model's gathers left to XLA).
+    Without an explicit mesh in the context (arrays typed on one outside
+    ``jax.set_mesh`` cannot be placed anew): ``tree``.
     """
     mesh = context_explicit_mesh()
     if mesh is None:
@@ -153,6 +160,7 @@ def spread_columns(tree: PyTree) -> PyTree:
 # parameters (arguments named ``params``, ``params_*`` or ``frozen``) and inputs were
 # given with, by the leaves' paths.
 _GIVEN_TYPES: contextvars.ContextVar = contextvars.ContextVar("given_types", default=None)
+_given_types_set = functools.partial(_set, _GIVEN_TYPES)
 
 
 def _specs_by_path(tree) -> dict:
@@ -231,7 +239,9 @@ def on_automatic_axes(results_like: Callable[..., PyTree]):
     ``results_like(**arguments)``, given ``fn``'s arguments by name, returns values (or
     ``PartitionSpec``s, a prefix of the results' tree allowed) whose shardings ``fn``'s
     results come back with. Without an explicit mesh ``fn`` runs as it is. Arguments
-    that are not arrays (a model, Python numbers, functions) pass through unchanged.
+    that are not arrays (Python numbers, functions) pass through unchanged, but a model
+    (or options holding one) runs as written (``_as_written``), given the types of the
+    arguments named ``params``, ``params_*``, ``frozen`` and ``inputs``.
     """
 
     def decorate(fn):
@@ -242,26 +252,23 @@ def on_automatic_axes(results_like: Callable[..., PyTree]):
             mesh = explicit_mesh((args, kwargs))
             if mesh is None:
                 return fn(*args, **kwargs)
-            treedef, static, arrays = split_arrays((args, kwargs))
-            static = tuple(_with_typed_model(leaf) for leaf in static)
-
-            def on_arrays(arrays):
-                args, kwargs = join_arrays(treedef, static, arrays)
-                token = _GIVEN_TYPES.set((mesh, given))
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    _GIVEN_TYPES.reset(token)
-
             bound = signature.bind(*args, **kwargs)
-            given = _given_types(bound.arguments)
             shardings = jax.tree.map(
                 sharding_of,
                 results_like(**bound.arguments),
                 is_leaf=lambda leaf: isinstance(leaf, PartitionSpec),
             )
+            given = _given_types(bound.arguments)
             inputs = bound.arguments.get("inputs")
             example_axes = by_examples(inputs)[0] if jax.tree.leaves(inputs) else None
+            treedef, static, arrays = split_arrays((args, kwargs))
+            static = tuple(_with_typed_model(leaf) for leaf in static)
+
+            def on_arrays(arrays):
+                args, kwargs = join_arrays(treedef, static, arrays)
+                with _given_types_set((mesh, given)):
+                    return fn(*args, **kwargs)
+
             with jax.sharding.use_abstract_mesh(mesh), _examples_split_over(example_axes):
                 return jax.sharding.auto_axes(on_arrays, out_sharding=shardings)(arrays)
 

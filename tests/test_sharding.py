@@ -27,7 +27,7 @@ EXPECTED_UPDATES = {
         "memory ratio ": 8,
     },
     "explicit_axes": {
-        "ok explicit-axes update[": 15,
+        "ok explicit-axes update[": 12,
         "memory ratio explicit ": 5,
         "ok explicit-axes fisher": 5,
         "ok explicit-axes empirical_fisher[": 1,
