@@ -213,18 +213,21 @@ def _as_written(apply_fn):
 _TYPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _with_typed_model(leaf):
-    """A model (or options holding one as ``model``) whose ``apply_fn`` is ``_as_written``
-    (one wrapper per function, so that caches keyed on it still hit)."""
-    holder, model = (leaf, leaf) if _is_model(leaf) else (leaf, getattr(leaf, "model", None))
-    if not _is_model(model):
-        return leaf
+def as_written(model):
+    """``model`` with its ``apply_fn`` run as written on a mesh with explicit axes
+    (``_as_written``; one wrapper per function, so that caches keyed on it still hit):
+    the same model anywhere else."""
     try:
         typed = _TYPED.setdefault(model.apply_fn, _as_written(model.apply_fn))
     except TypeError:  # not weakly referable
         typed = _as_written(model.apply_fn)
-    typed_model = dataclasses.replace(model, apply_fn=typed)
-    return typed_model if holder is model else dataclasses.replace(holder, model=typed_model)
+    return dataclasses.replace(model, apply_fn=typed)
+
+
+def _with_typed_model(leaf):
+    """``as_written(leaf)`` for a model among a function's arguments; other leaves as
+    they are."""
+    return as_written(leaf) if _is_model(leaf) else leaf
 
 
 def _is_model(leaf) -> bool:
@@ -240,8 +243,8 @@ def on_automatic_axes(results_like: Callable[..., PyTree]):
     ``PartitionSpec``s, a prefix of the results' tree allowed) whose shardings ``fn``'s
     results come back with. Without an explicit mesh ``fn`` runs as it is. Arguments
     that are not arrays (Python numbers, functions) pass through unchanged, but a model
-    (or options holding one) runs as written (``_as_written``), given the types of the
-    arguments named ``params``, ``params_*``, ``frozen`` and ``inputs``.
+    runs as written (``as_written``; a transform's options hold one already), given the
+    types of the arguments named ``params``, ``params_*``, ``frozen`` and ``inputs``.
     """
 
     def decorate(fn):

@@ -40,7 +40,12 @@ from natgrad_jax._parameters import (
     with_frozen,
 )
 from natgrad_jax._precision import EXACT, exact_matmuls, matmul_precision, statistics_precision
-from natgrad_jax._sharding_types import explicit_mesh, on_automatic_axes, spread_columns
+from natgrad_jax._sharding_types import (
+    as_written,
+    explicit_mesh,
+    on_automatic_axes,
+    spread_columns,
+)
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.solver import Solver, solve_on_leaves
 from natgrad_jax._state import Adaptation, NaturalGradientState, RejectedSteps
@@ -449,10 +454,8 @@ def scale_by_natural_gradient(
     # compilation would never be reused, so that case runs op by op.
     # On a mesh with explicit axes the update's results keep its arguments' shardings.
     keep_shardings = on_automatic_axes(lambda updates, state, **_: (updates, state))
-    run = keep_shardings(_precondition)
-    run = functools.partial(
-        run if options.has_array_hyperparameters else compiled_when_eager(run), options
-    )
+    precondition = keep_shardings(functools.partial(_precondition, options))
+    run = precondition if options.has_array_hyperparameters else compiled_when_eager(precondition)
 
     def update_fn(
         updates, state, params=None, *, inputs=None, targets=None, forward_pass=None, **extra_args
@@ -517,7 +520,7 @@ class _Options:
 
 def _validated_options(*, model, fisher, damping, solver, decay, refresh_every, **rest):
     """``_Options`` from the transform's arguments; raises on any invalid one."""
-    model = check_model(model)
+    model = as_written(check_model(model))  # itself, but on a mesh with explicit axes
     if fisher not in FISHER_KINDS:
         raise ValueError(f"Unknown fisher={fisher!r}; choose one of {FISHER_KINDS}.")
     num_samples = rest.pop("num_samples")
