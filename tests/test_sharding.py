@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -27,7 +28,8 @@ EXPECTED_UPDATES = {
         "memory ratio ": 8,
     },
     "explicit_axes": {
-        "ok explicit-axes update[": 12,
+        # Three of them the Megatron model's, which jax 0.9 cannot differentiate.
+        "ok explicit-axes update[": 12 if jax.__version_info__ >= (0, 10) else 9,
         "memory ratio explicit ": 5,
         "ok explicit-axes fisher": 5,
         "ok explicit-axes empirical_fisher[": 1,
