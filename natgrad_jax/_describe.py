@@ -128,8 +128,26 @@ def describe(
     )
     if max_curvature_bytes is not None:
         lines.append(f"  {_memory_verdict(problem, max_curvature_bytes)}")
-    lines += _named_verdicts(problem, max_curvature_bytes)
+    lines += _named_verdicts(
+        problem, max_curvature_bytes, _one_example_failure(model, params, inputs)
+    )
     return "\n".join(lines)
+
+
+# Solvers that take per-example gradients by evaluating the model one example at a
+# time: always, and every solver but CG wherever a leaf is left to the fallback.
+ONE_EXAMPLE_SOLVERS = ("dense", "block_diagonal")
+
+
+def _one_example_failure(model: Model, params: PyTree, inputs: PyTree) -> str | None:
+    """Why ``apply_fn`` cannot run on one example (a fixed batch size, placements that
+    split the examples over a mesh's devices), or None where it can (shapes only)."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *jnp.shape(a)[1:]), a.dtype), inputs)
+    try:
+        jax.eval_shape(model.apply_fn, params, one)
+    except Exception as error:  # the model's own error, named below
+        return type(error).__name__
+    return None
 
 
 def _placement(solver: str, params: PyTree) -> str:
@@ -172,14 +190,22 @@ def _memory_verdict(problem: Problem, max_bytes: float) -> str:
     )
 
 
-def _named_verdicts(problem: Problem, max_bytes: float | None) -> list[str]:
+def _named_verdicts(problem: Problem, max_bytes: float | None, one_example=None) -> list[str]:
     """Lines: the solvers an update runs when named (``solver="..."``, the exact
     Fisher), and those it refuses, grouped by the guard that refuses them (the row
-    limit first, as the transform checks it)."""
-    runs, over_rows, over_memory = [], [], []
+    limit first, as the transform checks it); and those that would fail evaluating the
+    model on one example, where ``one_example`` says why it cannot run there."""
+    runs, over_rows, over_memory, fail = [], [], [], []
+    one_example_solvers = (
+        ONE_EXAMPLE_SOLVERS
+        if not problem.captured.fallback
+        else tuple(name for name in NAMED_SOLVERS if name != "cg")
+    )
     for name in NAMED_SOLVERS:
         solver = SOLVERS[name]()
-        if exact_rows_refusal(solver, problem) is not None:
+        if one_example is not None and name in one_example_solvers:
+            fail.append(name)
+        elif exact_rows_refusal(solver, problem) is not None:
             over_rows.append((name, solver.exact_rows_limit()))
         elif max_bytes is not None and (needed := problem.bytes_for(solver)) > max_bytes:
             over_memory.append(f"{name} (about {in_units(needed)})")
@@ -190,6 +216,11 @@ def _named_verdicts(problem: Problem, max_bytes: float | None) -> list[str]:
         lines.append("  runs: " + ", ".join(runs))
     if over_memory:
         lines.append("  refused, over max_curvature_bytes: " + ", ".join(over_memory))
+    if fail:
+        lines.append(
+            f"  fail, as apply_fn fails on one example ({one_example}), which their "
+            "per-example gradients evaluate: " + ", ".join(fail)
+        )
     if over_rows:
         rows = problem.num_rows // problem.num_examples
         names = ", ".join(name for name, _ in over_rows)

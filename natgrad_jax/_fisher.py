@@ -179,8 +179,8 @@ ONE_EXAMPLE_NOTE = (
     "gradients, each example a batch of one): if apply_fn assumes a batch size (a fixed "
     "number, or placements that split the examples over a mesh's devices, which one "
     "example cannot be), make it run on any, or use solver='cg', whose products take the "
-    "whole batch (on a mesh also 'kronecker', 'ekfac' or 'diagonal', whose statistics "
-    "take the whole batch wherever the capture reads every layer)."
+    "whole batch (on a mesh also 'woodbury', 'kronecker', 'ekfac' or 'diagonal', whose "
+    "statistics take the whole batch wherever the capture reads every layer)."
 )
 
 

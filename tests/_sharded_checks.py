@@ -516,6 +516,7 @@ def _check_tensor_parallel(mesh, batches):
         batches_s = [tuple(jax.device_put(a, P("data")) for a in batch) for batch in batches]
         lines = ng.describe(model, params_s, batches_s[0][0]).splitlines()
         assert sum("captured: " in line for line in lines) == 6, lines
+        assert lines[-1].endswith("gradients evaluate: dense, block_diagonal"), lines
         solvers = ("cg", "ekfac")  # K-FAC is the defaults' below
         _check_explicit_solvers(model, params, params_s, batches, batches_s, solvers, "TP ")
         dense = ng.natural_gradient(model, 0.5, solver="dense")

@@ -250,6 +250,11 @@ def test_a_model_of_one_batch_size_is_told_why_and_cg_solves_it():
         assert any("one example at a time" in note for note in raised.value.__notes__)
     reasons = ng.describe(model, params, x)
     assert reasons.count("apply_fn fails on N + 1 examples (TypeError)") == 2
+    failing = "dense, woodbury, diagonal, block_diagonal, kronecker, ekfac"
+    assert (
+        f"fails on one example (TypeError), which their per-example gradients evaluate: {failing}"
+        in reasons
+    )
 
     cg = ng.scale_by_natural_gradient(model, damping=0.1, solver=ng.ConjugateGradient(tol=1e-12))
     step, _ = cg.update(gradient, cg.init(params), params, inputs=x, targets=y)
