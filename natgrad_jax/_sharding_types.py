@@ -86,27 +86,6 @@ def placed_like(tree: PyTree, like: PyTree) -> PyTree:
         return jax.tree.map(lambda a, b: jax.sharding.reshard(a, sharding_of(b)), tree, like)
 
 
-# The mesh axes of the examples while ``on_automatic_axes`` traces a computation given
-# inputs typed on an explicit mesh; None elsewhere.
-_EXAMPLE_AXES: contextvars.ContextVar = contextvars.ContextVar("example_axes", default=None)
-
-
-def along_examples(value: jax.Array, axis: int = 0) -> jax.Array:
-    """``value``, whose ``axis`` indexes the examples, split over the devices as the
-    inputs' examples are, inside ``on_automatic_axes``; as it is elsewhere. Without it
-    XLA may place an example-wise intermediate by the spread state it meets instead,
-    every example on every device: EKFAC's output-Fisher rows met the bases (spread by
-    columns) so, and the 512-wide MLP's step on the explicit 2 × 4 mesh of
-    ``tests/_sharded_checks.py`` held 37.5 MiB of temporaries a device, 28.6 with them
-    split by examples (before the model ran as written). K-FAC's factor statistics are
-    better left to XLA: it sums them straight into spread columns."""
-    axes = _EXAMPLE_AXES.get()
-    if axes is None:
-        return value
-    spec = PartitionSpec(*[None] * axis, axes)
-    return jax.lax.with_sharding_constraint(value, spec)
-
-
 @contextlib.contextmanager
 def _set(variable: contextvars.ContextVar, value):
     token = variable.set(value)
@@ -114,9 +93,6 @@ def _set(variable: contextvars.ContextVar, value):
         yield
     finally:
         variable.reset(token)
-
-
-_examples_split_over = functools.partial(_set, _EXAMPLE_AXES)
 
 
 # The fewest columns of a spread matrix a device holds: a factor of a few columns per
@@ -262,8 +238,6 @@ def on_automatic_axes(results_like: Callable[..., PyTree]):
                 is_leaf=lambda leaf: isinstance(leaf, PartitionSpec),
             )
             given = _given_types(bound.arguments)
-            inputs = bound.arguments.get("inputs")
-            example_axes = by_examples(inputs)[0] if jax.tree.leaves(inputs) else None
             treedef, static, arrays = split_arrays((args, kwargs))
             static = tuple(_with_typed_model(leaf) for leaf in static)
 
@@ -272,7 +246,7 @@ def on_automatic_axes(results_like: Callable[..., PyTree]):
                 with _given_types_set((mesh, given)):
                     return fn(*args, **kwargs)
 
-            with jax.sharding.use_abstract_mesh(mesh), _examples_split_over(example_axes):
+            with jax.sharding.use_abstract_mesh(mesh):
                 return jax.sharding.auto_axes(on_arrays, out_sharding=shardings)(arrays)
 
         return wrapped

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from natgrad_jax._linalg import damped_reciprocal, eigenbases, moving_average
-from natgrad_jax._sharding_types import along_examples
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.factored import (
     DEFAULT_MAX_EXACT_ROWS,
@@ -81,7 +80,6 @@ def _second_moments(rows, layer_index, orientation, left_basis, right_basis):
         rotated = left_basis.T @ rows.leaf_gradients(layer_index, shape) @ right_basis
         return jnp.sum(rotated**2, axis=0) / rows.num_examples
     a, g = rows.layer_inputs(layer_index), rows.gradients[layer_index]  # (N, T, K), (R, N, T, D)
-    g = along_examples(g, axis=1)
     a_basis, g_basis = (
         (left_basis, right_basis) if orientation == "left_is_inputs" else (right_basis, left_basis)
     )
