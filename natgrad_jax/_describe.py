@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from natgrad_jax._capture import capture
 from natgrad_jax._fisher import exact_rows_per_example
-from natgrad_jax._independence import check_independent_examples
+from natgrad_jax._independence import check_independent_examples, one_example_failure
 from natgrad_jax._memory import (
     DEFAULT_MAX_CURVATURE_BYTES,
     SOLVERS,
@@ -113,7 +113,10 @@ def describe(
         rows.append((name, str(shape), captured.route(leaf), kronecker))
     num_examples = jax.tree.leaves(inputs)[0].shape[0]
     num_rows = num_examples * exact_rows_per_example(model, params, inputs)
-    solver, reason = auto_choice(captured, captured.leaf_shapes, num_rows, num_examples)
+    one_example = one_example_failure(model.apply_fn, params, inputs)
+    solver, reason = auto_choice(
+        captured, captured.leaf_shapes, num_rows, num_examples, per_example=one_example is None
+    )
     lines = [*_table(rows), f'solver="auto" picks {solver}:', f"  {reason}"]
     lines.append(f"  {_placement(solver, params)}")
     leaf_dtypes = (getattr(leaf, "dtype", leaf) for leaf in jax.tree.leaves(params))
@@ -128,26 +131,13 @@ def describe(
     )
     if max_curvature_bytes is not None:
         lines.append(f"  {_memory_verdict(problem, max_curvature_bytes)}")
-    lines += _named_verdicts(
-        problem, max_curvature_bytes, _one_example_failure(model, params, inputs)
-    )
+    lines += _named_verdicts(problem, max_curvature_bytes, one_example)
     return "\n".join(lines)
 
 
 # Solvers that take per-example gradients by evaluating the model one example at a
 # time: always, and every solver but CG wherever a leaf is left to the fallback.
 ONE_EXAMPLE_SOLVERS = ("dense", "block_diagonal")
-
-
-def _one_example_failure(model: Model, params: PyTree, inputs: PyTree) -> str | None:
-    """Why ``apply_fn`` cannot run on one example (a fixed batch size, placements that
-    split the examples over a mesh's devices), or None where it can (shapes only)."""
-    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *jnp.shape(a)[1:]), a.dtype), inputs)
-    try:
-        jax.eval_shape(model.apply_fn, params, one)
-    except Exception as error:  # the model's own error, named below
-        return type(error).__name__
-    return None
 
 
 def _placement(solver: str, params: PyTree) -> str:

@@ -65,6 +65,19 @@ def grown_batch(inputs: PyTree) -> PyTree:
     return jax.tree.map(grow, inputs)
 
 
+def one_example_failure(apply_fn, params: PyTree, inputs: PyTree) -> str | None:
+    """Why ``apply_fn`` cannot run on one example (a fixed batch size, placements that
+    split the examples over a mesh's devices), or None where it can. Shapes only: the
+    per-example gradients of the dense and block-diagonal solvers, and of every leaf the
+    capture cannot read, evaluate the model so."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), inputs)
+    try:
+        jax.eval_shape(apply_fn, params, one)
+    except Exception as error:  # the model's own error, named by its type
+        return type(error).__name__
+    return None
+
+
 def _probe_value(leaf, key):
     """A random array for a floating leaf; the leaf itself (or zeros) otherwise."""
     dtype = jnp.result_type(leaf)

@@ -502,10 +502,11 @@ def _check_explicit_solvers(model, params, params_s, batches, batches_s, solvers
 def _check_tensor_parallel(mesh, batches):
     """``megatron_mlp`` (3-8-8-4), whose own placements name the mesh's axes: natgrad runs
     it as written inside its automatic region (``explicit_axes``), the capture reads
-    every layer, and CG, EKFAC (fixed λ) and K-FAC with the defaults (damping rule,
+    every layer, and CG, K-FAC, EKFAC (fixed λ) and the defaults ("auto", damping rule,
     quadratic model, momentum) equal one device's. Per-example
     gradients (dense) would evaluate it on one example, which its row-parallel layer
-    cannot split over 'data': that raises, naming the solvers that run."""
+    cannot split over 'data': that raises, naming the solvers that run, and "auto"
+    does not pick it."""
     if not TENSOR_PARALLEL_DIFFERENTIATES:
         print("skipped tensor-parallel: this jax cannot differentiate megatron_mlp")
         return
@@ -517,7 +518,7 @@ def _check_tensor_parallel(mesh, batches):
         lines = ng.describe(model, params_s, batches_s[0][0]).splitlines()
         assert sum("captured: " in line for line in lines) == 6, lines
         assert lines[-1].endswith("gradients evaluate: dense, block_diagonal"), lines
-        solvers = ("cg", "ekfac")  # K-FAC is the defaults' below
+        solvers = ("cg", "kronecker", "ekfac")
         _check_explicit_solvers(model, params, params_s, batches, batches_s, solvers, "TP ")
         dense = ng.natural_gradient(model, 0.5, solver="dense")
         try:
@@ -526,7 +527,10 @@ def _check_tensor_parallel(mesh, batches):
             assert "'kronecker', 'ekfac' or 'diagonal'" in "".join(error.__notes__), error
         else:
             raise AssertionError("dense evaluated the TP model on one example")
-        tx = ng.natural_gradient(model, 0.5, solver="kronecker")
+        # The defaults: "auto" picks an exact solver here, but not dense, whose rows are
+        # per-example gradients.
+        assert 'solver="auto" picks woodbury' in "\n".join(lines) or "picks cg" in "\n".join(lines)
+        tx = ng.natural_gradient(model, 0.5)
         single = _steps(model, tx, params, batches)[0]
         spread = _steps(model, tx, params_s, batches_s)[0]
     close(_flat(spread), _flat(single), "explicit-axes update[TP defaults]", 1e-9)

@@ -415,6 +415,9 @@ def test_choose_solver_compares_estimated_costs():
     assert reason.startswith("least estimated cost, P = 50, M = 200: dense 5.4e+05")
     assert "woodbury" not in no_woodbury[1]
     assert ng.choose_solver(10)[0] == "dense, woodbury or cg"
+    # A model that cannot run on one example: no dense rows of per-example gradients.
+    assert ng.choose_solver(50, 200, per_example=False)[0] == "woodbury"
+    assert ng.choose_solver(50, 200, allow_woodbury=False, per_example=False)[0] == "cg"
 
 
 def test_auto_refuses_decay_and_refresh_where_it_never_picks_kfac():

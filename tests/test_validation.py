@@ -234,6 +234,25 @@ def _fixed_batch_model(batch):
     return ng.Model(apply, ng.Categorical()), params
 
 
+def test_auto_takes_cg_for_a_model_of_one_batch_size():
+    """A model that only runs at its batch size: the capture reads no layer (it cannot
+    trace N + 1 examples) and per-example gradients fail, so "auto" (which would take
+    Woodbury's kernel of per-example rows for these 24 parameters) solves by CG, to
+    (F + λI) d = g of the whole batch."""
+    model, params = _fixed_batch_model(6)
+    x = jax.random.normal(jax.random.PRNGKey(2), (6, 3))
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    assert 'solver="auto" picks cg' in ng.describe(model, params, x)
+    gradient = jax.grad(model.nll)(params, x, y)
+    tx = ng.scale_by_natural_gradient(model, damping=0.1)
+    step, _ = tx.update(gradient, tx.init(params), params, inputs=x, targets=y)
+    flat = lambda tree: ravel_pytree(tree)[0]
+    fisher = ng.fisher_hessian(model, params, x)
+    np.testing.assert_allclose(
+        (fisher + 0.1 * jnp.eye(fisher.shape[0])) @ flat(step), flat(gradient), rtol=1e-4, atol=1e-6
+    )
+
+
 def test_a_model_of_one_batch_size_is_told_why_and_cg_solves_it():
     """Per-example gradients evaluate the model on batches of one: a model that only runs
     at its batch size gets that said with its own error, ``describe`` gives the reason

@@ -47,6 +47,7 @@ from natgrad_jax import _vectors as vectors
 from natgrad_jax._cadence import due_every, when_due
 from natgrad_jax._capture import capture
 from natgrad_jax._fisher import parameter_count
+from natgrad_jax._independence import one_example_failure
 from natgrad_jax._solvers.batch import CurvatureBatch
 from natgrad_jax._solvers.conjugate_gradient import ConjugateGradient, ConjugateGradientState
 from natgrad_jax._solvers.dense import Dense
@@ -119,6 +120,7 @@ def choose_solver(
     max_floats: float | None = None,
     woodbury_kernel: float | None = None,
     factored_share: float | None = None,
+    per_example: bool = True,
 ) -> tuple[str, str]:
     """The solver ``"auto"`` picks for P parameters and M score rows, with the estimates.
 
@@ -132,6 +134,9 @@ def choose_solver(
       woodbury_kernel: the work of Woodbury's kernel (see ``kernel_work``; default M²·P).
       factored_share: the share of P in leaves K-FAC factors (``None``: not known; see
         the module's docstring for when K-FAC is chosen).
+      per_example: False where the model cannot run on one example (a fixed batch size,
+        or placements that split the examples over a mesh): dense, whose rows are
+        per-example gradients, is out.
 
     Returns:
       ``(name, reason)``, the name being one of ``"dense"``, ``"woodbury"``, ``"cg"``,
@@ -160,6 +165,8 @@ def choose_solver(
     costs = estimated_costs(num_params, num_rows, num_examples, woodbury_kernel)
     if not allow_woodbury:
         del costs["woodbury"]
+    if not per_example:
+        del costs["dense"]
     fitting = {k: v for k, v in costs.items() if max_floats is None or v[1] <= max_floats}
     name = min(fitting or costs, key=lambda k: (fitting or costs)[k][0])
     estimates = ", ".join(f"{k} {cost:.1e}" for k, (cost, _) in costs.items())
@@ -167,10 +174,22 @@ def choose_solver(
 
 
 def auto_choice(
-    captured, leaf_shapes, num_rows: int, num_examples: int, allow_woodbury: bool = True
+    captured,
+    leaf_shapes,
+    num_rows: int,
+    num_examples: int,
+    allow_woodbury: bool = True,
+    per_example: bool = True,
 ) -> tuple[str, str]:
     """``choose_solver`` for a batch whose layers ``captured`` describes: Woodbury's
-    kernel work and K-FAC's factored share from the capture."""
+    kernel work and K-FAC's factored share from the capture. ``per_example`` False: the
+    model cannot run on one example (``one_example_failure``), so no dense solve, and
+    CG alone where some leaf is left to the fallback's per-example gradients."""
+    if not per_example and captured.fallback:
+        return "cg", (
+            "apply_fn cannot run on one example, which the per-example gradients of the "
+            "leaves the capture cannot read evaluate: CG, whose products take the batch"
+        )
     return choose_solver(
         sum(math.prod(shape) for shape in leaf_shapes),
         num_rows,
@@ -180,6 +199,7 @@ def auto_choice(
         if allow_woodbury
         else None,
         factored_share=factored_share(captured, leaf_shapes),
+        per_example=per_example,
     )
 
 
@@ -225,8 +245,14 @@ class Auto(Solver):
     def _choice(self, batch: CurvatureBatch) -> str:
         captured = capture(batch.model.apply_fn, batch.params, batch.inputs)
         shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch.params)]
+        per_example = one_example_failure(batch.model.apply_fn, batch.params, batch.inputs)
         return auto_choice(
-            captured, shapes, batch.num_rows, batch.num_examples, self.allow_woodbury
+            captured,
+            shapes,
+            batch.num_rows,
+            batch.num_examples,
+            self.allow_woodbury,
+            per_example=per_example is None,
         )[0]
 
     def with_cadence(self, decay, refresh_every):
