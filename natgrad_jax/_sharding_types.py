@@ -183,6 +183,7 @@ def _as_written(apply_fn):
         run = jax.sharding.explicit_axes(apply_fn, axes=mesh.explicit_axes, in_sharding=in_sharding)
         return run(params, inputs)
 
+    typed.runs_as_written = True
     return typed
 
 
@@ -193,6 +194,8 @@ def as_written(model):
     """``model`` with its ``apply_fn`` run as written on a mesh with explicit axes
     (``_as_written``; one wrapper per function, so that caches keyed on it still hit):
     the same model anywhere else."""
+    if getattr(model.apply_fn, "runs_as_written", False):  # wrapped already
+        return model
     try:
         typed = _TYPED.setdefault(model.apply_fn, _as_written(model.apply_fn))
     except TypeError:  # not weakly referable
