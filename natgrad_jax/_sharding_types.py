@@ -37,6 +37,13 @@ def _has_explicit_axes(mesh) -> bool:
     return any(kind == AxisType.Explicit for kind in getattr(mesh, "axis_types", ()))
 
 
+def explicit_mesh_of_type(aval):
+    """The mesh with explicit axes that ``aval`` (an abstract value or an array's type) is
+    typed on, or None."""
+    mesh = getattr(getattr(aval, "sharding", None), "mesh", None)
+    return mesh if _has_explicit_axes(mesh) else None
+
+
 def context_explicit_mesh():
     """The mesh with explicit axes that ``jax.set_mesh`` sets, or None."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -50,8 +57,8 @@ def explicit_mesh(tree: PyTree):
     if mesh is not None:
         return mesh
     for leaf in split_arrays(tree)[2]:
-        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-        if _has_explicit_axes(mesh):
+        mesh = explicit_mesh_of_type(jax.typeof(leaf))
+        if mesh is not None:
             return mesh
     return None
 

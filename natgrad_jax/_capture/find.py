@@ -79,10 +79,8 @@ def _analyse_capture(apply_fn, params, inputs) -> Capture:
     try:
         _, grown = trace_uses(apply_fn, params, grown_batch(inputs))
     except Exception as error:  # a model that only runs at one batch size: nothing is captured
-        grown, grown_failure = (
-            [],
-            (f"apply_fn fails on N + {added} examples ({type(error).__name__})"),
-        )
+        grown = []
+        grown_failure = f"apply_fn fails on N + {added} examples ({type(error).__name__})"
     grown_by_eqn = {(u.eqn, u.leaf): u for u in grown if u.eqn is not None}
 
     by_leaf: dict[int, list[Use]] = {}

@@ -18,6 +18,7 @@ from natgrad_jax._capture.uses import CALL_OPS, REMAT_OPS, is_literal
 from natgrad_jax._capture.walk import count_equations, parameter_uses
 from natgrad_jax._fisher import varying_axes
 from natgrad_jax._jaxpr import inner_jaxpr, scan_counts
+from natgrad_jax._sharding_types import explicit_mesh_of_type
 
 
 def bind(eqn, args):
@@ -34,8 +35,8 @@ def _mesh_of(eqn):
     mesh with explicit axes (a model run as written inside natgrad's automatic region,
     ``_sharding_types._as_written``); the current one otherwise."""
     for var in eqn.outvars:
-        mesh = getattr(getattr(var.aval, "sharding", None), "mesh", None)
-        if mesh is not None and not mesh.empty and mesh.explicit_axes:
+        mesh = explicit_mesh_of_type(var.aval)
+        if mesh is not None:
             return jax.sharding.use_abstract_mesh(mesh)
     return contextlib.nullcontext()
 
@@ -94,7 +95,7 @@ def _bind(eqn, values) -> list:
 def _typed_as(value, like):
     """``value`` typed as ``like`` is, where ``like`` is typed on a mesh with explicit
     axes (under that mesh's context, see ``_mesh_of``); ``value`` elsewhere."""
-    if not _explicit_mesh_of(like):
+    if explicit_mesh_of_type(jax.typeof(like)) is None:
         return value
     return jax.sharding.reshard(value, jax.typeof(like).sharding.spec)
 
@@ -102,14 +103,9 @@ def _typed_as(value, like):
 def _on_automatic_axes(value):
     """``value`` typed on the context's automatic axes, where it is typed on explicit ones
     (a layer input inside a model run as written): natgrad's algebra runs there."""
-    if not _explicit_mesh_of(value):
+    if explicit_mesh_of_type(jax.typeof(value)) is None:
         return value
     return jax.sharding.reshard(value, PartitionSpec(*[None] * jnp.ndim(value)))
-
-
-def _explicit_mesh_of(value) -> bool:
-    mesh = getattr(jax.typeof(value).sharding, "mesh", None)
-    return mesh is not None and not mesh.empty and bool(mesh.explicit_axes)
 
 
 def _equation_probe(pairs):
